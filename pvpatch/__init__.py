@@ -1,0 +1,74 @@
+"""pvpatch: static patcher for x86 paravirt call sites in ELF files.
+
+The pipeline is load -> scan -> plan -> rewrite -> verify -> report; each stage
+is a module with its own data model.  The names below are the public API.
+They are imported on first use so that `pvpatch --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "load": "api",
+    "open_elf": "api",
+    "scan": "api",
+    "plan": "api",
+    "rewrite": "api",
+    "write": "api",
+    "load_backend": "api",
+    "Plan": "plan",
+    "Decision": "plan",
+    "ThunkSpec": "plan",
+    "Rewrite": "rewrite",
+    "SitePatch": "rewrite",
+    "Backend": "backend",
+    "ScanResult": "scan",
+    "Site": "scan",
+    "Table": "scan",
+    "Finding": "rules",
+    "RULES": "rules",
+    "PvpatchError": "errors",
+    "InputError": "errors",
+    "ElfFormatError": "errors",
+    "TableError": "errors",
+    "OpsError": "errors",
+    "SpecError": "errors",
+    "UsageError": "errors",
+    "RewriteError": "errors",
+    "VerifyError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .api import load, load_backend, open_elf, plan, rewrite, scan, write
+    from .backend import Backend
+    from .plan import Decision, Plan, ThunkSpec
+    from .rewrite import Rewrite, SitePatch
+    from .errors import (
+        ElfFormatError,
+        InputError,
+        OpsError,
+        PvpatchError,
+        RewriteError,
+        SpecError,
+        TableError,
+        UsageError,
+        VerifyError,
+    )
+    from .rules import RULES, Finding
+    from .scan import ScanResult, Site, Table
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pvpatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

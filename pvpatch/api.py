@@ -1,0 +1,82 @@
+"""The library API: every CLI command is one of these calls first.
+
+    >>> import pvpatch
+    >>> result = pvpatch.load("fixtures/x86_64/kernel61.o", ops="catalog:linux-6.1-x86_64")
+    >>> [(s.section, s.offset, s.op) for s in result.sites][:1]
+    [('.text', ..., 'irq.save_fl')]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from .elf import ElfFile
+from .opsource import resolve_ops
+from .scan import DEFAULT_SECTION, ScanResult, scan_elf
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .plan import Plan
+    from .rewrite import Rewrite
+
+
+def open_elf(path: str | os.PathLike[str]) -> ElfFile:
+    """Read an ELF file (never for writing) and parse its headers."""
+    return ElfFile.open(path)
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    layout: str = "auto",
+    section: str = DEFAULT_SECTION,
+    ops: str = "auto",
+) -> ScanResult:
+    """Load `path` and scan its paravirt table: sites, op names and findings.
+
+    `layout` is a layout name or "auto"; `ops` an op-name source ("auto",
+    "none", "btf:FILE", "dwarf:FILE", "catalog:NAME").
+    """
+    elf = ElfFile.open(path)
+    return scan(elf, layout=layout, section=section, ops=ops)
+
+
+def scan(
+    elf: ElfFile, *, layout: str = "auto", section: str = DEFAULT_SECTION, ops: str = "auto"
+) -> ScanResult:
+    """Scan an already opened file."""
+    return scan_elf(elf, layout=layout, section=section, ops=resolve_ops(ops, elf))
+
+
+def load_backend(spec: str, elf: ElfFile) -> Backend:
+    """`native` (the kernel's own replacements) or a path to a TOML spec."""
+    from .backend import load_backend as _load
+
+    return _load(spec, elf.arch)
+
+
+def plan(
+    result: ScanResult, backend: str | Backend = "native", *, drop_patched: bool = False
+) -> Plan:
+    """Decide what every site becomes; nothing is written."""
+    from .plan import make_plan
+
+    be = load_backend(backend, result.elf) if isinstance(backend, str) else backend
+    return make_plan(result, be, drop_patched=drop_patched)
+
+
+def rewrite(the_plan: Plan) -> Rewrite:
+    """Apply a plan in memory: the output file's bytes and what changed."""
+    from .rewrite import apply_plan
+
+    return apply_plan(the_plan)
+
+
+def write(result: Rewrite, output: str | os.PathLike[str], *, in_place: bool = False) -> None:
+    """Write a rewrite's bytes to `output` atomically (never over the input unless asked)."""
+    from .output import check_output_path, write_atomic
+
+    src = result.plan.scan.path
+    check_output_path(src, output, in_place)
+    write_atomic(output, result.data, mode_from=src)

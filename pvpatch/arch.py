@@ -1,0 +1,194 @@
+"""Everything that differs between x86-64 and i386, in one place per architecture.
+
+The rest of pvpatch asks an `Arch` instead of testing the ELF class: register
+names, calling convention, relocation numbers and widths, NOP forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+# ELF e_machine values.
+EM_386 = 3
+EM_X86_64 = 62
+
+# The Intel SDM's recommended multi-byte NOPs (Vol. 2B, NOP), one instruction
+# each; Linux's P6 table (BYTES_NOP1..8) is the same.  Index = length.
+P6_NOPS: tuple[bytes, ...] = (
+    b"",
+    bytes.fromhex("90"),
+    bytes.fromhex("6690"),
+    bytes.fromhex("0f1f00"),
+    bytes.fromhex("0f1f4000"),
+    bytes.fromhex("0f1f440000"),
+    bytes.fromhex("660f1f440000"),
+    bytes.fromhex("0f1f8000000000"),
+    bytes.fromhex("0f1f840000000000"),
+)
+
+
+@dataclass(frozen=True)
+class RelocType:
+    """One relocation type: its name, how many bytes it patches, how it is computed."""
+
+    number: int
+    name: str
+    width: int  # bytes written at r_offset (0 for NONE)
+    pc_relative: bool = False
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    machine: int
+    elf_class: int  # 32 or 64
+    ptr_size: int
+    uses_rela: bool  # relocatable files carry explicit addends
+    # Registers, in the order a register-saving thunk pushes them.
+    caller_saved: tuple[str, ...]
+    return_regs: tuple[str, ...]  # what a C function may leave changed on purpose
+    stack_pointer: str
+    reloc_types: Mapping[int, RelocType]
+    r_abs_ptr: int  # pointer-sized absolute (table entries)
+    r_call: int  # what a direct call's rel32 gets in a relocatable output
+    r_pc32: int
+    r_relative: int  # dynamic RELATIVE
+    reg_numbers: Mapping[str, int]  # ModRM/opcode register numbers
+    endbr: bytes  # endbr64 / endbr32
+    nops: tuple[bytes, ...] = P6_NOPS
+    stack_align: int = 16  # alignment the psABI wants at a call instruction
+
+    def push(self, reg: str) -> bytes:
+        n = self.reg_numbers[reg]
+        return (b"\x41" if n >= 8 else b"") + bytes([0x50 + (n & 7)])
+
+    def pop(self, reg: str) -> bytes:
+        n = self.reg_numbers[reg]
+        return (b"\x41" if n >= 8 else b"") + bytes([0x58 + (n & 7)])
+
+    def adjust_sp(self, delta: int) -> bytes:
+        """`lea delta(%rsp),%rsp`: moves the stack pointer without touching the flags."""
+        rex = b"\x48" if self.ptr_size == 8 else b""
+        return rex + b"\x8d\x64\x24" + (delta & 0xFF).to_bytes(1, "little")
+
+    def reloc(self, number: int) -> RelocType:
+        found = self.reloc_types.get(number)
+        return found if found is not None else RelocType(number, f"R_{number}", 0)
+
+    def reloc_name(self, number: int) -> str:
+        return self.reloc(number).name
+
+    def nop_fill(self, length: int) -> bytes:
+        """The fewest recommended NOP instructions covering exactly `length` bytes."""
+        longest = len(self.nops) - 1
+        out = bytearray()
+        while length > 0:
+            step = min(length, longest)
+            out += self.nops[step]
+            length -= step
+        return bytes(out)
+
+
+def _relocs(*entries: tuple[int, str, int, bool]) -> Mapping[int, RelocType]:
+    return MappingProxyType({n: RelocType(n, name, w, pc) for n, name, w, pc in entries})
+
+
+X86_64 = Arch(
+    name="x86_64",
+    machine=EM_X86_64,
+    elf_class=64,
+    ptr_size=8,
+    uses_rela=True,
+    caller_saved=("rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11"),
+    return_regs=("rax",),
+    stack_pointer="rsp",
+    reloc_types=_relocs(
+        (0, "R_X86_64_NONE", 0, False),
+        (1, "R_X86_64_64", 8, False),
+        (2, "R_X86_64_PC32", 4, True),
+        (3, "R_X86_64_GOT32", 4, False),
+        (4, "R_X86_64_PLT32", 4, True),
+        (5, "R_X86_64_COPY", 0, False),
+        (6, "R_X86_64_GLOB_DAT", 8, False),
+        (7, "R_X86_64_JUMP_SLOT", 8, False),
+        (8, "R_X86_64_RELATIVE", 8, False),
+        (9, "R_X86_64_GOTPCREL", 4, True),
+        (10, "R_X86_64_32", 4, False),
+        (11, "R_X86_64_32S", 4, False),
+        (12, "R_X86_64_16", 2, False),
+        (13, "R_X86_64_PC16", 2, True),
+        (14, "R_X86_64_8", 1, False),
+        (15, "R_X86_64_PC8", 1, True),
+        (16, "R_X86_64_DTPMOD64", 8, False),
+        (17, "R_X86_64_DTPOFF64", 8, False),
+        (18, "R_X86_64_TPOFF64", 8, False),
+        (19, "R_X86_64_TLSGD", 4, True),
+        (20, "R_X86_64_TLSLD", 4, True),
+        (21, "R_X86_64_DTPOFF32", 4, False),
+        (22, "R_X86_64_GOTTPOFF", 4, True),
+        (23, "R_X86_64_TPOFF32", 4, False),
+        (24, "R_X86_64_PC64", 8, True),
+        (25, "R_X86_64_GOTOFF64", 8, False),
+        (26, "R_X86_64_GOTPC32", 4, True),
+        (37, "R_X86_64_IRELATIVE", 8, False),
+        (41, "R_X86_64_GOTPCRELX", 4, True),
+        (42, "R_X86_64_REX_GOTPCRELX", 4, True),
+    ),
+    r_abs_ptr=1,
+    r_call=4,  # R_X86_64_PLT32, what GNU as emits for `call sym`
+    r_pc32=2,
+    r_relative=8,
+    reg_numbers=MappingProxyType({
+        r: i for i, r in enumerate(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                                    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"))
+    }),
+    endbr=bytes.fromhex("f30f1efa"),
+)
+
+I386 = Arch(
+    name="i386",
+    machine=EM_386,
+    elf_class=32,
+    ptr_size=4,
+    uses_rela=False,
+    # Kernel i386 code passes arguments in eax, edx, ecx (-mregparm=3).
+    caller_saved=("ecx", "edx"),
+    return_regs=("eax",),
+    stack_pointer="esp",
+    reloc_types=_relocs(
+        (0, "R_386_NONE", 0, False),
+        (1, "R_386_32", 4, False),
+        (2, "R_386_PC32", 4, True),
+        (3, "R_386_GOT32", 4, False),
+        (4, "R_386_PLT32", 4, True),
+        (5, "R_386_COPY", 0, False),
+        (6, "R_386_GLOB_DAT", 4, False),
+        (7, "R_386_JMP_SLOT", 4, False),
+        (8, "R_386_RELATIVE", 4, False),
+        (9, "R_386_GOTOFF", 4, False),
+        (10, "R_386_GOTPC", 4, True),
+        (11, "R_386_32PLT", 4, False),
+        (14, "R_386_TLS_TPOFF", 4, False),
+        (20, "R_386_16", 2, False),
+        (21, "R_386_PC16", 2, True),
+        (22, "R_386_8", 1, False),
+        (23, "R_386_PC8", 1, True),
+        (42, "R_386_IRELATIVE", 4, False),
+        (43, "R_386_GOT32X", 4, False),
+    ),
+    r_abs_ptr=1,
+    r_call=2,  # R_386_PC32 with the implicit -4 stored in the bytes
+    r_pc32=2,
+    r_relative=8,
+    reg_numbers=MappingProxyType({
+        r: i for i, r in enumerate(("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi"))
+    }),
+    endbr=bytes.fromhex("f30f1efb"),
+)
+
+ARCHES: Mapping[str, Arch] = MappingProxyType({a.name: a for a in (X86_64, I386)})
+BY_MACHINE: Mapping[tuple[int, int], Arch] = MappingProxyType(
+    {(a.machine, a.elf_class): a for a in (X86_64, I386)}
+)

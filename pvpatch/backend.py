@@ -1,0 +1,308 @@
+"""Backends: what each op may become, read from a TOML spec (the built-in
+`native` backend is the same format, shipped as data).
+
+    arch = "x86_64"                 # optional
+    [ops."irq.irq_disable"]         # an op name, or its type number: [ops.31]
+    action = "call"                 # inline | call | jmp | nop | ud2 | keep
+    target = "xen_irq_disable"
+    convention = "c"                # or "callee-save"
+    [ops."irq.save_fl"]
+    action = "inline"
+    asm = "pushfq; pop %rax"        # or bytes = "9c58"
+    clobbers = ["rax"]
+    [defaults]
+    action = "keep"
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from .arch import ARCHES, Arch
+from .errors import SpecError
+
+Action = Literal["inline", "call", "thunk", "jmp", "nop", "ud2", "keep"]
+SPEC_ACTIONS: tuple[str, ...] = ("inline", "call", "jmp", "nop", "ud2", "keep")
+CONVENTIONS = ("c", "callee-save")
+
+_OP_KEYS = {
+    "action", "asm", "bytes", "clobbers", "target", "convention", "aliases", "tail", "reason",
+}
+_TOP_KEYS = {"arch", "name", "ops", "defaults", "thunks"}
+_DEFAULT_KEYS = {"action", "reason"}
+_THUNK_KEYS = {"endbr", "section"}
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """What one op becomes.  `code` is set for inline rules."""
+
+    key: str  # op name or decimal type number, as written in the spec
+    action: str
+    code: bytes | None = None
+    asm: str | None = None
+    clobbers: frozenset[str] = frozenset()
+    target: str | None = None
+    convention: str = "c"
+    tail: bool = False  # control does not come back to the site's end
+    reason: str | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    arch: str | None
+    rules: Mapping[str, OpRule]  # by op name or str(type)
+    default: OpRule
+    source: str  # file the spec came from, or "builtin:native"
+    endbr: bool | None = None  # thunks start with endbr: None = as the input's IBT note says
+    thunk_section: str = ".text.pvpatch"
+
+    def rule_for(self, op: str | None, type_: int) -> OpRule | None:
+        """The rule naming this op, by name first, then by type number."""
+        if op is not None:
+            rule = self.rules.get(op)
+            if rule is not None:
+                return rule
+        return self.rules.get(str(type_))
+
+    def check_arch(self, arch: Arch, path: str) -> None:
+        if self.arch is not None and self.arch != arch.name:
+            raise SpecError(
+                f"backend {self.source} is for {self.arch}, but the file is {arch.name}", path
+            )
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """Line of the `[ops.KEY]` header, so errors can point at it."""
+    pattern = re.compile(r'^\s*\[\s*ops\s*\.\s*(?:"' + re.escape(key) + r'"|' + re.escape(key)
+                         + r")\s*\]", re.M)
+    m = pattern.search(text)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+def _line_of_key(text: str, key: str) -> int | None:
+    m = re.search(r"^\s*" + re.escape(key) + r"\s*=", text, re.M)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+class _SpecReader:
+    def __init__(self, text: str, source: str, builtin: bool, file_arch: Arch | None) -> None:
+        self.text = text
+        self.source = source
+        self.builtin = builtin
+        self.file_arch = file_arch
+
+    def fail(self, message: str, line: int | None = None) -> SpecError:
+        where = f"{self.source}:{line}" if line else self.source
+        return SpecError(f"{where}: {message}")
+
+    def read(self) -> Backend:
+        try:
+            doc = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as exc:
+            raise self.fail(f"not valid TOML: {exc}") from None
+        for key in doc:
+            if key not in _TOP_KEYS:
+                raise self.fail(f"unknown key {key!r}", _line_of_key(self.text, key))
+        arch_name = doc.get("arch")
+        if arch_name is not None and arch_name not in ARCHES:
+            raise self.fail(f"unknown arch {arch_name!r} (x86_64 or i386)",
+                            _line_of_key(self.text, "arch"))
+        if arch_name is not None and self.file_arch is not None \
+                and arch_name != self.file_arch.name:
+            raise self.fail(f"the spec is for {arch_name}, the file is {self.file_arch.name}",
+                            _line_of_key(self.text, "arch"))
+        # Registers and asm are checked against the spec's arch, else the file's.
+        arch = ARCHES[arch_name] if arch_name else self.file_arch
+        ops = doc.get("ops", {})
+        if not isinstance(ops, dict):
+            raise self.fail("`ops` must be a table of tables")
+        rules: dict[str, OpRule] = {}
+        for key, body in ops.items():
+            rule = self._rule(str(key), body, arch)
+            for name in (rule.key, *self._aliases(rule.key, body)):
+                if name in rules:
+                    raise self.fail(f"op {name!r} is given twice", _line_of(self.text, rule.key))
+                rules[name] = rule
+        default = self._default(doc.get("defaults", {}))
+        thunks = doc.get("thunks", {})
+        if not isinstance(thunks, dict) or set(thunks) - _THUNK_KEYS:
+            raise self.fail(f"[thunks] takes only {sorted(_THUNK_KEYS)}",
+                            _line_of_key(self.text, "[thunks]"))
+        endbr = thunks.get("endbr")
+        if endbr is not None and not isinstance(endbr, bool):
+            raise self.fail("[thunks] endbr must be true or false")
+        section = thunks.get("section", ".text.pvpatch")
+        if not isinstance(section, str) or not section.startswith("."):
+            raise self.fail("[thunks] section must be a section name starting with '.'")
+        return Backend(
+            name=str(doc.get("name", Path(self.source).stem)),
+            arch=arch_name,
+            rules=rules,
+            default=default,
+            source=self.source,
+            endbr=endbr,
+            thunk_section=section,
+        )
+
+    def _aliases(self, key: str, body: dict[str, Any]) -> list[str]:
+        aliases = body.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise self.fail("aliases must be a list of op names", _line_of(self.text, key))
+        return list(aliases)
+
+    def _default(self, body: Any) -> OpRule:
+        if not isinstance(body, dict):
+            raise self.fail("[defaults] must be a table")
+        for k in body:
+            if k not in _DEFAULT_KEYS:
+                raise self.fail(f"unknown key {k!r} in [defaults]", _line_of_key(self.text, k))
+        action = body.get("action", "keep")
+        if action not in ("keep", "nop", "ud2"):
+            raise self.fail(f"[defaults] action must be keep, nop or ud2, not {action!r}")
+        return OpRule("*", action, reason=body.get("reason"))
+
+    def _rule(self, key: str, body: Any, arch: Arch | None) -> OpRule:
+        line = _line_of(self.text, key)
+        if not isinstance(body, dict):
+            raise self.fail(f"op {key!r} must be a table", line)
+        for k in body:
+            if k not in _OP_KEYS:
+                raise self.fail(f"unknown key {k!r} for op {key!r}", line)
+        action = body.get("action")
+        if action not in SPEC_ACTIONS:
+            raise self.fail(
+                f"op {key!r}: action must be one of {', '.join(SPEC_ACTIONS)}, not {action!r}",
+                line,
+            )
+        convention = body.get("convention", "c")
+        if convention not in CONVENTIONS:
+            raise self.fail(f"op {key!r}: convention must be \"c\" or \"callee-save\"", line)
+        target = body.get("target")
+        if action in ("call", "jmp"):
+            if not isinstance(target, str) or not target:
+                raise self.fail(f"op {key!r}: action {action!r} needs a target symbol", line)
+        elif target is not None:
+            raise self.fail(f"op {key!r}: target makes sense only with call or jmp", line)
+        clobbers = body.get("clobbers", [])
+        if not isinstance(clobbers, list) or not all(isinstance(c, str) for c in clobbers):
+            raise self.fail(f"op {key!r}: clobbers must be a list of register names", line)
+        if arch is not None:
+            known = set(arch.caller_saved) | set(arch.return_regs) | _callee_saved(arch)
+            for reg in clobbers:
+                if reg not in known:
+                    raise self.fail(f"op {key!r}: unknown {arch.name} register {reg!r}", line)
+        code = None
+        asm = body.get("asm")
+        if action == "inline":
+            code = self._inline_code(key, body, arch, line)
+        elif asm is not None or "bytes" in body:
+            raise self.fail(f"op {key!r}: asm/bytes make sense only with action inline", line)
+        return OpRule(
+            key=key,
+            action=action,
+            code=code,
+            asm=asm,
+            clobbers=frozenset(clobbers),
+            target=target,
+            convention=convention,
+            tail=bool(body.get("tail", False)),
+            reason=body.get("reason"),
+            line=line,
+        )
+
+    def _inline_code(self, key: str, body: dict[str, Any], arch: Arch | None,
+                     line: int | None) -> bytes:
+        raw = body.get("bytes")
+        asm = body.get("asm")
+        if raw is None and asm is None:
+            raise self.fail(f"op {key!r}: inline needs asm or bytes", line)
+        if "clobbers" not in body:
+            raise self.fail(f"op {key!r}: inline needs clobbers (the registers it changes)", line)
+        code = None
+        if raw is not None:
+            try:
+                code = bytes.fromhex(str(raw))
+            except ValueError:
+                raise self.fail(f"op {key!r}: bytes {raw!r} is not hex", line) from None
+        if asm is not None and (code is None or not self.builtin):
+            if arch is None:
+                raise self.fail(f"op {key!r}: asm needs the spec's arch to be set", line)
+            assembled = assemble(str(asm), arch, where=f"{self.source}:{line or '?'}")
+            if code is not None and assembled != code:
+                raise self.fail(
+                    f"op {key!r}: asm assembles to {assembled.hex()}, bytes say {code.hex()}",
+                    line,
+                )
+            code = assembled
+        assert code is not None
+        return code
+
+
+def _callee_saved(arch: Arch) -> set[str]:
+    if arch.name == "x86_64":
+        return {"rbx", "rbp", "r12", "r13", "r14", "r15"}
+    return {"ebx", "ebp", "esi", "edi"}
+
+
+def assemble(text: str, arch: Arch, where: str = "asm") -> bytes:
+    """Assemble AT&T `text` with GNU as; the code must need no relocations."""
+    from .elf import ElfFile  # local: the load stage is not needed to read a native spec
+
+    as_bin = shutil.which("as")
+    if as_bin is None:
+        raise SpecError(f"{where}: GNU as is needed to assemble {text!r} (install binutils)")
+    flag = "--64" if arch.elf_class == 64 else "--32"
+    with tempfile.TemporaryDirectory(prefix="pvpatch-as-") as tmp:
+        src = os.path.join(tmp, "in.s")
+        obj = os.path.join(tmp, "out.o")
+        with open(src, "w") as fh:
+            fh.write(".text\n" + text.replace(";", "\n") + "\n")
+        proc = subprocess.run([as_bin, flag, "-o", obj, src], capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0:
+            msg = " ".join(
+                ln.split("Error:", 1)[-1].strip() for ln in proc.stderr.splitlines()
+                if "Error" in ln
+            ) or proc.stderr.strip()
+            raise SpecError(f"{where}: asm {text!r} does not assemble: {msg}")
+        elf = ElfFile.open(obj)
+        sec = elf.section(".text")
+        if sec is None:
+            raise SpecError(f"{where}: asm {text!r} produced no code")
+        if elf.relocation_sections(sec):
+            raise SpecError(f"{where}: asm {text!r} needs relocations; inline code must not")
+        return elf.section_data(sec)
+
+
+def load_backend(spec: str, arch: Arch) -> Backend:
+    """`native` or a path to a TOML spec file."""
+    if spec == "native":
+        name = f"native-{arch.name}.toml"
+        text = resources.files("pvpatch").joinpath("data", "backends", name).read_text()
+        return _SpecReader(text, f"builtin:native ({name})", True, arch).read()
+    path = Path(spec)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{spec}: no such spec file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{spec}: cannot read spec: {exc}") from None
+    return _SpecReader(text, spec, False, arch).read()
+
+
+def parse_spec_text(text: str, arch: Arch | None = None, source: str = "<spec>") -> Backend:
+    """Parse a spec given as text (for tools that build specs in memory)."""
+    return _SpecReader(text, source, False, arch).read()

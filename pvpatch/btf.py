@@ -1,0 +1,334 @@
+"""A minimal, bounds-checked reader for BTF (kernel Documentation/bpf/btf.rst).
+
+Only what the op catalog needs: one pass over the type records to learn where
+each record starts, an index of STRUCT/UNION names, and on-demand decoding of
+single types. Split BTF (a module's `.BTF` on top of vmlinux's) is supported
+by passing the base: type ids and string offsets then continue after the base.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from pvpatch.errors import OpsError
+
+BTF_MAGIC = 0xEB9F
+HEADER_MIN_LEN = 24
+
+KIND_INT = 1
+KIND_PTR = 2
+KIND_ARRAY = 3
+KIND_STRUCT = 4
+KIND_UNION = 5
+KIND_ENUM = 6
+KIND_FWD = 7
+KIND_TYPEDEF = 8
+KIND_VOLATILE = 9
+KIND_CONST = 10
+KIND_RESTRICT = 11
+KIND_FUNC = 12
+KIND_FUNC_PROTO = 13
+KIND_VAR = 14
+KIND_DATASEC = 15
+KIND_FLOAT = 16
+KIND_DECL_TAG = 17
+KIND_TYPE_TAG = 18
+KIND_ENUM64 = 19
+
+KIND_NAMES: dict[int, str] = {
+    KIND_INT: "INT",
+    KIND_PTR: "PTR",
+    KIND_ARRAY: "ARRAY",
+    KIND_STRUCT: "STRUCT",
+    KIND_UNION: "UNION",
+    KIND_ENUM: "ENUM",
+    KIND_FWD: "FWD",
+    KIND_TYPEDEF: "TYPEDEF",
+    KIND_VOLATILE: "VOLATILE",
+    KIND_CONST: "CONST",
+    KIND_RESTRICT: "RESTRICT",
+    KIND_FUNC: "FUNC",
+    KIND_FUNC_PROTO: "FUNC_PROTO",
+    KIND_VAR: "VAR",
+    KIND_DATASEC: "DATASEC",
+    KIND_FLOAT: "FLOAT",
+    KIND_DECL_TAG: "DECL_TAG",
+    KIND_TYPE_TAG: "TYPE_TAG",
+    KIND_ENUM64: "ENUM64",
+}
+
+# Bytes that follow the 12-byte btf_type record: (fixed part, per vlen item).
+_EXTRA: dict[int, tuple[int, int]] = {
+    KIND_INT: (4, 0),
+    KIND_PTR: (0, 0),
+    KIND_ARRAY: (12, 0),
+    KIND_STRUCT: (0, 12),
+    KIND_UNION: (0, 12),
+    KIND_ENUM: (0, 8),
+    KIND_FWD: (0, 0),
+    KIND_TYPEDEF: (0, 0),
+    KIND_VOLATILE: (0, 0),
+    KIND_CONST: (0, 0),
+    KIND_RESTRICT: (0, 0),
+    KIND_FUNC: (0, 0),
+    KIND_FUNC_PROTO: (0, 8),
+    KIND_VAR: (4, 0),
+    KIND_DATASEC: (0, 12),
+    KIND_FLOAT: (0, 0),
+    KIND_DECL_TAG: (4, 0),
+    KIND_TYPE_TAG: (0, 0),
+    KIND_ENUM64: (0, 12),
+}
+
+# Kinds whose third word is a size rather than a type id.
+_SIZED_KINDS = frozenset(
+    {KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_DATASEC, KIND_FLOAT, KIND_ENUM64}
+)
+# Kinds that only qualify or rename another type.
+MODIFIER_KINDS = frozenset({KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG})
+_MAX_RESOLVE_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class BtfMember:
+    """One STRUCT/UNION member; `bit_offset` is from the start of the aggregate."""
+
+    name: str
+    type_id: int
+    bit_offset: int
+    bitfield_size: int  # 0 unless the member is a bitfield
+
+
+@dataclass(frozen=True)
+class BtfType:
+    """One decoded type record. `size` is set for sized kinds, `ref` for the others."""
+
+    type_id: int
+    kind: int
+    name: str
+    vlen: int
+    kind_flag: bool
+    size: int
+    ref: int
+    members: tuple[BtfMember, ...] = ()
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES.get(self.kind, f"KIND{self.kind}")
+
+
+class Btf:
+    """One BTF blob, optionally split on top of `base`.
+
+    Type ids valid here run from 0 (void) to `type_count - 1`; ids below
+    `start_id` belong to the base.
+    """
+
+    def __init__(self, data: bytes, *, base: Btf | None = None, path: str | None = None) -> None:
+        self.path = path
+        self.base = base
+        self._bytes = bytes(data)
+        self._endian = self._parse_endian()
+        hdr = self._unpack("HBBIIIII", 0, "header")
+        _magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = hdr
+        if version != 1:
+            self._fail(f"unsupported BTF version {version}")
+        if hdr_len < HEADER_MIN_LEN or hdr_len > len(data):
+            self._fail(f"bad BTF header length {hdr_len}")
+        self._type_start = self._section(hdr_len, type_off, type_len, "type")
+        self._type_end = self._type_start + type_len
+        self._str_start = self._section(hdr_len, str_off, str_len, "string")
+        self._str_len = str_len
+        if base is not None and base._endian != self._endian:
+            self._fail("split BTF and its base differ in byte order")
+        self._str_base = base.strings_len if base is not None else 0
+        self.start_id = base.type_count if base is not None else 1
+        self._record = struct.Struct(self._endian + "III")
+        self._offsets: list[int] = []
+        self._agg_names: list[tuple[int, int]] = []  # (name_off, type_id) of STRUCT/UNION
+        self._by_name: dict[str, list[int]] | None = None
+        self._scan()
+
+    # -- layout -----------------------------------------------------------
+
+    @property
+    def type_count(self) -> int:
+        """One past the highest valid type id (base types and void included)."""
+        return self.start_id + len(self._offsets)
+
+    @property
+    def strings_len(self) -> int:
+        """Combined string-section length that a split BTF on top of this one continues."""
+        return self._str_base + self._str_len
+
+    def _fail(self, message: str) -> NoReturn:
+        raise OpsError(message, self.path)
+
+    def _parse_endian(self) -> str:
+        if len(self._bytes) < HEADER_MIN_LEN:
+            raise OpsError(f"BTF too short ({len(self._bytes)} bytes)", self.path)
+        if self._bytes[0] == 0x9F and self._bytes[1] == 0xEB:
+            return "<"
+        if self._bytes[0] == 0xEB and self._bytes[1] == 0x9F:
+            return ">"
+        raise OpsError(
+            f"bad BTF magic {self._bytes[0]:02x}{self._bytes[1]:02x} (want eb9f)", self.path
+        )
+
+    def _unpack(self, fmt: str, offset: int, what: str) -> tuple[int, ...]:
+        size = struct.calcsize(self._endian + fmt)
+        if offset < 0 or offset + size > len(self._bytes):
+            raise OpsError(f"BTF {what} at {offset:#x} runs past the end", self.path)
+        return struct.unpack_from(self._endian + fmt, self._bytes, offset)
+
+    def _section(self, hdr_len: int, off: int, length: int, what: str) -> int:
+        start = hdr_len + off
+        if start + length > len(self._bytes):
+            self._fail(
+                f"BTF {what} section ({off:#x}+{length:#x} after header) runs past the end"
+                f" ({len(self._bytes):#x} bytes)"
+            )
+        return start
+
+    def _scan(self) -> None:
+        # One pass with a precompiled struct: records are variable-length, so
+        # their starts must be found in order; decoding waits until asked.
+        data = self._bytes
+        unpack = self._record.unpack_from
+        extra = _EXTRA
+        pos, end = self._type_start, self._type_end
+        offsets = self._offsets
+        agg = self._agg_names
+        type_id = self.start_id
+        while pos < end:
+            if pos + 12 > end:
+                self._fail(f"truncated BTF type record at {pos:#x}")
+            name_off, info, _ = unpack(data, pos)
+            kind = (info >> 24) & 0x1F
+            try:
+                fixed, per_item = extra[kind]
+            except KeyError:
+                self._fail(f"unknown BTF kind {kind} for type id {type_id}")
+            size = 12 + fixed + per_item * (info & 0xFFFF)
+            if pos + size > end:
+                self._fail(
+                    f"BTF type id {type_id} ({KIND_NAMES[kind]}, vlen {info & 0xFFFF})"
+                    " runs past the type section"
+                )
+            offsets.append(pos)
+            if kind in (KIND_STRUCT, KIND_UNION):
+                agg.append((name_off, type_id))
+            pos += size
+            type_id += 1
+
+    # -- strings ----------------------------------------------------------
+
+    def string(self, offset: int) -> str:
+        """The NUL-terminated string at `offset` in the (combined) string section."""
+        if offset < self._str_base:
+            assert self.base is not None  # _str_base is 0 without a base
+            return self.base.string(offset)
+        rel = offset - self._str_base
+        if rel >= self._str_len:
+            self._fail(f"BTF string offset {offset:#x} beyond the string section")
+        start = self._str_start + rel
+        stop = self._bytes.find(b"\0", start, self._str_start + self._str_len)
+        if stop < 0:
+            self._fail(f"BTF string at {offset:#x} is not NUL-terminated")
+        try:
+            return self._bytes[start:stop].decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(f"BTF string at {offset:#x} is not UTF-8")
+
+    # -- types ------------------------------------------------------------
+
+    def type(self, type_id: int) -> BtfType:
+        """Decode one type; id 0 is void (kind 0)."""
+        if type_id == 0:
+            return BtfType(0, 0, "void", 0, False, 0, 0)
+        if type_id < self.start_id:
+            assert self.base is not None  # start_id is 1 without a base
+            return self.base.type(type_id)
+        index = type_id - self.start_id
+        if index >= len(self._offsets):
+            self._fail(f"BTF type id {type_id} out of range (have {self.type_count})")
+        pos = self._offsets[index]
+        name_off, info, size_or_type = self._record.unpack_from(self._bytes, pos)
+        kind = (info >> 24) & 0x1F
+        vlen = info & 0xFFFF
+        kind_flag = bool(info >> 31)
+        name = self.string(name_off)
+        members: tuple[BtfMember, ...] = ()
+        if kind in (KIND_STRUCT, KIND_UNION):
+            members = self._members(pos + 12, vlen, kind_flag)
+        sized = kind in _SIZED_KINDS
+        return BtfType(
+            type_id,
+            kind,
+            name,
+            vlen,
+            kind_flag,
+            size_or_type if sized else 0,
+            0 if sized else size_or_type,
+            members,
+        )
+
+    def _members(self, pos: int, vlen: int, kind_flag: bool) -> tuple[BtfMember, ...]:
+        out = []
+        unpack = self._record.unpack_from
+        for i in range(vlen):
+            name_off, type_id, offset = unpack(self._bytes, pos + 12 * i)
+            if kind_flag:
+                # kind_flag: bitfield size in the top 8 bits, bit offset below.
+                bits, bit_off = offset >> 24, offset & 0xFFFFFF
+            else:
+                bits, bit_off = 0, offset
+            out.append(BtfMember(self.string(name_off), type_id, bit_off, bits))
+        return tuple(out)
+
+    def resolve(self, type_id: int) -> BtfType:
+        """Follow typedef/const/volatile/restrict/type_tag to the underlying type."""
+        for _ in range(_MAX_RESOLVE_DEPTH):
+            t = self.type(type_id)
+            if t.kind not in MODIFIER_KINDS:
+                return t
+            type_id = t.ref
+        self._fail(f"BTF type id {type_id}: modifier chain too long (cycle?)")
+
+    def find_aggregates(self, name: str, kind: int = KIND_STRUCT) -> list[int]:
+        """Ids of STRUCTs (or UNIONs) called `name`, own types first, then the base's."""
+        if self._by_name is None:
+            by_name: dict[str, list[int]] = {}
+            for name_off, type_id in self._agg_names:
+                if name_off:
+                    by_name.setdefault(self.string(name_off), []).append(type_id)
+            self._by_name = by_name
+        found = [i for i in self._by_name.get(name, []) if self.type(i).kind == kind]
+        if self.base is not None:
+            found += self.base.find_aggregates(name, kind)
+        return found
+
+    def find_struct(self, name: str) -> BtfType | None:
+        """The complete STRUCT called `name` (the first one, if several), or None."""
+        ids = self.find_aggregates(name)
+        return self.type(ids[0]) if ids else None
+
+
+def read_elf_btf(path: str | Path) -> bytes | None:
+    """The raw `.BTF` section of an ELF file, or None if it has none."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            sec = elf.get_section_by_name(".BTF")
+            if sec is None:
+                return None
+            data = sec.data()
+    except (OSError, ELFError, ValueError) as exc:
+        raise OpsError(f"cannot read .BTF: {exc}", str(path)) from exc
+    return bytes(data)

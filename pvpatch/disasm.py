@@ -1,0 +1,47 @@
+"""Disassembly of site bytes (capstone, imported on first use, AT&T syntax like objdump)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from .arch import Arch
+
+
+@dataclass(frozen=True)
+class Insn:
+    offset: int  # from the start of the decoded bytes
+    size: int
+    text: str
+
+
+@cache
+def _engine(arch_name: str) -> Any:
+    import capstone  # heavy: only when something is disassembled
+
+    mode = capstone.CS_MODE_64 if arch_name == "x86_64" else capstone.CS_MODE_32
+    cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    cs.syntax = capstone.CS_OPT_SYNTAX_ATT
+    return cs
+
+
+def disassemble(arch: Arch, code: bytes, address: int = 0) -> list[Insn]:
+    """Decode `code`; bytes that do not decode come out as `.byte` lines."""
+    out: list[Insn] = []
+    pos = 0
+    cs = _engine(arch.name)
+    while pos < len(code):
+        # disasm_lite stops at the first byte it cannot decode.
+        for _addr, size, mnemonic, op_str in cs.disasm_lite(code[pos:], address + pos):
+            out.append(Insn(pos, size, f"{mnemonic} {op_str}".strip()))
+            pos += size
+        if pos < len(code):
+            out.append(Insn(pos, 1, f".byte {code[pos]:#04x}"))
+            pos += 1
+    return out
+
+
+def boundaries(arch: Arch, code: bytes) -> list[int]:
+    """Offsets where instructions start when `code` is decoded from its first byte."""
+    return [i.offset for i in disassemble(arch, code)]

@@ -1,0 +1,569 @@
+"""The load stage: a small, bounds-checked, lazily parsed ELF model.
+
+Only what pvpatch needs: headers, sections, segments, symbols, relocations
+(REL and RELA, with implicit addends read from the bytes) and dynamic RELATIVE
+relocations.  Every size, offset and count read from the file is checked
+against the file before it is used, so a hostile file gives `ElfFormatError`,
+never an IndexError or an allocation the size of a forged header field.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import NamedTuple
+
+from .arch import BY_MACHINE, Arch
+from .errors import ElfFormatError, InputError
+
+ELF_MAGIC = b"\x7fELF"
+MODULE_SIG_MAGIC = b"~Module signature appended~\n"
+MODULE_SIG_INFO_SIZE = 12  # struct module_signature
+
+ET_REL, ET_EXEC, ET_DYN = 1, 2, 3
+ELF_TYPE_NAMES = {ET_REL: "REL", ET_EXEC: "EXEC", ET_DYN: "DYN"}
+
+SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA = 0, 1, 2, 3, 4
+SHT_NOBITS, SHT_REL, SHT_DYNSYM, SHT_GROUP, SHT_SYMTAB_SHNDX, SHT_RELR = 8, 9, 11, 17, 18, 19
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR, SHF_INFO_LINK = 0x1, 0x2, 0x4, 0x40
+SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFF00, 0xFFF1, 0xFFF2, 0xFFFF
+STT_NOTYPE, STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 0, 1, 2, 3, 4
+STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
+PT_LOAD, PT_DYNAMIC, PT_NOTE, PT_PHDR, PT_GNU_PROPERTY = 1, 2, 4, 6, 0x6474E553
+PF_X, PF_W, PF_R = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class ElfClass:
+    """Record formats of one ELF class (32 or 64 bit), little-endian."""
+
+    bits: int
+    ehdr: struct.Struct
+    shdr: struct.Struct
+    phdr: struct.Struct
+    sym: struct.Struct
+    rel: struct.Struct
+    rela: struct.Struct
+    addr: struct.Struct
+    info_shift: int  # r_info = sym << shift | type
+
+    def r_info(self, sym: int, rtype: int) -> int:
+        return (sym << self.info_shift) | rtype
+
+    def split_info(self, info: int) -> tuple[int, int]:
+        return info >> self.info_shift, info & ((1 << self.info_shift) - 1)
+
+
+ELF64 = ElfClass(
+    64,
+    ehdr=struct.Struct("<16sHHIQQQIHHHHHH"),
+    shdr=struct.Struct("<IIQQQQIIQQ"),
+    phdr=struct.Struct("<IIQQQQQQ"),
+    sym=struct.Struct("<IBBHQQ"),
+    rel=struct.Struct("<QQ"),
+    rela=struct.Struct("<QQq"),
+    addr=struct.Struct("<Q"),
+    info_shift=32,
+)
+ELF32 = ElfClass(
+    32,
+    ehdr=struct.Struct("<16sHHIIIIIHHHHHH"),
+    shdr=struct.Struct("<IIIIIIIIII"),
+    phdr=struct.Struct("<IIIIIIII"),
+    sym=struct.Struct("<IIIBBH"),
+    rel=struct.Struct("<II"),
+    rela=struct.Struct("<IIi"),
+    addr=struct.Struct("<I"),
+    info_shift=8,
+)
+
+
+@dataclass(frozen=True)
+class Section:
+    index: int
+    name: str
+    type: int
+    flags: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+    name_offset: int
+
+    @property
+    def is_alloc(self) -> bool:
+        return bool(self.flags & SHF_ALLOC)
+
+    @property
+    def is_exec(self) -> bool:
+        return bool(self.flags & SHF_EXECINSTR)
+
+    @property
+    def file_size(self) -> int:
+        """Bytes the section occupies in the file (NOBITS occupies none)."""
+        return 0 if self.type in (SHT_NOBITS, SHT_NULL) else self.size
+
+    def contains_addr(self, addr: int) -> bool:
+        return self.addr <= addr < self.addr + self.size
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int
+    type: int
+    flags: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+    align: int
+
+
+class Symbol(NamedTuple):
+    index: int
+    name: str
+    value: int
+    size: int
+    type: int
+    bind: int
+    other: int
+    shndx: int
+    name_offset: int
+
+
+class Relocation(NamedTuple):
+    """One relocation; for REL sections `addend` is the implicit one read from the bytes."""
+
+    offset: int
+    type: int
+    sym: int
+    addend: int
+
+
+@dataclass(frozen=True)
+class ModuleSignature:
+    """An appended kernel module signature: the trailer starts at `offset`."""
+
+    offset: int  # first byte of the signature blob: the ELF content ends here
+    sig_len: int
+
+
+class ElfFile:
+    """A read-only view of one ELF file.  Parsing beyond the headers is lazy."""
+
+    def __init__(self, data: bytes, path: str = "<memory>") -> None:
+        self.path = path
+        self.data = data
+        self._parse_header()
+        self.sections: tuple[Section, ...] = self._parse_sections()
+        self.segments: tuple[Segment, ...] = self._parse_segments()
+        self._by_name = {s.name: s for s in reversed(self.sections)}
+        self._relocs: dict[int, tuple[Relocation, ...]] = {}
+
+    # -- construction ----------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> ElfFile:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:  # read-only: the input is never opened for writing
+                data = fh.read()
+        except FileNotFoundError:
+            raise InputError("no such file", str(p)) from None
+        except IsADirectoryError:
+            raise InputError("is a directory", str(p)) from None
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror or exc}", str(p)) from None
+        return cls(data, str(p))
+
+    def _fail(self, message: str) -> ElfFormatError:
+        return ElfFormatError(message, self.path)
+
+    def _parse_header(self) -> None:
+        d = self.data
+        if len(d) < 16 or d[:4] != ELF_MAGIC:
+            raise InputError("not an ELF file", self.path)
+        ei_class, ei_data = d[4], d[5]
+        if ei_class not in (1, 2):
+            raise self._fail(f"bad ELF class {ei_class}")
+        if ei_data != 1:
+            raise InputError("big-endian ELF is not supported (x86 is little-endian)", self.path)
+        self.cls: ElfClass = ELF64 if ei_class == 2 else ELF32
+        if len(d) < self.cls.ehdr.size:
+            raise self._fail("truncated ELF header")
+        (
+            _ident,
+            self.e_type,
+            self.e_machine,
+            _version,
+            self.e_entry,
+            self.e_phoff,
+            self.e_shoff,
+            self.e_flags,
+            _ehsize,
+            self.e_phentsize,
+            self.e_phnum,
+            self.e_shentsize,
+            self.e_shnum,
+            self.e_shstrndx,
+        ) = self.cls.ehdr.unpack_from(d, 0)
+        arch = BY_MACHINE.get((self.e_machine, self.cls.bits))
+        if arch is None:
+            raise InputError(
+                f"unsupported machine {self.e_machine} in an ELF{self.cls.bits} file "
+                "(pvpatch handles x86-64 and i386)",
+                self.path,
+            )
+        self.arch: Arch = arch
+        if self.e_type not in ELF_TYPE_NAMES:
+            raise InputError(f"unsupported ELF type {self.e_type}", self.path)
+
+    def _table_bounds(self, what: str, offset: int, count: int, entsize: int, want: int) -> None:
+        if count == 0:
+            return
+        if entsize != want:
+            raise self._fail(f"{what} entry size is {entsize}, expected {want}")
+        if offset + count * entsize > len(self.data):
+            raise self._fail(f"{what} table runs past the end of the file")
+
+    def _parse_sections(self) -> tuple[Section, ...]:
+        d, shdr = self.data, self.cls.shdr
+        if self.e_shoff == 0:
+            if self.e_shnum:
+                raise self._fail("section count without a section header table")
+            return ()
+        if self.e_shoff + shdr.size > len(d):
+            raise self._fail("section header table runs past the end of the file")
+        count = self.e_shnum
+        shstrndx = self.e_shstrndx
+        if count == 0 or shstrndx == SHN_XINDEX:
+            # Extended numbering: the real values live in section 0.
+            first = shdr.unpack_from(d, self.e_shoff)
+            if count == 0:
+                count = first[5]
+            if shstrndx == SHN_XINDEX:
+                shstrndx = first[6]
+        if count > len(d) // shdr.size:
+            raise self._fail(f"section count {count} cannot fit in the file")
+        self._table_bounds("section header", self.e_shoff, count, self.e_shentsize, shdr.size)
+        raw = [shdr.unpack_from(d, self.e_shoff + i * shdr.size) for i in range(count)]
+        for i, r in enumerate(raw):
+            stype, offset, size = r[1], r[4], r[5]
+            if stype not in (SHT_NOBITS, SHT_NULL) and offset + size > len(d):
+                raise self._fail(f"section {i} data runs past the end of the file")
+        if not 0 <= shstrndx < count:
+            raise self._fail(f"section name table index {shstrndx} out of range")
+        strtab = raw[shstrndx]
+        if strtab[1] != SHT_STRTAB:
+            raise self._fail("section name table is not a string table")
+        names = d[strtab[4] : strtab[4] + strtab[5]]
+        out = []
+        for i, r in enumerate(raw):
+            name = self._cstring(names, r[0], "section name") if i else ""
+            out.append(Section(i, name, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[0]))
+        return tuple(out)
+
+    def _parse_segments(self) -> tuple[Segment, ...]:
+        if self.e_phoff == 0 or self.e_phnum == 0:
+            return ()
+        ph = self.cls.phdr
+        self._table_bounds("program header", self.e_phoff, self.e_phnum, self.e_phentsize, ph.size)
+        out = []
+        for i in range(self.e_phnum):
+            r = ph.unpack_from(self.data, self.e_phoff + i * ph.size)
+            if self.cls.bits == 64:
+                ptype, flags, offset, vaddr, paddr, filesz, memsz, align = r
+            else:
+                ptype, offset, vaddr, paddr, filesz, memsz, flags, align = r
+            out.append(Segment(i, ptype, flags, offset, vaddr, paddr, filesz, memsz, align))
+        return tuple(out)
+
+    def _cstring(self, table: bytes, offset: int, what: str) -> str:
+        if offset >= len(table) and offset:
+            raise self._fail(f"{what} offset {offset} outside its string table")
+        end = table.find(b"\0", offset)
+        if end < 0:
+            raise self._fail(f"{what} at {offset} has no terminating NUL")
+        return table[offset:end].decode("utf-8", "replace")
+
+    # -- basic queries -----------------------------------------------------
+
+    @property
+    def elf_type(self) -> str:
+        return ELF_TYPE_NAMES[self.e_type]
+
+    @property
+    def is_relocatable(self) -> bool:
+        return self.e_type == ET_REL
+
+    def section(self, name: str) -> Section | None:
+        return self._by_name.get(name)
+
+    def section_at(self, index: int) -> Section:
+        if not 0 <= index < len(self.sections):
+            raise self._fail(f"section index {index} out of range")
+        return self.sections[index]
+
+    def section_data(self, sec: Section) -> bytes:
+        if sec.type in (SHT_NOBITS, SHT_NULL):
+            return b""
+        return self.data[sec.offset : sec.offset + sec.size]
+
+    def section_for_addr(self, addr: int, *, exec_only: bool = False) -> Section | None:
+        """The allocated section whose address range holds `addr` (executables)."""
+        for sec in self._alloc_sections:
+            if sec.contains_addr(addr) and (sec.is_exec or not exec_only):
+                return sec
+        return None
+
+    @cached_property
+    def _alloc_sections(self) -> tuple[Section, ...]:
+        return tuple(s for s in self.sections if s.is_alloc and s.size and s.type != SHT_NULL)
+
+    def read_word(self, offset: int, size: int) -> int:
+        if offset < 0 or offset + size > len(self.data):
+            raise self._fail(f"read of {size} bytes at file offset {offset:#x} is out of bounds")
+        return int.from_bytes(self.data[offset : offset + size], "little")
+
+    def addr_to_offset(self, addr: int) -> int | None:
+        sec = self.section_for_addr(addr)
+        if sec is None or sec.type == SHT_NOBITS:
+            return None
+        return sec.offset + (addr - sec.addr)
+
+    # -- symbols -----------------------------------------------------------
+
+    @cached_property
+    def symtab(self) -> Section | None:
+        for sec in self.sections:
+            if sec.type == SHT_SYMTAB:
+                return sec
+        return None
+
+    @cached_property
+    def symbols(self) -> tuple[Symbol, ...]:
+        """The static symbol table (`.symtab`), or () when stripped."""
+        sec = self.symtab
+        return self._read_symbols(sec) if sec is not None else ()
+
+    def _read_symbols(self, sec: Section) -> tuple[Symbol, ...]:
+        fmt = self.cls.sym
+        if sec.entsize != fmt.size or sec.size % fmt.size:
+            raise self._fail(f"symbol table {sec.name!r} has a bad entry size")
+        strsec = self.section_at(sec.link)
+        if strsec.type != SHT_STRTAB:
+            raise self._fail(f"symbol table {sec.name!r} links to a non-string section")
+        strings = self.section_data(strsec)
+        out = []
+        data = self.data[sec.offset : sec.offset + sec.size]
+        for i, rec in enumerate(fmt.iter_unpack(data)):
+            if self.cls.bits == 64:
+                name_off, info, other, shndx, value, size = rec
+            else:
+                name_off, value, size, info, other, shndx = rec
+            name = self._cstring(strings, name_off, "symbol name") if name_off else ""
+            out.append(Symbol(i, name, value, size, info & 0xF, info >> 4, other, shndx, name_off))
+        return tuple(out)
+
+    def symbol(self, index: int) -> Symbol:
+        syms = self.symbols
+        if not 0 <= index < len(syms):
+            raise self._fail(f"symbol index {index} out of range")
+        return syms[index]
+
+    @cached_property
+    def symbols_by_name(self) -> dict[str, Symbol]:
+        out: dict[str, Symbol] = {}
+        for s in self.symbols:
+            if s.name and s.type != STT_FILE:
+                # Prefer a definition over an undefined reference of the same name.
+                if s.name not in out or out[s.name].shndx == SHN_UNDEF:
+                    out[s.name] = s
+        return out
+
+    # -- relocations --------------------------------------------------------
+
+    def relocation_sections(self, target: Section) -> list[Section]:
+        """REL/RELA sections that apply to `target` (sh_info), in a relocatable file."""
+        return [
+            s
+            for s in self.sections
+            if s.type in (SHT_REL, SHT_RELA) and s.info == target.index and not s.is_alloc
+        ]
+
+    def relocations(self, relsec: Section) -> tuple[Relocation, ...]:
+        """Decoded entries of one REL/RELA section; REL addends come from the target bytes."""
+        cached = self._relocs.get(relsec.index)
+        if cached is not None:
+            return cached
+        rela = relsec.type == SHT_RELA
+        fmt = self.cls.rela if rela else self.cls.rel
+        if relsec.entsize != fmt.size or relsec.size % fmt.size:
+            raise self._fail(f"relocation section {relsec.name!r} has a bad entry size")
+        data = self.data[relsec.offset : relsec.offset + relsec.size]
+        shift = self.cls.info_shift
+        tmask = (1 << shift) - 1
+        nsyms = self._symbol_count(relsec)
+        out: list[Relocation]
+        if rela:
+            out = [Relocation(o, i & tmask, i >> shift, a) for o, i, a in fmt.iter_unpack(data)]
+        else:
+            target = self.section_at(relsec.info) if relsec.info else None
+            out = []
+            for o, i in fmt.iter_unpack(data):
+                rtype = i & tmask
+                out.append(Relocation(o, rtype, i >> shift, self._implicit_addend(target, o, rtype)))
+        for r in out:
+            if r.sym >= nsyms:
+                raise self._fail(
+                    f"relocation in {relsec.name!r} at {r.offset:#x} names symbol {r.sym}, "
+                    f"but the symbol table has {nsyms}"
+                )
+        result = tuple(out)
+        self._relocs[relsec.index] = result
+        return result
+
+    def _symbol_count(self, relsec: Section) -> int:
+        if relsec.link == 0:
+            return 1  # dynamic relocations of a file without symbols: only index 0 is valid
+        symsec = self.section_at(relsec.link)
+        if symsec.type not in (SHT_SYMTAB, SHT_DYNSYM):
+            raise self._fail(f"relocation section {relsec.name!r} links to a non-symbol section")
+        return symsec.size // self.cls.sym.size
+
+    def _implicit_addend(self, target: Section | None, offset: int, rtype: int) -> int:
+        width = self.arch.reloc(rtype).width
+        if width == 0 or target is None:
+            return 0
+        if target.type == SHT_NOBITS or offset + width > target.size:
+            raise self._fail(
+                f"relocation at {offset:#x} runs past the end of section {target.name!r}"
+            )
+        raw = self.read_word(target.offset + offset, width)
+        sign = 1 << (width * 8 - 1)
+        return (raw ^ sign) - sign
+
+    def relocations_for(self, target: Section) -> Iterator[Relocation]:
+        for relsec in self.relocation_sections(target):
+            yield from self.relocations(relsec)
+
+    @cached_property
+    def relative_relocations(self) -> dict[int, int]:
+        """address -> value for every dynamic RELATIVE relocation (ET_DYN and friends).
+
+        REL-style entries take their addend from the word already at the address.
+        """
+        out: dict[int, int] = {}
+        rel_type = self.arch.r_relative
+        for sec in self.sections:
+            if not sec.is_alloc or sec.type not in (SHT_REL, SHT_RELA, SHT_RELR):
+                continue
+            if sec.type == SHT_RELR:
+                for addr in self._relr_addresses(sec):
+                    out[addr] = self._word_at_addr(addr)
+                continue
+            rela = sec.type == SHT_RELA
+            fmt = self.cls.rela if rela else self.cls.rel
+            if sec.entsize not in (0, fmt.size) or sec.size % fmt.size:
+                raise self._fail(f"dynamic relocation section {sec.name!r} has a bad entry size")
+            for rec in fmt.iter_unpack(self.section_data(sec)):
+                _sym, rtype = self.cls.split_info(rec[1])
+                if rtype != rel_type:
+                    continue
+                out[rec[0]] = rec[2] if rela else self._word_at_addr(rec[0])
+        return out
+
+    def _word_at_addr(self, addr: int) -> int:
+        off = self.addr_to_offset(addr)
+        if off is None:
+            raise self._fail(f"relocation at {addr:#x} is outside every section")
+        return self.read_word(off, self.cls.addr.size)
+
+    def _relr_addresses(self, sec: Section) -> Iterator[int]:
+        word = self.cls.addr.size
+        bits = word * 8 - 1
+        base = 0
+        for (entry,) in self.cls.addr.iter_unpack(self.section_data(sec)):
+            if entry & 1 == 0:
+                yield entry
+                base = entry + word
+            else:
+                bitmap, i = entry >> 1, 0
+                while bitmap:
+                    if bitmap & 1:
+                        yield base + i * word
+                    bitmap >>= 1
+                    i += 1
+                base += bits * word
+
+    # -- extras -----------------------------------------------------------
+
+    @cached_property
+    def module_signature(self) -> ModuleSignature | None:
+        """An appended module signature (`~Module signature appended~`), if any."""
+        d = self.data
+        if not d.endswith(MODULE_SIG_MAGIC):
+            return None
+        info_at = len(d) - len(MODULE_SIG_MAGIC) - MODULE_SIG_INFO_SIZE
+        if info_at < 0:
+            raise self._fail("module signature trailer is truncated")
+        sig_len = int.from_bytes(d[info_at + 8 : info_at + 12], "big")
+        start = info_at - sig_len
+        if start < self.cls.ehdr.size:
+            raise self._fail("module signature length runs before the ELF content")
+        return ModuleSignature(start, sig_len)
+
+    @cached_property
+    def content_end(self) -> int:
+        """Where the ELF content ends: the file size, less an appended signature."""
+        sig = self.module_signature
+        return sig.offset if sig is not None else len(self.data)
+
+    def modinfo(self) -> dict[str, str]:
+        """`.modinfo` key=value strings of a kernel module (first value per key)."""
+        sec = self.section(".modinfo")
+        if sec is None:
+            return {}
+        out: dict[str, str] = {}
+        for item in self.section_data(sec).split(b"\0"):
+            key, sep, value = item.partition(b"=")
+            if sep and key.decode("ascii", "replace") not in out:
+                out[key.decode("ascii", "replace")] = value.decode("utf-8", "replace")
+        return out
+
+    def has_ibt_property(self) -> bool:
+        """The GNU property note asks for indirect-branch tracking (IBT)."""
+        sec = self.section(".note.gnu.property")
+        if sec is None:
+            return False
+        data = self.section_data(sec)
+        align = 8 if self.cls.bits == 64 else 4
+        pos = 0
+        while pos + 12 <= len(data):
+            namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+            name_end = pos + 12 + namesz
+            desc = pos + 12 + (namesz + 3) // 4 * 4
+            end = desc + (descsz + align - 1) // align * align
+            if end > len(data) or name_end > len(data):
+                return False
+            if ntype == 5 and data[pos + 12 : name_end].rstrip(b"\0") == b"GNU":
+                p = desc
+                while p + 8 <= desc + descsz:
+                    ptype, psz = struct.unpack_from("<II", data, p)
+                    if ptype == 0xC0000002 and psz >= 4:  # GNU_PROPERTY_X86_FEATURE_1_AND
+                        return bool(struct.unpack_from("<I", data, p + 8)[0] & 1)
+                    p += 8 + (psz + align - 1) // align * align
+            pos = end
+        return False
+
+
+def exec_sections(elf: ElfFile) -> Sequence[Section]:
+    return [s for s in elf.sections if s.is_exec and s.type == SHT_PROGBITS]

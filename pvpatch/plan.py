@@ -1,0 +1,193 @@
+"""The plan stage: decide, per site, what it becomes and why.
+
+A plan is pure data: it can be printed or serialised before anything is
+written.  The ladder mirrors the kernel's paravirt_patch_default():
+inline native code if it fits the site and its clobber mask, else a direct
+call when the target's convention fits the mask, else a call through a
+register-saving thunk, else the site is kept, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .arch import Arch
+from .backend import Action, Backend, OpRule
+from .elf import SHN_UNDEF
+from .scan import ScanResult, Site
+
+CALL_LEN = 5  # e8/e9 rel32
+UD2 = b"\x0f\x0b"
+
+
+@dataclass(frozen=True)
+class ThunkSpec:
+    """A register-saving wrapper around a C-convention target."""
+
+    symbol: str
+    target: str
+    saves: tuple[str, ...]  # push order; restored in reverse
+    endbr: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    site: Site
+    action: Action
+    reason: str | None = None
+    code: bytes | None = None  # full new site bytes for inline / nop / ud2
+    target: str | None = None  # symbol a call or jmp goes to (the thunk's for `thunk`)
+    thunk: ThunkSpec | None = None
+    rule: OpRule | None = None
+    tail: bool = False
+    rejected: tuple[str, ...] = ()  # why earlier rungs of the ladder did not fit
+
+    @property
+    def rewrites(self) -> bool:
+        return self.action != "keep"
+
+
+@dataclass(frozen=True)
+class Plan:
+    scan: ScanResult = field(repr=False)
+    backend: Backend
+    decisions: tuple[Decision, ...]
+    thunks: tuple[ThunkSpec, ...]
+    drop_patched: bool = False
+
+    @property
+    def arch(self) -> Arch:
+        return self.scan.arch
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(d.action for d in self.decisions))
+
+
+def _regs(names: Iterable[str]) -> str:
+    return ", ".join(names)
+
+
+class Planner:
+    def __init__(self, scan: ScanResult, backend: Backend) -> None:
+        self.scan = scan
+        self.backend = backend
+        self.arch = scan.arch
+        self.thunks: dict[tuple[str, tuple[str, ...]], ThunkSpec] = {}
+        elf = scan.elf
+        self.endbr = backend.endbr if backend.endbr is not None else elf.has_ibt_property()
+        self.linked = not elf.is_relocatable
+
+    def plan(self, drop_patched: bool = False) -> Plan:
+        decisions = tuple(self.decide(s) for s in self.scan.sites)
+        return Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()), drop_patched)
+
+    def decide(self, site: Site) -> Decision:
+        rule = self.backend.rule_for(site.op, site.type)
+        if rule is None:
+            rule = self.backend.default
+            if site.op is None and self.backend.rules:
+                why = "op unknown"
+            else:
+                why = rule.reason or f"the backend has no rule for {site.op}"
+            if rule.action == "keep":
+                return Decision(site, "keep", why)
+        action = rule.action
+        if action == "keep":
+            return Decision(site, "keep", rule.reason or "the backend says keep", rule=rule)
+        if action == "nop":
+            return Decision(site, "nop", code=self.arch.nop_fill(site.len), rule=rule)
+        if action == "ud2":
+            if site.len < len(UD2):
+                return Decision(site, "keep", _short(len(UD2), site.len), rule=rule)
+            return Decision(site, "ud2", code=UD2 + self.arch.nop_fill(site.len - 2), rule=rule)
+        if action == "inline":
+            return self._inline(site, rule)
+        if action == "jmp":
+            return self._branch(site, rule, "jmp")
+        return self._call(site, rule)
+
+    def _inline(self, site: Site, rule: OpRule) -> Decision:
+        assert rule.code is not None
+        if len(rule.code) > site.len:
+            return Decision(site, "keep", _short(len(rule.code), site.len), rule=rule)
+        extra = sorted(rule.clobbers - set(site.clobber_regs), key=self._reg_order)
+        if extra:
+            return Decision(site, "keep", f"clobbers {_regs(extra)}, {_allows(site)}", rule=rule)
+        code = rule.code + self.arch.nop_fill(site.len - len(rule.code))
+        return Decision(site, "inline", code=code, rule=rule, tail=rule.tail)
+
+    def _target_problem(self, target: str) -> str | None:
+        """A linked file has no linker left to resolve a missing target."""
+        if not self.linked:
+            return None
+        sym = self.scan.elf.symbols_by_name.get(target)
+        if sym is None or sym.shndx == SHN_UNDEF:
+            return f"target {target} is not defined in this linked file"
+        return None
+
+    def _branch(self, site: Site, rule: OpRule, kind: Action) -> Decision:
+        assert rule.target is not None
+        if site.len < CALL_LEN:
+            return Decision(site, "keep", _short(CALL_LEN, site.len), rule=rule)
+        problem = self._target_problem(rule.target)
+        if problem:
+            return Decision(site, "keep", problem, rule=rule)
+        return Decision(site, kind, target=rule.target, rule=rule, tail=kind == "jmp")
+
+    def _call(self, site: Site, rule: OpRule) -> Decision:
+        assert rule.target is not None
+        if site.len < CALL_LEN:
+            return Decision(site, "keep", _short(CALL_LEN, site.len), rule=rule)
+        problem = self._target_problem(rule.target)
+        if problem:
+            return Decision(site, "keep", problem, rule=rule)
+        arch = self.arch
+        allowed = set(site.clobber_regs)
+        if rule.convention == "callee-save":
+            changes = set(arch.return_regs)
+        else:
+            changes = set(arch.return_regs) | set(arch.caller_saved)
+        extra = sorted(changes - allowed, key=self._reg_order)
+        if not extra:
+            return Decision(site, "call", target=rule.target, rule=rule)
+        direct_refused = f"a direct call to {rule.target} clobbers {_regs(extra)}, {_allows(site)}"
+        if rule.convention == "callee-save":
+            return Decision(site, "keep", direct_refused, rule=rule)
+        saves = tuple(r for r in (*arch.return_regs, *arch.caller_saved) if r not in allowed)
+        thunk = self._thunk(rule.target, saves)
+        return Decision(site, "thunk", target=thunk.symbol, thunk=thunk, rule=rule,
+                        rejected=(direct_refused,))
+
+    def _thunk(self, target: str, saves: tuple[str, ...]) -> ThunkSpec:
+        key = (target, saves)
+        found = self.thunks.get(key)
+        if found is None:
+            # The kernel's name for the usual set (every caller-saved register
+            # but the return one); other sets name what they save.
+            standard = tuple(r for r in self.arch.caller_saved if r not in self.arch.return_regs)
+            name = f"__raw_callee_save_{target}"
+            if saves != standard:
+                name += "__" + "_".join(saves)
+            found = self.thunks[key] = ThunkSpec(name, target, saves, self.endbr)
+        return found
+
+    def _reg_order(self, reg: str) -> int:
+        order = (*self.arch.return_regs, *self.arch.caller_saved)
+        return order.index(reg) if reg in order else len(order)
+
+
+def _short(need: int, have: int) -> str:
+    return f"site too short: {need} bytes needed, {have} available"
+
+
+def _allows(site: Site) -> str:
+    if not site.clobber_regs:
+        return "site allows none"
+    return f"site allows {_regs(site.clobber_regs)}"
+
+
+def make_plan(scan: ScanResult, backend: Backend, *, drop_patched: bool = False) -> Plan:
+    backend.check_arch(scan.arch, scan.path)
+    return Planner(scan, backend).plan(drop_patched)

@@ -1,0 +1,206 @@
+"""The report stage: turn results into JSON-ready dicts and readable text.
+
+Nothing here prints; the CLI writes what these functions return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from .disasm import disassemble
+from .rules import Finding
+from .scan import ScanResult, Site
+
+if TYPE_CHECKING:
+    from .rewrite import Rewrite
+
+
+def site_json(result: ScanResult, site: Site) -> dict[str, Any]:
+    return {
+        "index": site.index,
+        "section": site.section,
+        "offset": site.offset,
+        "address": site.address,
+        "type": site.type,
+        "op": site.op,
+        "len": site.len,
+        "clobbers": site.clobbers,
+        "clobber_regs": list(site.clobber_regs),
+        "bytes": site.code.hex(),
+        "insns": [i.text for i in disassemble(result.arch, site.code, site.address or 0)],
+    }
+
+
+def scan_json(result: ScanResult) -> dict[str, Any]:
+    table = None
+    if result.table is not None:
+        table = {
+            "section": result.table.section.name,
+            "layout": result.table.layout.name,
+            "entry_size": result.table.entry_size,
+            "count": result.table.count,
+        }
+    return {
+        "path": result.path,
+        "arch": result.arch.name,
+        "elf_type": result.elf_type,
+        "table": table,
+        "sites": [site_json(result, s) for s in result.sites],
+    }
+
+
+def finding_json(f: Finding) -> dict[str, Any]:
+    return {
+        "rule": f.rule,
+        "name": f.name,
+        "severity": f.severity,
+        "message": f.message,
+        "section": f.section,
+        "offset": f.offset,
+        "address": f.address,
+        "site_index": f.site_index,
+        "op": f.op,
+    }
+
+
+def site_location(site: Site) -> str:
+    rel = f"{site.section}+{site.offset:#x}"
+    return f"{site.address:#x} {rel}" if site.address is not None else rel
+
+
+def clobber_text(site: Site) -> str:
+    return ",".join(site.clobber_regs) if site.clobber_regs else "none"
+
+
+def scan_text(result: ScanResult) -> list[str]:
+    if result.table is None:
+        return [f"{result.path}: {result.arch.name} {result.elf_type}, no paravirt table"]
+    t = result.table
+    lines = [
+        f"{result.path}: {result.arch.name} {result.elf_type}, {t.section.name} "
+        f"({t.layout.name}, {t.entry_size}-byte entries), {len(result.sites)} sites"
+        + (f", ops from {result.ops.name}" if result.ops is not None else "")
+    ]
+    if not result.sites:
+        return lines
+    rows = [("idx", "site", "op", "len", "clobbers", "code")]
+    for s in result.sites:
+        code = "; ".join(i.text for i in disassemble(result.arch, s.code, s.address or 0))
+        rows.append(
+            (
+                str(s.index),
+                site_location(s),
+                s.op or f"type {s.type}",
+                str(s.len),
+                f"{s.clobbers:#x} {clobber_text(s)}",
+                code,
+            )
+        )
+    lines.extend(_columns(rows, right={0, 3}))
+    return lines
+
+
+def findings_text(path: str, findings: Iterable[Finding]) -> list[str]:
+    out = []
+    for f in findings:
+        where = f.where()
+        out.append(f"{path}: {f.severity}: {f.rule} {f.name}: {where + ': ' if where else ''}"
+                   f"{f.message}")
+    return out
+
+
+def _columns(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [
+            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)
+        ]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+ACTIONS = ("inline", "call", "thunk", "jmp", "nop", "ud2", "keep")
+
+
+def patch_json(rw: Rewrite, output: str | None, verify: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    plan = rw.plan
+    sites = []
+    for p in rw.patches:
+        d, s = p.decision, p.decision.site
+        sites.append({
+            "index": s.index,
+            "section": s.section,
+            "offset": s.offset,
+            "address": s.address,
+            "type": s.type,
+            "op": s.op,
+            "len": s.len,
+            "clobbers": s.clobbers,
+            "action": d.action,
+            "reason": d.reason,
+            "before": p.before.hex(),
+            "after": p.after.hex(),
+        })
+    counts = {a: 0 for a in ACTIONS}
+    for p in rw.patches:
+        counts[p.decision.action] += 1
+    return {
+        "input": plan.scan.path,
+        "output": output,
+        "arch": plan.arch.name,
+        "backend": plan.backend.source,
+        "sites": sites,
+        "thunks": [
+            {
+                "symbol": t.spec.symbol,
+                "target": t.spec.target,
+                "saves": list(t.spec.saves),
+                "section": t.section,
+                "offset": t.offset,
+                "address": t.address,
+            }
+            for t in rw.thunks
+        ],
+        "counts": counts,
+        "dropped_entries": rw.dropped_entries,
+        "signature": "removed" if rw.signature_removed else (
+            "kept" if plan.scan.elf.module_signature is not None else "none"),
+        "verify": verify,
+    }
+
+
+def patch_text(rw: Rewrite, output: str | None) -> list[str]:
+    plan = rw.plan
+    counts: dict[str, int] = {}
+    by_op: dict[tuple[str, str], int] = {}
+    for p in rw.patches:
+        d = p.decision
+        counts[d.action] = counts.get(d.action, 0) + 1
+        key = (d.action, d.site.op or f"type {d.site.type}")
+        by_op[key] = by_op.get(key, 0) + 1
+    lines = [
+        f"{plan.scan.path} -> {output or '(not written)'}: {len(rw.patches)} sites, "
+        + ", ".join(f"{counts[a]} {a}" for a in ACTIONS if counts.get(a))
+    ]
+    for (action, op), n in sorted(by_op.items()):
+        lines.append(f"  {action:6} {n:5}  {op}")
+    for t in rw.thunks:
+        where = f"{t.address:#x}" if t.address is not None else f"{t.section}+{t.offset:#x}"
+        lines.append(f"  thunk  {t.spec.symbol} at {where}: saves {', '.join(t.spec.saves)}, "
+                     f"calls {t.spec.target}")
+    kept = [p for p in rw.patches if p.decision.action == "keep"]
+    for p in kept:
+        d = p.decision
+        lines.append(f"  kept   {site_location(d.site)} {d.site.op or f'type {d.site.type}'}: "
+                     f"{d.reason}")
+    if rw.dropped_entries:
+        lines.append(f"  dropped {rw.dropped_entries} table entries of rewritten sites")
+    if rw.signature_removed:
+        lines.append("  module signature removed (the module no longer matches it); "
+                     "re-sign it or load it unsigned")
+    return lines

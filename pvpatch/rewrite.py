@@ -1,0 +1,634 @@
+"""The rewrite stage: apply a plan to the file's bytes, relocations and symbols.
+
+Relocatable files: relocations inside a rewritten site are removed (else the
+linker would write into the new bytes), a direct call gets its own relocation,
+missing targets become undefined symbols, thunks go into a new section with
+local FUNC symbols (inserted before the globals, every symbol index remapped).
+
+Linked files: bytes are rewritten in place, call displacements computed from
+addresses, dynamic relocations inside rewritten sites are neutralised, and
+thunks go into a new read+execute PT_LOAD segment past the existing ones.
+
+Everything else stays byte-identical: changed sections that still fit are
+written in place, grown ones and new ones are appended.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .elf import (
+    PF_R,
+    PF_X,
+    PT_LOAD,
+    PT_PHDR,
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHF_INFO_LINK,
+    SHN_UNDEF,
+    SHT_GROUP,
+    SHT_PROGBITS,
+    SHT_REL,
+    SHT_RELA,
+    SHT_SYMTAB_SHNDX,
+    STB_GLOBAL,
+    STB_LOCAL,
+    STT_FUNC,
+    STT_NOTYPE,
+    ElfFile,
+    Relocation,
+    Section,
+)
+from .errors import RewriteError
+from .plan import CALL_LEN, Decision, Plan, ThunkSpec
+from .thunk import THUNK_ALIGN, thunk_code
+
+PAGE = 0x1000
+
+
+@dataclass(frozen=True)
+class SitePatch:
+    decision: Decision
+    before: bytes
+    after: bytes
+    already: bool  # the site was in the planned form already: nothing to do
+
+
+@dataclass(frozen=True)
+class PlacedThunk:
+    spec: ThunkSpec
+    section: str
+    offset: int
+    address: int | None
+    size: int
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    plan: Plan = field(repr=False)
+    data: bytes = field(repr=False)
+    patches: tuple[SitePatch, ...]
+    thunks: tuple[PlacedThunk, ...]
+    signature_removed: bool
+    dropped_entries: int
+
+    @property
+    def changed(self) -> bool:
+        return self.data != self.plan.scan.elf.data
+
+
+def _align(value: int, align: int) -> int:
+    return value if align <= 1 else (value + align - 1) // align * align
+
+
+# -- section header bookkeeping -------------------------------------------
+
+
+@dataclass
+class _Shdr:
+    """A mutable section header while the output is assembled."""
+
+    name: int
+    type: int
+    flags: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+    data: bytes | None = None  # new contents; None = unchanged
+    name_str: str = ""
+
+    @classmethod
+    def of(cls, s: Section) -> _Shdr:
+        return cls(s.name_offset, s.type, s.flags, s.addr, s.offset, s.size, s.link, s.info,
+                   s.addralign, s.entsize, None, s.name)
+
+    def fields(self) -> tuple[int, ...]:
+        return (self.name, self.type, self.flags, self.addr, self.offset, self.size, self.link,
+                self.info, self.addralign, self.entsize)
+
+
+class _Output:
+    """Assembles the output file: original bytes, changed and new sections, headers."""
+
+    def __init__(self, elf: ElfFile) -> None:
+        self.elf = elf
+        self.out = bytearray(elf.data[: elf.content_end])
+        self.shdrs = [_Shdr.of(s) for s in elf.sections]
+        self.new_names: list[tuple[_Shdr, str]] = []
+        self.phdr_change: tuple[int, int, list[tuple[int, ...]]] | None = None
+
+    def set_data(self, index: int, data: bytes) -> None:
+        self.shdrs[index].data = data
+
+    def add_section(self, name: str, **fields: int) -> int:
+        sh = _Shdr(0, fields["type"], fields.get("flags", 0), fields.get("addr", 0), 0, 0,
+                   fields.get("link", 0), fields.get("info", 0), fields.get("addralign", 1),
+                   fields.get("entsize", 0), b"", name)
+        self.shdrs.append(sh)
+        self.new_names.append((sh, name))
+        return len(self.shdrs) - 1
+
+    def _append(self, data: bytes, align: int) -> int:
+        pos = _align(len(self.out), max(align, 1))
+        self.out += bytes(pos - len(self.out))
+        self.out += data
+        return pos
+
+    def build(self) -> bytes:
+        elf = self.elf
+        if self.new_names:
+            shstr = self.shdrs[elf.e_shstrndx]
+            table = bytearray(elf.section_data(elf.sections[elf.e_shstrndx]))
+            for sh, name in self.new_names:
+                sh.name = len(table)
+                table += name.encode() + b"\0"
+            shstr.data = bytes(table)
+        for i, sh in enumerate(self.shdrs):
+            if sh.data is None:
+                continue
+            old = elf.sections[i] if i < len(elf.sections) else None
+            room = old.file_size if old is not None else 0
+            if old is not None and len(sh.data) <= room:
+                # Fits where it was: write in place, clear what it no longer uses.
+                self.out[old.offset : old.offset + room] = sh.data + bytes(room - len(sh.data))
+            else:
+                if old is not None and room:
+                    self.out[old.offset : old.offset + room] = bytes(room)
+                sh.offset = self._append(sh.data, sh.addralign)
+            sh.size = len(sh.data)
+        if self.phdr_change is not None:
+            self._write_phdrs()
+        self._write_shdrs()
+        return bytes(self.out)
+
+    def _write_phdrs(self) -> None:
+        assert self.phdr_change is not None
+        phoff, phnum, rows = self.phdr_change
+        fmt = self.elf.cls.phdr
+        blob = b"".join(fmt.pack(*r) for r in rows)
+        self.out[phoff : phoff + len(blob)] = blob
+        self._patch_ehdr(e_phoff=phoff, e_phnum=phnum)
+
+    def _write_shdrs(self) -> None:
+        elf = self.elf
+        fmt = elf.cls.shdr
+        blob = b"".join(fmt.pack(*sh.fields()) for sh in self.shdrs)
+        if len(self.shdrs) == len(elf.sections) and elf.e_shoff + len(blob) <= len(self.out):
+            self.out[elf.e_shoff : elf.e_shoff + len(blob)] = blob
+            return
+        old_len = len(elf.sections) * fmt.size
+        self.out[elf.e_shoff : elf.e_shoff + old_len] = bytes(old_len)
+        shoff = self._append(blob, 8)
+        if len(self.shdrs) >= 0xFF00:
+            raise RewriteError("too many sections for the ELF header", elf.path)
+        self._patch_ehdr(e_shoff=shoff, e_shnum=len(self.shdrs))
+
+    def _patch_ehdr(self, **values: int) -> None:
+        elf = self.elf
+        names = ("ident", "e_type", "e_machine", "e_version", "e_entry", "e_phoff", "e_shoff",
+                 "e_flags", "e_ehsize", "e_phentsize", "e_phnum", "e_shentsize", "e_shnum",
+                 "e_shstrndx")
+        rec = list(elf.cls.ehdr.unpack_from(self.out, 0))
+        for k, v in values.items():
+            rec[names.index(k)] = v
+        elf.cls.ehdr.pack_into(self.out, 0, *rec)
+
+
+# -- the rewriter ------------------------------------------------------------
+
+
+class _Rewriter:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.elf: ElfFile = plan.scan.elf
+        self.arch = plan.arch
+        self.output = _Output(self.elf)
+        self.texts: dict[int, bytearray] = {}
+        self.patches: list[SitePatch] = []
+
+    def text(self, index: int) -> bytearray:
+        buf = self.texts.get(index)
+        if buf is None:
+            buf = self.texts[index] = bytearray(self.elf.section_data(self.elf.sections[index]))
+        return buf
+
+    @staticmethod
+    def branch_bytes(decision: Decision, disp: int) -> bytes:
+        opcode = b"\xe9" if decision.action == "jmp" else b"\xe8"
+        return opcode + (disp & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+class _RelocatableRewriter(_Rewriter):
+    def run(self) -> Rewrite:
+        elf = self.elf
+        if elf.symtab is None:
+            raise RewriteError("a relocatable file without a symbol table", elf.path)
+        self.syms = list(elf.symbols)
+        self.first_global = elf.symtab.info
+        self.new_locals: list[tuple[str, int, int, int, int, int]] = []
+        self.new_globals: list[tuple[str, int, int, int, int, int]] = []
+        self.global_index: dict[str, int] = {}
+        # relocation section index -> its entries, once edited
+        self.edited: dict[int, list[Relocation]] = {}
+        self.new_relsecs: dict[int, int] = {}  # text index -> index of a new .rela section
+        self.new_reloc_lists: dict[int, list[Relocation]] = {}
+        thunks = self._place_thunks()
+        rewritten: set[int] = set()
+        for d in self.plan.decisions:
+            if d.rewrites:
+                self._patch_site(d, thunks)
+                rewritten.add(d.site.index)
+            else:
+                self.patches.append(SitePatch(d, d.site.code, d.site.code, False))
+        dropped = self._drop_entries(rewritten) if self.plan.drop_patched else 0
+        changed_sites = any(not p.already for p in self.patches if p.decision.rewrites)
+        if not (changed_sites or thunks or dropped):
+            # Nothing to change: the file (and any signature on it) stays as it is.
+            return Rewrite(self.plan, elf.data, tuple(self.patches), (), False, 0)
+        self._emit()
+        return Rewrite(self.plan, self.output.build(), tuple(self.patches),
+                       tuple(thunks.values()), elf.module_signature is not None, dropped)
+
+    # symbols -------------------------------------------------------------
+
+    # Relocations built here name symbols by provisional index: an input
+    # symbol's own index, or one of these bases plus the new symbol's rank.
+    # `_final` maps every index to the output's numbering.
+    NEW_LOCAL = 1 << 40
+    NEW_GLOBAL = 1 << 41
+
+    def symbol_index(self, name: str) -> int:
+        """Provisional index of a symbol named `name`, adding an undefined global if absent."""
+        sym = self.elf.symbols_by_name.get(name)
+        if sym is not None:
+            return sym.index
+        if name not in self.global_index:
+            self.global_index[name] = len(self.new_globals)
+            self.new_globals.append((name, STB_GLOBAL << 4 | STT_NOTYPE, 0, SHN_UNDEF, 0, 0))
+        return self.NEW_GLOBAL + self.global_index[name]
+
+    def _final(self, index: int) -> int:
+        nloc = len(self._planned_locals)
+        if index >= self.NEW_GLOBAL:
+            return len(self.syms) + nloc + index - self.NEW_GLOBAL
+        if index >= self.NEW_LOCAL:
+            return self.first_global + index - self.NEW_LOCAL
+        return index + nloc if index >= self.first_global else index
+
+    # thunks ----------------------------------------------------------------
+
+    def _place_thunks(self) -> dict[str, PlacedThunk]:
+        specs = self.plan.thunks
+        self._planned_locals = list(specs)
+        if not specs:
+            self.thunk_sec = None
+            return {}
+        code = bytearray()
+        placed: dict[str, PlacedThunk] = {}
+        calls: list[tuple[int, str]] = []
+        for spec in specs:
+            code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
+            tc = thunk_code(self.arch, spec)
+            placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section, len(code),
+                                              None, len(tc.code))
+            calls.append((len(code) + tc.call_field, spec.target))
+            code += tc.code
+        out = self.output
+        self.thunk_sec = out.add_section(
+            self.plan.backend.thunk_section, type=SHT_PROGBITS,
+            flags=SHF_ALLOC | SHF_EXECINSTR, addralign=THUNK_ALIGN,
+        )
+        for i, spec in enumerate(specs):
+            p = placed[spec.symbol]
+            self.new_locals.append(
+                (spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0, self.thunk_sec, p.offset, p.size)
+            )
+            del i
+        if not self.arch.uses_rela:
+            for off, _t in calls:
+                code[off : off + 4] = (-4 & 0xFFFFFFFF).to_bytes(4, "little")
+        out.set_data(self.thunk_sec, bytes(code))
+        relocs = [
+            Relocation(off, self.arch.r_call, self.symbol_index(target), -4)
+            for off, target in calls
+        ]
+        self.new_reloc_lists[self.thunk_sec] = relocs
+        return placed
+
+    # sites -----------------------------------------------------------------
+
+    def _relsec_for(self, text_index: int) -> int:
+        """The relocation section of a text section, creating one if it has none."""
+        relsecs = self.elf.relocation_sections(self.elf.sections[text_index])
+        if relsecs:
+            idx = relsecs[0].index
+            if idx not in self.edited:
+                self.edited[idx] = list(self.elf.relocations(relsecs[0]))
+            return idx
+        if text_index not in self.new_relsecs:
+            self.new_reloc_lists.setdefault(text_index, [])
+            self.new_relsecs[text_index] = -1  # created in _emit
+        return -1 - text_index
+
+    def _site_relocs(self, d: Decision) -> list[tuple[int, Relocation]]:
+        out = []
+        site = d.site
+        for relsec in self.elf.relocation_sections(self.elf.sections[site.section_index]):
+            entries = self.edited.get(relsec.index)
+            if entries is None:
+                entries = list(self.elf.relocations(relsec))
+            out.extend(
+                (relsec.index, r) for r in entries if site.offset <= r.offset < site.end
+            )
+        return out
+
+    def _patch_site(self, d: Decision, thunks: dict[str, PlacedThunk]) -> None:
+        site = d.site
+        arch = self.arch
+        inside = self._site_relocs(d)
+        want_reloc: Relocation | None = None
+        if d.action in ("call", "thunk", "jmp"):
+            assert d.target is not None
+            disp = 0 if arch.uses_rela else -4
+            after = self.branch_bytes(d, disp) + arch.nop_fill(site.len - CALL_LEN)
+            target_index = self._thunk_symbol_index(d.target) if d.action == "thunk" \
+                else self.symbol_index(d.target)
+            want_reloc = Relocation(site.offset + 1, arch.r_call if d.action != "jmp"
+                                    else arch.r_pc32, target_index, -4)
+        else:
+            assert d.code is not None
+            after = d.code
+        if after == site.code and self._already(inside, want_reloc, d):
+            self.patches.append(SitePatch(d, site.code, after, True))
+            return
+        text = self.text(site.section_index)
+        text[site.offset : site.end] = after
+        for relsec_index, r in inside:
+            entries = self.edited.setdefault(relsec_index, list(self.elf.relocations(
+                self.elf.sections[relsec_index])))
+            entries.remove(r)
+        if want_reloc is not None:
+            key = self._relsec_for(site.section_index)
+            if key >= 0:
+                self.edited[key].append(want_reloc)
+            else:
+                self.new_reloc_lists[site.section_index].append(want_reloc)
+        self.patches.append(SitePatch(d, site.code, after, False))
+
+    def _thunk_symbol_index(self, symbol: str) -> int:
+        for k, spec in enumerate(self._planned_locals):
+            if spec.symbol == symbol:
+                return self.NEW_LOCAL + k
+        raise RewriteError(f"thunk {symbol} was not placed", self.elf.path)
+
+    def _already(self, inside: list[tuple[int, Relocation]], want: Relocation | None,
+                 d: Decision) -> bool:
+        if want is None:
+            return not inside
+        if len(inside) != 1:
+            return False
+        r = inside[0][1]
+        sym = self.elf.symbol(r.sym)
+        return (r.offset == want.offset and r.type == want.type and r.addend == want.addend
+                and sym.name == d.target)
+
+    # table -----------------------------------------------------------------
+
+    def _drop_entries(self, rewritten: set[int]) -> int:
+        table = self.plan.scan.table
+        if table is None or not rewritten:
+            return 0
+        elf = self.elf
+        stride = table.layout.stride
+        data = elf.section_data(table.section)
+        data += bytes(table.count * stride - len(data))
+        keep = [i for i in range(table.count) if i not in rewritten]
+        moved = {old * stride: new * stride for new, old in enumerate(keep)}
+        new = b"".join(data[i * stride : (i + 1) * stride] for i in keep)
+        self.output.set_data(table.section.index, new)
+        for relsec in elf.relocation_sections(table.section):
+            entries = self.edited.get(relsec.index) or list(elf.relocations(relsec))
+            out = []
+            for r in entries:
+                base = r.offset - r.offset % stride
+                if base in moved:
+                    out.append(r._replace(offset=moved[base] + r.offset % stride))
+            self.edited[relsec.index] = out
+        return table.count - len(keep)
+
+    # emit --------------------------------------------------------------------
+
+    def _emit(self) -> None:
+        elf, out = self.elf, self.output
+        for index, buf in self.texts.items():
+            out.set_data(index, bytes(buf))
+        shift = len(self._planned_locals)
+        symtab = elf.symtab
+        assert symtab is not None
+        # Every relocation section that names symbols must be rewritten if
+        # new locals moved the globals.
+        for sec in elf.sections:
+            if sec.type in (SHT_REL, SHT_RELA) and sec.link == symtab.index:
+                if shift and sec.index not in self.edited:
+                    self.edited[sec.index] = list(elf.relocations(sec))
+        for relsec_index, entries in self.edited.items():
+            sec = elf.sections[relsec_index]
+            fixed = [r._replace(sym=self._final(r.sym)) for r in entries]
+            fixed.sort(key=lambda r: r.offset)
+            out.set_data(relsec_index, self._pack_relocs(sec.type == SHT_RELA, fixed,
+                                                         elf.sections[sec.info]))
+        rela = self.arch.uses_rela
+        for text_index, relocs in self.new_reloc_lists.items():
+            if not relocs:
+                continue
+            name = (".rela" if rela else ".rel") + (
+                out.shdrs[text_index].name_str or elf.sections[text_index].name)
+            cls = elf.cls
+            idx = out.add_section(
+                name, type=SHT_RELA if rela else SHT_REL, flags=SHF_INFO_LINK,
+                link=symtab.index, info=text_index, addralign=cls.addr.size,
+                entsize=(cls.rela if rela else cls.rel).size,
+            )
+            fixed = sorted((r._replace(sym=self._final(r.sym)) for r in relocs),
+                           key=lambda r: r.offset)
+            out.set_data(idx, self._pack_relocs(rela, fixed, None))
+        self._emit_symbols()
+
+    def _pack_relocs(self, rela: bool, relocs: list[Relocation], target: Section | None) -> bytes:
+        cls = self.elf.cls
+        if rela:
+            return b"".join(cls.rela.pack(r.offset, cls.r_info(r.sym, r.type), r.addend)
+                            for r in relocs)
+        return b"".join(cls.rel.pack(r.offset, cls.r_info(r.sym, r.type)) for r in relocs)
+
+    def _emit_symbols(self) -> None:
+        elf, out = self.elf, self.output
+        symtab = elf.symtab
+        assert symtab is not None
+        if not self.new_locals and not self.new_globals:
+            return
+        strsec = elf.sections[symtab.link]
+        strtab = bytearray(elf.section_data(strsec))
+        fmt = elf.cls.sym
+        raw = elf.section_data(symtab)
+        size = fmt.size
+
+        def pack(entry: tuple[str, int, int, int, int, int]) -> bytes:
+            name, info, other, shndx, value, sz = entry
+            name_off = len(strtab)
+            strtab.extend(name.encode() + b"\0")
+            if elf.cls.bits == 64:
+                return fmt.pack(name_off, info, other, shndx, value, sz)
+            return fmt.pack(name_off, value, sz, info, other, shndx)
+
+        fg = self.first_global
+        locals_blob = b"".join(pack(e) for e in self.new_locals)
+        globals_blob = b"".join(pack(e) for e in self.new_globals)
+        new = raw[: fg * size] + locals_blob + raw[fg * size :] + globals_blob
+        out.set_data(symtab.index, new)
+        out.shdrs[symtab.index].info = fg + len(self.new_locals)
+        out.set_data(strsec.index, bytes(strtab))
+        for sec in elf.sections:
+            if sec.type == SHT_SYMTAB_SHNDX and sec.link == symtab.index:
+                data = elf.section_data(sec)
+                out.set_data(sec.index, data[: fg * 4] + bytes(4 * len(self.new_locals))
+                             + data[fg * 4 :] + bytes(4 * len(self.new_globals)))
+            if sec.type == SHT_GROUP and sec.link == symtab.index and sec.info >= fg:
+                out.shdrs[sec.index].info = sec.info + len(self.new_locals)
+
+
+class _LinkedRewriter(_Rewriter):
+    def run(self) -> Rewrite:
+        elf = self.elf
+        if self.plan.drop_patched:
+            raise RewriteError(
+                "--drop-patched is refused for linked files: the kernel walks the table between "
+                "bounds compiled into its code, so entries cannot be removed",
+                elf.path,
+            )
+        thunks = self._place_thunks()
+        ranges: list[tuple[int, int]] = []
+        for d in self.plan.decisions:
+            site = d.site
+            assert site.address is not None
+            if not d.rewrites:
+                self.patches.append(SitePatch(d, site.code, site.code, False))
+                continue
+            if d.action in ("call", "thunk", "jmp"):
+                assert d.target is not None
+                target = thunks[d.target].address if d.action == "thunk" else \
+                    elf.symbols_by_name[d.target].value
+                assert target is not None
+                after = self.branch_bytes(d, target - (site.address + CALL_LEN)) + \
+                    self.arch.nop_fill(site.len - CALL_LEN)
+            else:
+                assert d.code is not None
+                after = d.code
+            already = after == site.code
+            if not already:
+                self.text(site.section_index)[site.offset : site.end] = after
+                ranges.append((site.address, site.address + site.len))
+            self.patches.append(SitePatch(d, site.code, after, already))
+        for index, buf in self.texts.items():
+            self.output.set_data(index, bytes(buf))
+        self._neutralise_dynamic_relocs(sorted(ranges))
+        return Rewrite(self.plan, self.output.build(), tuple(self.patches),
+                       tuple(thunks.values()), False, 0)
+
+    def _neutralise_dynamic_relocs(self, ranges: list[tuple[int, int]]) -> None:
+        """A load-time relocation inside a rewritten site would write into the new bytes."""
+        if not ranges:
+            return
+        elf = self.elf
+        starts = [r[0] for r in ranges]
+        for sec in elf.sections:
+            if not sec.is_alloc or sec.type not in (SHT_REL, SHT_RELA):
+                continue
+            fmt = elf.cls.rela if sec.type == SHT_RELA else elf.cls.rel
+            data = bytearray(elf.section_data(sec))
+            hit = False
+            for k, rec in enumerate(fmt.iter_unpack(bytes(data))):
+                pos = bisect.bisect_right(starts, rec[0]) - 1
+                if pos >= 0 and rec[0] < ranges[pos][1]:
+                    rec2 = (rec[0], 0, *rec[2:])  # R_*_NONE against no symbol
+                    fmt.pack_into(data, k * fmt.size, *rec2)
+                    hit = True
+            if hit:
+                self.output.set_data(sec.index, bytes(data))
+
+    def _place_thunks(self) -> dict[str, PlacedThunk]:
+        specs = self.plan.thunks
+        if not specs:
+            return {}
+        elf = self.elf
+        loads = [s for s in elf.segments if s.type == PT_LOAD]
+        if not loads:
+            raise RewriteError("no PT_LOAD segment to place thunks after", elf.path)
+        first = min(loads, key=lambda s: s.vaddr)
+        bias = first.vaddr - first.offset  # vaddr - offset of the first segment
+        end_vaddr = max(s.vaddr + s.memsz for s in loads)
+        offset = _align(max(len(self.output.out), elf.content_end), PAGE)
+        if bias + offset < end_vaddr:
+            offset += _align(end_vaddr - (bias + offset), PAGE)
+        vaddr = bias + offset
+        # The new segment holds a copy of the program headers (one more entry)
+        # and then the thunks: there is rarely room to grow the old table.
+        phnum = len(elf.segments) + 1
+        ph_size = phnum * elf.cls.phdr.size
+        code = bytearray()
+        placed: dict[str, PlacedThunk] = {}
+        base = _align(ph_size, THUNK_ALIGN)
+        for spec in specs:
+            code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
+            tc = thunk_code(self.arch, spec)
+            addr = vaddr + base + len(code)
+            target = elf.symbols_by_name[spec.target].value
+            body = bytearray(tc.code)
+            disp = target - (addr + tc.call_field + 4)
+            body[tc.call_field : tc.call_field + 4] = (disp & 0xFFFFFFFF).to_bytes(4, "little")
+            placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section,
+                                              base + len(code), addr, len(tc.code))
+            code += body
+        total = base + len(code)
+        rows: list[tuple[int, ...]] = []
+        paddr = vaddr - (first.vaddr - first.paddr)
+        for s in elf.segments:
+            if s.type == PT_PHDR:
+                rows.append(self._phdr_row(s.type, s.flags, offset, vaddr,
+                                           vaddr - (first.vaddr - first.paddr),
+                                           ph_size, ph_size, s.align))
+            else:
+                rows.append(self._phdr_row(s.type, s.flags, s.offset, s.vaddr, s.paddr,
+                                           s.filesz, s.memsz, s.align))
+        rows.append(self._phdr_row(PT_LOAD, PF_R | PF_X, offset, vaddr, paddr, total, total,
+                                   PAGE))
+        out = self.output
+        pad = offset - len(out.out)
+        out.out += bytes(pad) + bytes(total)
+        out.out[offset + base : offset + total] = code
+        out.phdr_change = (offset, phnum, rows)
+        sec = out.add_section(self.plan.backend.thunk_section, type=SHT_PROGBITS,
+                              flags=SHF_ALLOC | SHF_EXECINSTR, addr=vaddr + base,
+                              addralign=THUNK_ALIGN)
+        out.shdrs[sec].offset = offset + base
+        out.shdrs[sec].size = len(code)
+        out.shdrs[sec].data = None
+        return placed
+
+    def _phdr_row(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
+                  filesz: int, memsz: int, align: int) -> tuple[int, ...]:
+        if self.elf.cls.bits == 64:
+            return (ptype, flags, offset, vaddr, paddr, filesz, memsz, align)
+        return (ptype, offset, vaddr, paddr, filesz, memsz, flags, align)
+
+
+def apply_plan(plan: Plan) -> Rewrite:
+    """Produce the output file's bytes for `plan` (nothing is written to disk)."""
+    if plan.scan.elf.is_relocatable:
+        return _RelocatableRewriter(plan).run()
+    return _LinkedRewriter(plan).run()

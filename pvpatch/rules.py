@@ -1,0 +1,85 @@
+"""Finding rules: a stable id, a short name, a severity and what it means.
+
+`scan`, `check`, `patch` and `verify` all report problems as `Finding`s that
+name one of these rules, so JSON, text and SARIF output agree on ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+Severity = Literal["error", "warning", "note"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    name: str
+    severity: Severity
+    summary: str
+
+
+RULES: Mapping[str, Rule] = MappingProxyType(
+    {
+        r.id: r
+        for r in (
+            Rule("PV101", "table-size", "error",
+                 "The table is not a whole number of entries of its layout."),
+            Rule("PV102", "entry-target", "error",
+                 "A table entry points outside every executable section."),
+            Rule("PV103", "site-overrun", "error", "A site runs past the end of its section."),
+            Rule("PV104", "site-overlap", "error", "Two sites overlap."),
+            Rule("PV105", "insn-boundary", "error",
+                 "A site does not start and end on instruction boundaries."),
+            Rule("PV106", "slot-mismatch", "error",
+                 "The ops slot the site calls disagrees with the entry's type."),
+            Rule("PV107", "reloc-crossing", "error", "A relocation crosses a site boundary."),
+            Rule("PV108", "entry-unrelocated", "error",
+                 "A table entry of a relocatable file has no relocation for its pointer."),
+            Rule("PV109", "site-length", "error",
+                 "A site's length is zero or larger than the kernel's patch buffer (254)."),
+            Rule("PV201", "site-too-short", "warning",
+                 "A site is too short for a direct call (under 5 bytes)."),
+            Rule("PV202", "no-thunk", "warning",
+                 "A C-convention target for a callee-save site where no thunk can be injected."),
+            Rule("PV203", "op-unknown", "warning", "The backend does not know the site's op."),
+            Rule("PV204", "duplicate-entry", "warning", "Several table entries name one site."),
+            Rule("PV301", "verify-failed", "error",
+                 "Emulation showed a rewritten site breaking its contract."),
+        )
+    }
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    message: str
+    section: str | None = None
+    offset: int | None = None
+    address: int | None = None
+    site_index: int | None = None
+    op: str | None = None
+    file_offset: int | None = None
+    length: int | None = None
+
+    @property
+    def severity(self) -> Severity:
+        return RULES[self.rule].severity
+
+    @property
+    def name(self) -> str:
+        return RULES[self.rule].name
+
+    def where(self) -> str:
+        if self.address is not None:
+            loc = f"{self.address:#x}"
+            if self.section:
+                loc += f" ({self.section}+{self.offset:#x})" if self.offset is not None else ""
+            return loc
+        if self.section is not None:
+            return f"{self.section}+{self.offset:#x}" if self.offset is not None else self.section
+        return ""

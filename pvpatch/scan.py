@@ -1,0 +1,461 @@
+"""The scan stage: find the table, decode its entries into `Site`s, and check them.
+
+Decoding is driven by a `TableLayout` (data); problems with individual
+entries become `Finding`s so that the rest of the table is still usable.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .arch import Arch
+from .elf import SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, ElfFile, Relocation, Section
+from .errors import TableError, UsageError
+from .layouts import AUTO_LAYOUTS, LAYOUTS, TableLayout
+from .ops import OpCatalog
+from .rules import Finding
+
+DEFAULT_SECTION = ".parainstructions"
+MAX_PATCH_LEN = 254  # the kernel's apply_paravirt buffer: BUG_ON(len > MAX_PATCH_LEN)
+
+
+@dataclass(frozen=True)
+class Table:
+    section: Section
+    layout: TableLayout
+    count: int
+
+    @property
+    def entry_size(self) -> int:
+        return self.layout.stride
+
+
+@dataclass(frozen=True)
+class Site:
+    """One paravirt call site, as its table entry describes it."""
+
+    index: int  # position of the entry in the table
+    section: str
+    section_index: int
+    offset: int  # of the site inside `section`
+    address: int | None  # virtual address (None in relocatable files)
+    type: int
+    len: int
+    clobbers: int
+    clobber_regs: tuple[str, ...]
+    op: str | None
+    code: bytes  # the site's bytes as they are in the file
+    file_offset: int
+    entry_offset: int  # of the entry inside the table section
+    slot: int | None = None  # ops slot named by the call at the site, when recognised
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.len
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    elf: ElfFile = field(compare=False, repr=False)
+    path: str
+    arch: Arch
+    table: Table | None
+    sites: tuple[Site, ...]
+    findings: tuple[Finding, ...]
+    ops: OpCatalog | None
+    layout: TableLayout | None
+
+    @property
+    def elf_type(self) -> str:
+        return self.elf.elf_type
+
+
+class _RelocIndex:
+    """Relocations of one section, sorted by offset, for range queries."""
+
+    def __init__(self, relocs: Sequence[Relocation]) -> None:
+        self.relocs = sorted(relocs, key=lambda r: r.offset)
+        self.offsets = [r.offset for r in self.relocs]
+
+    def between(self, start: int, end: int) -> list[Relocation]:
+        lo = bisect.bisect_left(self.offsets, start)
+        hi = bisect.bisect_left(self.offsets, end)
+        return self.relocs[lo:hi]
+
+
+def choose_layout(elf: ElfFile, table: Section, name: str = "auto") -> TableLayout:
+    if name != "auto":
+        layout = LAYOUTS.get(name)
+        if layout is None:
+            raise UsageError(f"unknown layout {name!r} (known: {', '.join(sorted(LAYOUTS))})")
+        if layout.arch != elf.arch.name:
+            raise UsageError(f"layout {name!r} is for {layout.arch}, the file is {elf.arch.name}")
+        return layout
+    reasons = []
+    for cand_name in AUTO_LAYOUTS[elf.arch.name]:
+        cand = LAYOUTS[cand_name]
+        why = _layout_misfit(elf, table, cand)
+        if why is None:
+            return cand
+        reasons.append(f"{cand_name}: {why}")
+    raise TableError(f"{table.name}: no layout fits ({'; '.join(reasons)})", elf.path)
+
+
+def _layout_misfit(elf: ElfFile, table: Section, layout: TableLayout) -> str | None:
+    if layout.count_for(table.size) is None:
+        return (
+            f"size {table.size} is not a whole number of {layout.stride}-byte entries "
+            f"(a short last entry must hold {layout.entry_bytes} bytes)"
+        )
+    if table.addralign > layout.stride:
+        return f"section alignment {table.addralign} exceeds the {layout.stride}-byte stride"
+    if elf.is_relocatable:
+        for r in elf.relocations_for(table):
+            if (r.offset - layout.instr.offset) % layout.stride:
+                return f"a relocation at {r.offset:#x} is off the {layout.stride}-byte stride"
+    return None
+
+
+def scan_elf(
+    elf: ElfFile,
+    *,
+    layout: str = "auto",
+    section: str = DEFAULT_SECTION,
+    ops: OpCatalog | None = None,
+) -> ScanResult:
+    """Decode every entry of the table in `elf` into sites, with findings."""
+    table_sec = elf.section(section)
+    if table_sec is None or table_sec.type == SHT_NOBITS:
+        lay = LAYOUTS[AUTO_LAYOUTS[elf.arch.name][0]] if layout == "auto" else None
+        return ScanResult(elf, elf.path, elf.arch, None, (), (), ops, lay)
+    return _Scanner(elf, table_sec, choose_layout(elf, table_sec, layout), ops).run()
+
+
+class _Scanner:
+    def __init__(
+        self, elf: ElfFile, table: Section, layout: TableLayout, ops: OpCatalog | None
+    ) -> None:
+        self.elf = elf
+        self.table = table
+        self.layout = layout
+        self.ops = ops
+        self.findings: list[Finding] = []
+        self._reloc_index: dict[int, _RelocIndex] = {}
+        self._regs_cache: dict[int, tuple[str, ...]] = {}
+
+    def run(self) -> ScanResult:
+        elf, lay, table = self.elf, self.layout, self.table
+        count = lay.count_for(table.size)
+        if count is None:  # only reachable with an explicit --layout
+            raise TableError(
+                f"{table.name}: size {table.size} is not a whole number of "
+                f"{lay.stride}-byte entries of layout {lay.name}",
+                elf.path,
+            )
+        data = elf.section_data(table)
+        # The last entry may be short; pad it so field reads stay in bounds.
+        data = data + bytes(count * lay.stride - len(data))
+        entry_relocs = self._entry_relocations() if elf.is_relocatable else {}
+        relative = {} if elf.is_relocatable else elf.relative_relocations
+        sites: list[Site] = []
+        for i in range(count):
+            base = i * lay.stride
+            stype = lay.type.read(data, base)
+            slen = lay.len.read(data, base)
+            clob = lay.clobbers.read(data, base)
+            where = self._locate(i, base, data, entry_relocs, relative)
+            if where is None:
+                continue
+            sec, off = where
+            site = self._make_site(i, base, sec, off, stype, slen, clob)
+            if site is not None:
+                sites.append(site)
+        self._check_overlaps(sites)
+        if elf.is_relocatable:
+            sites = [self._check_relocs(s) for s in sites]
+        else:
+            sites = self._check_exec_slots(sites)
+        return ScanResult(
+            elf,
+            elf.path,
+            elf.arch,
+            Table(table, lay, count),
+            tuple(sites),
+            tuple(self.findings),
+            self.ops,
+            lay,
+        )
+
+    # -- entries -> (section, offset) -----------------------------------
+
+    def _entry_relocations(self) -> dict[int, Relocation]:
+        out: dict[int, Relocation] = {}
+        for r in self.elf.relocations_for(self.table):
+            out[r.offset] = r
+        return out
+
+    def _entry_finding(self, index: int, base: int, message: str, rule: str = "PV102") -> None:
+        self.findings.append(
+            Finding(
+                rule,
+                f"entry {index}: {message}",
+                section=self.table.name,
+                offset=base,
+                site_index=index,
+                file_offset=self.table.offset + base,
+                length=self.layout.stride,
+            )
+        )
+
+    def _locate(
+        self,
+        index: int,
+        base: int,
+        data: bytes,
+        entry_relocs: dict[int, Relocation],
+        relative: dict[int, int],
+    ) -> tuple[Section, int] | None:
+        elf, lay = self.elf, self.layout
+        ptr_at = base + lay.instr.offset
+        if elf.is_relocatable:
+            r = entry_relocs.get(ptr_at)
+            if r is None:
+                self._entry_finding(index, base, "no relocation for the site pointer", "PV108")
+                return None
+            if r.type != elf.arch.r_abs_ptr:
+                self._entry_finding(
+                    index, base, f"pointer relocated by {elf.arch.reloc_name(r.type)}", "PV108"
+                )
+                return None
+            sym = elf.symbol(r.sym)
+            if sym.shndx == SHN_UNDEF or sym.shndx >= SHN_LORESERVE:
+                self._entry_finding(index, base, f"points at symbol {sym.name or r.sym!r}, "
+                                    "which is not in a section of this file")
+                return None
+            sec = elf.section_at(sym.shndx)
+            value = sym.value + r.addend
+            if not sec.is_exec:
+                self._entry_finding(
+                    index, base, f"points into non-executable section {sec.name}"
+                )
+                return None
+            return sec, value
+        ptr = lay.instr.read(data, base)
+        entry_addr = self.table.addr + ptr_at
+        if entry_addr in relative:
+            ptr = relative[entry_addr]
+        esec = elf.section_for_addr(ptr, exec_only=True)
+        if esec is None:
+            self._entry_finding(index, base, f"points at {ptr:#x}, outside every executable "
+                                "section")
+            return None
+        return esec, ptr - esec.addr
+
+    def _make_site(
+        self, index: int, base: int, sec: Section, off: int, stype: int, slen: int, clob: int
+    ) -> Site | None:
+        elf = self.elf
+        address = None if elf.is_relocatable else sec.addr + off
+        op = self.ops.name_of(stype) if self.ops is not None else None
+        common = dict(
+            section=sec.name, offset=off, address=address, site_index=index, op=op,
+            file_offset=sec.offset + off, length=slen,
+        )
+        if off < 0 or off + slen > sec.size:
+            self.findings.append(Finding(
+                "PV103", f"site of {slen} bytes at {sec.name}+{off:#x} runs past the end of "
+                f"{sec.name} ({sec.size:#x} bytes)", **common))  # type: ignore[arg-type]
+            return None
+        if slen == 0 or slen > MAX_PATCH_LEN:
+            self.findings.append(Finding(
+                "PV109", f"site length {slen} (must be 1..{MAX_PATCH_LEN})",
+                **common))  # type: ignore[arg-type]
+            return None
+        regs = self._regs_cache.get(clob)
+        if regs is None:
+            regs = self._regs_cache[clob] = self.layout.regs(clob)
+        start = sec.offset + off
+        return Site(
+            index=index,
+            section=sec.name,
+            section_index=sec.index,
+            offset=off,
+            address=address,
+            type=stype,
+            len=slen,
+            clobbers=clob,
+            clobber_regs=regs,
+            op=op,
+            code=elf.data[start : start + slen],
+            file_offset=start,
+            entry_offset=base,
+        )
+
+    # -- checks ------------------------------------------------------------
+
+    def _site_finding(self, rule: str, site: Site, message: str) -> None:
+        self.findings.append(site_finding(rule, site, message))
+
+    def _check_overlaps(self, sites: list[Site]) -> None:
+        seen = Counter((s.section_index, s.offset, s.len) for s in sites)
+        reported: set[tuple[int, int, int]] = set()
+        ordered = sorted(sites, key=lambda s: (s.section_index, s.offset, s.index))
+        for prev, cur in zip(ordered, ordered[1:], strict=False):
+            if prev.section_index != cur.section_index:
+                continue
+            key = (cur.section_index, cur.offset, cur.len)
+            if (prev.offset, prev.len) == (cur.offset, cur.len):
+                if key not in reported and seen[key] > 1:
+                    reported.add(key)
+                    self._site_finding(
+                        "PV204", cur, f"{seen[key]} entries name the site at "
+                        f"{cur.section}+{cur.offset:#x}")
+                continue
+            if cur.offset < prev.end:
+                self._site_finding(
+                    "PV104", cur, f"site {cur.index} at {cur.section}+{cur.offset:#x} overlaps "
+                    f"site {prev.index} ({prev.section}+{prev.offset:#x}, {prev.len} bytes)")
+
+    def _relocs_of(self, sec_index: int) -> _RelocIndex:
+        idx = self._reloc_index.get(sec_index)
+        if idx is None:
+            sec = self.elf.section_at(sec_index)
+            idx = self._reloc_index[sec_index] = _RelocIndex(list(self.elf.relocations_for(sec)))
+        return idx
+
+    def _check_relocs(self, site: Site) -> Site:
+        """Relocations crossing the site's edges, and the ops slot its call names."""
+        elf = self.elf
+        arch = elf.arch
+        slot = None
+        for r in self._relocs_of(site.section_index).between(site.offset - 8, site.end):
+            width = arch.reloc(r.type).width
+            if r.offset + width <= site.offset:
+                continue
+            if r.offset < site.offset or r.offset + width > site.end:
+                self._site_finding(
+                    "PV107", site, f"{arch.reloc_name(r.type)} at {site.section}+{r.offset:#x} "
+                    f"crosses the edge of site {site.index} ({site.section}+{site.offset:#x}, "
+                    f"{site.len} bytes)")
+                continue
+            found = call_slot_rel(elf, site, r, self.ops)
+            if found is not None:
+                slot = found
+        if slot is not None and slot != site.type:
+            self._slot_mismatch(site, slot)
+        return _with_slot(site, slot)
+
+    def _slot_mismatch(self, site: Site, slot: int) -> None:
+        name = self.ops.name_of(slot) if self.ops is not None else None
+        self._site_finding(
+            "PV106", site, f"the call at the site uses ops slot {slot}"
+            f"{f' ({name})' if name else ''}, the entry says type {site.type}"
+            f"{f' ({site.op})' if site.op else ''}")
+
+    def _check_exec_slots(self, sites: list[Site]) -> list[Site]:
+        """In a linked file, infer the ops table base from the calls and compare slots."""
+        elf = self.elf
+        targets = {s.index: call_memory_target(elf.arch, s) for s in sites}
+        ptr = elf.arch.ptr_size
+        sym = elf.symbols_by_name.get("pv_ops") if elf.symtab is not None else None
+        if sym is not None and sym.shndx != SHN_UNDEF:
+            base: int | None = sym.value
+        else:
+            votes = Counter(t - s.type * ptr for s in sites if (t := targets[s.index]) is not None)
+            base = votes.most_common(1)[0][0] if votes else None
+        out = []
+        for s in sites:
+            t = targets[s.index]
+            slot = None
+            if base is not None and t is not None and (t - base) % ptr == 0:
+                slot = (t - base) // ptr
+                if slot != s.type:
+                    self._slot_mismatch(s, slot)
+            out.append(_with_slot(s, slot))
+        return out
+
+
+def _with_slot(site: Site, slot: int | None) -> Site:
+    if slot is None:
+        return site
+    return Site(**{**site.__dict__, "slot": slot})
+
+
+def site_finding(rule: str, site: Site, message: str) -> Finding:
+    return Finding(
+        rule,
+        message,
+        section=site.section,
+        offset=site.offset,
+        address=site.address,
+        site_index=site.index,
+        op=site.op,
+        file_offset=site.file_offset,
+        length=site.len,
+    )
+
+
+# Indirect-call encodings the kernel emits at a site, as data:
+# (opcode bytes before the 32-bit field, architecture, the field is rip-relative).
+CALL_FORMS: tuple[tuple[bytes, str, bool], ...] = (
+    (b"\xff\x15", "x86_64", True),  # 2.6.29, 5.19 .. 6.x: call *pv_ops+off(%rip)
+    (b"\xff\x14\x25", "x86_64", False),  # 2.6.30 .. 5.17: call *pv_ops+off (abs32)
+    (b"\xff\x15", "i386", False),  # call *pv_ops+off
+    (b"\x2e\xff\x15", "i386", False),  # asm sites: call *%cs:pv_ops+off
+)
+
+
+def _call_form_at(arch: str, code: bytes, field_at: int) -> tuple[bytes, bool] | None:
+    for opcode, form_arch, rip in CALL_FORMS:
+        start = field_at - len(opcode)
+        if form_arch == arch and start >= 0 and code[start:field_at] == opcode:
+            return opcode, rip
+    return None
+
+
+def call_slot_rel(elf: ElfFile, site: Site, r: Relocation, ops: OpCatalog | None) -> int | None:
+    """The ops slot a relocated indirect call inside `site` uses, if it is one."""
+    sym = elf.symbol(r.sym)
+    if not (sym.name.startswith("pv_") and sym.name.endswith("ops")):
+        return None
+    form = _call_form_at(elf.arch.name, site.code, r.offset - site.offset)
+    if form is None:
+        return None
+    _opcode, rip = form
+    # A rip-relative field ends the instruction: memory = S + A + 4 - 4 (P is the field).
+    offset = r.addend + 4 if rip else r.addend
+    ptr = elf.arch.ptr_size
+    if offset % ptr:
+        return None
+    slot = offset // ptr
+    if sym.name == "pv_ops":
+        return slot
+    # 2.6.30-era kernels call through per-group tables (pv_irq_ops, ...): the
+    # template index is the group's first slot plus the slot inside the group.
+    if ops is not None:
+        group = [t for t, name in ops.slots.items() if name.startswith(sym.name + ".")]
+        if group:
+            return min(group) + slot
+    return None
+
+
+def call_memory_target(arch: Arch, site: Site) -> int | None:
+    """The memory operand of an indirect call in a linked site, if it is a known form."""
+    code = site.code
+    for opcode, form_arch, rip in CALL_FORMS:
+        if form_arch != arch.name:
+            continue
+        pos = code.find(opcode)
+        while pos >= 0:
+            field_at = pos + len(opcode)
+            if field_at + 4 <= len(code):
+                disp = int.from_bytes(code[field_at : field_at + 4], "little", signed=True)
+                if rip:
+                    assert site.address is not None
+                    return site.address + field_at + 4 + disp
+                return disp & 0xFFFFFFFF if arch.ptr_size == 4 else disp & (2**64 - 1)
+            pos = code.find(opcode, pos + 1)
+    return None

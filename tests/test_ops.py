@@ -1,0 +1,512 @@
+"""Tests for pvpatch.btf and pvpatch.ops.
+
+Real-kernel checks use the corpus in ~/.cache/pvpatch-corpus/x86_64 (Debian
+6.1.0-56-cloud-amd64) and cross-check against bpftool, an independent BTF parser.
+DWARF checks compare against offsetof() printed by a program gcc compiles here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pvpatch.btf import KIND_NAMES, KIND_STRUCT, KIND_UNION, Btf, read_elf_btf
+from pvpatch.errors import OpsError
+from pvpatch.ops import (
+    OpCatalog,
+    builtin_catalog,
+    builtin_catalog_names,
+    catalog_for_vermagic,
+    catalog_from_btf,
+    catalog_from_dwarf,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS_ROOT = os.environ.get("PVPATCH_CORPUS", str(Path.home() / ".cache" / "pvpatch-corpus"))
+CORPUS = Path(CORPUS_ROOT) / "x86_64"
+VMLINUX = CORPUS / "vmlinux"
+MODULE = CORPUS / "lib/modules/6.1.0-56-cloud-amd64/kernel/net/vmw_vsock/vsock.ko"
+FIXTURE_SRC = REPO / "fixtures" / "src" / "ops_dwarf.c"
+FIXTURE_OBJ = REPO / "fixtures" / "x86_64" / "ops_dwarf.o"
+
+# kernel-paravirt-facts.md §6: the 6.1 ops whose member type is struct paravirt_callee_save.
+CALLEE_SAVE_61 = {
+    "irq.save_fl", "irq.irq_disable", "irq.irq_enable", "mmu.read_cr2",
+    "mmu.pte_val", "mmu.make_pte", "mmu.pgd_val", "mmu.make_pgd", "mmu.pmd_val",
+    "mmu.make_pmd", "mmu.pud_val", "mmu.make_pud", "mmu.p4d_val", "mmu.make_p4d",
+    "lock.queued_spin_unlock", "lock.vcpu_is_preempted",
+}  # fmt: skip
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        fetch = REPO / "scripts" / "fetch-corpus"
+        if fetch.exists():
+            subprocess.run(["bash", str(fetch)], check=True, cwd=REPO)
+    if not path.exists():
+        pytest.fail(
+            f"corpus file {path} is missing: put the Debian 6.1.0-56-cloud-amd64 vmlinux and"
+            f" modules under {CORPUS} (no scripts/fetch-corpus to do it)"
+        )
+    return path
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is required by this test but not installed")
+    return found
+
+
+@pytest.fixture(scope="module")
+def vmlinux_btf() -> bytes:
+    data = read_elf_btf(_need(VMLINUX))
+    assert data is not None
+    return data
+
+
+@pytest.fixture(scope="module")
+def btf_catalog(vmlinux_btf: bytes) -> OpCatalog:
+    return catalog_from_btf(vmlinux_btf, 8, origin=str(VMLINUX))
+
+
+# -- the real vmlinux ----------------------------------------------------------------
+
+
+def test_btf_catalog_key_slots(btf_catalog: OpCatalog) -> None:
+    c = btf_catalog
+    assert c.name == f"btf:{VMLINUX}"
+    assert (c.name_of(30), c.name_of(31), c.name_of(32)) == (
+        "irq.save_fl",
+        "irq.irq_disable",
+        "irq.irq_enable",
+    )
+    assert c.name_of(42) == "mmu.read_cr2"
+    assert c.type_of("mmu.lazy_mode.flush") == 77
+    assert c.type_of("irq.save_fl.func") is None
+    assert c.name_of(84) is None
+    assert sorted(c.slots) == list(range(84))
+    assert c.template_size == 84 * 8 and c.complete
+    assert {c.slots[i] for i in c.callee_save} == CALLEE_SAVE_61
+    assert c.is_callee_save(30) and not c.is_callee_save(44)
+
+
+def test_btf_catalog_is_fast(vmlinux_btf: bytes) -> None:
+    start = time.perf_counter()
+    catalog_from_btf(vmlinux_btf, 8)
+    assert time.perf_counter() - start < 0.5
+
+
+def _bpftool_structs(c_dump: str) -> dict[str, list[str]]:
+    bodies = re.findall(r"^struct (\w+) \{\n(.*?)^\}[^\n]*;$", c_dump, re.M | re.S)
+    return {name: [ln.strip() for ln in body.splitlines() if ln.strip()] for name, body in bodies}
+
+
+def _bpftool_slots(structs: dict[str, list[str]], name: str, prefix: str) -> Iterator[str]:
+    """Member paths in declaration order, one per pointer slot (independent of pvpatch)."""
+    for line in structs[name]:
+        path = f"{prefix}{{}}"
+        if m := re.fullmatch(r"struct (\w+) (\w+);", line):
+            inner = structs[m[1]]
+            if len(inner) == 1 and "*" in inner[0]:  # paravirt_callee_save { void *func; }
+                yield path.format(m[2])
+            else:
+                yield from _bpftool_slots(structs, m[1], f"{prefix}{m[2]}.")
+        elif m := (
+            re.search(r"\(\*(\w+)\)\(.*\);$", line)  # function pointer
+            or re.fullmatch(r".*\*\s*(\w+);", line)  # data pointer
+        ):
+            yield path.format(m[1])
+        else:
+            pytest.fail(f"unexpected member line in struct {name}: {line!r}")
+
+
+OUTER = (
+    ("cpu", "pv_cpu_ops"),
+    ("irq", "pv_irq_ops"),
+    ("mmu", "pv_mmu_ops"),
+    ("lock", "pv_lock_ops"),
+)
+
+
+def test_btf_catalog_matches_bpftool_c_dump(btf_catalog: OpCatalog) -> None:
+    out = subprocess.run(
+        [_tool("bpftool"), "btf", "dump", "file", str(VMLINUX), "format", "c"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    structs = _bpftool_structs(out)
+    expected = list(_bpftool_slots(structs, "paravirt_patch_template", ""))
+    assert len(expected) == 84
+    assert [btf_catalog.slots[i] for i in range(84)] == expected
+    callee = {
+        f"{outer}.{m[1]}"
+        for outer, sname in OUTER
+        for line in structs[sname]
+        if (m := re.fullmatch(r"struct paravirt_callee_save (\w+);", line))
+    }
+    assert {btf_catalog.slots[i] for i in btf_catalog.callee_save} == callee == CALLEE_SAVE_61
+
+
+def _bpftool_raw(args: list[str]) -> dict[int, tuple[str, str, str, list[str]]]:
+    out = subprocess.run(
+        [_tool("bpftool"), *args], check=True, capture_output=True, text=True
+    ).stdout
+    types: dict[int, tuple[str, str, str, list[str]]] = {}
+    current: list[str] = []
+    for line in out.splitlines():
+        if m := re.match(r"\[(\d+)\] (\w+) '([^']*)'(.*)", line):
+            current = []
+            types[int(m[1])] = (m[2], m[3], m[4], current)
+        elif line.startswith("\t"):
+            current.append(line.strip())
+    return types
+
+
+def _check_against_bpftool(btf: Btf, raw: dict[int, tuple[str, str, str, list[str]]]) -> None:
+    for type_id, (kind, name, rest, lines) in raw.items():
+        t = btf.type(type_id)
+        assert (t.kind_name, t.name or "(anon)") == (kind, name), type_id
+        if t.kind in (KIND_STRUCT, KIND_UNION):
+            assert f" size={t.size} vlen={t.vlen}" == rest, type_id
+            got = [
+                f"'{m.name or '(anon)'}' type_id={m.type_id} bits_offset={m.bit_offset}"
+                + (f" bitfield_size={m.bitfield_size}" if m.bitfield_size else "")
+                for m in t.members
+            ]
+            assert got == lines, type_id
+
+
+def test_btf_reader_matches_bpftool_raw_dump(vmlinux_btf: bytes) -> None:
+    btf = Btf(vmlinux_btf)
+    raw = _bpftool_raw(["btf", "dump", "file", str(VMLINUX)])
+    assert btf.type_count == max(raw) + 1
+    assert {t for t in raw.values() if t[0] not in KIND_NAMES.values()} == set()
+    _check_against_bpftool(btf, raw)
+
+
+def test_split_btf_module(vmlinux_btf: bytes) -> None:
+    mod = read_elf_btf(_need(MODULE))
+    assert mod is not None
+    base = Btf(vmlinux_btf)
+    split = Btf(mod, base=base, path=str(MODULE))
+    assert split.start_id == base.type_count
+    raw = _bpftool_raw(["-B", str(VMLINUX), "btf", "dump", "file", str(MODULE)])
+    assert min(raw) == split.start_id and max(raw) + 1 == split.type_count
+    _check_against_bpftool(split, raw)
+    svm = split.find_struct("sockaddr_vm")
+    assert svm is not None and svm.type_id >= split.start_id
+    # A member of a module struct whose type lives in the base.
+    assert split.resolve(svm.members[1].type_id).name == "short unsigned int"
+    # The template is in the base; a split BTF finds it there.
+    from_module = catalog_from_btf(mod, 8, base=vmlinux_btf, origin=str(MODULE))
+    assert from_module.slots == catalog_from_btf(vmlinux_btf, 8).slots
+    # Without its base the module's string offsets point nowhere.
+    with pytest.raises(OpsError):
+        Btf(mod).find_struct("sockaddr_vm")
+
+
+# -- built-in catalogs ---------------------------------------------------------------
+
+
+def test_builtin_61_equals_btf(btf_catalog: OpCatalog) -> None:
+    builtin = builtin_catalog("linux-6.1-x86_64")
+    assert builtin.name == "catalog:linux-6.1-x86_64"
+    assert builtin.same_layout(btf_catalog)
+    assert builtin.template_size == btf_catalog.template_size == 672
+
+
+def test_builtin_61_i386_is_the_non_xxl_subsequence(btf_catalog: OpCatalog) -> None:
+    c = builtin_catalog("linux-6.1-i386")
+    assert (c.ptr_size, c.template_size, c.complete) == (4, 52, True)
+    assert sorted(c.slots) == list(range(13))
+    assert c.name_of(0) == "cpu.io_delay" and c.name_of(1) == "mmu.flush_tlb_user"
+    assert c.name_of(12) == "lock.vcpu_is_preempted"
+    # Non-XXL keeps io_delay, the first 7 mmu ops and the lock ops, in the same order.
+    xxl = [btf_catalog.slots[i] for i in range(84)]
+    mmu = [op for op in xxl if op.startswith("mmu.")][:7]
+    kept = ["cpu.io_delay", *mmu, *(op for op in xxl if op.startswith("lock."))]
+    assert [c.slots[i] for i in range(13)] == kept
+    assert {c.slots[i] for i in c.callee_save} == CALLEE_SAVE_61 & set(kept)
+
+
+def test_builtin_2630_catalogs() -> None:
+    x64 = builtin_catalog("linux-2.6.30-x86_64")
+    assert (x64.ptr_size, x64.complete, x64.template_size) == (8, False, 111 * 8)
+    assert x64.name_of(55) == "pv_irq_ops.irq_disable"
+    assert x64.type_of("pv_mmu_ops.make_pte") == 93  # pte_flags (2.6.29 slot 93) is gone
+    assert x64.type_of("pv_cpu_ops.swapgs") == 49
+    assert {x64.slots[i] for i in x64.callee_save} == {
+        f"pv_irq_ops.{op}" for op in ("save_fl", "restore_fl", "irq_disable", "irq_enable")
+    }
+    i386 = builtin_catalog("linux-2.6.30-i386")
+    assert (i386.ptr_size, i386.complete) == (4, False)
+    assert i386.name_of(45) == "pv_cpu_ops.iret" and i386.name_of(64) == "pv_mmu_ops.write_cr3"
+
+
+def test_builtin_names_and_vermagic() -> None:
+    names = builtin_catalog_names()
+    assert {"linux-6.1-x86_64", "linux-6.1-i386", "linux-2.6.30-x86_64"} <= set(names)
+    assert {"linux-2.6.30-i386"} <= set(names)
+    for name in names:
+        assert builtin_catalog(name).name == f"catalog:{name}"
+    got = catalog_for_vermagic("6.1.0-56-cloud-amd64 SMP mod_unload modversions ", "x86_64")
+    assert got is not None and got.name == "catalog:linux-6.1-x86_64"
+    got = catalog_for_vermagic("6.1.0-1-686-pae SMP", "i386")
+    assert got is not None and got.name == "catalog:linux-6.1-i386"
+    got = catalog_for_vermagic("2.6.30-2-686 SMP mod_unload", "i686")
+    assert got is not None and got.name == "catalog:linux-2.6.30-i386"
+    got = catalog_for_vermagic("2.6.30.4 SMP", "x86_64")
+    assert got is not None and got.name == "catalog:linux-2.6.30-x86_64"
+    assert catalog_for_vermagic("5.10.0-9-amd64 SMP", "x86_64") is None
+    assert catalog_for_vermagic("2.6.29 SMP", "x86_64") is None
+    assert catalog_for_vermagic("6.10.0 SMP", "x86_64") is None
+    assert catalog_for_vermagic("6.1.0", "arm64") is None
+    assert catalog_for_vermagic("garbage", "x86_64") is None
+    with pytest.raises(OpsError):
+        builtin_catalog("linux-9.9-x86_64")
+
+
+def test_catalog_model_rejects_nonsense() -> None:
+    with pytest.raises(OpsError):
+        OpCatalog("x", 6, {0: "a"})
+    with pytest.raises(OpsError):
+        OpCatalog("x", 8, {0: "a", 1: "a"})
+    with pytest.raises(OpsError):
+        OpCatalog("x", 8, {0: "a"}, frozenset({1}))
+    c = OpCatalog("x", 8, {1: "b", 0: "a"}, frozenset({1}))
+    assert list(c.slots) == [0, 1] and c.type_of("b") == 1
+    assert hash(c) == hash(OpCatalog("x", 8, {0: "a", 1: "b"}, frozenset({1})))
+
+
+# -- DWARF ---------------------------------------------------------------------------
+
+# The fixture's ops, in declaration order; the offsets come from gcc below.
+FIXTURE_OPS = [
+    "cpu.io_delay", "cpu.read_cr0", "cpu.write_cr0", "cpu.wbinvd",
+    "irq.save_fl", "irq.irq_disable", "irq.irq_enable", "irq.safe_halt", "irq.halt",
+    "mmu.flush_tlb_user", "mmu.flush_tlb_kernel", "mmu.read_cr2", "mmu.read_cr3",
+    "mmu.write_cr3", "mmu.pte_val", "mmu.lazy_mode.enter", "mmu.lazy_mode.leave",
+    "mmu.lazy_mode.flush", "mmu.set_fixmap", "lock.queued_spin_lock_slowpath",
+    "lock.queued_spin_unlock", "lock.kick", "lock.vcpu_is_preempted",
+]  # fmt: skip
+FIXTURE_CALLEE = {
+    "irq.save_fl", "irq.irq_disable", "irq.irq_enable", "mmu.read_cr2", "mmu.pte_val",
+    "lock.queued_spin_unlock", "lock.vcpu_is_preempted",
+}  # fmt: skip
+
+
+def _gcc_offsets(tmp_path: Path) -> tuple[dict[str, int], int]:
+    prints = "".join(
+        f'\tprintf("%s %zu\\n", "{op}", offsetof(struct paravirt_patch_template, {op}));\n'
+        for op in FIXTURE_OPS
+    )
+    prog = tmp_path / "offsets.c"
+    prog.write_text(
+        f'#include <stddef.h>\n#include <stdio.h>\n#include "{FIXTURE_SRC}"\n'
+        f"int main(void)\n{{\n{prints}"
+        '\tprintf("sizeof %zu\\n", sizeof(struct paravirt_patch_template));\n\treturn 0;\n}\n'
+    )
+    exe = tmp_path / "offsets"
+    subprocess.run([_tool("gcc"), "-O0", "-o", str(exe), str(prog)], check=True)
+    pairs = [ln.split() for ln in subprocess.run(
+        [str(exe)], check=True, capture_output=True, text=True
+    ).stdout.splitlines()]  # fmt: skip
+    table = {name: int(value) for name, value in pairs}
+    return {op: table[op] for op in FIXTURE_OPS}, table["sizeof"]
+
+
+def test_dwarf_fixture_matches_offsetof(tmp_path: Path) -> None:
+    offsets, size = _gcc_offsets(tmp_path)
+    c = catalog_from_dwarf(FIXTURE_OBJ, 8)
+    assert c.name == "dwarf:ops_dwarf.o"
+    assert dict(c.slots) == {off // 8: op for op, off in offsets.items()}
+    assert {c.slots[i] for i in c.callee_save} == FIXTURE_CALLEE
+    assert c.template_size == size
+    # The non-pointer lock.nr_spins leaves a hole rather than shifting later slots.
+    assert c.name_of(c.type_of("lock.kick") - 1) is None  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("flags", "ptr_size"), [(["-gdwarf-2"], 8), (["-gdwarf-5"], 8), (["-m32", "-g"], 4)]
+)
+def test_dwarf_variants(tmp_path: Path, flags: list[str], ptr_size: int) -> None:
+    # Same source, other DWARF versions / i386: the same op indices.
+    obj = tmp_path / "v.o"
+    subprocess.run(
+        [_tool("gcc"), *flags, "-O0", "-c", str(FIXTURE_SRC), "-o", str(obj)], check=True
+    )
+    c = catalog_from_dwarf(obj, ptr_size)
+    ref = catalog_from_dwarf(FIXTURE_OBJ, 8)
+    assert dict(c.slots) == dict(ref.slots) and c.callee_save == ref.callee_save
+    assert c.template_size == len(FIXTURE_OPS) * ptr_size + ptr_size  # + lock.nr_spins
+
+
+def test_dwarf_errors(tmp_path: Path) -> None:
+    with pytest.raises(OpsError, match="8-byte pointer"):
+        catalog_from_dwarf(FIXTURE_OBJ, 4)
+    with pytest.raises(OpsError):
+        catalog_from_dwarf(tmp_path / "missing.o", 8)
+    junk = tmp_path / "junk.o"
+    junk.write_bytes(b"\x7fELF" + b"\xff" * 60)
+    with pytest.raises(OpsError):
+        catalog_from_dwarf(junk, 8)
+    src = tmp_path / "plain.c"
+    src.write_text("struct other { void *p; } x;\n")
+    for flags, what in ((["-g0"], "no DWARF"), (["-g"], "no struct")):
+        obj = tmp_path / "plain.o"
+        subprocess.run([_tool("gcc"), *flags, "-c", str(src), "-o", str(obj)], check=True)
+        with pytest.raises(OpsError, match=what):
+            catalog_from_dwarf(obj, 8)
+
+
+# -- synthetic and malformed BTF ---------------------------------------------------
+
+
+class _BtfBuilder:
+    """Writes small BTF blobs by hand, so the tests do not trust the reader."""
+
+    def __init__(self, endian: str = "<") -> None:
+        self.e = endian
+        self.strings = b"\0"
+        self.types = b""
+
+    def s(self, text: str) -> int:
+        off = len(self.strings)
+        self.strings += text.encode() + b"\0"
+        return off
+
+    def t(
+        self, name: str, kind: int, vlen: int, third: int, extra: bytes = b"", kf: int = 0
+    ) -> None:
+        info = (kf << 31) | (kind << 24) | vlen
+        self.types += struct.pack(self.e + "III", self.s(name) if name else 0, info, third) + extra
+
+    def member(self, name: str, type_id: int, offset: int) -> bytes:
+        return struct.pack(self.e + "III", self.s(name), type_id, offset)
+
+    def blob(self, *, type_off: int = 0, str_off: int | None = None, magic: int = 0xEB9F) -> bytes:
+        so = len(self.types) if str_off is None else str_off
+        hdr = struct.pack(
+            self.e + "HBBIIIII", magic, 1, 0, 24, type_off, len(self.types), so, len(self.strings)
+        )
+        return hdr + self.types + self.strings
+
+
+def _template_btf(endian: str = "<") -> _BtfBuilder:
+    b = _BtfBuilder(endian)
+    b.t("long unsigned int", 1, 0, 8, struct.pack(endian + "I", 64))  # 1
+    b.t("", 2, 0, 0)  # 2: void *
+    b.t("fn_t", 8, 0, 2)  # 3: typedef void *fn_t
+    b.t("", 10, 0, 3)  # 4: const fn_t
+    b.t("paravirt_callee_save", 4, 1, 8, b.member("func", 2, 0))  # 5
+    lazy = b.member("enter", 2, 0) + b.member("leave", 4, 64)
+    b.t("pv_lazy_ops", 4, 2, 16, lazy)  # 6
+    ops = (
+        b.member("save_fl", 5, 0)
+        + b.member("flags", 1, (3 << 24) | 64)  # kind_flag bitfield: skipped
+        + b.member("halt", 3, 128)
+        + b.member("lazy_mode", 6, 192)
+        + b.member("count", 1, 320)  # scalar: skipped
+    )
+    b.t("pv_irq_ops", 4, 5, 48, ops, kf=1)  # 7
+    b.t("paravirt_patch_template", 4, 2, 56, b.member("cpu", 2, 0) + b.member("irq", 7, 64))
+    return b
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_synthetic_btf(endian: str) -> None:
+    c = catalog_from_btf(_template_btf(endian).blob(), 8, origin="synthetic")
+    assert c.name == "btf:synthetic"
+    assert dict(c.slots) == {
+        0: "cpu",
+        1: "irq.save_fl",
+        3: "irq.halt",
+        4: "irq.lazy_mode.enter",
+        5: "irq.lazy_mode.leave",
+    }
+    assert c.callee_save == frozenset({1})
+    assert c.template_size == 56
+    with pytest.raises(OpsError, match="ptr_size"):
+        catalog_from_btf(_template_btf(endian).blob(), 4)
+
+
+def test_malformed_btf() -> None:
+    good = _template_btf().blob()
+    cases = {
+        "empty": b"",
+        "truncated header": good[:20],
+        "truncated types": good[:40],
+        "bad magic": b"\x9f\xea" + good[2:],
+        "version 2": good[:2] + b"\x02" + good[3:],
+        "type_off beyond end": _template_btf().blob(type_off=1 << 20),
+        "str_off beyond end": _template_btf().blob(str_off=1 << 20),
+    }
+    for what, blob in cases.items():
+        with pytest.raises(OpsError):
+            catalog_from_btf(blob, 8, origin=what)
+
+    b = _template_btf()
+    b.t("paravirt_patch_template", 4, 1, 8, b.member("x", 2, 0))
+    b.types = b.types[:-12] + struct.pack("<III", 1 << 20, 2, 0)  # member name past strings
+    with pytest.raises(OpsError, match="string offset"):
+        Btf(b.blob()).type(9)
+
+    b = _BtfBuilder()
+    b.t("paravirt_patch_template", 4, 0xFFFF, 8, b.member("x", 2, 0))  # absurd vlen
+    with pytest.raises(OpsError, match="runs past"):
+        Btf(b.blob())
+
+    b = _BtfBuilder()
+    b.t("weird", 31, 0, 0)
+    with pytest.raises(OpsError, match="unknown BTF kind"):
+        Btf(b.blob())
+
+    b = _BtfBuilder()
+    b.t("loop", 8, 0, 2)  # 1: typedef -> 2
+    b.t("pool", 8, 0, 1)  # 2: typedef -> 1
+    b.t("paravirt_patch_template", 4, 1, 8, b.member("x", 1, 0))
+    with pytest.raises(OpsError, match="cycle"):
+        catalog_from_btf(b.blob(), 8)
+
+    b = _BtfBuilder()
+    b.t("paravirt_patch_template", 4, 1, 8, b.member("x", 99, 0))  # dangling type id
+    with pytest.raises(OpsError, match="out of range"):
+        catalog_from_btf(b.blob(), 8)
+
+    b = _BtfBuilder()
+    b.t("", 2, 0, 0)
+    b.t("paravirt_patch_templat", 4, 1, 8, b.member("x", 1, 0))
+    with pytest.raises(OpsError, match="no struct"):
+        catalog_from_btf(b.blob(), 8)
+
+    b = _BtfBuilder()
+    b.t("t", 4, 1, 8, b.member("self", 1, 0))  # 1: a struct containing itself
+    b.t("paravirt_patch_template", 4, 1, 8, b.member("x", 1, 0))
+    with pytest.raises(OpsError, match="nests too deeply"):
+        catalog_from_btf(b.blob(), 8)
+
+
+def test_corrupted_btf_only_raises_opserror() -> None:
+    good = _template_btf().blob()
+    blobs = [good[:n] for n in range(len(good))]
+    blobs += [good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1 :] for i in range(len(good))]
+    for blob in blobs:
+        with contextlib.suppress(OpsError):
+            catalog_from_btf(blob, 8)
+
+
+def test_truncated_vmlinux_btf(vmlinux_btf: bytes) -> None:
+    for cut in (23, 24, 1000, len(vmlinux_btf) // 2, len(vmlinux_btf) - 1):
+        with pytest.raises(OpsError):
+            catalog_from_btf(vmlinux_btf[:cut], 8)
