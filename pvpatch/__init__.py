@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "api",
     "open_elf": "api",
-    "scan": "api",
-    "plan": "api",
-    "rewrite": "api",
-    "write": "api",
+    "scan_file": "api",
+    "make_plan": "api",
+    "apply_plan": "api",
+    "write_output": "api",
     "load_backend": "api",
     "Plan": "plan",
     "Decision": "plan",
@@ -43,13 +43,48 @@ _EXPORTS = {
     "VerifyError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "RULES",
+    "Backend",
+    "Decision",
+    "ElfFormatError",
+    "Finding",
+    "InputError",
+    "OpsError",
+    "Plan",
+    "PvpatchError",
+    "Rewrite",
+    "RewriteError",
+    "ScanResult",
+    "Site",
+    "SitePatch",
+    "SpecError",
+    "Table",
+    "TableError",
+    "ThunkSpec",
+    "UsageError",
+    "VerifyError",
+    "__version__",
+    "apply_plan",
+    "load",
+    "load_backend",
+    "make_plan",
+    "open_elf",
+    "scan_file",
+    "write_output",
+]
 
 if TYPE_CHECKING:
-    from .api import load, load_backend, open_elf, plan, rewrite, scan, write
+    from .api import (
+        apply_plan,
+        load,
+        load_backend,
+        make_plan,
+        open_elf,
+        scan_file,
+        write_output,
+    )
     from .backend import Backend
-    from .plan import Decision, Plan, ThunkSpec
-    from .rewrite import Rewrite, SitePatch
     from .errors import (
         ElfFormatError,
         InputError,
@@ -61,6 +96,8 @@ if TYPE_CHECKING:
         UsageError,
         VerifyError,
     )
+    from .plan import Decision, Plan, ThunkSpec
+    from .rewrite import Rewrite, SitePatch
     from .rules import RULES, Finding
     from .scan import ScanResult, Site, Table
 

@@ -39,10 +39,10 @@ def load(
     "none", "btf:FILE", "dwarf:FILE", "catalog:NAME").
     """
     elf = ElfFile.open(path)
-    return scan(elf, layout=layout, section=section, ops=ops)
+    return scan_file(elf, layout=layout, section=section, ops=ops)
 
 
-def scan(
+def scan_file(
     elf: ElfFile, *, layout: str = "auto", section: str = DEFAULT_SECTION, ops: str = "auto"
 ) -> ScanResult:
     """Scan an already opened file."""
@@ -56,24 +56,26 @@ def load_backend(spec: str, elf: ElfFile) -> Backend:
     return _load(spec, elf.arch)
 
 
-def plan(
+def make_plan(
     result: ScanResult, backend: str | Backend = "native", *, drop_patched: bool = False
 ) -> Plan:
     """Decide what every site becomes; nothing is written."""
-    from .plan import make_plan
+    from .plan import make_plan as _make_plan
 
     be = load_backend(backend, result.elf) if isinstance(backend, str) else backend
-    return make_plan(result, be, drop_patched=drop_patched)
+    return _make_plan(result, be, drop_patched=drop_patched)
 
 
-def rewrite(the_plan: Plan) -> Rewrite:
+def apply_plan(the_plan: Plan) -> Rewrite:
     """Apply a plan in memory: the output file's bytes and what changed."""
-    from .rewrite import apply_plan
+    from .rewrite import apply_plan as _apply_plan
 
-    return apply_plan(the_plan)
+    return _apply_plan(the_plan)
 
 
-def write(result: Rewrite, output: str | os.PathLike[str], *, in_place: bool = False) -> None:
+def write_output(
+    result: Rewrite, output: str | os.PathLike[str], *, in_place: bool = False
+) -> None:
     """Write a rewrite's bytes to `output` atomically (never over the input unless asked)."""
     from .output import check_output_path, write_atomic
 

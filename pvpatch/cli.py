@@ -103,7 +103,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from .api import load, plan, rewrite, write
+    from .api import apply_plan, load, make_plan, write_output
     from .output import check_output_path
     from .report import findings_text, patch_json, patch_text
 
@@ -111,11 +111,11 @@ def cmd_patch(args: argparse.Namespace) -> int:
     result = load(args.input, layout=args.layout, section=args.section, ops=args.ops)
     for line in findings_text(result.path, result.findings):
         print(line, file=sys.stderr)
-    the_plan = plan(result, args.backend, drop_patched=args.drop_patched)
-    rw = rewrite(the_plan)
+    the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched)
+    rw = apply_plan(the_plan)
     output = None if args.dry_run else args.output
     if output is not None:
-        write(rw, output, in_place=args.in_place)
+        write_output(rw, output, in_place=args.in_place)
     if args.json:
         _emit_json(patch_json(rw, output))
     else:

@@ -127,7 +127,8 @@ class Segment:
     align: int
 
 
-class Symbol(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Symbol:
     index: int
     name: str
     value: int
@@ -158,6 +159,18 @@ class ModuleSignature:
 
 class ElfFile:
     """A read-only view of one ELF file.  Parsing beyond the headers is lazy."""
+
+    e_type: int
+    e_machine: int
+    e_entry: int
+    e_phoff: int
+    e_shoff: int
+    e_flags: int
+    e_phentsize: int
+    e_phnum: int
+    e_shentsize: int
+    e_shnum: int
+    e_shstrndx: int
 
     def __init__(self, data: bytes, path: str = "<memory>") -> None:
         self.path = path
@@ -383,10 +396,11 @@ class ElfFile:
     def symbols_by_name(self) -> dict[str, Symbol]:
         out: dict[str, Symbol] = {}
         for s in self.symbols:
-            if s.name and s.type != STT_FILE:
-                # Prefer a definition over an undefined reference of the same name.
-                if s.name not in out or out[s.name].shndx == SHN_UNDEF:
-                    out[s.name] = s
+            # Prefer a definition over an undefined reference of the same name.
+            if s.name and s.type != STT_FILE and (
+                s.name not in out or out[s.name].shndx == SHN_UNDEF
+            ):
+                out[s.name] = s
         return out
 
     # -- relocations --------------------------------------------------------
@@ -420,7 +434,8 @@ class ElfFile:
             out = []
             for o, i in fmt.iter_unpack(data):
                 rtype = i & tmask
-                out.append(Relocation(o, rtype, i >> shift, self._implicit_addend(target, o, rtype)))
+                addend = self._implicit_addend(target, o, rtype)
+                out.append(Relocation(o, rtype, i >> shift, addend))
         for r in out:
             if r.sym >= nsyms:
                 raise self._fail(

@@ -397,11 +397,29 @@ def builtin_catalog(name: str) -> OpCatalog:
     """Load pvpatch/data/ops/<name>.toml."""
     table = _builtin_table(name)
     where = f"pvpatch/data/ops/{name}.toml"
+    if table.get("name") != name:
+        raise OpsError(f"name {table.get('name')!r} does not match the file name", where)
+    return _catalog_from_table(table, where, f"catalog:{name}")
+
+
+def catalog_from_file(path: str | Path) -> OpCatalog:
+    """Load a catalog written in the built-in catalogs' TOML format from a file."""
+    where = str(path)
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OpsError("no such catalog file", where) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise OpsError(f"bad catalog file: {exc}", where) from None
+    return _catalog_from_table(table, where, f"catalog:{where}")
+
+
+def _catalog_from_table(table: dict[str, Any], where: str, label: str) -> OpCatalog:
     unknown = set(table) - _TOP_KEYS
     if unknown:
         raise OpsError(f"unknown keys {sorted(unknown)}", where)
-    if table.get("name") != name:
-        raise OpsError(f"name {table.get('name')!r} does not match the file name", where)
+    if not isinstance(table.get("name"), str):
+        raise OpsError("missing catalog name", where)
     ptr_size = table.get("ptr_size")
     arch = table.get("arch")
     if not isinstance(ptr_size, int) or (arch, ptr_size) not in (("x86_64", 8), ("i386", 4)):
@@ -425,7 +443,7 @@ def builtin_catalog(name: str) -> OpCatalog:
     if complete and size is not None and len(slots) != size // ptr_size:
         raise OpsError(f"complete catalog has {len(slots)} slots, not {size // ptr_size}", where)
     try:
-        return OpCatalog(f"catalog:{name}", ptr_size, slots, frozenset(callee), size, complete)
+        return OpCatalog(label, ptr_size, slots, frozenset(callee), size, complete)
     except OpsError as exc:
         raise OpsError(exc.message, where) from exc
 

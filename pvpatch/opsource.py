@@ -8,6 +8,7 @@ one vmlinux reads its BTF once.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from .elf import ElfFile
@@ -18,6 +19,7 @@ from .ops import (
     catalog_for_vermagic,
     catalog_from_btf,
     catalog_from_dwarf,
+    catalog_from_file,
 )
 
 SOURCE_KINDS = ("auto", "none", "btf:FILE", "dwarf:FILE", "catalog:NAME")
@@ -37,7 +39,9 @@ def resolve_ops(source: str, elf: ElfFile) -> OpCatalog | None:
     if kind == "dwarf":
         return _dwarf_file(arg, ptr)
     if kind == "catalog":
-        cat = builtin_catalog(arg)
+        # A bundled catalog's name, or a path to a catalog file of the same format.
+        is_file = arg.endswith(".toml") or os.sep in arg
+        cat = catalog_from_file(arg) if is_file else builtin_catalog(arg)
         if cat.ptr_size != ptr:
             raise UsageError(f"catalog {arg!r} is for {cat.ptr_size}-byte pointers, "
                              f"{elf.path} has {ptr}-byte pointers")

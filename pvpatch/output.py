@@ -8,6 +8,7 @@ as it was.  The input is never opened for writing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
@@ -56,10 +57,8 @@ def write_atomic(dst: str | os.PathLike[str], data: bytes, mode_from: str | None
     folder = dst_path.parent if str(dst_path.parent) else Path(".")
     mode = 0o644
     if mode_from is not None:
-        try:
+        with contextlib.suppress(OSError):
             mode = os.stat(mode_from).st_mode & 0o7777
-        except OSError:
-            pass
     with _signals_raise():
         fd, tmp = tempfile.mkstemp(prefix=f".{dst_path.name}.", suffix=".pvpatch-tmp",
                                    dir=folder)
@@ -71,8 +70,6 @@ def write_atomic(dst: str | os.PathLike[str], data: bytes, mode_from: str | None
             os.chmod(tmp, mode)
             os.replace(tmp, dst_path)
         except BaseException:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             raise

@@ -5,10 +5,8 @@ Nothing here prints; the CLI writes what these functions return.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .disasm import disassemble
 from .rules import Finding
@@ -112,7 +110,7 @@ def findings_text(path: str, findings: Iterable[Finding]) -> list[str]:
     return out
 
 
-def _columns(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+def _columns(rows: Sequence[tuple[str, ...]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for r in rows:

@@ -16,6 +16,7 @@ written in place, grown ones and new ones are appended.
 from __future__ import annotations
 
 import bisect
+import struct
 from dataclasses import dataclass, field
 
 from .elf import (
@@ -45,6 +46,7 @@ from .plan import CALL_LEN, Decision, Plan, ThunkSpec
 from .thunk import THUNK_ALIGN, thunk_code
 
 PAGE = 0x1000
+DT_RELA, DT_REL, DT_RELACOUNT, DT_RELCOUNT = 7, 17, 0x6FFFFFF9, 0x6FFFFFFA
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,7 @@ class _RelocatableRewriter(_Rewriter):
         return -1 - text_index
 
     def _site_relocs(self, d: Decision) -> list[tuple[int, Relocation]]:
-        out = []
+        out: list[tuple[int, Relocation]] = []
         site = d.site
         for relsec in self.elf.relocation_sections(self.elf.sections[site.section_index]):
             entries = self.edited.get(relsec.index)
@@ -433,9 +435,9 @@ class _RelocatableRewriter(_Rewriter):
         # Every relocation section that names symbols must be rewritten if
         # new locals moved the globals.
         for sec in elf.sections:
-            if sec.type in (SHT_REL, SHT_RELA) and sec.link == symtab.index:
-                if shift and sec.index not in self.edited:
-                    self.edited[sec.index] = list(elf.relocations(sec))
+            if (sec.type in (SHT_REL, SHT_RELA) and sec.link == symtab.index and shift
+                    and sec.index not in self.edited):
+                self.edited[sec.index] = list(elf.relocations(sec))
         for relsec_index, entries in self.edited.items():
             sec = elf.sections[relsec_index]
             fixed = [r._replace(sym=self._final(r.sym)) for r in entries]
@@ -531,35 +533,80 @@ class _LinkedRewriter(_Rewriter):
                 after = d.code
             already = after == site.code
             if not already:
-                self.text(site.section_index)[site.offset : site.end] = after
+                # Sites of a linked file are patched in the output image directly.
+                self.output.out[site.file_offset : site.file_offset + site.len] = after
                 ranges.append((site.address, site.address + site.len))
             self.patches.append(SitePatch(d, site.code, after, already))
-        for index, buf in self.texts.items():
-            self.output.set_data(index, bytes(buf))
         self._neutralise_dynamic_relocs(sorted(ranges))
         return Rewrite(self.plan, self.output.build(), tuple(self.patches),
                        tuple(thunks.values()), False, 0)
 
     def _neutralise_dynamic_relocs(self, ranges: list[tuple[int, int]]) -> None:
-        """A load-time relocation inside a rewritten site would write into the new bytes."""
+        """A load-time relocation inside a rewritten site would write into the new bytes.
+
+        It becomes R_*_NONE.  The loader assumes the first DT_RELCOUNT /
+        DT_RELACOUNT entries are RELATIVE (glibc asserts it on i386), so a
+        neutralised entry is first swapped to the end of that prefix and the
+        count lowered.
+        """
         if not ranges:
             return
         elf = self.elf
         starts = [r[0] for r in ranges]
+        counts = self._relative_counts()
         for sec in elf.sections:
             if not sec.is_alloc or sec.type not in (SHT_REL, SHT_RELA):
                 continue
             fmt = elf.cls.rela if sec.type == SHT_RELA else elf.cls.rel
-            data = bytearray(elf.section_data(sec))
-            hit = False
-            for k, rec in enumerate(fmt.iter_unpack(bytes(data))):
+            rows = [list(rec) for rec in fmt.iter_unpack(elf.section_data(sec))]
+            hits = []
+            for k, rec in enumerate(rows):
                 pos = bisect.bisect_right(starts, rec[0]) - 1
                 if pos >= 0 and rec[0] < ranges[pos][1]:
-                    rec2 = (rec[0], 0, *rec[2:])  # R_*_NONE against no symbol
-                    fmt.pack_into(data, k * fmt.size, *rec2)
-                    hit = True
-            if hit:
-                self.output.set_data(sec.index, bytes(data))
+                    hits.append(k)
+            if not hits:
+                continue
+            count_at = counts.get(sec.addr)
+            count = count_at[1] if count_at is not None else 0
+            for k in sorted(hits, reverse=True):
+                if k < count:
+                    rows[k], rows[count - 1] = rows[count - 1], rows[k]
+                    k = count - 1
+                    count -= 1
+                rows[k][1] = 0  # r_info: R_*_NONE against no symbol
+            self.output.set_data(sec.index, b"".join(fmt.pack(*r) for r in rows))
+            if count_at is not None:
+                self._set_dynamic(count_at[0], count)
+
+    def _relative_counts(self) -> dict[int, tuple[int, int]]:
+        """Address of the REL/RELA table -> (index in .dynamic of its count tag, count)."""
+        dyn = self._dynamic()
+        tags = {tag: (i, val) for i, (tag, val) in enumerate(dyn)}
+        out = {}
+        for table_tag, count_tag in ((DT_RELA, DT_RELACOUNT), (DT_REL, DT_RELCOUNT)):
+            if table_tag in tags and count_tag in tags:
+                out[tags[table_tag][1]] = (tags[count_tag][0], tags[count_tag][1])
+        return out
+
+    def _dynamic(self) -> list[tuple[int, int]]:
+        sec = self.elf.section(".dynamic")
+        if sec is None:
+            return []
+        word = self.elf.cls.addr.size
+        data = self.elf.section_data(sec)
+        fmt = "<qQ" if word == 8 else "<iI"
+        return [(t, v) for t, v in struct.iter_unpack(fmt, data[: len(data) // (2 * word)
+                                                                   * 2 * word])]
+
+    def _set_dynamic(self, index: int, value: int) -> None:
+        sec = self.elf.section(".dynamic")
+        assert sec is not None
+        word = self.elf.cls.addr.size
+        current = self.output.shdrs[sec.index].data
+        data = bytearray(current if current is not None else self.elf.section_data(sec))
+        at = index * 2 * word + word
+        data[at : at + word] = value.to_bytes(word, "little")
+        self.output.set_data(sec.index, bytes(data))
 
     def _place_thunks(self) -> dict[str, PlacedThunk]:
         specs = self.plan.thunks

@@ -7,6 +7,7 @@ entries become `Finding`s so that the rest of the table is still usable.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -303,7 +304,7 @@ class _Scanner:
         seen = Counter((s.section_index, s.offset, s.len) for s in sites)
         reported: set[tuple[int, int, int]] = set()
         ordered = sorted(sites, key=lambda s: (s.section_index, s.offset, s.index))
-        for prev, cur in zip(ordered, ordered[1:], strict=False):
+        for prev, cur in itertools.pairwise(ordered):
             if prev.section_index != cur.section_index:
                 continue
             key = (cur.section_index, cur.offset, cur.len)

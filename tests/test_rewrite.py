@@ -1,0 +1,308 @@
+"""The rewrite engine, checked against GNU as, readelf, GNU ld and pyelftools."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import corpus
+import pytest
+from elftools.elf.elffile import ELFFile
+
+import pvpatch
+from pvpatch.arch import ARCHES, I386, X86_64, Arch
+from pvpatch.backend import parse_spec_text
+from pvpatch.rewrite import Rewrite
+
+REPO = Path(__file__).resolve().parent.parent
+FIX = REPO / "fixtures"
+CAT = {"x86_64": "catalog:linux-6.1-x86_64",
+       "i386": f"catalog:{FIX / 'catalogs' / 'fixtures-i386.toml'}"}
+
+
+@cache
+def gas(arch_name: str, text: str) -> bytes:
+    """Assemble with GNU as and return .text: the independent encoder."""
+    flags = ["--64"] if arch_name == "x86_64" else ["--32", "-march=i686+nop"]
+    with_src = ".text\n" + text.replace(";", "\n") + "\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = Path(tmp) / "a.o"
+        proc = subprocess.run(["as", *flags, "-o", str(obj), "-"], input=with_src.encode(),
+                              capture_output=True, check=False)
+        assert proc.returncode == 0, proc.stderr.decode()
+        with obj.open("rb") as fh:
+            sec = ELFFile(fh).get_section_by_name(".text")
+            assert sec is not None
+            return bytes(sec.data())
+
+
+def native_table(arch: Arch) -> dict[str, object]:
+    text = resources.files("pvpatch").joinpath(
+        "data", "backends", f"native-{arch.name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+# -- the byte tables ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", [X86_64, I386], ids=lambda a: a.name)
+def test_native_table_matches_gnu_as(arch: Arch) -> None:
+    table = native_table(arch)
+    ops = table["ops"]
+    assert isinstance(ops, dict)
+    checked = 0
+    for name, body in ops.items():
+        if body["action"] != "inline":
+            continue
+        assert gas(arch.name, body["asm"]) == bytes.fromhex(body["bytes"]), name
+        checked += 1
+    assert checked >= 13
+    # The spec reader does the same check for user specs (asm vs bytes).
+    text = resources.files("pvpatch").joinpath(
+        "data", "backends", f"native-{arch.name}.toml").read_text()
+    assert parse_spec_text(text, arch).rules
+
+
+@pytest.mark.parametrize("arch", [X86_64, I386], ids=lambda a: a.name)
+def test_nop_fill_matches_gnu_as(arch: Arch) -> None:
+    for n in range(1, 20):
+        want = b"".join(gas(arch.name, f".nops {min(8, n - k)}") for k in range(0, n, 8))
+        assert arch.nop_fill(n) == want, n
+        # and one instruction per 8 bytes: the fewest
+        assert len(re.findall("nop|xchg", _objdump_insns(arch, arch.nop_fill(n)))) == (n + 7) // 8
+
+
+def _objdump_insns(arch: Arch, code: bytes) -> str:
+    machine = "i386:x86-64" if arch.name == "x86_64" else "i386"
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "code.bin"
+        raw.write_bytes(code)
+        proc = subprocess.run(["objdump", "-D", "-b", "binary", "-m", machine, str(raw)],
+                              capture_output=True, check=True, text=True)
+    return proc.stdout.split("<.data>:", 1)[1]
+
+
+# -- relocatable fixtures ----------------------------------------------------------
+
+
+def patch(path: Path, backend: str = "native", ops: str = "auto",
+          drop: bool = False) -> Rewrite:
+    res = pvpatch.load(path, ops=ops)
+    return pvpatch.apply_plan(pvpatch.make_plan(res, backend, drop_patched=drop))
+
+
+def readelf_relocs(path: Path) -> dict[str, set[tuple[int, str, str]]]:
+    out: dict[str, set[tuple[int, str, str]]] = {}
+    current = None
+    for line in subprocess.run(["readelf", "-r", "-W", str(path)], capture_output=True,
+                               text=True, check=True).stdout.splitlines():
+        m = re.match(r"Relocation section '\.rela?(\S+)'", line)
+        if m:
+            current = out.setdefault(m.group(1), set())
+            continue
+        parts = line.split()
+        if current is not None and len(parts) >= 3 and re.fullmatch(r"[0-9a-f]+", parts[0]):
+            sym = " ".join(parts[4:]) if len(parts) > 4 else ""
+            current.add((int(parts[0], 16), parts[2], sym))
+    return out
+
+
+def elflint(path: Path) -> set[str]:
+    proc = subprocess.run(["eu-elflint", "--gnu-ld", "-q", str(path)], capture_output=True,
+                          text=True)
+    # relocation numbers shift when relocations are removed before them
+    return {re.sub(r"relocation \d+", "relocation N", ln)
+            for ln in (proc.stdout + proc.stderr).splitlines()}
+
+
+def check_links(path: Path, arch: Arch, tmp: Path, original: Path | None = None) -> None:
+    emul = ["-m", "elf_i386"] if arch.name == "i386" else []
+    proc = subprocess.run(["ld", *emul, "-r", "-o", str(tmp / "linked.o"), str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    proc = subprocess.run(["readelf", "-a", "-W", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    # eu-elflint may dislike the input already (Linux notes in modules): the output must
+    # not add complaints.
+    baseline = elflint(original) if original is not None else set()
+    assert elflint(path) <= baseline
+
+
+def check_rewrite(src: Path, rw: Rewrite, out: Path, tmp: Path) -> None:
+    """Every inline site as GNU as says, no relocation inside it, nothing else changed."""
+    arch = rw.plan.arch
+    out.write_bytes(rw.data)
+    check_links(out, arch, tmp, src)
+    before_rel, after_rel = readelf_relocs(src), readelf_relocs(out)
+    with src.open("rb") as f1, out.open("rb") as f2:
+        e1, e2 = ELFFile(f1), ELFFile(f2)
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for p in rw.patches:
+            d = p.decision
+            if not d.rewrites:
+                continue
+            s = d.site
+            spans.setdefault(s.section, []).append((s.offset, s.end))
+            got = bytes(e2.get_section_by_name(s.section).data()[s.offset : s.end])
+            assert got == p.after
+            if d.action == "inline":
+                assert d.rule is not None and d.rule.asm is not None
+                pad = s.len - len(d.rule.code or b"")
+                want = gas(arch.name, d.rule.asm + (f"; .nops {pad}" if pad else ""))
+                assert got == want, (s.section, hex(s.offset), got.hex(), want.hex())
+            assert not any(s.offset <= r[0] < s.end for r in after_rel.get(s.section, ())), \
+                f"relocation left inside {s.section}+{s.offset:#x}"
+        for sec in e1.iter_sections():
+            name = sec.name
+            other = e2.get_section_by_name(name)
+            assert other is not None, name
+            if name.startswith((".rela", ".rel")) or name in (".parainstructions",):
+                continue
+            a, b = bytes(sec.data()), bytes(other.data())
+            for lo, hi in spans.get(name, []):
+                a = a[:lo] + bytes(hi - lo) + a[hi:]
+                b = b[:lo] + bytes(hi - lo) + b[hi:]
+            assert a == b, f"section {name} changed outside the sites"
+    # relocations: exactly those inside rewritten sites are gone (native: no calls added)
+    for name, rels in before_rel.items():
+        inside = {r for r in rels if any(lo <= r[0] < hi for lo, hi in spans.get(name, []))}
+        if name == ".parainstructions":
+            continue
+        assert after_rel.get(name, set()) == rels - inside, name
+
+
+@pytest.mark.parametrize("arch_name", ["x86_64", "i386"])
+@pytest.mark.parametrize("name", ["kernel61.o", "seed.o"])
+def test_native_patch_relocatable(arch_name: str, name: str, tmp_path: Path) -> None:
+    src = FIX / arch_name / name
+    rw = patch(src, ops=CAT[arch_name])
+    counts = rw.plan.counts()
+    assert counts.get("inline", 0) + counts.get("nop", 0) >= 5
+    check_rewrite(src, rw, tmp_path / name, tmp_path)
+    for p in rw.patches:
+        d = p.decision
+        if d.action == "keep":
+            assert d.reason
+    # the same plan again gives the same bytes; patching the output changes nothing
+    assert patch(src, ops=CAT[arch_name]).data == rw.data
+    again = patch(tmp_path / name, ops=CAT[arch_name])
+    assert again.data == rw.data
+    assert all(p.already for p in again.patches if p.decision.rewrites)
+
+
+def test_legacy_table(tmp_path: Path) -> None:
+    src = FIX / "x86_64" / "legacy.o"
+    rw = patch(src, ops=CAT["x86_64"])
+    assert rw.plan.counts()["inline"] >= 4
+    check_rewrite(src, rw, tmp_path / "legacy.o", tmp_path)
+
+
+@pytest.mark.parametrize("arch_name", ["x86_64", "i386"])
+def test_drop_patched(arch_name: str, tmp_path: Path) -> None:
+    src = FIX / arch_name / "kernel61.o"
+    rw = patch(src, ops=CAT[arch_name], drop=True)
+    out = tmp_path / "k.o"
+    out.write_bytes(rw.data)
+    check_links(out, ARCHES[arch_name], tmp_path)
+    kept = [p.decision.site for p in rw.patches if not p.decision.rewrites]
+    assert rw.dropped_entries == len(rw.patches) - len(kept) > 0
+    res = pvpatch.load(out, ops=CAT[arch_name])
+    assert [(s.section, s.offset, s.type) for s in res.sites] == [
+        (s.section, s.offset, s.type) for s in kept]
+    assert not res.findings
+
+
+def test_patch_cli_json(tmp_path: Path) -> None:
+    out = tmp_path / "k.o"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvpatch", "patch", str(FIX / "x86_64" / "kernel61.o"), "-o",
+         str(out), "--ops", CAT["x86_64"], "--json", "--no-verify"],
+        capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert {"input", "output", "arch", "sites", "thunks", "counts", "verify"} <= set(doc)
+    site = doc["sites"][0]
+    assert set(site) == {"index", "section", "offset", "address", "type", "op", "len",
+                         "clobbers", "action", "reason", "before", "after"}
+    assert sum(doc["counts"].values()) == len(doc["sites"]) == 21
+    by_op = {s["op"]: s for s in doc["sites"]}
+    assert by_op["irq.save_fl"]["after"] == "9c580f1f4000"
+    assert by_op["irq.irq_disable"]["after"] == "fa0f1f440000"
+    assert by_op["cpu.io_delay"]["action"] == "keep"
+    assert by_op["cpu.io_delay"]["reason"] == "no native form and no target"
+
+
+def test_clobber_mask_refuses_inline(tmp_path: Path) -> None:
+    """save_fl changes rax: refused where the site allows none."""
+    src = FIX / "x86_64" / "kernel61.o"
+    data = bytearray(src.read_bytes())
+    res = pvpatch.load(src, ops=CAT["x86_64"])
+    assert res.table is not None
+    site = next(s for s in res.sites if s.op == "irq.save_fl")
+    data[res.table.section.offset + site.index * 16 + 10] = 0  # clobbers = none
+    path = tmp_path / "k.o"
+    path.write_bytes(bytes(data))
+    rw = patch(path, ops=CAT["x86_64"])
+    d = next(p.decision for p in rw.patches if p.decision.site.index == site.index)
+    assert d.action == "keep" and d.reason == "clobbers rax, site allows none"
+
+
+# -- linked files -------------------------------------------------------------------
+
+
+def test_vmlinux(tmp_path: Path) -> None:
+    vmlinux = corpus.x86_64_vmlinux()
+    assert vmlinux is not None
+    rw = patch(vmlinux)
+    counts = rw.plan.counts()
+    assert counts["inline"] > 2000 and counts["keep"] > 1000
+    orig = vmlinux.read_bytes()
+    assert len(rw.data) == len(orig)
+    spans = sorted((p.decision.site.file_offset, p.decision.site.len) for p in rw.patches
+                   if p.decision.rewrites)
+    masked_a, masked_b = bytearray(orig), bytearray(rw.data)
+    for off, n in spans:
+        masked_a[off : off + n] = masked_b[off : off + n] = bytes(n)
+    assert masked_a == masked_b
+    ops = {p.decision.site.op for p in rw.patches if p.decision.action == "inline"}
+    assert {"irq.save_fl", "irq.irq_disable", "irq.irq_enable", "mmu.read_cr2",
+            "mmu.pte_val"} <= ops
+    out = tmp_path / "vmlinux"
+    out.write_bytes(rw.data)
+    proc = subprocess.run(["readelf", "-a", "-W", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0 and not proc.stderr.strip()
+    with pytest.raises(pvpatch.RewriteError, match="refused for linked files"):
+        patch(vmlinux, drop=True)
+
+
+# -- the real modules ---------------------------------------------------------------
+
+
+def test_corpus_modules(tmp_path: Path) -> None:
+    vmlinux = corpus.x86_64_vmlinux()
+    assert vmlinux is not None
+    modules = corpus.x86_64_pv_modules()
+    assert len(modules) > 40
+    inlined: set[str] = set()
+    for ko in modules:
+        rw = patch(ko, ops=f"btf:{vmlinux}")
+        out = tmp_path / ko.name
+        check_rewrite(ko, rw, out, tmp_path)
+        for p in rw.patches:
+            d = p.decision
+            if d.action == "inline":
+                inlined.add(d.site.op or "")
+            else:
+                assert d.action == "keep" and d.reason, (ko.name, d)
+        # a signature would be stale on a changed module; an unchanged one keeps it
+        changed = any(p.decision.rewrites for p in rw.patches)
+        assert rw.signature_removed == changed
+        assert rw.data.endswith(b"~Module signature appended~\n") != changed
+    assert {"irq.save_fl", "irq.irq_disable", "irq.irq_enable", "mmu.pte_val"} <= inlined

@@ -1,0 +1,225 @@
+"""`pvpatch scan` on the committed fixtures, checked against the readelf-based decoder,
+and the scanner's findings on deliberately broken tables."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import independent
+import pytest
+from test_corpus_scan import _compare, _scan
+
+import pvpatch
+from pvpatch.elf import ElfFile
+
+REPO = Path(__file__).resolve().parent.parent
+FIX = REPO / "fixtures"
+WITH_TABLE = [
+    FIX / "x86_64" / n for n in ("kernel61.o", "seed.o", "legacy.o", "prog.o", "prog", "prog-pie",
+                                 "prog-sse")
+] + [FIX / "i386" / n for n in ("kernel61.o", "seed.o", "prog.o", "prog", "prog-pie")]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def test_fixtures_match_independent_decoding() -> None:
+    records = _scan(WITH_TABLE)
+    errors: list[str] = []
+    total = 0
+    for path in WITH_TABLE:
+        ref = independent.decode(path)
+        assert ref.sites, path
+        total += len(ref.sites)
+        errors += _compare(path, records[path.resolve()], ref)
+    assert not errors, "\n".join(errors[:20])
+    assert total >= 80
+
+
+def test_elf_types_and_addresses() -> None:
+    records = _scan(WITH_TABLE)
+    kinds = {p.name + "/" + p.parent.name: records[p.resolve()]["elf_type"] for p in WITH_TABLE}
+    assert kinds["prog/x86_64"] == "EXEC"
+    assert kinds["prog-pie/x86_64"] == "DYN"
+    assert kinds["prog-pie/i386"] == "DYN"
+    assert kinds["kernel61.o/i386"] == "REL"
+    for p in WITH_TABLE:
+        rec = records[p.resolve()]
+        for s in rec["sites"]:
+            assert (s["address"] is None) == (rec["elf_type"] == "REL")
+
+
+def test_legacy_short_last_entry() -> None:
+    """Before 6.1 the last entry has no trailing padding: 16*n - 4 bytes."""
+    elf = ElfFile.open(FIX / "x86_64" / "legacy.o")
+    sec = elf.section(".parainstructions")
+    assert sec is not None and sec.size % 16 == 12
+    res = pvpatch.load(FIX / "x86_64" / "legacy.o")
+    assert res.table is not None and res.table.count == (sec.size + 4) // 16
+    assert len(res.sites) == res.table.count
+
+
+def test_plain_object_has_no_table() -> None:
+    proc = run("scan", "--json", str(FIX / "x86_64" / "plain.o"))
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)["files"][0]
+    assert rec["table"] is None and rec["sites"] == []
+
+
+def test_json_shape_exact() -> None:
+    proc = run("scan", "--json", "--ops", "catalog:linux-6.1-x86_64",
+               str(FIX / "x86_64" / "kernel61.o"))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert set(doc) == {"files"}
+    rec = doc["files"][0]
+    assert set(rec) == {"path", "arch", "elf_type", "table", "sites"}
+    assert set(rec["table"]) == {"section", "layout", "entry_size", "count"}
+    site = rec["sites"][0]
+    assert set(site) == {"index", "section", "offset", "address", "type", "op", "len",
+                         "clobbers", "clobber_regs", "bytes", "insns"}
+    ops = {s["type"]: s["op"] for s in rec["sites"]}
+    assert ops[30] == "irq.save_fl" and ops[31] == "irq.irq_disable"
+    assert ops[32] == "irq.irq_enable"
+    by_type = {s["type"]: s for s in rec["sites"]}
+    assert by_type[30]["clobber_regs"] == ["rax"]
+    assert by_type[0]["clobber_regs"] == ["rax", "rcx", "rdx", "rdi", "rsi", "r8", "r9",
+                                          "r10", "r11"]
+    # objdump agrees on the instruction at the site
+    assert by_type[30]["insns"][0].startswith("call")
+
+
+def test_i386_clobber_regs() -> None:
+    res = pvpatch.load(FIX / "i386" / "kernel61.o")
+    masks = {s.clobbers: s.clobber_regs for s in res.sites}
+    assert masks[0x5] == ("eax", "edx")
+    assert masks[0xF] == ("eax", "ecx", "edx", "edi")
+
+
+def test_text_output_lists_every_site() -> None:
+    proc = run("scan", str(FIX / "x86_64" / "kernel61.o"))
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert "21 sites" in lines[0]
+    assert sum(1 for ln in lines if ".text+0x" in ln or "text+0x" in ln) == 21
+
+
+def test_scan_does_not_import_heavy_libraries() -> None:
+    code = (
+        "import sys, pvpatch.cli as c\n"
+        "c.main(['scan', '--json', 'fixtures/x86_64/kernel61.o'])\n"
+        "print([m for m in ('unicorn', 'lief', 'keystone') if m in sys.modules], file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+    proc = subprocess.run([sys.executable, "-c",
+                           "import sys, pvpatch.cli\n"
+                           "try:\n pvpatch.cli.main(['--help'])\nexcept SystemExit: pass\n"
+                           "print(sorted(m for m in ('unicorn','capstone','elftools','lief') "
+                           "if m in sys.modules), file=sys.stderr)"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+
+
+# -- findings on broken tables ------------------------------------------------
+
+
+def _table_entry(data: bytearray, elf: ElfFile, index: int) -> int:
+    sec = elf.section(".parainstructions")
+    assert sec is not None
+    return sec.offset + index * 16
+
+
+def _copy_with(tmp_path: Path, src: Path, edit: object) -> Path:
+    data = bytearray(src.read_bytes())
+    elf = ElfFile(bytes(data), str(src))
+    edit(data, elf)  # type: ignore[operator]
+    out = tmp_path / src.name
+    out.write_bytes(data)
+    return out
+
+
+def test_slot_mismatch_is_reported(tmp_path: Path) -> None:
+    def edit(data: bytearray, elf: ElfFile) -> None:
+        at = _table_entry(data, elf, 0)
+        data[at + 8] = 99  # type byte no longer matches pv_ops+OFF of the call
+
+    path = _copy_with(tmp_path, FIX / "x86_64" / "kernel61.o", edit)
+    res = pvpatch.load(path)
+    rules = [(f.rule, f.site_index) for f in res.findings]
+    assert ("PV106", 0) in rules
+    proc = run("scan", str(path))
+    assert proc.returncode == 0
+    assert "PV106" in proc.stderr and "slot-mismatch" in proc.stderr
+
+
+def test_overlap_and_overrun_and_zero_length(tmp_path: Path) -> None:
+    def edit(data: bytearray, elf: ElfFile) -> None:
+        data[_table_entry(data, elf, 1) + 9] = 200  # site 1 runs far past its neighbour
+        data[_table_entry(data, elf, 2) + 9] = 0  # zero-length site
+
+    res = pvpatch.load(_copy_with(tmp_path, FIX / "x86_64" / "kernel61.o", edit))
+    rules = {f.rule for f in res.findings}
+    assert {"PV104", "PV109"} <= rules
+    assert 2 not in {s.index for s in res.sites}
+    assert len(res.sites) >= 19  # the rest of the table is still decoded
+
+
+def test_site_past_section_end(tmp_path: Path) -> None:
+    def edit(data: bytearray, elf: ElfFile) -> None:
+        data[_table_entry(data, elf, 20) + 9] = 250
+
+    res = pvpatch.load(_copy_with(tmp_path, FIX / "x86_64" / "kernel61.o", edit))
+    assert any(f.rule == "PV103" and f.site_index == 20 for f in res.findings)
+
+
+def test_entry_outside_exec_section(tmp_path: Path) -> None:
+    src = FIX / "x86_64" / "prog"
+
+    def edit(data: bytearray, elf: ElfFile) -> None:
+        sec = elf.section(".parainstructions")
+        rodata = elf.section(".rodata")
+        assert sec is not None and rodata is not None
+        struct.pack_into("<Q", data, sec.offset, rodata.addr)
+
+    res = pvpatch.load(_copy_with(tmp_path, src, edit))
+    assert any(f.rule == "PV102" and f.site_index == 0 for f in res.findings)
+
+
+def test_duplicate_entries_warn(tmp_path: Path) -> None:
+    src = FIX / "x86_64" / "prog"
+
+    def edit(data: bytearray, elf: ElfFile) -> None:
+        at = _table_entry(data, elf, 0)
+        data[at + 16 : at + 32] = data[at : at + 16]
+
+    res = pvpatch.load(_copy_with(tmp_path, src, edit))
+    dup = [f for f in res.findings if f.rule == "PV204"]
+    assert dup and dup[0].severity == "warning"
+
+
+def test_table_size_not_whole(tmp_path: Path) -> None:
+    def edit(data: bytearray, elf: ElfFile) -> None:
+        sec = elf.section(".parainstructions")
+        assert sec is not None
+        shdr = elf.e_shoff + sec.index * 64
+        struct.pack_into("<Q", data, shdr + 32, sec.size - 8)  # sh_size: 16n - 8
+
+    path = _copy_with(tmp_path, FIX / "x86_64" / "kernel61.o", edit)
+    proc = run("scan", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "not a whole number" in proc.stderr
+
+
+@pytest.mark.parametrize("layout", ["linux-2.6.29-x86_64"])
+def test_layout_override_renames_bits(layout: str) -> None:
+    res = pvpatch.load(FIX / "x86_64" / "kernel61.o", layout=layout)
+    assert res.layout is not None and res.layout.name == layout
+    regs = {s.clobbers: s.clobber_regs for s in res.sites}
+    assert regs[0x1FF][3:5] == ("rsi", "rdi")  # 2.6.29 numbers rsi bit 3, rdi bit 4

@@ -1,0 +1,197 @@
+"""Register-saving thunks and spec files: patched programs run natively and stay clean."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pvpatch
+from pvpatch.backend import parse_spec_text
+from pvpatch.elf import ElfFile
+
+REPO = Path(__file__).resolve().parent.parent
+FIX = REPO / "fixtures"
+
+# prog.c's own pv_ops slots (fixtures/README.md): C functions that clobber every
+# caller-saved register.
+SPEC = """
+[ops.29]
+action = "call"
+target = "prog_restore_fl"
+convention = "c"
+[ops.30]
+action = "call"
+target = "prog_save_fl"
+[ops.31]
+action = "call"
+target = "prog_irq_disable"
+[ops.32]
+action = "call"
+target = "prog_irq_enable"
+[ops.44]
+action = "call"
+target = "prog_read_cr3"
+[ops.45]
+action = "call"
+target = "prog_write_cr3"
+"""
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC)
+    return path
+
+
+def pvpatch_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def run_prog(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(path)], capture_output=True, text=True, timeout=20)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+@pytest.mark.parametrize("name", ["prog", "prog-pie"])
+def test_linked_program_runs_clean(arch: str, name: str, spec: Path, tmp_path: Path) -> None:
+    src = FIX / arch / name
+    unpatched = run_prog(src)
+    assert unpatched.returncode == 1 and "corrupted" in unpatched.stdout
+    out = tmp_path / name
+    proc = pvpatch_cli("patch", str(src), "-o", str(out), "--backend", str(spec), "--ops",
+                       "none", "--json", "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    actions = {s["type"]: s["action"] for s in report["sites"]}
+    # callee-save sites go through thunks, CLBR_ANY sites call the C function directly
+    assert actions == {29: "thunk", 30: "thunk", 31: "thunk", 32: "thunk", 44: "call",
+                       45: "call"}
+    saves = {t["target"]: t["saves"] for t in report["thunks"]}
+    want = ["rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11"] if arch == "x86_64" \
+        else ["ecx", "edx"]  # the seed's i386 thunk for an eax-only site
+    assert saves == {t: want for t in ("prog_restore_fl", "prog_save_fl", "prog_irq_disable",
+                                       "prog_irq_enable")}
+    for t in report["thunks"]:
+        assert t["address"] is not None and t["section"] == ".text.pvpatch"
+    ran = run_prog(out)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
+    # the new segment is read+execute, not writable, and past the others
+    ph = subprocess.run(["readelf", "-l", "-W", str(out)], capture_output=True, text=True,
+                        check=True).stdout
+    loads = [ln.split() for ln in ph.splitlines() if ln.strip().startswith("LOAD")]
+    last = loads[-1]
+    assert last[-3:-1] == ["R", "E"], last
+    assert int(last[2], 16) == max(int(x[2], 16) for x in loads)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+def test_relocatable_then_linked(arch: str, spec: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prog.o"
+    proc = pvpatch_cli("patch", str(FIX / arch / "prog.o"), "-o", str(out), "--backend",
+                       str(spec), "--ops", "none", "--json", "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert {t["symbol"] for t in report["thunks"]} == {
+        "__raw_callee_save_prog_restore_fl", "__raw_callee_save_prog_save_fl",
+        "__raw_callee_save_prog_irq_disable", "__raw_callee_save_prog_irq_enable"}
+    # the thunks are local FUNC symbols with sizes, before the globals
+    syms = subprocess.run(["readelf", "-s", "-W", str(out)], capture_output=True, text=True,
+                          check=True).stdout
+    for t in report["thunks"]:
+        line = next(ln for ln in syms.splitlines() if ln.endswith(" " + t["symbol"]))
+        fields = line.split()
+        assert fields[3] == "FUNC" and fields[4] == "LOCAL" and int(fields[2]) > 0
+    assert subprocess.run(["eu-elflint", "--gnu-ld", "-q", str(out)]).returncode == 0
+    m32 = ["-m32"] if arch == "i386" else []
+    exe = tmp_path / "prog"
+    subprocess.run(["gcc", *m32, "-no-pie", "-o", str(exe), str(out)], check=True)
+    ran = run_prog(exe)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
+    # thunk bytes, disassembled by objdump: pushes, call, pops in reverse, ret
+    dis = subprocess.run(["objdump", "-d", "-j", ".text.pvpatch", str(out)],
+                         capture_output=True, text=True, check=True).stdout
+    body = dis.split("<__raw_callee_save_prog_irq_disable>:", 1)[1].split("\n\n", 1)[0]
+    mnem = [re.split(r"\s+", ln.split("\t")[2].strip())[0] for ln in body.splitlines()
+            if ln.count("\t") >= 2]
+    pushes = mnem.count("push")
+    assert pushes == (8 if arch == "x86_64" else 2)
+    assert mnem.count("pop") == pushes and mnem[-1] == "ret" and "call" in mnem
+
+
+def test_sse_callee_keeps_stack_aligned(spec: Path, tmp_path: Path) -> None:
+    src = FIX / "x86_64" / "prog-sse"
+    out = tmp_path / "prog-sse"
+    proc = pvpatch_cli("patch", str(src), "-o", str(out), "--backend", str(spec), "--ops",
+                       "none", "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    ran = run_prog(out)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
+
+
+def test_endbr_when_asked(tmp_path: Path) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC + "\n[thunks]\nendbr = true\n")
+    res = pvpatch.load(FIX / "x86_64" / "prog.o", ops="none")
+    rw = pvpatch.apply_plan(pvpatch.make_plan(res, str(spec)))
+    out = ElfFile(rw.data)
+    sec = out.section(".text.pvpatch")
+    assert sec is not None
+    code = out.section_data(sec)
+    for t in rw.thunks:
+        assert code[t.offset : t.offset + 4] == bytes.fromhex("f30f1efa")
+
+
+def test_one_thunk_per_target_and_saved_set() -> None:
+    res = pvpatch.load(FIX / "x86_64" / "kernel61.o", ops="catalog:linux-6.1-x86_64")
+    text = """
+    [ops."irq.irq_disable"]
+    action = "call"
+    target = "xen_irq_disable"
+    [ops."irq.irq_enable"]
+    action = "call"
+    target = "xen_irq_disable"
+    """
+    plan = pvpatch.make_plan(res, parse_spec_text(text, res.arch))
+    assert len(plan.thunks) == 1
+    assert sum(d.action == "thunk" for d in plan.decisions) == 5
+    rw = pvpatch.apply_plan(plan)
+    elf = ElfFile(rw.data)
+    undefined = [s for s in elf.symbols if s.name == "xen_irq_disable"]
+    assert len(undefined) == 1 and undefined[0].shndx == 0 and undefined[0].bind == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[ops."irq.save_fl"]\naction = "inline"\nasm = "pushfq; popq %rax"\n', "clobbers"),
+        ('[ops."irq.save_fl"]\naction = "inline"\nasm = "frobnicate %rax"\nclobbers = []\n',
+         "does not assemble"),
+        ('[ops."irq.save_fl"]\naction = "call"\n', "needs a target"),
+        ('[ops."irq.save_fl"]\naction = "call"\ntarget = "f"\nconvention = "pascal"\n',
+         "convention"),
+        ('[ops."irq.save_fl"]\naction = "inline"\nbytes = "9c58"\nclobbers = ["rzz"]\n',
+         "unknown x86_64 register 'rzz'"),
+        ('[ops."irq.save_fl"]\naction = "inline"\nbytes = "9c58"\nclobbers = []\ncolour = 1\n',
+         "unknown key 'colour'"),
+        ('arch = "i386"\n', "the spec is for i386"),
+        ('[ops."irq.save_fl"]\naction = "inline"\nasm = "pushfq; popq %rax"\nbytes = "9c59"\n'
+         'clobbers = ["rax"]\n', "asm assembles to 9c58, bytes say 9c59"),
+    ],
+)
+def test_bad_spec_refused_with_line(text: str, words: str, tmp_path: Path) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text("# a spec\n" + text)
+    out = tmp_path / "o.o"
+    proc = pvpatch_cli("patch", str(FIX / "x86_64" / "kernel61.o"), "-o", str(out),
+                       "--backend", str(spec))
+    assert proc.returncode == 2
+    assert words in proc.stderr and str(spec) + ":" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
