@@ -8,8 +8,10 @@ to the layout, not to the architecture.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 
 from .arch import ARCHES, Arch
@@ -46,6 +48,27 @@ class TableLayout:
     def entry_bytes(self) -> int:
         """Bytes an entry must hold: the last one may lack trailing padding."""
         return max(f.offset + f.size for f in (self.instr, self.type, self.len, self.clobbers))
+
+    @cached_property
+    def _entry_struct(self) -> tuple[struct.Struct, tuple[int, int, int]]:
+        """A whole-stride struct yielding the type, len and clobbers fields, and their order."""
+        fields = sorted((("type", self.type), ("len", self.len), ("clobbers", self.clobbers)),
+                        key=lambda nf: nf[1].offset)
+        fmt, pos = "<", 0
+        for _name, f in fields:
+            fmt += "x" * (f.offset - pos) + {1: "B", 2: "H", 4: "I"}[f.size]
+            pos = f.offset + f.size
+        fmt += "x" * (self.stride - pos)
+        names = [n for n, _f in fields]
+        return struct.Struct(fmt), (names.index("type"), names.index("len"),
+                                    names.index("clobbers"))
+
+    def entries(self, data: bytes) -> list[tuple[int, int, int]]:
+        """(type, len, clobbers) of each entry; `data` is padded to whole strides."""
+        st, (t, n, c) = self._entry_struct
+        if (t, n, c) == (0, 1, 2):
+            return list(st.iter_unpack(data))
+        return [(v[t], v[n], v[c]) for v in st.iter_unpack(data)]
 
     def regs(self, mask: int) -> tuple[str, ...]:
         return tuple(r for bit, r in enumerate(self.clobber_bits) if mask >> bit & 1)

@@ -78,6 +78,7 @@ class Planner:
         elf = scan.elf
         self.endbr = backend.endbr if backend.endbr is not None else elf.has_ibt_property()
         self.linked = not elf.is_relocatable
+        self._inline_cache: dict[tuple[str, int, int], tuple[Action, str | None, bytes | None]] = {}
 
     def plan(self, drop_patched: bool = False) -> Plan:
         decisions = tuple(self.decide(s) for s in self.scan.sites)
@@ -109,14 +110,23 @@ class Planner:
         return self._call(site, rule)
 
     def _inline(self, site: Site, rule: OpRule) -> Decision:
+        # Tables have thousands of sites of a few shapes: decide each shape once.
+        key = (rule.key, site.len, site.clobbers)
+        shape = self._inline_cache.get(key)
+        if shape is None:
+            shape = self._inline_cache[key] = self._inline_shape(site, rule)
+        action, reason, code = shape
+        return Decision(site, action, reason, code=code, rule=rule,
+                        tail=rule.tail and action == "inline")
+
+    def _inline_shape(self, site: Site, rule: OpRule) -> tuple[Action, str | None, bytes | None]:
         assert rule.code is not None
         if len(rule.code) > site.len:
-            return Decision(site, "keep", _short(len(rule.code), site.len), rule=rule)
+            return "keep", _short(len(rule.code), site.len), None
         extra = sorted(rule.clobbers - set(site.clobber_regs), key=self._reg_order)
         if extra:
-            return Decision(site, "keep", f"clobbers {_regs(extra)}, {_allows(site)}", rule=rule)
-        code = rule.code + self.arch.nop_fill(site.len - len(rule.code))
-        return Decision(site, "inline", code=code, rule=rule, tail=rule.tail)
+            return "keep", f"clobbers {_regs(extra)}, {_allows(site)}", None
+        return "inline", None, rule.code + self.arch.nop_fill(site.len - len(rule.code))
 
     def _target_problem(self, target: str) -> str | None:
         """A linked file has no linker left to resolve a missing target."""

@@ -235,10 +235,13 @@ class _RelocatableRewriter(_Rewriter):
         self.new_locals: list[tuple[str, int, int, int, int, int]] = []
         self.new_globals: list[tuple[str, int, int, int, int, int]] = []
         self.global_index: dict[str, int] = {}
-        # relocation section index -> its entries, once edited
-        self.edited: dict[int, list[Relocation]] = {}
-        self.new_relsecs: dict[int, int] = {}  # text index -> index of a new .rela section
-        self.new_reloc_lists: dict[int, list[Relocation]] = {}
+        # Edits per relocation section: positions removed, entries added, or
+        # (for the table) the whole list replaced.  Built lazily, never O(n) per site.
+        self.removed: dict[int, set[int]] = {}
+        self.added: dict[int, list[Relocation]] = {}
+        self.replaced: dict[int, list[Relocation]] = {}
+        self.new_reloc_lists: dict[int, list[Relocation]] = {}  # sections without a .rela
+        self._by_text: dict[int, tuple[list[int], list[tuple[int, int, Relocation]]]] = {}
         thunks = self._place_thunks()
         rewritten: set[int] = set()
         for d in self.plan.decisions:
@@ -324,30 +327,22 @@ class _RelocatableRewriter(_Rewriter):
 
     # sites -----------------------------------------------------------------
 
-    def _relsec_for(self, text_index: int) -> int:
-        """The relocation section of a text section, creating one if it has none."""
-        relsecs = self.elf.relocation_sections(self.elf.sections[text_index])
-        if relsecs:
-            idx = relsecs[0].index
-            if idx not in self.edited:
-                self.edited[idx] = list(self.elf.relocations(relsecs[0]))
-            return idx
-        if text_index not in self.new_relsecs:
-            self.new_reloc_lists.setdefault(text_index, [])
-            self.new_relsecs[text_index] = -1  # created in _emit
-        return -1 - text_index
-
-    def _site_relocs(self, d: Decision) -> list[tuple[int, Relocation]]:
-        out: list[tuple[int, Relocation]] = []
+    def _site_relocs(self, d: Decision) -> list[tuple[int, int, Relocation]]:
+        """(relocation section, position, entry) of the relocations inside a site."""
         site = d.site
-        for relsec in self.elf.relocation_sections(self.elf.sections[site.section_index]):
-            entries = self.edited.get(relsec.index)
-            if entries is None:
-                entries = list(self.elf.relocations(relsec))
-            out.extend(
-                (relsec.index, r) for r in entries if site.offset <= r.offset < site.end
-            )
-        return out
+        index = self._by_text.get(site.section_index)
+        if index is None:
+            rows = []
+            for relsec in self.elf.relocation_sections(self.elf.sections[site.section_index]):
+                rows += [(r.offset, relsec.index, pos, r)
+                         for pos, r in enumerate(self.elf.relocations(relsec))]
+            rows.sort(key=lambda row: row[0])
+            index = self._by_text[site.section_index] = (
+                [row[0] for row in rows], [row[1:] for row in rows])
+        offsets, entries = index
+        lo = bisect.bisect_left(offsets, site.offset)
+        hi = bisect.bisect_left(offsets, site.end)
+        return [e for e in entries[lo:hi] if e[1] not in self.removed.get(e[0], ())]
 
     def _patch_site(self, d: Decision, thunks: dict[str, PlacedThunk]) -> None:
         site = d.site
@@ -370,16 +365,14 @@ class _RelocatableRewriter(_Rewriter):
             return
         text = self.text(site.section_index)
         text[site.offset : site.end] = after
-        for relsec_index, r in inside:
-            entries = self.edited.setdefault(relsec_index, list(self.elf.relocations(
-                self.elf.sections[relsec_index])))
-            entries.remove(r)
+        for relsec_index, pos, _r in inside:
+            self.removed.setdefault(relsec_index, set()).add(pos)
         if want_reloc is not None:
-            key = self._relsec_for(site.section_index)
-            if key >= 0:
-                self.edited[key].append(want_reloc)
+            relsecs = self.elf.relocation_sections(self.elf.sections[site.section_index])
+            if relsecs:
+                self.added.setdefault(relsecs[0].index, []).append(want_reloc)
             else:
-                self.new_reloc_lists[site.section_index].append(want_reloc)
+                self.new_reloc_lists.setdefault(site.section_index, []).append(want_reloc)
         self.patches.append(SitePatch(d, site.code, after, False))
 
     def _thunk_symbol_index(self, symbol: str) -> int:
@@ -388,13 +381,13 @@ class _RelocatableRewriter(_Rewriter):
                 return self.NEW_LOCAL + k
         raise RewriteError(f"thunk {symbol} was not placed", self.elf.path)
 
-    def _already(self, inside: list[tuple[int, Relocation]], want: Relocation | None,
+    def _already(self, inside: list[tuple[int, int, Relocation]], want: Relocation | None,
                  d: Decision) -> bool:
         if want is None:
             return not inside
         if len(inside) != 1:
             return False
-        r = inside[0][1]
+        r = inside[0][2]
         sym = self.elf.symbol(r.sym)
         return (r.offset == want.offset and r.type == want.type and r.addend == want.addend
                 and sym.name == d.target)
@@ -414,13 +407,12 @@ class _RelocatableRewriter(_Rewriter):
         new = b"".join(data[i * stride : (i + 1) * stride] for i in keep)
         self.output.set_data(table.section.index, new)
         for relsec in elf.relocation_sections(table.section):
-            entries = self.edited.get(relsec.index) or list(elf.relocations(relsec))
             out = []
-            for r in entries:
+            for r in self._entries(relsec.index):
                 base = r.offset - r.offset % stride
                 if base in moved:
                     out.append(r._replace(offset=moved[base] + r.offset % stride))
-            self.edited[relsec.index] = out
+            self.replaced[relsec.index] = out
         return table.count - len(keep)
 
     # emit --------------------------------------------------------------------
@@ -434,14 +426,16 @@ class _RelocatableRewriter(_Rewriter):
         assert symtab is not None
         # Every relocation section that names symbols must be rewritten if
         # new locals moved the globals.
+        touched = set(self.removed) | set(self.added) | set(self.replaced)
         for sec in elf.sections:
-            if (sec.type in (SHT_REL, SHT_RELA) and sec.link == symtab.index and shift
-                    and sec.index not in self.edited):
-                self.edited[sec.index] = list(elf.relocations(sec))
-        for relsec_index, entries in self.edited.items():
+            if sec.type in (SHT_REL, SHT_RELA) and sec.link == symtab.index and shift:
+                touched.add(sec.index)
+        for relsec_index in sorted(touched):
             sec = elf.sections[relsec_index]
-            fixed = [r._replace(sym=self._final(r.sym)) for r in entries]
-            fixed.sort(key=lambda r: r.offset)
+            fixed = self._entries(relsec_index)
+            if shift or self.new_globals:
+                fixed = [r._replace(sym=self._final(r.sym)) for r in fixed]
+            fixed.sort(key=lambda r: r.offset)  # stable: equal offsets keep their order
             out.set_data(relsec_index, self._pack_relocs(sec.type == SHT_RELA, fixed,
                                                          elf.sections[sec.info]))
         rela = self.arch.uses_rela
@@ -460,6 +454,15 @@ class _RelocatableRewriter(_Rewriter):
                            key=lambda r: r.offset)
             out.set_data(idx, self._pack_relocs(rela, fixed, None))
         self._emit_symbols()
+
+    def _entries(self, relsec_index: int) -> list[Relocation]:
+        """A relocation section's entries after this rewrite's edits."""
+        if relsec_index in self.replaced:
+            return self.replaced[relsec_index]
+        removed = self.removed.get(relsec_index, set())
+        orig = self.elf.relocations(self.elf.sections[relsec_index])
+        kept = [r for pos, r in enumerate(orig) if pos not in removed] if removed else list(orig)
+        return kept + self.added.get(relsec_index, [])
 
     def _pack_relocs(self, rela: bool, relocs: list[Relocation], target: Section | None) -> bytes:
         cls = self.elf.cls

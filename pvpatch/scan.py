@@ -7,6 +7,8 @@ entries become `Finding`s so that the rest of the table is still usable.
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
 import itertools
 from collections import Counter
 from collections.abc import Sequence
@@ -34,7 +36,7 @@ class Table:
         return self.layout.stride
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Site:
     """One paravirt call site, as its table entry describes it."""
 
@@ -162,11 +164,8 @@ class _Scanner:
         entry_relocs = self._entry_relocations() if elf.is_relocatable else {}
         relative = {} if elf.is_relocatable else elf.relative_relocations
         sites: list[Site] = []
-        for i in range(count):
+        for i, (stype, slen, clob) in enumerate(lay.entries(data)):
             base = i * lay.stride
-            stype = lay.type.read(data, base)
-            slen = lay.len.read(data, base)
-            clob = lay.clobbers.read(data, base)
             where = self._locate(i, base, data, entry_relocs, relative)
             if where is None:
                 continue
@@ -175,9 +174,7 @@ class _Scanner:
             if site is not None:
                 sites.append(site)
         self._check_overlaps(sites)
-        if elf.is_relocatable:
-            sites = [self._check_relocs(s) for s in sites]
-        else:
+        if not elf.is_relocatable:
             sites = self._check_exec_slots(sites)
         return ScanResult(
             elf,
@@ -261,25 +258,25 @@ class _Scanner:
         elf = self.elf
         address = None if elf.is_relocatable else sec.addr + off
         op = self.ops.name_of(stype) if self.ops is not None else None
-        common = dict(
-            section=sec.name, offset=off, address=address, site_index=index, op=op,
-            file_offset=sec.offset + off, length=slen,
-        )
+        problem = None
         if off < 0 or off + slen > sec.size:
+            problem = ("PV103", f"site of {slen} bytes at {sec.name}+{off:#x} runs past the end "
+                       f"of {sec.name} ({sec.size:#x} bytes)")
+        elif slen == 0 or slen > MAX_PATCH_LEN:
+            problem = ("PV109", f"site length {slen} (must be 1..{MAX_PATCH_LEN})")
+        if problem is not None:
             self.findings.append(Finding(
-                "PV103", f"site of {slen} bytes at {sec.name}+{off:#x} runs past the end of "
-                f"{sec.name} ({sec.size:#x} bytes)", **common))  # type: ignore[arg-type]
-            return None
-        if slen == 0 or slen > MAX_PATCH_LEN:
-            self.findings.append(Finding(
-                "PV109", f"site length {slen} (must be 1..{MAX_PATCH_LEN})",
-                **common))  # type: ignore[arg-type]
+                problem[0], problem[1], section=sec.name, offset=off, address=address,
+                site_index=index, op=op, file_offset=sec.offset + off, length=slen))
             return None
         regs = self._regs_cache.get(clob)
         if regs is None:
             regs = self._regs_cache[clob] = self.layout.regs(clob)
         start = sec.offset + off
-        return Site(
+        code = elf.data[start : start + slen]
+        slot, crossings = self._check_relocs(sec.index, off, slen, code) \
+            if elf.is_relocatable else (None, [])
+        site = Site(
             index=index,
             section=sec.name,
             section_index=sec.index,
@@ -290,10 +287,16 @@ class _Scanner:
             clobbers=clob,
             clobber_regs=regs,
             op=op,
-            code=elf.data[start : start + slen],
+            code=code,
             file_offset=start,
             entry_offset=base,
+            slot=slot,
         )
+        for message in crossings:
+            self._site_finding("PV107", site, message)
+        if slot is not None and slot != stype:
+            self._slot_mismatch(site, slot)
+        return site
 
     # -- checks ------------------------------------------------------------
 
@@ -327,27 +330,29 @@ class _Scanner:
             idx = self._reloc_index[sec_index] = _RelocIndex(list(self.elf.relocations_for(sec)))
         return idx
 
-    def _check_relocs(self, site: Site) -> Site:
-        """Relocations crossing the site's edges, and the ops slot its call names."""
+    def _check_relocs(
+        self, sec_index: int, off: int, slen: int, code: bytes
+    ) -> tuple[int | None, list[str]]:
+        """The ops slot the site's call names, and relocations crossing its edges."""
         elf = self.elf
         arch = elf.arch
         slot = None
-        for r in self._relocs_of(site.section_index).between(site.offset - 8, site.end):
+        crossings = []
+        end = off + slen
+        for r in self._relocs_of(sec_index).between(off - 8, end):
             width = arch.reloc(r.type).width
-            if r.offset + width <= site.offset:
+            if r.offset + width <= off:
                 continue
-            if r.offset < site.offset or r.offset + width > site.end:
-                self._site_finding(
-                    "PV107", site, f"{arch.reloc_name(r.type)} at {site.section}+{r.offset:#x} "
-                    f"crosses the edge of site {site.index} ({site.section}+{site.offset:#x}, "
-                    f"{site.len} bytes)")
+            if r.offset < off or r.offset + width > end:
+                name = elf.sections[sec_index].name
+                crossings.append(
+                    f"{arch.reloc_name(r.type)} at {name}+{r.offset:#x} crosses the edge of "
+                    f"the site at {name}+{off:#x} ({slen} bytes)")
                 continue
-            found = call_slot_rel(elf, site, r, self.ops)
+            found = call_slot_rel(elf, code, r.offset - off, r, self.ops)
             if found is not None:
                 slot = found
-        if slot is not None and slot != site.type:
-            self._slot_mismatch(site, slot)
-        return _with_slot(site, slot)
+        return slot, crossings
 
     def _slot_mismatch(self, site: Site, slot: int) -> None:
         name = self.ops.name_of(slot) if self.ops is not None else None
@@ -380,9 +385,7 @@ class _Scanner:
 
 
 def _with_slot(site: Site, slot: int | None) -> Site:
-    if slot is None:
-        return site
-    return Site(**{**site.__dict__, "slot": slot})
+    return site if slot is None else dataclasses.replace(site, slot=slot)
 
 
 def site_finding(rule: str, site: Site, message: str) -> Finding:
@@ -409,20 +412,36 @@ CALL_FORMS: tuple[tuple[bytes, str, bool], ...] = (
 )
 
 
+@functools.cache
+def _is_ops_table(name: str) -> bool:
+    # pv_ops (4.20 on) or the per-group tables of older kernels (pv_irq_ops, ...)
+    return name.startswith("pv_") and name.endswith("ops")
+
+
+@functools.cache
+def _forms_of(arch: str) -> tuple[tuple[bytes, bool], ...]:
+    return tuple((opcode, rip) for opcode, form_arch, rip in CALL_FORMS if form_arch == arch)
+
+
 def _call_form_at(arch: str, code: bytes, field_at: int) -> tuple[bytes, bool] | None:
-    for opcode, form_arch, rip in CALL_FORMS:
+    for opcode, rip in _forms_of(arch):
         start = field_at - len(opcode)
-        if form_arch == arch and start >= 0 and code[start:field_at] == opcode:
+        if start >= 0 and code[start:field_at] == opcode:
             return opcode, rip
     return None
 
 
-def call_slot_rel(elf: ElfFile, site: Site, r: Relocation, ops: OpCatalog | None) -> int | None:
-    """The ops slot a relocated indirect call inside `site` uses, if it is one."""
+def call_slot_rel(
+    elf: ElfFile, code: bytes, field_at: int, r: Relocation, ops: OpCatalog | None
+) -> int | None:
+    """The ops slot a relocated indirect call in `code` uses, if it is one.
+
+    `field_at` is where the relocated field starts inside `code`.
+    """
     sym = elf.symbol(r.sym)
-    if not (sym.name.startswith("pv_") and sym.name.endswith("ops")):
+    if not _is_ops_table(sym.name):
         return None
-    form = _call_form_at(elf.arch.name, site.code, r.offset - site.offset)
+    form = _call_form_at(elf.arch.name, code, field_at)
     if form is None:
         return None
     _opcode, rip = form

@@ -32,7 +32,7 @@ def test_python_examples(monkeypatch: object) -> None:
     for block in code:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            exec(compile(block, "README.md", "exec"), {})  # noqa: S102
+            exec(compile(block, "README.md", "exec"), {})
         printed = out.getvalue().splitlines()
         expected = [m.group(1).strip() for m in re.finditer(r"^print\(.*\)\s+#\s*(.+)$",
                                                             block, re.M)]

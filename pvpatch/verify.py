@@ -1,0 +1,780 @@
+"""The verify stage: prove by emulation that every rewritten site keeps its contract.
+
+For each rewritten site and each of N random trials (registers, arithmetic
+flags, IF, AC, DF, stack contents, CR2/CR3 for control-register ops), the
+*reference* run executes the original site with the op's slot pointing at a
+reference implementation: for inline and nop rewrites a model of the kernel's
+native function (pvpatch/data/reference/ARCH.toml, kept apart from the
+backends' byte tables); for call and thunk rewrites the target function's own
+code in the file.  The *patched* run executes the rewritten site (through its
+thunk, if any) in the patched file, loaded with its own relocations.
+
+The patched run must end exactly at the site's end with the stack pointer and
+every register outside the site's clobber mask unchanged, and leave the
+return register, EFLAGS.IF, the control registers (for CR ops) and every
+byte of memory the reference wrote (globals, scratch, the caller's stack
+frame) as the reference left them.  The reference may break the register
+contract (that is what a thunk repairs); the patched run may not.
+
+Verdicts: `pass`; `fail` with the failing trial's seed and what differed;
+`skip` with a reason (tail ops, traps, instructions a snippet cannot run, a
+reference that does not complete).  A call target that is not in the file
+(left for the linker) is replaced by a hostile C function in the patched run:
+the contract is still proven, the result is not compared ("contract only").
+Kept sites are not verified and are not listed.
+
+Every thunk is also run alone against a hostile callee that changes every
+caller-saved register and the arithmetic flags: each register the thunk
+saves must come back, the callee's return value must pass through, and on
+x86-64 the callee must be entered with rsp ≡ 8 (mod 16).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Literal
+
+from .arch import Arch
+from .elf import ElfFile
+from .emu import (
+    AC_FLAG,
+    ARITH_FLAGS,
+    BLOCK,
+    BLOCK_LEN,
+    CR0_TS,
+    DF_FLAG,
+    ENTRY_SP,
+    HOST,
+    IF_FLAG,
+    OUT,
+    SCRATCH_SIZE,
+    STATE,
+    Image,
+    Machine,
+    RunResult,
+    Runtime,
+    arch_runtime,
+    build_runtime,
+    exit_jump,
+    load_image,
+)
+from .errors import VerifyError
+from .rules import Finding
+
+if TYPE_CHECKING:
+    from .plan import Decision, Plan
+    from .rewrite import Rewrite
+    from .scan import ScanResult
+
+Status = Literal["pass", "fail", "skip"]
+DEFAULT_TRIALS = 16
+POOL_SIZE = 1 << 18  # random bytes each trial's state is cut from
+MAX_DETAIL = 12
+PARALLEL_TRIALS = 40_000  # below this many trials a process pool costs more than it saves
+
+CALLEE_SAVED = {"x86_64": ("rbx", "rbp", "r12", "r13", "r14", "r15"),
+                "i386": ("ebx", "ebp", "esi", "edi")}
+# Registers a site may return a value in (i386: 64-bit values in edx:eax).
+RESULT_REGS = {"x86_64": ("rax",), "i386": ("eax", "edx")}
+
+
+@dataclass(frozen=True)
+class SiteVerdict:
+    index: int
+    section: str
+    offset: int
+    address: int | None
+    op: str | None
+    action: str
+    status: Status
+    reason: str | None
+    trials: int
+    seed: int | None = None  # the failing trial's seed
+    detail: tuple[str, ...] = ()  # what differed, and both versions disassembled
+
+
+@dataclass(frozen=True)
+class ThunkVerdict:
+    symbol: str
+    target: str
+    address: int | None
+    status: Status
+    reason: str | None
+    trials: int
+    seed: int | None = None
+    detail: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    sites: tuple[SiteVerdict, ...]
+    thunks: tuple[ThunkVerdict, ...]
+
+    @property
+    def verdicts(self) -> tuple[SiteVerdict | ThunkVerdict, ...]:
+        return (*self.sites, *self.thunks)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        out = {"pass": 0, "fail": 0, "skip": 0}
+        for v in self.verdicts:
+            out[v.status] += 1
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not any(v.status == "fail" for v in self.verdicts)
+
+    @property
+    def failures(self) -> tuple[SiteVerdict | ThunkVerdict, ...]:
+        return tuple(v for v in self.verdicts if v.status == "fail")
+
+
+# -- reference models --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefModel:
+    op: str
+    code: bytes | None
+    cr: bool = False
+    skip: str | None = None
+
+
+@cache
+def reference_models(arch_name: str) -> Mapping[str, RefModel]:
+    """Op name (and alias) -> model, from pvpatch/data/reference/ARCH.toml."""
+    text = resources.files("pvpatch").joinpath("data", "reference", f"{arch_name}.toml") \
+        .read_text()
+    doc = tomllib.loads(text)
+    out: dict[str, RefModel] = {}
+    for name, body in doc.get("ops", {}).items():
+        raw = body.get("bytes")
+        model = RefModel(name, bytes.fromhex(raw) if raw is not None else None,
+                         bool(body.get("cr", False)), body.get("skip"))
+        if model.code is None and model.skip is None:
+            raise VerifyError(f"reference model {name} has neither bytes nor skip")
+        for alias in (name, *body.get("aliases", [])):
+            out[alias] = model
+    return out
+
+
+# -- jobs: everything a worker needs, picklable --------------------------------------
+
+
+@dataclass(frozen=True)
+class _SiteJob:
+    index: int
+    section: str
+    nth: int  # occurrence of the section name among allocated sections
+    offset: int
+    length: int
+    address: int | None
+    op: str | None
+    action: str
+    tail: bool
+    clobbers: tuple[str, ...]
+    target: str | None
+    convention: str
+
+
+@dataclass(frozen=True)
+class _ThunkJob:
+    symbol: str
+    target: str
+    saves: tuple[str, ...]
+    section: str
+    offset: int  # in the section
+    size: int
+    address: int | None = None  # link-time address, when known (linked files)
+
+
+@dataclass(frozen=True)
+class _FileJob:
+    orig_data: bytes
+    orig_path: str
+    patched_data: bytes
+    sites: tuple[_SiteJob, ...]
+    thunks: tuple[_ThunkJob, ...]
+    call_targets: tuple[tuple[str, str], ...]
+    trials: int
+    seed: int
+
+
+def _section_nth(elf: ElfFile, index: int) -> int:
+    name = elf.sections[index].name
+    return sum(1 for s in elf.sections[:index] if s.is_alloc and s.name == name)
+
+
+def _site_jobs(plan: Plan) -> tuple[_SiteJob, ...]:
+    elf = plan.scan.elf
+    out = []
+    for d in plan.decisions:
+        if not d.rewrites:
+            continue
+        s = d.site
+        rule = d.rule
+        target = rule.target if rule is not None and d.action in ("call", "thunk", "jmp") \
+            else d.target
+        out.append(_SiteJob(
+            s.index, s.section, _section_nth(elf, s.section_index), s.offset, s.len, s.address,
+            s.op, d.action, d.tail, s.clobber_regs, target,
+            rule.convention if rule is not None else "c",
+        ))
+    return tuple(out)
+
+
+def _call_targets(plan: Plan) -> tuple[tuple[str, str], ...]:
+    found: dict[str, str] = {}
+    for d in plan.decisions:
+        if d.action in ("call", "thunk") and d.rule is not None and d.rule.target:
+            conv = "c" if d.action == "thunk" else d.rule.convention
+            # The more hostile convention wins when a target is reached both ways.
+            if found.get(d.rule.target) != "c":
+                found[d.rule.target] = conv
+    return tuple(sorted(found.items()))
+
+
+def _thunk_jobs_from_layout(plan: Plan) -> tuple[_ThunkJob, ...]:
+    """Where the rewriter puts each thunk: 16-aligned, in plan order, in its section."""
+    from .thunk import THUNK_ALIGN, thunk_code
+
+    out = []
+    off = 0
+    for spec in plan.thunks:
+        off = (off + THUNK_ALIGN - 1) // THUNK_ALIGN * THUNK_ALIGN
+        size = len(thunk_code(plan.arch, spec).code)
+        out.append(_ThunkJob(spec.symbol, spec.target, spec.saves, plan.backend.thunk_section,
+                             off, size))
+        off += size
+    return tuple(out)
+
+
+# -- the public entry points ------------------------------------------------------------
+
+
+def verify_rewrite(rw: Rewrite, *, trials: int = DEFAULT_TRIALS, seed: int = 0,
+                   workers: int | None = None) -> VerifyReport:
+    """Verify a rewrite in memory (before it is written): original vs `rw.data`.
+
+    `workers`: processes to spread the sites over; None decides from the
+    amount of work, 1 keeps everything in this process.
+    """
+    plan = rw.plan
+    # PlacedThunk.offset is section-relative for ET_REL but segment-relative for
+    # linked files, whose thunks carry their address: use that when there is one.
+    thunks = tuple(_ThunkJob(t.spec.symbol, t.spec.target, t.spec.saves, t.section, t.offset,
+                             t.size, t.address) for t in rw.thunks)
+    return _verify(plan, rw.data, thunks, trials, seed, workers)
+
+
+def verify_files(original: ScanResult, patched: ElfFile, plan: Plan, *,
+                 trials: int = DEFAULT_TRIALS, seed: int = 0,
+                 workers: int | None = None) -> VerifyReport:
+    """Verify a patched file against its original, given the plan that says what each
+    site was meant to become (re-planned from the original by the caller).
+
+    Sites are found in the patched file by (section name, offset), so a patched
+    file whose table entries were dropped is verified all the same.
+    """
+    if plan.scan is not original and plan.scan.path != original.path:
+        raise VerifyError("the plan was not made from this original", original.path)
+    if patched.arch != original.arch:
+        raise VerifyError(f"the patched file is {patched.arch.name}, the original "
+                          f"{original.arch.name}", patched.path)
+    if patched.is_relocatable != original.elf.is_relocatable:
+        raise VerifyError("the patched file is not the same kind of ELF file as the original",
+                          patched.path)
+    return _verify(plan, patched.data, _thunk_jobs_from_layout(plan), trials, seed, workers)
+
+
+def _verify(plan: Plan, patched_data: bytes, thunks: tuple[_ThunkJob, ...], trials: int,
+            seed: int, workers: int | None) -> VerifyReport:
+    if trials < 1:
+        raise VerifyError("trials must be at least 1")
+    sites = _site_jobs(plan)
+    base = _FileJob(plan.scan.elf.data, plan.scan.path, patched_data, sites, thunks,
+                    _call_targets(plan), trials, seed)
+    n = _worker_count(len(sites) * trials, workers)
+    if n <= 1 or len(sites) < 2:
+        site_v, thunk_v = verify_job(base)
+        return VerifyReport(tuple(site_v), tuple(thunk_v))
+    chunks = [sites[k::n] for k in range(n)]
+    jobs = [_FileJob(base.orig_data, base.orig_path, base.patched_data, chunk,
+                     thunks if k == 0 else (), base.call_targets, trials, seed)
+            for k, chunk in enumerate(chunks) if chunk]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(verify_job, jobs))
+    all_sites = sorted((v for r in results for v in r[0]), key=lambda v: v.index)
+    return VerifyReport(tuple(all_sites), tuple(v for r in results for v in r[1]))
+
+
+def _worker_count(total_trials: int, workers: int | None) -> int:
+    if workers is not None:
+        return max(1, workers)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not cpus or total_trials < PARALLEL_TRIALS:
+        return 1
+    return min(cpus, total_trials // (PARALLEL_TRIALS // 2))
+
+
+def verify_json(report: VerifyReport) -> dict[str, Any]:
+    def one(v: SiteVerdict) -> dict[str, Any]:
+        return {"index": v.index, "section": v.section, "offset": v.offset,
+                "address": v.address, "op": v.op, "action": v.action, "status": v.status,
+                "reason": v.reason, "trials": v.trials, "seed": v.seed,
+                "detail": list(v.detail)}
+
+    return {
+        "sites": [one(v) for v in report.sites],
+        "thunks": [{"symbol": t.symbol, "target": t.target, "address": t.address,
+                    "status": t.status, "reason": t.reason, "trials": t.trials,
+                    "seed": t.seed, "detail": list(t.detail)} for t in report.thunks],
+        "summary": report.summary,
+        "ok": report.ok,
+    }
+
+
+def verify_text(report: VerifyReport, path: str = "") -> list[str]:
+    """Readable lines: the summary, then every failure and skip with its reason."""
+    s = report.summary
+    lines = [f"{path + ': ' if path else ''}verify: {s['pass']} pass, {s['fail']} fail, "
+             f"{s['skip']} skip"]
+    for v in report.sites:
+        if v.status == "pass" and not v.reason:
+            continue
+        where = f"{v.address:#x} " if v.address is not None else ""
+        lines.append(f"  {v.status:4} site {v.index} {where}{v.section}+{v.offset:#x} "
+                     f"{v.op or '?'} ({v.action}): {v.reason}"
+                     + (f" [seed {v.seed}]" if v.seed is not None else ""))
+        if v.status == "fail":
+            lines.extend(f"         {d}" for d in v.detail)
+    for t in report.thunks:
+        if t.status == "pass":
+            continue
+        lines.append(f"  {t.status:4} thunk {t.symbol}: {t.reason}"
+                     + (f" [seed {t.seed}]" if t.seed is not None else ""))
+        lines.extend(f"         {d}" for d in t.detail)
+    return lines
+
+
+# -- the engine (runs in a worker or in-process) ------------------------------------
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 over the values: a trial's seed from (seed, site, trial)."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x
+
+
+@cache
+def _capstone(arch_name: str) -> Any:
+    import capstone
+
+    cs = capstone.Cs(capstone.CS_ARCH_X86,
+                     capstone.CS_MODE_64 if arch_name == "x86_64" else capstone.CS_MODE_32)
+    cs.detail = True
+    return cs
+
+
+def _call_slot(arch: Arch, code: bytes, addr: int) -> int | None:
+    """The memory slot of the first `call *mem` (absolute or rip-relative) in `code`."""
+    from capstone import x86 as cx
+
+    mask = (1 << (8 * arch.ptr_size)) - 1
+    for insn in _capstone(arch.name).disasm(code, addr):
+        if insn.id != cx.X86_INS_CALL or len(insn.operands) != 1:
+            continue
+        op = insn.operands[0]
+        if op.type != cx.X86_OP_MEM or op.mem.index != 0:
+            continue
+        if op.mem.base == cx.X86_REG_RIP:
+            return int(insn.address + insn.size + op.mem.disp) & mask
+        if op.mem.base == 0:
+            return int(op.mem.disp) & mask
+    return None
+
+
+def _boundaries(arch: Arch, code: bytes) -> list[int]:
+    out = [0]
+    pos = 0
+    for _a, size, _m, _o in _capstone(arch.name).disasm_lite(code, 0):
+        pos += size
+        out.append(pos)
+    return out
+
+
+def _disasm(arch: Arch, code: bytes, addr: int) -> str:
+    from .disasm import disassemble
+
+    return f"{code.hex()}: " + "; ".join(i.text for i in disassemble(arch, code, addr))
+
+
+class _Context:
+    """One file pair loaded for emulation, and the per-trial state generator."""
+
+    def __init__(self, job: _FileJob) -> None:
+        self.job = job
+        orig = ElfFile(job.orig_data, job.orig_path)
+        patched = ElfFile(job.patched_data, job.orig_path + " (patched)")
+        self.arch = orig.arch
+        rt = self.rt = arch_runtime(orig.arch)
+        self.models = reference_models(orig.arch.name)
+        self.runtime: Runtime = build_runtime(
+            rt, {op: m.code for op, m in self.models.items() if m.code is not None})
+        self.img_o: Image = load_image(orig, self.runtime)
+        self.img_p: Image = load_image(
+            patched, self.runtime, call_targets=dict(job.call_targets),  # type: ignore[arg-type]
+            like=self.img_o if orig.is_relocatable else None)
+        self.m_o = Machine(self.img_o, self.runtime)
+        self.m_p = Machine(self.img_p, self.runtime)
+        self.pool = random.Random(job.seed).randbytes(POOL_SIZE)
+        w = rt.word
+        self.word = w
+        self.wfmt = "<" + rt.fmt
+        self.state_fmt = struct.Struct("<" + rt.fmt * (rt.nregs + 5))
+        self.sp = rt.index(orig.arch.stack_pointer)
+        self.arg_idx = tuple(rt.index(r) for r in rt.args)
+        self.wmask = (1 << (8 * w)) - 1
+        self.cr0 = int(self.m_o.uc.reg_read(self._cr0_reg()))
+        self.cr3_mask = 0xFF_FFFF_F000 if w == 8 else 0xFFFF_F000
+
+    def _cr0_reg(self) -> int:
+        from unicorn.x86_const import UC_X86_REG_CR0
+
+        return int(UC_X86_REG_CR0)
+
+    def block(self, tseed: int) -> tuple[bytearray, list[int]]:
+        """A trial's memory block and the register file it starts with."""
+        rt = self.rt
+        off = tseed % (POOL_SIZE - BLOCK_LEN)
+        blk = bytearray(self.pool[off : off + BLOCK_LEN])
+        st = STATE - BLOCK
+        vals = list(self.state_fmt.unpack_from(blk, st))
+        n = rt.nregs
+        vals[self.sp] = ENTRY_SP
+        for i in self.arg_idx:
+            vals[i] = rt.scratch + 64 + vals[i] % (SCRATCH_SIZE - 128)
+        vals[n] = (vals[n] & (ARITH_FLAGS | IF_FLAG | DF_FLAG | AC_FLAG)) | 2
+        vals[n + 2] = self.cr0 & ~CR0_TS | (vals[n + 2] & CR0_TS)
+        vals[n + 4] &= self.cr3_mask
+        self.state_fmt.pack_into(blk, st, *vals)
+        # The hostile callee's flags word holds arithmetic flags only.
+        hf = HOST - BLOCK + n * self.word
+        struct.pack_into(self.wfmt, blk, hf,
+                         struct.unpack_from(self.wfmt, blk, hf)[0] & ARITH_FLAGS)
+        blk[OUT - BLOCK :] = bytes(BLOCK_LEN - (OUT - BLOCK))
+        return blk, [*vals[:n], vals[n]]
+
+    def set_word(self, blk: bytearray, addr: int, value: int) -> None:
+        struct.pack_into(self.wfmt, blk, addr - BLOCK, value & self.wmask)
+
+    def set_start(self, blk: bytearray, rip: int, sp: int = ENTRY_SP) -> None:
+        self.set_word(blk, STATE + self.rt.st_rip * self.word, rip)
+        self.set_word(blk, STATE + self.sp * self.word, sp)
+
+
+def verify_job(job: _FileJob) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
+    """Verify the sites and thunks of one job (the unit a worker process runs)."""
+    ctx = _Context(job)
+    sites = [_SiteCheck(ctx, sj).run() for sj in job.sites]
+    thunks = [_check_thunk(ctx, tj) for tj in job.thunks]
+    return sites, thunks
+
+
+class _SiteCheck:
+    def __init__(self, ctx: _Context, sj: _SiteJob) -> None:
+        self.ctx = ctx
+        self.sj = sj
+        self.pokes: list[tuple[Machine, int, bytes]] = []
+        self.versions: Callable[[], tuple[str, ...]] = tuple
+
+    def verdict(self, status: Status, reason: str | None, trials: int = 0,
+                seed: int | None = None, detail: Sequence[str] = ()) -> SiteVerdict:
+        sj = self.sj
+        return SiteVerdict(sj.index, sj.section, sj.offset, sj.address, sj.op, sj.action,
+                           status, reason, trials, seed, tuple(detail))
+
+    def poke(self, m: Machine, addr: int, data: bytes) -> None:
+        self.pokes.append((m, addr, m.poke(addr, data)))
+
+    def run(self) -> SiteVerdict:
+        try:
+            return self._run()
+        finally:
+            for m, addr, old in reversed(self.pokes):
+                m.poke(addr, old)
+
+    def _run(self) -> SiteVerdict:
+        ctx, sj = self.ctx, self.sj
+        if sj.action == "jmp" or sj.tail:
+            return self.verdict("skip", "tail: control does not return to the site")
+        if sj.action == "ud2":
+            return self.verdict("skip", "ud2: the site traps by design")
+        contract: str | None = None
+        ref_addr: int | None = None
+        with_cr = False
+        if sj.action in ("inline", "nop"):
+            model = ctx.models.get(sj.op) if sj.op is not None else None
+            if model is not None and model.skip is not None:
+                return self.verdict("skip", model.skip)
+            if model is None:
+                contract = f"contract only: no reference model for {sj.op or 'an unnamed op'}"
+            else:
+                ref_addr = ctx.runtime.models[model.op]
+                with_cr = model.cr
+        else:
+            assert sj.target is not None
+            ref_addr = ctx.img_o.symbols.get(sj.target)
+            if ref_addr is None:
+                contract = "contract only: target not in file"
+        o_sec = ctx.img_o.section_address(sj.section, sj.nth)
+        p_sec = ctx.img_p.section_address(sj.section, sj.nth)
+        if o_sec is None:
+            return self.verdict("skip", f"section {sj.section} is not loaded")
+        if p_sec is None:
+            return self.verdict("fail", f"section {sj.section} is missing from the patched file")
+        o_addr, p_addr = o_sec + sj.offset, p_sec + sj.offset
+        n = sj.length
+        rt, arch = ctx.rt, ctx.arch
+        exit_at = ctx.runtime.exit_cr if with_cr else ctx.runtime.exit
+        orig_code = ctx.m_o.read(o_addr, n)
+        pat_code = ctx.m_p.read(p_addr, n)
+        self.versions = lambda: (f"original: {_disasm(arch, orig_code, o_addr)}",
+                                 f"patched:  {_disasm(arch, pat_code, p_addr)}")
+        unsupported = [f"{name} at {a:#x}" for a, name in ctx.img_p.unsupported
+                       if p_addr <= a < p_addr + n]
+        if unsupported:
+            return self.verdict("fail", "relocation inside the site: " + ", ".join(unsupported),
+                                detail=self.versions())
+        # A load-time relocation may change only a call's displacement; inline
+        # code must run as written (a stale relocation can leave a harmless-looking
+        # NOP for one load address and not for another).
+        p_index = ctx.img_p.section_index(sj.section, sj.nth)
+        if p_index is not None:
+            elf_p = ctx.img_p.elf
+            raw = elf_p.section_data(elf_p.sections[p_index])[sj.offset : sj.offset + n]
+            if len(raw) == n:
+                moved = [k for k in range(n) if raw[k] != pat_code[k]
+                         and not (sj.action in ("call", "thunk") and 1 <= k < 5)]
+                if moved:
+                    return self.verdict(
+                        "fail", f"a relocation changes byte {moved[0]} of the rewritten site",
+                        detail=(f"as written: {_disasm(arch, raw, p_addr)}", *self.versions()))
+        self.poke(ctx.m_p, p_addr + n, exit_jump(rt, p_addr + n, exit_at))
+        # Static half of "ends exactly at the site's end": no instruction straddles it.
+        if n not in _boundaries(arch, ctx.m_p.read(p_addr, n + 16)):
+            return self.verdict("fail", "an instruction straddles the site end",
+                                detail=self.versions())
+        synth_ret: int | None = None
+        if contract is None:
+            assert ref_addr is not None
+            slot = _call_slot(arch, orig_code, o_addr)
+            if slot is not None and ctx.img_o.region_of(slot) is not None:
+                self.poke(ctx.m_o, slot, ref_addr.to_bytes(rt.word, "little"))
+            else:
+                synth_ret = o_addr + n  # not an indirect call: call the reference directly
+            self.poke(ctx.m_o, o_addr + n, exit_jump(rt, o_addr + n, exit_at))
+        return self._trials(o_addr, p_addr, ref_addr, synth_ret, with_cr, contract)
+
+    def _trials(self, o_addr: int, p_addr: int, ref_addr: int | None, synth_ret: int | None,
+                with_cr: bool, contract: str | None) -> SiteVerdict:
+        ctx, sj = self.ctx, self.sj
+        rt = ctx.rt
+        allowed = set(sj.clobbers)
+        preserved = [i for i, r in enumerate(rt.regs) if i != ctx.sp and r not in allowed]
+        results = [rt.index(r) for r in RESULT_REGS[ctx.arch.name] if r in allowed]
+        for t in range(ctx.job.trials):
+            tseed = _mix(ctx.job.seed, sj.index, t)
+            blk, init = ctx.block(tseed)
+            ref: RunResult | None = None
+            ref_blk = blk
+            if contract is None:
+                ref_blk = bytearray(blk)
+                if synth_ret is not None:
+                    assert ref_addr is not None
+                    ctx.set_start(ref_blk, ref_addr, ENTRY_SP - rt.word)
+                    ctx.set_word(ref_blk, ENTRY_SP - rt.word, synth_ret)
+                else:
+                    ctx.set_start(ref_blk, o_addr)
+                ref = ctx.m_o.run(ref_blk, with_cr)
+                if not ref.done:
+                    return self.verdict("skip", f"the reference run did not complete: "
+                                        f"{ref.error}", t, tseed, self.versions())
+            ctx.set_start(blk, p_addr)
+            pat = ctx.m_p.run(blk, with_cr)
+            problems = _compare(ctx, init, preserved, results, ref, ref_blk, pat, blk, with_cr)
+            if problems:
+                return self.verdict("fail", problems[0], t + 1, tseed,
+                                    [*problems[:MAX_DETAIL], *self.versions()])
+        return self.verdict("pass", contract, ctx.job.trials)
+
+
+def _hex(v: int) -> str:
+    return f"{v:#x}"
+
+
+def _compare(ctx: _Context, init: list[int], preserved: Iterable[int], results: Iterable[int],
+             ref: RunResult | None, ref_blk: bytearray, pat: RunResult, blk: bytearray,
+             with_cr: bool) -> list[str]:
+    rt = ctx.rt
+    regs = rt.regs
+    if not pat.done:
+        return [f"the patched run did not end at the site end: {pat.error}"]
+    out = pat.out
+    problems: list[str] = []
+    if out[ctx.sp] != ENTRY_SP:
+        problems.append(f"{regs[ctx.sp]}: expected {_hex(ENTRY_SP)} got {_hex(out[ctx.sp])}")
+    for i in preserved:
+        if out[i] != init[i]:
+            problems.append(f"{regs[i]}: expected {_hex(init[i])} got {_hex(out[i])} "
+                            "(outside the clobber mask)")
+    if ref is None:
+        return problems
+    r = ref.out
+    for i in results:
+        if out[i] != r[i]:
+            problems.append(f"{regs[i]}: expected {_hex(r[i])} got {_hex(out[i])} (result)")
+    fl = rt.out_flags
+    if (out[fl] ^ r[fl]) & IF_FLAG:
+        problems.append(f"IF: expected {r[fl] >> 9 & 1} got {out[fl] >> 9 & 1}")
+    if with_cr:
+        for k, name in enumerate(("cr0", "cr2", "cr3")):
+            a, b = r[rt.out_cr + k], out[rt.out_cr + k]
+            if a != b:
+                problems.append(f"{name}: expected {_hex(a)} got {_hex(b)}")
+    if ref.writes or pat.writes:
+        for addr in sorted(set(ref.writes) | set(pat.writes)):
+            want = ref.writes.get(addr)
+            if want is None:
+                want = ctx.m_o.initial_byte(addr, ref_blk)
+            got = pat.writes.get(addr)
+            if got is None:
+                got = ctx.m_p.initial_byte(addr, blk)
+            if want != got:
+                problems.append(f"memory {addr:#x}: expected {want:#04x} got {got:#04x}")
+    return problems
+
+
+def _thunk_address(ctx: _Context, tj: _ThunkJob) -> int | None:
+    img = ctx.img_p
+    if tj.address is not None:
+        return img.base + tj.address
+    if img.elf.is_relocatable:
+        sym = img.elf.symbols_by_name.get(tj.symbol)
+        if sym is not None and sym.shndx in img.section_addr:
+            return img.section_addr[sym.shndx] + sym.value
+    sec = img.section_address(tj.section)
+    return sec + tj.offset if sec is not None else None
+
+
+def _check_thunk(ctx: _Context, tj: _ThunkJob) -> ThunkVerdict:
+    def verdict(status: Status, reason: str | None, trials: int = 0, seed: int | None = None,
+                detail: Sequence[str] = ()) -> ThunkVerdict:
+        shown = None if addr is None or ctx.img_p.elf.is_relocatable else addr - ctx.img_p.base
+        return ThunkVerdict(tj.symbol, tj.target, shown, status, reason, trials, seed,
+                            tuple(detail))
+
+    addr = _thunk_address(ctx, tj)
+    if addr is None:
+        return verdict("fail", f"thunk {tj.symbol} not found in the patched file")
+    rt, m = ctx.rt, ctx.m_p
+    img = ctx.img_p
+    hostile = ctx.runtime.hostile["c"]
+    target = img.symbols.get(tj.target, img.externals.get(tj.target))
+    if target is None:
+        return verdict("skip", f"target {tj.target} is not in the patched file")
+    pokes: list[tuple[int, bytes]] = []
+    if target != hostile:
+        # Whatever the target is, the thunk alone meets the hostile callee.
+        jump = exit_jump(rt, target, hostile)
+        pokes.append((target, m.poke(target, jump)))
+    try:
+        keep = [rt.index(r) for r in (*tj.saves, *CALLEE_SAVED[ctx.arch.name])]
+        ret = rt.index(ctx.arch.return_regs[0])
+        code = m.read(addr, tj.size)
+        for t in range(ctx.job.trials):
+            tseed = _mix(ctx.job.seed, 0x7448_756E, t, addr)
+            blk, init = ctx.block(tseed)
+            # As if called from a site with an aligned stack pointer.
+            ctx.set_start(blk, addr, ENTRY_SP - rt.word)
+            ctx.set_word(blk, ENTRY_SP - rt.word, ctx.runtime.exit)
+            res = m.run(blk)
+            problems: list[str] = []
+            if not res.done:
+                problems.append(f"the thunk did not return: {res.error}")
+            else:
+                out = res.out
+                host_ret = struct.unpack_from(ctx.wfmt, blk, HOST - BLOCK + ret * rt.word)[0]
+                callee_sp = out[rt.out_callee_sp]
+                if out[ctx.sp] != ENTRY_SP:
+                    problems.append(f"{rt.regs[ctx.sp]}: expected {_hex(ENTRY_SP)} "
+                                    f"got {_hex(out[ctx.sp])}")
+                for i in keep:
+                    if out[i] != init[i]:
+                        problems.append(f"{rt.regs[i]}: expected {_hex(init[i])} "
+                                        f"got {_hex(out[i])} (saved by the thunk)")
+                if callee_sp == 0:
+                    problems.append(f"the thunk never called {tj.target}")
+                else:
+                    if out[ret] != host_ret:
+                        problems.append(f"{rt.regs[ret]}: expected {_hex(host_ret)} got "
+                                        f"{_hex(out[ret])} (the callee's return value)")
+                    if rt.word == 8 and (callee_sp + 8) % 16:
+                        problems.append(f"the callee is entered with rsp={_hex(callee_sp)}, "
+                                        "not ≡ 8 (mod 16)")
+            if problems:
+                return verdict("fail", problems[0], t + 1, tseed,
+                               [*problems[:MAX_DETAIL],
+                                f"thunk: {_disasm(ctx.arch, code, addr)}"])
+        return verdict("pass", None, ctx.job.trials)
+    finally:
+        for at, old in reversed(pokes):
+            m.poke(at, old)
+
+
+def report_failures(report: VerifyReport) -> VerifyError | None:
+    """A VerifyError naming every failed site and thunk, or None if all passed."""
+    bad = report.failures
+    if not bad:
+        return None
+    parts = []
+    for v in bad[:5]:
+        if isinstance(v, SiteVerdict):
+            parts.append(f"site {v.index} ({v.section}+{v.offset:#x} {v.op or '?'}): {v.reason}")
+        else:
+            parts.append(f"thunk {v.symbol}: {v.reason}")
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return VerifyError(f"verification failed: {'; '.join(parts)}{more}")
+
+
+def verify_findings(report: VerifyReport) -> list[Finding]:
+    """PV301 findings for every failed site and thunk (for text, JSON and SARIF output)."""
+    out = []
+    for v in report.failures:
+        if isinstance(v, SiteVerdict):
+            out.append(Finding("PV301", f"site {v.index} ({v.action}): {v.reason}",
+                               section=v.section, offset=v.offset, address=v.address,
+                               site_index=v.index, op=v.op))
+        else:
+            out.append(Finding("PV301", f"thunk {v.symbol} (calls {v.target}): {v.reason}",
+                               address=v.address))
+    return out
+
+
+def decisions_verified(plan: Plan) -> list[Decision]:
+    """The decisions `verify_rewrite` checks: those that rewrite their site."""
+    return [d for d in plan.decisions if d.rewrites]
