@@ -27,6 +27,12 @@ _EXPORTS = {
     "Rewrite": "rewrite",
     "SitePatch": "rewrite",
     "Backend": "backend",
+    "verify_rewrite": "verify",
+    "verify_files": "verify",
+    "verify_json": "verify",
+    "VerifyReport": "verify",
+    "SiteVerdict": "verify",
+    "ThunkVerdict": "verify",
     "ScanResult": "scan",
     "Site": "scan",
     "Table": "scan",
@@ -58,12 +64,15 @@ __all__ = [
     "ScanResult",
     "Site",
     "SitePatch",
+    "SiteVerdict",
     "SpecError",
     "Table",
     "TableError",
     "ThunkSpec",
+    "ThunkVerdict",
     "UsageError",
     "VerifyError",
+    "VerifyReport",
     "__version__",
     "apply_plan",
     "load",
@@ -71,6 +80,9 @@ __all__ = [
     "make_plan",
     "open_elf",
     "scan_file",
+    "verify_files",
+    "verify_json",
+    "verify_rewrite",
     "write_output",
 ]
 
@@ -100,6 +112,14 @@ if TYPE_CHECKING:
     from .rewrite import Rewrite, SitePatch
     from .rules import RULES, Finding
     from .scan import ScanResult, Site, Table
+    from .verify import (
+        SiteVerdict,
+        ThunkVerdict,
+        VerifyReport,
+        verify_files,
+        verify_json,
+        verify_rewrite,
+    )
 
 
 def __getattr__(name: str) -> Any:

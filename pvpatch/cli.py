@@ -29,6 +29,20 @@ def _common_scan_options(p: argparse.ArgumentParser) -> None:
                    help="op names from: auto, none, btf:FILE, dwarf:FILE, catalog:NAME")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=_positive, default=16, metavar="N",
+                   help="random machine states per site (default 16)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the random states (default 0): runs are reproducible")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pvpatch",
@@ -56,8 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     p.add_argument("--no-verify", action="store_true", help="skip emulation of the result")
+    _verify_options(p)
     p.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     p.set_defaults(func=cmd_patch)
+
+    p = sub.add_parser("verify",
+                       help="prove by emulation that PATCHED keeps ORIGINAL's site contracts")
+    p.add_argument("original", metavar="ORIGINAL")
+    p.add_argument("patched", metavar="PATCHED")
+    p.add_argument("--backend", default="native", metavar="native|SPEC.toml",
+                   help="the backend PATCHED was made with (default: native)")
+    _common_scan_options(p)
+    _verify_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("layouts", help="list the known table layouts")
     p.set_defaults(func=cmd_layouts)
@@ -113,14 +139,48 @@ def cmd_patch(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched)
     rw = apply_plan(the_plan)
+    verify_doc = None
+    if not args.no_verify:
+        from .verify import report_failures, verify_json, verify_rewrite, verify_text
+
+        report = verify_rewrite(rw, trials=args.trials, seed=args.seed)
+        verify_doc = verify_json(report)
+        if not report.ok:
+            # Nothing is written when a rewritten site breaks its contract.
+            for line in verify_text(report, result.path):
+                print(line, file=sys.stderr)
+            _err(f"error: {report_failures(report)}; nothing written")
+            if args.json:
+                _emit_json(patch_json(rw, None, verify_doc))
+            return EXIT_FAIL
     output = None if args.dry_run else args.output
     if output is not None:
         write_output(rw, output, in_place=args.in_place)
     if args.json:
-        _emit_json(patch_json(rw, output))
+        _emit_json(patch_json(rw, output, verify_doc))
     else:
         print("\n".join(patch_text(rw, output)))
+        if verify_doc is not None:
+            summary, thunks = verify_doc["summary"], verify_doc["thunk_summary"]
+            print(f"  verify: sites {summary['pass']} pass, {summary['fail']} fail, "
+                  f"{summary['skip']} skip; thunks {thunks['pass']} pass, {thunks['fail']} fail "
+                  f"({args.trials} trials each, seed {args.seed})")
     return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .api import load, make_plan, open_elf
+    from .verify import verify_files, verify_json, verify_text
+
+    original = load(args.original, layout=args.layout, section=args.section, ops=args.ops)
+    patched = open_elf(args.patched)
+    report = verify_files(original, patched, make_plan(original, args.backend),
+                          trials=args.trials, seed=args.seed)
+    if args.json:
+        _emit_json(verify_json(report))
+    else:
+        print("\n".join(verify_text(report, args.patched)))
+    return EXIT_OK if report.ok else EXIT_FAIL
 
 
 def cmd_layouts(args: argparse.Namespace) -> int:

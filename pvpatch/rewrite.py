@@ -641,8 +641,9 @@ class _LinkedRewriter(_Rewriter):
             body = bytearray(tc.code)
             disp = target - (addr + tc.call_field + 4)
             body[tc.call_field : tc.call_field + 4] = (disp & 0xFFFFFFFF).to_bytes(4, "little")
+            # offset within the thunk section, as for relocatable files
             placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section,
-                                              base + len(code), addr, len(tc.code))
+                                              len(code), addr, len(tc.code))
             code += body
         total = base + len(code)
         rows: list[tuple[int, ...]] = []

@@ -123,10 +123,12 @@ class VerifyReport:
 
     @property
     def summary(self) -> dict[str, int]:
-        out = {"pass": 0, "fail": 0, "skip": 0}
-        for v in self.verdicts:
-            out[v.status] += 1
-        return out
+        """Sites by status (the thunks have their own: `thunk_summary`)."""
+        return _count(self.sites)
+
+    @property
+    def thunk_summary(self) -> dict[str, int]:
+        return _count(self.thunks)
 
     @property
     def ok(self) -> bool:
@@ -135,6 +137,13 @@ class VerifyReport:
     @property
     def failures(self) -> tuple[SiteVerdict | ThunkVerdict, ...]:
         return tuple(v for v in self.verdicts if v.status == "fail")
+
+
+def _count(verdicts: Iterable[SiteVerdict | ThunkVerdict]) -> dict[str, int]:
+    out = {"pass": 0, "fail": 0, "skip": 0}
+    for v in verdicts:
+        out[v.status] += 1
+    return out
 
 
 # -- reference models --------------------------------------------------------------
@@ -268,8 +277,7 @@ def verify_rewrite(rw: Rewrite, *, trials: int = DEFAULT_TRIALS, seed: int = 0,
     amount of work, 1 keeps everything in this process.
     """
     plan = rw.plan
-    # PlacedThunk.offset is section-relative for ET_REL but segment-relative for
-    # linked files, whose thunks carry their address: use that when there is one.
+    # Linked files' thunks carry their address: it is used when there is one.
     thunks = tuple(_ThunkJob(t.spec.symbol, t.spec.target, t.spec.saves, t.section, t.offset,
                              t.size, t.address) for t in rw.thunks)
     return _verify(plan, rw.data, thunks, trials, seed, workers)
@@ -340,15 +348,17 @@ def verify_json(report: VerifyReport) -> dict[str, Any]:
                     "status": t.status, "reason": t.reason, "trials": t.trials,
                     "seed": t.seed, "detail": list(t.detail)} for t in report.thunks],
         "summary": report.summary,
+        "thunk_summary": report.thunk_summary,
         "ok": report.ok,
     }
 
 
 def verify_text(report: VerifyReport, path: str = "") -> list[str]:
     """Readable lines: the summary, then every failure and skip with its reason."""
-    s = report.summary
-    lines = [f"{path + ': ' if path else ''}verify: {s['pass']} pass, {s['fail']} fail, "
-             f"{s['skip']} skip"]
+    s, t = report.summary, report.thunk_summary
+    lines = [f"{path + ': ' if path else ''}verify: sites {s['pass']} pass, {s['fail']} fail, "
+             f"{s['skip']} skip"
+             + (f"; thunks {t['pass']} pass, {t['fail']} fail" if report.thunks else "")]
     for v in report.sites:
         if v.status == "pass" and not v.reason:
             continue
