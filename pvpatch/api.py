@@ -77,8 +77,12 @@ def write_output(
     result: Rewrite, output: str | os.PathLike[str], *, in_place: bool = False
 ) -> None:
     """Write a rewrite's bytes to `output` atomically (never over the input unless asked)."""
-    from .output import check_output_path, write_atomic
+    from .output import check_output_path, write_atomic, write_edited
 
     src = result.plan.scan.path
     check_output_path(src, output, in_place)
-    write_atomic(output, result.data, mode_from=src)
+    if result.image is None:
+        # Same layout as the input: copy it (in the kernel) and write the edits.
+        write_edited(output, src, result.plan.scan.elf.data, result.edits)
+    else:
+        write_atomic(output, result.image, mode_from=src)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from .arch import ARCHES, Arch
@@ -150,7 +152,7 @@ class _SpecReader:
         return Backend(
             name=str(doc.get("name", Path(self.source).stem)),
             arch=arch_name,
-            rules=rules,
+            rules=MappingProxyType(rules),
             default=default,
             source=self.source,
             endbr=endbr,
@@ -290,9 +292,7 @@ def assemble(text: str, arch: Arch, where: str = "asm") -> bytes:
 def load_backend(spec: str, arch: Arch) -> Backend:
     """`native` or a path to a TOML spec file."""
     if spec == "native":
-        name = f"native-{arch.name}.toml"
-        text = resources.files("pvpatch").joinpath("data", "backends", name).read_text()
-        return _SpecReader(text, f"builtin:native ({name})", True, arch).read()
+        return _native(arch.name)
     path = Path(spec)
     try:
         text = path.read_text()
@@ -301,6 +301,14 @@ def load_backend(spec: str, arch: Arch) -> Backend:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{spec}: cannot read spec: {exc}") from None
     return _SpecReader(text, spec, False, arch).read()
+
+
+@functools.cache
+def _native(arch_name: str) -> Backend:
+    # Shipped data, read once per process (a tree of modules shares it).
+    name = f"native-{arch_name}.toml"
+    text = resources.files("pvpatch").joinpath("data", "backends", name).read_text()
+    return _SpecReader(text, f"builtin:native ({name})", True, ARCHES[arch_name]).read()
 
 
 def parse_spec_text(text: str, arch: Arch | None = None, source: str = "<spec>") -> Backend:

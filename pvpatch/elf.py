@@ -9,6 +9,7 @@ never an IndexError or an allocation the size of a forged header field.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -274,6 +275,7 @@ class ElfFile:
                 raise self._fail(f"section {i} data runs past the end of the file")
         if not 0 <= shstrndx < count:
             raise self._fail(f"section name table index {shstrndx} out of range")
+        self._check_overlaps(raw)
         strtab = raw[shstrndx]
         if strtab[1] != SHT_STRTAB:
             raise self._fail("section name table is not a string table")
@@ -283,6 +285,31 @@ class ElfFile:
             name = self._cstring(names, r[0], "section name") if i else ""
             out.append(Section(i, name, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[0]))
         return tuple(out)
+
+    def _check_overlaps(self, raw: list[tuple[int, ...]]) -> None:
+        """Sections must not share file bytes: a rewrite of one would change the other."""
+        spans = sorted(
+            (r[4], r[4] + r[5], i) for i, r in enumerate(raw)
+            if r[1] not in (SHT_NOBITS, SHT_NULL) and r[5]
+        )
+        for (_s1, e1, i1), (s2, _e2, i2) in itertools.pairwise(spans):
+            if s2 < e1:
+                raise self._fail(f"sections {i1} and {i2} overlap in the file")
+        count = len(raw)
+        for i, r in enumerate(raw):
+            stype, flags, link, info = r[1], r[2], r[6], r[7]
+            if stype in (SHT_REL, SHT_RELA) and not flags & SHF_ALLOC:
+                if info == i:
+                    raise self._fail(f"relocation section {i} applies to itself")
+                if not 0 <= info < count:
+                    raise self._fail(f"relocation section {i} applies to section {info}, "
+                                     f"out of range")
+            if stype in (SHT_SYMTAB, SHT_REL, SHT_RELA, SHT_DYNSYM, SHT_SYMTAB_SHNDX,
+                         SHT_GROUP):
+                if link == i:
+                    raise self._fail(f"section {i} links to itself")
+                if not 0 <= link < count:
+                    raise self._fail(f"section {i} links to section {link}, out of range")
 
     def _parse_segments(self) -> tuple[Segment, ...]:
         if self.e_phoff == 0 or self.e_phnum == 0:
@@ -296,6 +323,8 @@ class ElfFile:
                 ptype, flags, offset, vaddr, paddr, filesz, memsz, align = r
             else:
                 ptype, offset, vaddr, paddr, filesz, memsz, flags, align = r
+            if ptype == PT_LOAD and (offset + filesz > len(self.data) or filesz > memsz):
+                raise self._fail(f"loadable segment {i} runs past the end of the file")
             out.append(Segment(i, ptype, flags, offset, vaddr, paddr, filesz, memsz, align))
         return tuple(out)
 

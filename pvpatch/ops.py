@@ -25,6 +25,7 @@ Built-in TOML format (loaded with tomllib)::
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -393,8 +394,9 @@ def _parse_slots(raw: Any, where: str) -> Iterator[tuple[int, str, bool]]:
         yield int(key), op, callee
 
 
+@functools.cache
 def builtin_catalog(name: str) -> OpCatalog:
-    """Load pvpatch/data/ops/<name>.toml."""
+    """Load pvpatch/data/ops/<name>.toml (once per process: catalogs are immutable)."""
     table = _builtin_table(name)
     where = f"pvpatch/data/ops/{name}.toml"
     if table.get("name") != name:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import BinaryIO
 
 from .errors import UsageError
 
@@ -53,6 +55,57 @@ def check_output_path(src: str | os.PathLike[str], dst: str | os.PathLike[str],
 
 def write_atomic(dst: str | os.PathLike[str], data: bytes, mode_from: str | None = None) -> None:
     """Write `data` to `dst` atomically, copying permission bits from `mode_from`."""
+
+    def fill(fh: BinaryIO) -> None:
+        fh.write(data)
+
+    _replace_with(dst, fill, mode_from)
+
+
+def write_edited(dst: str | os.PathLike[str], src: str, expected: bytes,
+                 edits: Iterable[tuple[int, bytes]]) -> None:
+    """Write a copy of `src` with `edits` (offset, bytes) applied, atomically.
+
+    The copy is made by the kernel (copy_file_range / sendfile), so a large
+    file with a few changed bytes costs little more than the copy.  `expected`
+    is the input as it was read: if the file changed since, the bytes are
+    written out instead.
+    """
+    edits = list(edits)
+
+    def fill(fh: BinaryIO) -> None:
+        with open(src, "rb") as inp:
+            if os.fstat(inp.fileno()).st_size != len(expected):
+                fh.write(expected)
+            else:
+                _copy(inp, fh, len(expected))
+        fh.flush()
+        for offset, data in edits:
+            os.pwrite(fh.fileno(), data, offset)
+
+    _replace_with(dst, fill, src)
+
+
+def _copy(inp: BinaryIO, out: BinaryIO, size: int) -> None:
+    """Copy inside the kernel when it can (copy_file_range), else through Python."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(inp.fileno(), out.fileno(), size - done)
+            if n == 0:
+                break
+            done += n
+    except OSError:
+        pass
+    if done < size:
+        inp.seek(done)
+        out.seek(done)
+        shutil.copyfileobj(inp, out, 1 << 22)
+    out.seek(0, os.SEEK_END)
+
+
+def _replace_with(dst: str | os.PathLike[str], fill: Callable[[BinaryIO], None],
+                  mode_from: str | None) -> None:
     dst_path = Path(dst)
     folder = dst_path.parent if str(dst_path.parent) else Path(".")
     mode = 0o644
@@ -64,10 +117,10 @@ def write_atomic(dst: str | os.PathLike[str], data: bytes, mode_from: str | None
                                    dir=folder)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                fill(fh)
                 fh.flush()
-                os.fsync(fh.fileno())
             os.chmod(tmp, mode)
+            # The rename is atomic: readers see the old file or the whole new one.
             os.replace(tmp, dst_path)
         except BaseException:
             with contextlib.suppress(OSError):

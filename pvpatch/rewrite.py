@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import bisect
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .elf import (
     PF_R,
@@ -46,6 +48,7 @@ from .plan import CALL_LEN, Decision, Plan, ThunkSpec
 from .thunk import THUNK_ALIGN, thunk_code
 
 PAGE = 0x1000
+MAX_FILE_PAD = 16 << 20  # most zero padding a linked file may grow by to place thunks
 DT_RELA, DT_REL, DT_RELACOUNT, DT_RELCOUNT = 7, 17, 0x6FFFFFF9, 0x6FFFFFFA
 
 
@@ -68,16 +71,43 @@ class PlacedThunk:
 
 @dataclass(frozen=True)
 class Rewrite:
+    """The result of applying a plan: the output file, in memory.
+
+    The output is either a whole new image or, when the layout did not change,
+    the input with `edits` (file offset, new bytes) applied; `data` builds the
+    bytes on first use, and `pvpatch.write_output` writes edits without it.
+    """
+
     plan: Plan = field(repr=False)
-    data: bytes = field(repr=False)
+    image: bytes | None = field(repr=False)
+    edits: tuple[tuple[int, bytes], ...]
     patches: tuple[SitePatch, ...]
     thunks: tuple[PlacedThunk, ...]
     signature_removed: bool
     dropped_entries: int
 
+    @cached_property
+    def data(self) -> bytes:
+        if self.image is not None:
+            return self.image
+        out = bytearray(self.plan.scan.elf.data)
+        for offset, new in self.edits:
+            out[offset : offset + len(new)] = new
+        return bytes(out)
+
     @property
     def changed(self) -> bool:
-        return self.data != self.plan.scan.elf.data
+        if self.image is None:
+            base = self.plan.scan.elf.data
+            return any(base[o : o + len(b)] != b for o, b in self.edits)
+        return self.image != self.plan.scan.elf.data
+
+
+def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
+            thunks: Iterable[PlacedThunk], signature_removed: bool, dropped: int) -> Rewrite:
+    image = output.build() if output is not None else None
+    edits = tuple(output.edits) if output is not None and image is None else ()
+    return Rewrite(plan, image, edits, tuple(patches), tuple(thunks), signature_removed, dropped)
 
 
 def _align(value: int, align: int) -> int:
@@ -119,10 +149,30 @@ class _Output:
 
     def __init__(self, elf: ElfFile) -> None:
         self.elf = elf
-        self.out = bytearray(elf.data[: elf.content_end])
+        # The output starts as the input (less any signature).  Changes that keep
+        # the layout are recorded as edits; the whole image is built only when
+        # something must be appended or moved, which for a large linked file is
+        # the exception.
+        self._buf: bytearray | None = None
+        self.edits: list[tuple[int, bytes]] = []
         self.shdrs = [_Shdr.of(s) for s in elf.sections]
         self.new_names: list[tuple[_Shdr, str]] = []
         self.phdr_change: tuple[int, int, list[tuple[int, ...]]] | None = None
+
+    @property
+    def out(self) -> bytearray:
+        if self._buf is None:
+            self._buf = bytearray(self.elf.data[: self.elf.content_end])
+            for offset, data in self.edits:
+                self._buf[offset : offset + len(data)] = data
+            self.edits = []
+        return self._buf
+
+    def poke(self, offset: int, data: bytes) -> None:
+        if self._buf is None:
+            self.edits.append((offset, data))
+        else:
+            self._buf[offset : offset + len(data)] = data
 
     def set_data(self, index: int, data: bytes) -> None:
         self.shdrs[index].data = data
@@ -136,12 +186,14 @@ class _Output:
         return len(self.shdrs) - 1
 
     def _append(self, data: bytes, align: int) -> int:
-        pos = _align(len(self.out), max(align, 1))
-        self.out += bytes(pos - len(self.out))
-        self.out += data
+        buf = self.out
+        pos = _align(len(buf), max(align, 1))
+        buf.extend(bytes(pos - len(buf)))
+        buf.extend(data)
         return pos
 
-    def build(self) -> bytes:
+    def build(self) -> bytes | None:
+        """The output image, or None when `edits` applied to the input make it."""
         elf = self.elf
         if self.new_names:
             shstr = self.shdrs[elf.e_shstrndx]
@@ -157,7 +209,7 @@ class _Output:
             room = old.file_size if old is not None else 0
             if old is not None and len(sh.data) <= room:
                 # Fits where it was: write in place, clear what it no longer uses.
-                self.out[old.offset : old.offset + room] = sh.data + bytes(room - len(sh.data))
+                self.poke(old.offset, sh.data + bytes(room - len(sh.data)))
             else:
                 if old is not None and room:
                     self.out[old.offset : old.offset + room] = bytes(room)
@@ -166,6 +218,8 @@ class _Output:
         if self.phdr_change is not None:
             self._write_phdrs()
         self._write_shdrs()
+        if self._buf is None and self.elf.content_end == len(self.elf.data):
+            return None
         return bytes(self.out)
 
     def _write_phdrs(self) -> None:
@@ -180,8 +234,9 @@ class _Output:
         elf = self.elf
         fmt = elf.cls.shdr
         blob = b"".join(fmt.pack(*sh.fields()) for sh in self.shdrs)
-        if len(self.shdrs) == len(elf.sections) and elf.e_shoff + len(blob) <= len(self.out):
-            self.out[elf.e_shoff : elf.e_shoff + len(blob)] = blob
+        if len(self.shdrs) == len(elf.sections):
+            if blob != elf.data[elf.e_shoff : elf.e_shoff + len(blob)]:
+                self.poke(elf.e_shoff, blob)
             return
         old_len = len(elf.sections) * fmt.size
         self.out[elf.e_shoff : elf.e_shoff + old_len] = bytes(old_len)
@@ -254,10 +309,10 @@ class _RelocatableRewriter(_Rewriter):
         changed_sites = any(not p.already for p in self.patches if p.decision.rewrites)
         if not (changed_sites or thunks or dropped):
             # Nothing to change: the file (and any signature on it) stays as it is.
-            return Rewrite(self.plan, elf.data, tuple(self.patches), (), False, 0)
+            return _result(self.plan, None, self.patches, (), False, 0)
         self._emit()
-        return Rewrite(self.plan, self.output.build(), tuple(self.patches),
-                       tuple(thunks.values()), elf.module_signature is not None, dropped)
+        return _result(self.plan, self.output, self.patches, thunks.values(),
+                       elf.module_signature is not None, dropped)
 
     # symbols -------------------------------------------------------------
 
@@ -537,12 +592,11 @@ class _LinkedRewriter(_Rewriter):
             already = after == site.code
             if not already:
                 # Sites of a linked file are patched in the output image directly.
-                self.output.out[site.file_offset : site.file_offset + site.len] = after
+                self.output.poke(site.file_offset, after)
                 ranges.append((site.address, site.address + site.len))
             self.patches.append(SitePatch(d, site.code, after, already))
         self._neutralise_dynamic_relocs(sorted(ranges))
-        return Rewrite(self.plan, self.output.build(), tuple(self.patches),
-                       tuple(thunks.values()), False, 0)
+        return _result(self.plan, self.output, self.patches, thunks.values(), False, 0)
 
     def _neutralise_dynamic_relocs(self, ranges: list[tuple[int, int]]) -> None:
         """A load-time relocation inside a rewritten site would write into the new bytes.
@@ -622,10 +676,21 @@ class _LinkedRewriter(_Rewriter):
         first = min(loads, key=lambda s: s.vaddr)
         bias = first.vaddr - first.offset  # vaddr - offset of the first segment
         end_vaddr = max(s.vaddr + s.memsz for s in loads)
-        offset = _align(max(len(self.output.out), elf.content_end), PAGE)
-        if bias + offset < end_vaddr:
-            offset += _align(end_vaddr - (bias + offset), PAGE)
+        offset = _align(elf.content_end, PAGE)
         vaddr = bias + offset
+        if vaddr < end_vaddr:
+            gap = _align(end_vaddr - vaddr, PAGE)
+            if gap <= max(len(elf.data), MAX_FILE_PAD):
+                # Pad the file so vaddr - offset stays that of the first segment:
+                # kernels before 5.18 compute AT_PHDR assuming so.
+                offset += gap
+                vaddr += gap
+            else:
+                # A large bss: place the segment past it without padding the file.
+                vaddr = _align(end_vaddr, PAGE) + offset % PAGE
+        if vaddr + PAGE > 1 << (8 * elf.arch.ptr_size):
+            raise RewriteError("no address space left past the last segment for the thunks",
+                               elf.path)
         # The new segment holds a copy of the program headers (one more entry)
         # and then the thunks: there is rarely room to grow the old table.
         phnum = len(elf.segments) + 1
@@ -660,7 +725,7 @@ class _LinkedRewriter(_Rewriter):
                                    PAGE))
         out = self.output
         pad = offset - len(out.out)
-        out.out += bytes(pad) + bytes(total)
+        out.out.extend(bytes(pad) + bytes(total))
         out.out[offset + base : offset + total] = code
         out.phdr_change = (offset, phnum, rows)
         sec = out.add_section(self.plan.backend.thunk_section, type=SHT_PROGBITS,
