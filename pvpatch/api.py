@@ -66,11 +66,17 @@ def make_plan(
     return _make_plan(result, be, drop_patched=drop_patched)
 
 
-def apply_plan(the_plan: Plan) -> Rewrite:
-    """Apply a plan in memory: the output file's bytes and what changed."""
+def apply_plan(the_plan: Plan, *, symvers: str | os.PathLike[str] | None = None) -> Rewrite:
+    """Apply a plan in memory: the output file's bytes and what changed.
+
+    `symvers` (a Module.symvers file or the kernel's vmlinux) gives the CRCs a
+    module with symbol versions needs for kernel functions it newly calls.
+    """
+    from .modversions import read_crcs
     from .rewrite import apply_plan as _apply_plan
 
-    return _apply_plan(the_plan)
+    crcs = read_crcs(symvers) if symvers is not None else None
+    return _apply_plan(the_plan, crcs=crcs)
 
 
 def write_output(

@@ -270,9 +270,11 @@ class ElfFile:
         self._table_bounds("section header", self.e_shoff, count, self.e_shentsize, shdr.size)
         raw = [shdr.unpack_from(d, self.e_shoff + i * shdr.size) for i in range(count)]
         for i, r in enumerate(raw):
-            stype, offset, size = r[1], r[4], r[5]
+            stype, offset, size, align = r[1], r[4], r[5], r[8]
             if stype not in (SHT_NOBITS, SHT_NULL) and offset + size > len(d):
                 raise self._fail(f"section {i} data runs past the end of the file")
+            if align & (align - 1):
+                raise self._fail(f"section {i} alignment {align} is not a power of two")
         if not 0 <= shstrndx < count:
             raise self._fail(f"section name table index {shstrndx} out of range")
         self._check_overlaps(raw)

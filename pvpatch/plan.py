@@ -85,6 +85,8 @@ class Planner:
         return Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()), drop_patched)
 
     def decide(self, site: Site) -> Decision:
+        if site.index in self.scan.unsafe:
+            return Decision(site, "keep", self._unsafe_reason(site))
         rule = self.backend.rule_for(site.op, site.type)
         if rule is None:
             rule = self.backend.default
@@ -108,6 +110,11 @@ class Planner:
         if action == "jmp":
             return self._branch(site, rule, "jmp")
         return self._call(site, rule)
+
+    def _unsafe_reason(self, site: Site) -> str:
+        rules = sorted({f"{f.rule} {f.name}" for f in self.scan.findings
+                        if f.site_index == site.index and f.severity == "error"})
+        return "unsafe to rewrite: " + (", ".join(rules) if rules else "PV104 site-overlap")
 
     def _inline(self, site: Site, rule: OpRule) -> Decision:
         # Tables have thousands of sites of a few shapes: decide each shape once.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -43,11 +43,13 @@ from .elf import (
     Relocation,
     Section,
 )
+from . import modversions
 from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
 from .thunk import THUNK_ALIGN, thunk_code
 
 PAGE = 0x1000
+MAX_SECTION_ALIGN = 1 << 16  # most a moved section may be aligned to (padding is zeros)
 MAX_FILE_PAD = 16 << 20  # most zero padding a linked file may grow by to place thunks
 DT_RELA, DT_REL, DT_RELACOUNT, DT_RELCOUNT = 7, 17, 0x6FFFFFF9, 0x6FFFFFFA
 
@@ -186,6 +188,9 @@ class _Output:
         return len(self.shdrs) - 1
 
     def _append(self, data: bytes, align: int) -> int:
+        if align > MAX_SECTION_ALIGN:
+            raise RewriteError(f"a section to move asks for {align}-byte alignment, more than "
+                               f"{MAX_SECTION_ALIGN}", self.elf.path)
         buf = self.out
         pos = _align(len(buf), max(align, 1))
         buf.extend(bytes(pos - len(buf)))
@@ -260,8 +265,9 @@ class _Output:
 
 
 class _Rewriter:
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, crcs: Mapping[str, int] | None = None) -> None:
         self.plan = plan
+        self.crcs = crcs
         self.elf: ElfFile = plan.scan.elf
         self.arch = plan.arch
         self.output = _Output(self.elf)
@@ -509,6 +515,19 @@ class _RelocatableRewriter(_Rewriter):
                            key=lambda r: r.offset)
             out.set_data(idx, self._pack_relocs(rela, fixed, None))
         self._emit_symbols()
+        self._emit_versions()
+
+    def _emit_versions(self) -> None:
+        """Modules with symbol versions need a CRC for every symbol they now import."""
+        sec = self.elf.section("__versions")
+        if sec is None or not self.new_globals:
+            return
+        ptr = self.arch.ptr_size
+        data = self.elf.section_data(sec)
+        extra = modversions.versions_for([g[0] for g in self.new_globals], self.crcs,
+                                         modversions.names_in(data, ptr), ptr, self.elf.path)
+        if extra:
+            self.output.set_data(sec.index, data + extra)
 
     def _entries(self, relsec_index: int) -> list[Relocation]:
         """A relocation section's entries after this rewrite's edits."""
@@ -743,8 +762,13 @@ class _LinkedRewriter(_Rewriter):
         return (ptype, offset, vaddr, paddr, filesz, memsz, flags, align)
 
 
-def apply_plan(plan: Plan) -> Rewrite:
-    """Produce the output file's bytes for `plan` (nothing is written to disk)."""
+def apply_plan(plan: Plan, *, crcs: Mapping[str, int] | None = None) -> Rewrite:
+    """Produce the output file's bytes for `plan` (nothing is written to disk).
+
+    `crcs` maps exported kernel symbols to their version CRCs (see
+    `pvpatch.modversions.read_crcs`), needed when a module with symbol versions
+    gains a call to a kernel function it did not import before.
+    """
     if plan.scan.elf.is_relocatable:
-        return _RelocatableRewriter(plan).run()
-    return _LinkedRewriter(plan).run()
+        return _RelocatableRewriter(plan, crcs).run()
+    return _LinkedRewriter(plan, crcs).run()

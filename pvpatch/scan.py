@@ -70,6 +70,9 @@ class ScanResult:
     findings: tuple[Finding, ...]
     ops: OpCatalog | None
     layout: TableLayout | None
+    # Sites with an error finding, and the partners of overlapping sites: their
+    # bytes or relocations are not what the table says, so nothing may rewrite them.
+    unsafe: frozenset[int] = frozenset()
 
     @property
     def elf_type(self) -> str:
@@ -147,6 +150,7 @@ class _Scanner:
         self.ops = ops
         self.findings: list[Finding] = []
         self._reloc_index: dict[int, _RelocIndex] = {}
+        self._overlapped: set[int] = set()
         self._regs_cache: dict[int, tuple[str, ...]] = {}
 
     def run(self) -> ScanResult:
@@ -176,6 +180,8 @@ class _Scanner:
         self._check_overlaps(sites)
         if not elf.is_relocatable:
             sites = self._check_exec_slots(sites)
+        unsafe = {f.site_index for f in self.findings
+                  if f.severity == "error" and f.site_index is not None}
         return ScanResult(
             elf,
             elf.path,
@@ -185,6 +191,7 @@ class _Scanner:
             tuple(self.findings),
             self.ops,
             lay,
+            frozenset(unsafe | self._overlapped),
         )
 
     # -- entries -> (section, offset) -----------------------------------
@@ -319,6 +326,7 @@ class _Scanner:
                         f"{cur.section}+{cur.offset:#x}")
                 continue
             if cur.offset < prev.end:
+                self._overlapped.add(prev.index)
                 self._site_finding(
                     "PV104", cur, f"site {cur.index} at {cur.section}+{cur.offset:#x} overlaps "
                     f"site {prev.index} ({prev.section}+{prev.offset:#x}, {prev.len} bytes)")

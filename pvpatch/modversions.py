@@ -1,0 +1,116 @@
+"""Symbol versions (CONFIG_MODVERSIONS) for symbols a rewrite adds to a module.
+
+A module built with symbol versions lists, in `__versions`, a CRC for every
+symbol it imports; the kernel refuses a module that imports a symbol without
+one ("no symbol version for ...").  When a rewrite makes a module call a kernel
+function it did not call before, the entry must be added, with the CRC the
+target kernel exports: from a `Module.symvers` file, or from the export tables
+of the kernel image itself.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+from .elf import ElfFile
+from .errors import InputError
+
+MODULE_NAME_LEN = 64  # struct modversion_info is MODULE_NAME_LEN bytes in all
+
+
+def pack_entry(name: str, crc: int, ptr_size: int) -> bytes:
+    """One `struct modversion_info {unsigned long crc; char name[64 - sizeof(long)];}`."""
+    raw = name.encode()
+    room = MODULE_NAME_LEN - ptr_size
+    if len(raw) >= room:
+        raise InputError(f"symbol name {name!r} is too long for __versions")
+    word = "<Q" if ptr_size == 8 else "<I"
+    return struct.pack(word, crc) + raw + bytes(room - len(raw))
+
+
+def names_in(data: bytes, ptr_size: int) -> set[str]:
+    out = set()
+    for i in range(0, len(data) - MODULE_NAME_LEN + 1, MODULE_NAME_LEN):
+        out.add(data[i + ptr_size : i + MODULE_NAME_LEN].split(b"\0")[0].decode("utf-8",
+                                                                                 "replace"))
+    return out
+
+
+def read_crcs(path: str | Path) -> dict[str, int]:
+    """CRCs from a `Module.symvers` file or from a kernel image (vmlinux)."""
+    p = Path(path)
+    try:
+        head = p.open("rb").read(4)
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", str(p)) from None
+    if head == b"\x7fELF":
+        return crcs_from_vmlinux(ElfFile.open(p))
+    return crcs_from_symvers(p)
+
+
+def crcs_from_symvers(path: Path) -> dict[str, int]:
+    """`0xCRC<TAB>symbol<TAB>module<TAB>EXPORT_SYMBOL[<TAB>namespace]` per line."""
+    out: dict[str, int] = {}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        try:
+            out[parts[1]] = int(parts[0], 16)
+        except (IndexError, ValueError):
+            raise InputError(f"line {n} is not a Module.symvers line", str(path)) from None
+    return out
+
+
+def crcs_from_vmlinux(elf: ElfFile) -> dict[str, int]:
+    """Exported symbol -> CRC from `__ksymtab{,_gpl}` and the parallel `__kcrctab{,_gpl}`.
+
+    x86-64 kernels (4.19 on) store `struct kernel_symbol` as three 32-bit offsets,
+    each relative to its own field (value, name, namespace); i386 stores pointers.
+    """
+    out: dict[str, int] = {}
+    prel = elf.arch.ptr_size == 8
+    esize = 12 if prel else 3 * 4
+    for tab, crctab in (("__ksymtab", "__kcrctab"), ("__ksymtab_gpl", "__kcrctab_gpl")):
+        ks, kc = elf.section(tab), elf.section(crctab)
+        if ks is None or kc is None:
+            continue
+        syms, crcs = elf.section_data(ks), elf.section_data(kc)
+        for i in range(min(len(syms) // esize, len(crcs) // 4)):
+            if prel:
+                (rel,) = struct.unpack_from("<i", syms, i * esize + 4)
+                name_addr = ks.addr + i * esize + 4 + rel
+            else:
+                (name_addr,) = struct.unpack_from("<I", syms, i * esize + 4)
+            at = elf.addr_to_offset(name_addr)
+            if at is None:
+                continue
+            end = elf.data.find(b"\0", at, at + 512)
+            if end < 0:
+                continue
+            out[elf.data[at:end].decode("utf-8", "replace")] = struct.unpack_from(
+                "<I", crcs, i * 4)[0]
+    return out
+
+
+def versions_for(names: list[str], crcs: Mapping[str, int] | None, have: set[str],
+                 ptr_size: int, path: str) -> bytes:
+    """Entries to append for `names` not yet in `__versions`; an unknown CRC is an error."""
+    out = bytearray()
+    for name in names:
+        if name in have:
+            continue
+        if crcs is None or name not in crcs:
+            raise InputError(
+                f"the module has symbol versions (__versions) and now imports {name}: give "
+                f"its CRC with --symvers (a Module.symvers file or the kernel's vmlinux)",
+                path,
+            )
+        out += pack_entry(name, crcs[name], ptr_size)
+    return bytes(out)

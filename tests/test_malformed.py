@@ -1,0 +1,72 @@
+"""The regression corpus of hostile files (fixtures/malformed): clear answers, bounded costs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import fuzzing
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FOLDER = REPO / "fixtures" / "malformed"
+EXPECTED: dict[str, dict[str, str]] = tomllib.loads((FOLDER / "expected.toml").read_text())
+OPS = "catalog:linux-6.1-x86_64"
+OPS_I386 = f"catalog:{REPO / 'fixtures' / 'catalogs' / 'fixtures-i386.toml'}"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def test_corpus_is_complete_and_current() -> None:
+    files = {p.name for p in FOLDER.iterdir() if p.name != "expected.toml"}
+    assert files == set(EXPECTED)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "build-malformed"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_scan_and_patch(name: str, tmp_path: Path) -> None:
+    path = FOLDER / name
+    want = EXPECTED[name]
+    ops = OPS_I386 if name.startswith("i386-") else OPS
+    scan = cli("scan", "--ops", ops, str(path))
+    out = tmp_path / "out"
+    patch = cli("patch", str(path), "-o", str(out), "--ops", ops, "--json")
+    for proc in (scan, patch):
+        assert "Traceback" not in proc.stderr
+    if "error" in want:
+        for proc in (scan, patch):
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and want["error"] in lines[0] and str(path) in lines[0]
+        assert not out.exists()
+        assert not list(tmp_path.iterdir())
+    else:
+        rule = want["finding"]
+        assert scan.returncode == 0, scan.stderr
+        assert f" {rule} " in scan.stderr
+        # the rest of the table is still scanned and patched, and proven; the broken
+        # sites are kept, with the finding as the reason
+        assert patch.returncode == 0, patch.stderr
+        report = json.loads(patch.stdout)
+        assert out.exists() and report["verify"]["summary"]["fail"] == 0
+        assert report["verify"]["summary"]["pass"] >= 10
+        unsafe = [s for s in report["sites"] if (s["reason"] or "").startswith("unsafe")]
+        assert any(rule in s["reason"] for s in unsafe) or rule in ("PV102", "PV103", "PV109")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bounded(name: str) -> None:
+    data = (FOLDER / name).read_bytes()
+    outcome, peak, seconds = fuzzing.bounded(data)
+    if "error" in EXPECTED[name]:
+        assert outcome != "ok"
+    else:
+        assert outcome == "ok"
