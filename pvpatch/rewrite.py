@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from . import modversions
 from .elf import (
     PF_R,
     PF_X,
@@ -43,7 +44,6 @@ from .elf import (
     Relocation,
     Section,
 )
-from . import modversions
 from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
 from .thunk import THUNK_ALIGN, thunk_code
