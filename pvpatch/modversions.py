@@ -10,6 +10,7 @@ of the kernel image itself.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,7 +39,7 @@ def names_in(data: bytes, ptr_size: int) -> set[str]:
     return out
 
 
-def read_crcs(path: str | Path) -> dict[str, int]:
+def read_crcs(path: str | os.PathLike[str]) -> dict[str, int]:
     """CRCs from a `Module.symvers` file or from a kernel image (vmlinux)."""
     p = Path(path)
     try:
