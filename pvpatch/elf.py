@@ -502,6 +502,52 @@ class ElfFile:
             yield from self.relocations(relsec)
 
     @cached_property
+    def symbolic_dynamic_relocations(self) -> dict[int, tuple[int, str, int]]:
+        """address -> (type, symbol name, addend) of load-time relocations naming a symbol.
+
+        REL-style addends are read from the word at the address.
+        """
+        out: dict[int, tuple[int, str, int]] = {}
+        for sec in self.sections:
+            if not sec.is_alloc or sec.type not in (SHT_REL, SHT_RELA) or not sec.link:
+                continue
+            symsec = self.section_at(sec.link)
+            if symsec.type not in (SHT_SYMTAB, SHT_DYNSYM):
+                continue
+            syms = self._dynamic_symbols(symsec)
+            rela = sec.type == SHT_RELA
+            fmt = self.cls.rela if rela else self.cls.rel
+            if sec.size % fmt.size:
+                raise self._fail(f"dynamic relocation section {sec.name!r} has a bad entry size")
+            for rec in fmt.iter_unpack(self.section_data(sec)):
+                sym, rtype = self.cls.split_info(rec[1])
+                if sym == 0 or rtype == self.arch.r_relative:
+                    continue
+                if sym >= len(syms):
+                    raise self._fail(f"dynamic relocation at {rec[0]:#x} names symbol {sym}, "
+                                     f"but {symsec.name} has {len(syms)}")
+                width = self.arch.reloc(rtype).width
+                addend = rec[2] if rela else (
+                    self._word_at_addr_sized(rec[0], width) if width else 0)
+                out[rec[0]] = (rtype, syms[sym].name, addend)
+        return out
+
+    def _dynamic_symbols(self, sec: Section) -> tuple[Symbol, ...]:
+        cache = self.__dict__.setdefault("_dynsym_cache", {})
+        if sec.index not in cache:
+            cache[sec.index] = self._read_symbols(sec)
+        result: tuple[Symbol, ...] = cache[sec.index]
+        return result
+
+    def _word_at_addr_sized(self, addr: int, width: int) -> int:
+        off = self.addr_to_offset(addr)
+        if off is None:
+            raise self._fail(f"relocation at {addr:#x} is outside every section")
+        raw = self.read_word(off, width)
+        sign = 1 << (width * 8 - 1)
+        return (raw ^ sign) - sign
+
+    @cached_property
     def relative_relocations(self) -> dict[int, int]:
         """address -> value for every dynamic RELATIVE relocation (ET_DYN and friends).
 

@@ -380,16 +380,33 @@ class _Scanner:
         else:
             votes = Counter(t - s.type * ptr for s in sites if (t := targets[s.index]) is not None)
             base = votes.most_common(1)[0][0] if votes else None
+        dyn = elf.symbolic_dynamic_relocations
         out = []
         for s in sites:
             t = targets[s.index]
             slot = None
-            if base is not None and t is not None and (t - base) % ptr == 0:
+            bound = _dynamic_slot(elf, s, dyn) if dyn else None
+            if bound is not None:
+                slot = bound
+            elif base is not None and t is not None and (t - base) % ptr == 0:
                 slot = (t - base) // ptr
-                if slot != s.type:
-                    self._slot_mismatch(s, slot)
+            if slot is not None and slot != s.type:
+                self._slot_mismatch(s, slot)
             out.append(_with_slot(s, slot))
         return out
+
+
+def _dynamic_slot(elf: ElfFile, site: Site, dyn: dict[int, tuple[int, str, int]]) -> int | None:
+    """The slot of a call whose operand the loader fills against `pv_ops` (i386 .so)."""
+    assert site.address is not None
+    for k in range(site.len):
+        found = dyn.get(site.address + k)
+        if found is None:
+            continue
+        rtype, name, addend = found
+        if name == "pv_ops" and rtype == elf.arch.r_abs_ptr and addend % elf.arch.ptr_size == 0:
+            return addend // elf.arch.ptr_size
+    return None
 
 
 def _with_slot(site: Site, slot: int | None) -> Site:

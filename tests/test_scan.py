@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"
 WITH_TABLE = [
     FIX / "x86_64" / n for n in ("kernel61.o", "seed.o", "legacy.o", "prog.o", "prog", "prog-pie",
-                                 "prog-sse")
-] + [FIX / "i386" / n for n in ("kernel61.o", "seed.o", "prog.o", "prog", "prog-pie")]
+                                 "prog-sse", "libprog.so")
+] + [FIX / "i386" / n for n in ("kernel61.o", "seed.o", "prog.o", "prog", "prog-pie",
+                                "libprog.so")]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

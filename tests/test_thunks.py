@@ -148,6 +148,34 @@ def test_endbr_when_asked(tmp_path: Path) -> None:
         assert code[t.offset : t.offset + 4] == bytes.fromhex("f30f1efa")
 
 
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+def test_endbr_when_the_input_asks_for_ibt(arch: str, spec: Path, tmp_path: Path) -> None:
+    """Built with -fcf-protection=full, the object's GNU property note asks for IBT."""
+    obj = tmp_path / "prog-ibt.o"
+    m32 = ["-m32"] if arch == "i386" else []
+    subprocess.run(["gcc", *m32, "-O2", "-fno-pie", "-fcf-protection=full", "-I",
+                    str(FIX / "src"), "-c", str(FIX / "src" / "prog.c"), "-o", str(obj)],
+                   check=True)
+    assert ElfFile.open(obj).has_ibt_property()
+    assert not ElfFile.open(FIX / arch / "prog.o").has_ibt_property()
+    out = tmp_path / "patched.o"
+    proc = pvpatch_cli("patch", str(obj), "-o", str(out), "--backend", str(spec), "--ops",
+                       "none", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    elf = ElfFile.open(out)
+    sec = elf.section(".text.pvpatch")
+    assert sec is not None
+    code = elf.section_data(sec)
+    endbr = bytes.fromhex("f30f1efa" if arch == "x86_64" else "f30f1efb")
+    assert report["thunks"] and all(code[t["offset"] : t["offset"] + 4] == endbr
+                                    for t in report["thunks"])
+    exe = tmp_path / "prog"
+    subprocess.run(["gcc", *m32, "-no-pie", "-o", str(exe), str(out)], check=True)
+    ran = run_prog(exe)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
+
+
 def test_one_thunk_per_target_and_saved_set() -> None:
     res = pvpatch.load(FIX / "x86_64" / "kernel61.o", ops="catalog:linux-6.1-x86_64")
     text = """
@@ -195,3 +223,24 @@ def test_bad_spec_refused_with_line(text: str, words: str, tmp_path: Path) -> No
     assert words in proc.stderr and str(spec) + ":" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+def test_shared_object_runs_clean(arch: str, spec: Path, tmp_path: Path) -> None:
+    """A shared library patched on its own; the unpatched launcher loads it."""
+    launcher = tmp_path / "prog-so"
+    launcher.write_bytes((FIX / arch / "prog-so").read_bytes())
+    launcher.chmod(0o755)
+    (tmp_path / "libprog.so").write_bytes((FIX / arch / "libprog.so").read_bytes())
+    assert run_prog(launcher).returncode == 1  # unpatched: the promise is broken
+    proc = pvpatch_cli("patch", str(FIX / arch / "libprog.so"), "-o",
+                       str(tmp_path / "libprog.so"), "--backend", str(spec), "--ops", "none",
+                       "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert sorted(s["action"] for s in report["sites"]) == ["call", "call", "thunk", "thunk",
+                                                            "thunk", "thunk"]
+    assert report["verify"]["summary"]["fail"] == 0
+    assert "PV106" not in proc.stderr  # i386: slots read through load-time relocations
+    ran = run_prog(launcher)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
