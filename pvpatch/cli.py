@@ -10,12 +10,16 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 from .errors import PvpatchError, UsageError
+
+if TYPE_CHECKING:
+    from .rules import Finding
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD = 0, 1, 2
 
@@ -36,6 +40,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _tree_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-j", "--jobs", type=_positive, default=None, metavar="N",
+                   help="worker processes for a tree of files (default: every core)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: only when stderr is a terminal)")
+
+
+def _sarif_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sarif", metavar="FILE", default=None,
+                   help="also write the findings as SARIF 2.1.0 to FILE")
+
+
 def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=_positive, default=16, metavar="N",
                    help="random machine states per site (default 16)")
@@ -53,15 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("scan", help="list the paravirt sites of ELF files")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p = sub.add_parser("scan", help="list the paravirt sites of ELF files and trees")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="ELF files, or directories to walk for ELF files")
     _common_scan_options(p)
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    _tree_options(p)
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("patch", help="rewrite the sites of one ELF file")
-    p.add_argument("input", metavar="INPUT")
-    p.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+    p = sub.add_parser("check", help="report every wrong paravirt site (for CI)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="ELF files, or directories to walk for ELF files")
+    p.add_argument("--backend", default="native", metavar="native|SPEC.toml",
+                   help="the backend whose plan is checked (default: native)")
+    _common_scan_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    _sarif_option(p)
+    p.add_argument("--fail-on", choices=("error", "warning"), default="error",
+                   help="exit 1 when a finding is at least this severe (default: error)")
+    _tree_options(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("patch", help="rewrite the sites of an ELF file or a tree of them")
+    p.add_argument("input", metavar="INPUT", help="an ELF file, or a directory to mirror")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                   help="the output file, or the output directory for a directory INPUT")
     p.add_argument("--backend", default="native", metavar="native|SPEC.toml",
                    help="what ops become (default: native, the kernel's own replacements)")
     _common_scan_options(p)
@@ -72,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip emulation of the result")
     _verify_options(p)
     p.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
+    _sarif_option(p)
+    _tree_options(p)
     p.set_defaults(func=cmd_patch)
 
     p = sub.add_parser("verify",
@@ -83,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_scan_options(p)
     _verify_options(p)
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    _sarif_option(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("layouts", help="list the known table layouts")
@@ -102,33 +137,142 @@ def _emit_json(doc: Any, out: TextIO = sys.stdout) -> None:
     out.write("\n")
 
 
-def cmd_scan(args: argparse.Namespace) -> int:
-    from .api import load
-    from .report import findings_text, scan_json, scan_text
+def _jobs(args: argparse.Namespace) -> int:
+    if args.jobs is not None:
+        return int(args.jobs)
+    from .batch import default_jobs
 
+    return default_jobs()
+
+
+def _write_sarif(path: str, doc: dict[str, Any]) -> None:
+    from .output import write_atomic
+
+    # Atomic like every other output: an upload step never sees half a file.
+    write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def _actions_text(actions: dict[str, int]) -> str:
+    from .report import ACTIONS
+
+    return ", ".join(f"{actions[a]} {a}" for a in ACTIONS if actions.get(a)) or "none"
+
+
+def _add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    for key, n in more.items():
+        total[key] = total.get(key, 0) + n
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .batch import ScanOptions, expand, job, run_ordered, scan_input
+    from .progress import open_progress
+    from .report import findings_text
+
+    started = time.monotonic()
+    inputs = expand(args.paths)
     status = EXIT_OK
-    files = []
-    for path in args.paths:
-        try:
-            result = load(path, layout=args.layout, section=args.section, ops=args.ops)
-        except UsageError:
-            raise
-        except PvpatchError as exc:
-            _err(f"error: {exc}")
-            status = EXIT_BAD
-            continue
-        for line in findings_text(result.path, result.findings):
-            print(line, file=sys.stderr)
-        if args.json:
-            files.append(scan_json(result))
-        else:
-            print("\n".join(scan_text(result)))
+    for problem in inputs.problems:
+        _err(f"error: {problem}")
+        status = EXIT_BAD
+    options = ScanOptions(layout=args.layout, section=args.section, ops=args.ops,
+                          json=args.json)
+    bar = open_progress(args.progress, len(inputs.files), "scan", sys.stderr)
+    files: list[dict[str, Any]] = []
+    scanned = skipped = sites = findings = 0
+    try:
+        for out in run_ordered(job(scan_input, options), inputs.files, jobs=_jobs(args),
+                               on_done=lambda n, item: bar.advance(n, item.path)):
+            if out.status == "bad":
+                bar.write(f"pvpatch: error: {out.error}", sys.stderr)
+                status = EXIT_BAD
+                continue
+            if out.status == "skipped":
+                skipped += 1
+                continue
+            scanned += 1
+            sites += out.sites
+            findings += len(out.findings)
+            if out.findings:  # one block per file: one redraw of the bar
+                bar.write("\n".join(findings_text(out.path, out.findings)), sys.stderr)
+            if out.record is not None:
+                files.append(out.record)
+            elif not args.json:
+                bar.write("\n".join(out.lines), sys.stdout)
+    finally:
+        bar.close()
     if args.json:
         _emit_json({"files": files})
+    if inputs.tree and inputs.files:
+        # stderr: stdout stays the listing (or the JSON document) alone.
+        print(f"pvpatch scan: {scanned} ELF files ({skipped} other files skipped), "
+              f"{sites} sites, {findings} findings, "
+              f"{time.monotonic() - started:.2f} s", file=sys.stderr)
+    return status
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .batch import check_input, expand, job, run_ordered
+    from .check import CheckOptions, FileCheck, reaches
+    from .progress import open_progress
+    from .report import findings_text
+
+    started = time.monotonic()
+    inputs = expand(args.paths)
+    problems = list(inputs.problems)
+    for problem in problems:
+        _err(f"error: {problem}")
+    options = CheckOptions(backend=args.backend, ops=args.ops, layout=args.layout,
+                           section=args.section, records=args.json)
+    bar = open_progress(args.progress, len(inputs.files), "check", sys.stderr)
+    checked: list[FileCheck] = []
+    try:
+        for fc in run_ordered(job(check_input, options), inputs.files, jobs=_jobs(args),
+                              on_done=lambda n, item: bar.advance(n, item.path)):
+            if fc.status == "bad":
+                bar.write(f"pvpatch: error: {fc.error}", sys.stderr)
+                problems.append(fc.error or fc.path)
+            elif fc.status == "checked":
+                checked.append(fc)
+                if fc.findings and not args.json:  # one block per file: one redraw
+                    bar.write("\n".join(findings_text(fc.path, fc.findings)), sys.stdout)
+    finally:
+        bar.close()
+    all_findings = [f for fc in checked for f in fc.findings]
+    failing = reaches(all_findings, args.fail_on)
+    status = EXIT_BAD if problems else (EXIT_FAIL if failing else EXIT_OK)
+    actions: dict[str, int] = {}
+    for fc in checked:
+        _add_counts(actions, fc.actions)
+    counts = {sev: sum(1 for f in all_findings if f.severity == sev)
+              for sev in ("error", "warning")}
+    summary = {
+        "files": len(checked),
+        "skipped": len(inputs.files) - len(checked) - (len(problems) - len(inputs.problems)),
+        "sites": sum(fc.sites for fc in checked),
+        "actions": actions,
+        "findings": counts,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    if args.sarif:
+        from .sarif import ArtifactFindings, sarif_log
+
+        _write_sarif(args.sarif, sarif_log(
+            [ArtifactFindings(fc.path, fc.findings, fc.size) for fc in checked],
+            exit_code=status, problems=problems, arguments=args.argv))
+    if args.json:
+        _emit_json({"files": [fc.record for fc in checked], "errors": problems,
+                    "summary": summary})
+    else:
+        print(f"pvpatch check: {summary['files']} ELF files ({summary['skipped']} other "
+              f"files skipped), {summary['sites']} sites ({_actions_text(actions)}); "
+              f"{counts['error']} errors, {counts['warning']} warnings; "
+              f"{summary['seconds']:.2f} s")
     return status
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.input):
+        return cmd_patch_tree(args)
     from .api import apply_plan, load, make_plan, write_output
     from .output import check_output_path
     from .report import findings_text, patch_json, patch_text
@@ -140,11 +284,14 @@ def cmd_patch(args: argparse.Namespace) -> int:
     the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched)
     rw = apply_plan(the_plan)
     verify_doc = None
+    failed = []
     if not args.no_verify:
+        from .check import verify_findings
         from .verify import report_failures, verify_json, verify_rewrite, verify_text
 
         report = verify_rewrite(rw, trials=args.trials, seed=args.seed)
         verify_doc = verify_json(report)
+        failed = verify_findings(report, the_plan)
         if not report.ok:
             # Nothing is written when a rewritten site breaks its contract.
             for line in verify_text(report, result.path):
@@ -152,6 +299,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
             _err(f"error: {report_failures(report)}; nothing written")
             if args.json:
                 _emit_json(patch_json(rw, None, verify_doc))
+            _patch_sarif(args, result.path, (*result.findings, *failed), len(result.elf.data),
+                         EXIT_FAIL)
             return EXIT_FAIL
     output = None if args.dry_run else args.output
     if output is not None:
@@ -165,7 +314,99 @@ def cmd_patch(args: argparse.Namespace) -> int:
             print(f"  verify: sites {summary['pass']} pass, {summary['fail']} fail, "
                   f"{summary['skip']} skip; thunks {thunks['pass']} pass, {thunks['fail']} fail "
                   f"({args.trials} trials each, seed {args.seed})")
+    _patch_sarif(args, result.path, result.findings, len(result.elf.data), EXIT_OK)
     return EXIT_OK
+
+
+def _patch_sarif(args: argparse.Namespace, path: str, findings: Sequence[Finding],
+                 size: int | None, status: int) -> None:
+    if args.sarif:
+        from .sarif import ArtifactFindings, sarif_log
+
+        _write_sarif(args.sarif, sarif_log([ArtifactFindings(path, tuple(findings), size)],
+                                           exit_code=status, arguments=args.argv))
+
+
+def _check_outdir(indir: str, outdir: str, in_place: bool) -> None:
+    src, dst = os.path.realpath(indir), os.path.realpath(outdir)
+    if src == dst:
+        if not in_place:
+            raise UsageError(f"output directory {outdir} is the input directory; "
+                             "give --in-place to rewrite the tree where it is")
+        return
+    if dst.startswith(src + os.sep):
+        # A later run would walk the outputs as inputs.
+        raise UsageError(f"output directory {outdir} is inside the input directory {indir}")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UsageError(f"output {outdir} exists and is not a directory")
+
+
+def cmd_patch_tree(args: argparse.Namespace) -> int:
+    from .batch import PatchOptions, expand, job, patch_input, run_ordered
+    from .progress import open_progress
+
+    started = time.monotonic()
+    _check_outdir(args.input, args.output, args.in_place)
+    inputs = expand([args.input])
+    problems = list(inputs.problems)
+    for problem in problems:
+        _err(f"error: {problem}")
+    options = PatchOptions(
+        outdir=args.output, backend=args.backend, layout=args.layout, section=args.section,
+        ops=args.ops, drop_patched=args.drop_patched, verify=not args.no_verify,
+        trials=args.trials, seed=args.seed, dry_run=args.dry_run, json=args.json)
+    bar = open_progress(args.progress, len(inputs.files), "patch", sys.stderr)
+    from .batch import PatchOutcome
+    from .report import findings_text
+
+    done: list[PatchOutcome] = []
+    try:
+        for out in run_ordered(job(patch_input, options), inputs.files, jobs=_jobs(args),
+                               on_done=lambda n, item: bar.advance(n, item.path)):
+            if out.status == "bad":
+                bar.write(f"pvpatch: error: {out.error}", sys.stderr)
+                problems.append(out.error or out.path)
+                continue
+            if out.status == "skipped":
+                continue
+            done.append(out)
+            if out.findings:  # one block per file: one redraw of the bar
+                bar.write("\n".join(findings_text(out.path, out.findings)), sys.stderr)
+            if out.status == "failed":
+                bar.write("\n".join(out.lines), sys.stderr)
+            elif not args.json and out.sites:
+                bar.write("\n".join(out.lines), sys.stdout)
+    finally:
+        bar.close()
+    failed = sum(1 for o in done if o.status == "failed")
+    status = EXIT_BAD if problems else (EXIT_FAIL if failed else EXIT_OK)
+    actions: dict[str, int] = {}
+    for o in done:
+        _add_counts(actions, o.actions)
+    summary = {
+        "files": len(done),
+        "written": sum(1 for o in done if o.output is not None),
+        "failed": failed,
+        "sites": sum(o.sites for o in done),
+        "actions": actions,
+        "findings": sum(len(o.findings) for o in done),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    if args.sarif:
+        from .sarif import ArtifactFindings, sarif_log
+
+        _write_sarif(args.sarif, sarif_log(
+            [ArtifactFindings(o.path, o.findings, o.size) for o in done],
+            exit_code=status, problems=problems, arguments=args.argv))
+    if args.json:
+        _emit_json({"files": [o.record for o in done if o.record is not None],
+                    "errors": problems, "summary": summary})
+    else:
+        print(f"pvpatch patch: {summary['files']} ELF files, {summary['written']} written to "
+              f"{args.output}{' (dry run)' if args.dry_run else ''}, {summary['sites']} sites "
+              f"({_actions_text(actions)}), {failed} failed verification, "
+              f"{summary['findings']} findings; {summary['seconds']:.2f} s")
+    return status
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -174,13 +415,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     original = load(args.original, layout=args.layout, section=args.section, ops=args.ops)
     patched = open_elf(args.patched)
-    report = verify_files(original, patched, make_plan(original, args.backend),
-                          trials=args.trials, seed=args.seed)
+    the_plan = make_plan(original, args.backend)
+    report = verify_files(original, patched, the_plan, trials=args.trials, seed=args.seed)
     if args.json:
         _emit_json(verify_json(report))
     else:
         print("\n".join(verify_text(report, args.patched)))
-    return EXIT_OK if report.ok else EXIT_FAIL
+    status = EXIT_OK if report.ok else EXIT_FAIL
+    if args.sarif:
+        from .check import verify_findings
+
+        # The failures are in the patched file: locate them there.
+        _patch_sarif(args, patched.path, verify_findings(report, the_plan, patched),
+                     len(patched.data), status)
+    return status
 
 
 def cmd_layouts(args: argparse.Namespace) -> int:
@@ -200,14 +448,31 @@ def cmd_catalogs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _failure_sarif(args: argparse.Namespace, problem: str) -> None:
+    """A run that failed on bad input still leaves a SARIF file saying so, so the CI step
+    that uploads it does not fail for a missing file instead."""
+    path = getattr(args, "sarif", None)
+    if not path:
+        return
+    from .sarif import sarif_log
+
+    try:
+        _write_sarif(path, sarif_log([], exit_code=EXIT_BAD, problems=[problem],
+                                     arguments=args.argv))
+    except (OSError, PvpatchError) as exc:
+        _err(f"error: cannot write {path}: {exc}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in SARIF
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except PvpatchError as exc:
         _err(f"error: {exc}")
+        _failure_sarif(args, str(exc))
         return EXIT_BAD
     except KeyboardInterrupt:
         _err("interrupted")

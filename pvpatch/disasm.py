@@ -45,3 +45,16 @@ def disassemble(arch: Arch, code: bytes, address: int = 0) -> list[Insn]:
 def boundaries(arch: Arch, code: bytes) -> list[int]:
     """Offsets where instructions start when `code` is decoded from its first byte."""
     return [i.offset for i in disassemble(arch, code)]
+
+
+def insn_starts(arch: Arch, code: bytes) -> tuple[list[int], int]:
+    """Instruction start offsets decoding `code` from its first byte, and where decoding
+    stopped: `len(code)` when every byte belongs to a whole instruction, less when a byte
+    does not decode or the last instruction would run past the end."""
+    starts: list[int] = []
+    pos = 0
+    # disasm_lite skips formatting nothing we need, so it is the cheap path for lengths.
+    for _addr, size, _mnemonic, _op_str in _engine(arch.name).disasm_lite(code, 0):
+        starts.append(pos)
+        pos += size
+    return starts, pos

@@ -18,6 +18,11 @@ class PvpatchError(Exception):
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
+    def __reduce__(self) -> tuple[type[PvpatchError], tuple[str, str | None]]:
+        # Errors cross process boundaries (worker pools): keep the path, which the
+        # default pickling (args only) would drop.
+        return (type(self), (self.message, self.path))
+
 
 class InputError(PvpatchError):
     """The input cannot be used: missing, unreadable, or not a supported ELF file."""

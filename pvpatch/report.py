@@ -61,6 +61,8 @@ def finding_json(f: Finding) -> dict[str, Any]:
         "address": f.address,
         "site_index": f.site_index,
         "op": f.op,
+        "file_offset": f.file_offset,
+        "length": f.length,
     }
 
 

@@ -26,6 +26,8 @@ RULES: Mapping[str, Rule] = MappingProxyType(
     {
         r.id: r
         for r in (
+            Rule("PV100", "bad-elf", "error",
+                 "The file claims to be ELF but its structure is broken or truncated."),
             Rule("PV101", "table-size", "error",
                  "The table is not a whole number of entries of its layout."),
             Rule("PV102", "entry-target", "error",

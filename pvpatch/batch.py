@@ -1,0 +1,284 @@
+"""Whole trees: walk the inputs, run one job per file on every core, keep input order.
+
+The per-file jobs (`scan_input`, `check_input`, `patch_input`) are plain
+functions of picklable arguments returning picklable outcomes, so the same
+code runs in-process for one or two files and in a process pool for a tree.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from .check import FATAL_ERRORS, CheckOptions, FileCheck, check_path, elf_kind, read_input
+from .errors import InputError, PvpatchError, UsageError
+from .rules import Finding
+from .scan import DEFAULT_SECTION
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+IN_PROCESS_MAX = 2  # a pool costs more than it saves for this few files
+CHUNK_MAX = 16  # files per task: small enough for a lively bar and even load
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    walked: bool = False  # found by walking a directory (not named on the command line)
+    rel: str = ""  # path below the walked directory (the output path in a mirrored tree)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    files: tuple[InputFile, ...]
+    problems: tuple[str, ...]  # named paths that cannot be used: one message each
+    tree: bool  # some input was a directory
+
+
+def expand(paths: Sequence[str]) -> Inputs:
+    """Files named on the command line, and every regular file below named directories
+    (walked in sorted order, symbolic links not followed, so a tree is listed once)."""
+    files: list[InputFile] = []
+    problems: list[str] = []
+    tree = False
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(InputFile(path, rel=os.path.basename(path)))
+            continue
+        tree = True
+        found = list(_walk(path, problems))
+        if not any(_looks_elf(f.path) for f in found):
+            problems.append(str(InputError("is a directory without ELF files", path)))
+        files.extend(found)
+    return Inputs(tuple(files), tuple(problems), tree)
+
+
+def _walk(top: str, problems: list[str]) -> Iterator[InputFile]:
+    def onerror(exc: OSError) -> None:
+        problems.append(str(InputError(f"cannot read: {exc.strerror or exc}",
+                                       exc.filename or top)))
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=onerror):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            yield InputFile(path, walked=True, rel=os.path.relpath(path, top))
+
+
+def _looks_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _warm_up() -> None:
+    """Import what every job needs once, before forking, instead of once per worker."""
+    import importlib
+
+    for name in ("api", "check", "plan", "report", "opsource", "disasm"):
+        importlib.import_module(f".{name}", __package__)
+    import capstone  # noqa: F401  (the disassembler: sites are decoded in every job)
+
+
+def _run_chunk(func: Callable[[T], R], chunk: Sequence[T]) -> list[R]:
+    return [func(item) for item in chunk]
+
+
+def run_ordered(
+    func: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    jobs: int,
+    on_done: Callable[[int, T], None] | None = None,
+) -> Iterator[R]:
+    """`func` over `items`, results yielded in input order whatever the scheduling.
+
+    `on_done(n, last_item)` is called as each batch of `n` items finishes (for a
+    progress bar).  `func` must be picklable (a module-level function or a partial
+    of one).  An exception in `func` ends the run and is raised here.
+    """
+    if jobs <= 1 or len(items) <= IN_PROCESS_MAX:
+        for item in items:
+            result = func(item)
+            if on_done is not None:
+                on_done(1, item)
+            yield result
+        return
+    _warm_up()
+    size = max(1, min(CHUNK_MAX, len(items) // (jobs * 8)))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    # fork: workers inherit imported modules and caches instead of re-importing.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=ctx) as pool:
+        futures: dict[Future[list[R]], int] = {
+            pool.submit(_run_chunk, func, chunk): n for n, chunk in enumerate(chunks)
+        }
+        pending: set[Future[list[R]]] = set(futures)
+        ready: dict[int, list[R]] = {}
+        next_chunk = 0
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: futures[f]):
+                    n = futures[fut]
+                    ready[n] = fut.result()
+                    if on_done is not None:
+                        on_done(len(chunks[n]), chunks[n][-1])
+                while next_chunk in ready:
+                    yield from ready.pop(next_chunk)
+                    next_chunk += 1
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+# -- per-file jobs ----------------------------------------------------------------------
+
+
+def check_input(options: CheckOptions, item: InputFile) -> FileCheck:
+    return check_path(item.path, options, walked=item.walked)
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    layout: str = "auto"
+    section: str = DEFAULT_SECTION
+    ops: str = "auto"
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    path: str
+    status: Literal["scanned", "skipped", "bad"]
+    lines: tuple[str, ...] = ()  # the text listing (without --json)
+    record: dict[str, Any] | None = None  # the JSON record (with --json)
+    findings: tuple[Finding, ...] = ()
+    sites: int = 0
+    error: str | None = None
+
+
+def scan_input(options: ScanOptions, item: InputFile) -> ScanOutcome:
+    from .check import scan_for
+    from .elf import ElfFile
+    from .report import scan_json, scan_text
+
+    try:
+        data = read_input(item.path)
+        if item.walked and elf_kind(data) != "x86":
+            return ScanOutcome(item.path, "skipped")
+        result = scan_for(ElfFile(data, item.path), layout=options.layout,
+                          section=options.section, ops=options.ops)
+    except UsageError:
+        raise
+    except PvpatchError as exc:
+        return ScanOutcome(item.path, "bad", error=str(exc))
+    if options.json:
+        return ScanOutcome(item.path, "scanned", record=scan_json(result),
+                           findings=result.findings, sites=len(result.sites))
+    return ScanOutcome(item.path, "scanned", tuple(scan_text(result)),
+                       findings=result.findings, sites=len(result.sites))
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    outdir: str
+    backend: str = "native"
+    layout: str = "auto"
+    section: str = DEFAULT_SECTION
+    ops: str = "auto"
+    drop_patched: bool = False
+    verify: bool = True
+    trials: int = 16
+    seed: int = 0
+    dry_run: bool = False
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class PatchOutcome:
+    path: str
+    status: Literal["patched", "failed", "skipped", "bad"]
+    output: str | None = None
+    lines: tuple[str, ...] = ()  # the text report, or what failed
+    record: dict[str, Any] | None = None
+    findings: tuple[Finding, ...] = ()  # scan findings, and PV301 for failed verification
+    sites: int = 0
+    actions: dict[str, int] = field(default_factory=dict)
+    size: int = 0
+    error: str | None = None
+
+
+def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
+    """Patch one file of a tree into the mirrored tree under `options.outdir`."""
+    from .api import apply_plan
+    from .check import backend_for, scan_for
+    from .elf import ElfFile
+    from .output import write_atomic
+    from .plan import make_plan
+    from .report import patch_json, patch_text
+
+    out = os.path.join(options.outdir, item.rel)
+    try:
+        data = read_input(item.path)
+        if item.walked and elf_kind(data) != "x86":
+            return PatchOutcome(item.path, "skipped")
+        elf = ElfFile(data, item.path)
+        result = scan_for(elf, layout=options.layout, section=options.section,
+                          ops=options.ops)
+        plan = make_plan(result, backend_for(options.backend, elf.arch.name),
+                         drop_patched=options.drop_patched)
+        rw = apply_plan(plan)
+        verify_doc = None
+        lines: list[str] = []
+        if options.verify and rw.patches:
+            from .check import verify_findings
+            from .verify import verify_json, verify_rewrite, verify_text
+
+            # One process per file already: the verifier must not start its own pool.
+            report = verify_rewrite(rw, trials=options.trials, seed=options.seed, workers=1)
+            verify_doc = verify_json(report)
+            if not report.ok:
+                failed = verify_findings(report, plan)
+                record = patch_json(rw, None, verify_doc) if options.json else None
+                return PatchOutcome(item.path, "failed", None,
+                                    (*verify_text(report, item.path),
+                                     f"{item.path}: verification failed; nothing written"),
+                                    record, (*result.findings, *failed), len(result.sites),
+                                    plan.counts(), len(data))
+            s = verify_doc["summary"]
+            lines.append(f"  verify: sites {s['pass']} pass, {s['fail']} fail, {s['skip']} skip")
+        output = None if options.dry_run else out
+        if output is not None:
+            os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+            write_atomic(output, rw.data, mode_from=item.path)
+    except FATAL_ERRORS:
+        raise
+    except PvpatchError as exc:
+        return PatchOutcome(item.path, "bad", error=str(exc))
+    record = patch_json(rw, output, verify_doc) if options.json else None
+    return PatchOutcome(item.path, "patched", output, (*patch_text(rw, output), *lines),
+                        record, result.findings, len(result.sites), plan.counts(), len(data))
+
+
+def job(func: Callable[[Any, InputFile], R], options: Any) -> Callable[[InputFile], R]:
+    """A picklable one-argument job for `run_ordered`."""
+    return functools.partial(func, options)
