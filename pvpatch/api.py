@@ -9,9 +9,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .elf import ElfFile
+from .errors import InputError, UsageError
 from .opsource import resolve_ops
 from .scan import DEFAULT_SECTION, ScanResult, scan_elf
 
@@ -77,6 +80,41 @@ def apply_plan(the_plan: Plan, *, symvers: str | os.PathLike[str] | None = None)
 
     crcs = read_crcs(symvers) if symvers is not None else None
     return _apply_plan(the_plan, crcs=crcs)
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A key and certificate to sign kernel modules with, as the kernel's sign-file does."""
+
+    key: bytes = field(repr=False)
+    cert: bytes
+    hash: str = "sha256"
+    password: bytes | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_files(cls, key: str | os.PathLike[str], cert: str | os.PathLike[str],
+                   hash: str = "sha256") -> SigningKey:
+        """Read KEY and CERT (PEM or DER; may be one file); KBUILD_SIGN_PIN unlocks the key."""
+        blobs = []
+        for path in (key, cert):
+            try:
+                blobs.append(Path(path).read_bytes())
+            except OSError as exc:
+                raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
+        pin = os.environ.get("KBUILD_SIGN_PIN")
+        return cls(blobs[0], blobs[1], hash, pin.encode() if pin else None)
+
+
+def sign_output(result: Rewrite, signing: SigningKey) -> Rewrite:
+    """Sign the output module (replacing any signature it has) like scripts/sign-file."""
+    from .sign import sign_module
+
+    elf = result.plan.scan.elf
+    if not elf.is_relocatable:
+        raise UsageError("--sign-key applies to kernel modules (relocatable files)", elf.path)
+    signed = sign_module(result.data, signing.key, signing.cert, signing.hash,
+                         password=signing.password, path=elf.path)
+    return result.with_image(signed, signed=True)
 
 
 def write_output(

@@ -13,12 +13,15 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .check import FATAL_ERRORS, CheckOptions, FileCheck, check_path, elf_kind, read_input
 from .errors import InputError, PvpatchError, UsageError
 from .rules import Finding
 from .scan import DEFAULT_SECTION
+
+if TYPE_CHECKING:
+    from .api import SigningKey
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -211,6 +214,8 @@ class PatchOptions:
     seed: int = 0
     dry_run: bool = False
     json: bool = False
+    symvers: str | None = None
+    signing: SigningKey | None = None  # signs relocatable outputs (modules)
 
 
 @dataclass(frozen=True)
@@ -229,10 +234,9 @@ class PatchOutcome:
 
 def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
     """Patch one file of a tree into the mirrored tree under `options.outdir`."""
-    from .api import apply_plan
+    from .api import apply_plan, sign_output, write_output
     from .check import backend_for, scan_for
     from .elf import ElfFile
-    from .output import write_atomic
     from .plan import make_plan
     from .report import patch_json, patch_text
 
@@ -246,7 +250,7 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
                           ops=options.ops)
         plan = make_plan(result, backend_for(options.backend, elf.arch.name),
                          drop_patched=options.drop_patched)
-        rw = apply_plan(plan)
+        rw = apply_plan(plan, symvers=options.symvers)
         verify_doc = None
         lines: list[str] = []
         if options.verify and rw.patches:
@@ -268,8 +272,10 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
             lines.append(f"  verify: sites {s['pass']} pass, {s['fail']} fail, {s['skip']} skip")
         output = None if options.dry_run else out
         if output is not None:
+            if options.signing is not None and elf.is_relocatable:
+                rw = sign_output(rw, options.signing)
             os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-            write_atomic(output, rw.data, mode_from=item.path)
+            write_output(rw, output, in_place=True)
     except FATAL_ERRORS:
         raise
     except PvpatchError as exc:

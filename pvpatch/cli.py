@@ -19,6 +19,7 @@ from . import __version__
 from .errors import PvpatchError, UsageError
 
 if TYPE_CHECKING:
+    from .api import SigningKey
     from .rules import Finding
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD = 0, 1, 2
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip emulation of the result")
     _verify_options(p)
     p.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
+    p.add_argument("--symvers", metavar="FILE",
+                   help="CRCs for symbols a module newly imports: a Module.symvers file or "
+                        "the kernel's vmlinux (modules built with symbol versions)")
+    p.add_argument("--sign-key", metavar="KEY", help="sign output modules with this key ...")
+    p.add_argument("--sign-cert", metavar="CERT", help="... and this X.509 certificate")
+    p.add_argument("--sign-hash", default="sha256", metavar="HASH",
+                   help="signature digest: sha256 (default), sha384, sha512, sha224")
     _sarif_option(p)
     _tree_options(p)
     p.set_defaults(func=cmd_patch)
@@ -270,19 +278,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _signing(args: argparse.Namespace) -> SigningKey | None:
+    if (args.sign_key is None) != (args.sign_cert is None):
+        raise UsageError("--sign-key and --sign-cert go together")
+    if args.sign_key is None:
+        return None
+    from .api import SigningKey
+
+    return SigningKey.from_files(args.sign_key, args.sign_cert, args.sign_hash)
+
+
 def cmd_patch(args: argparse.Namespace) -> int:
+    signing = _signing(args)
     if os.path.isdir(args.input):
-        return cmd_patch_tree(args)
-    from .api import apply_plan, load, make_plan, write_output
+        return cmd_patch_tree(args, signing)
+    from .api import apply_plan, load, make_plan, sign_output, write_output
     from .output import check_output_path
     from .report import findings_text, patch_json, patch_text
 
     check_output_path(args.input, args.output, args.in_place)
     result = load(args.input, layout=args.layout, section=args.section, ops=args.ops)
+    if signing is not None and not result.elf.is_relocatable:
+        raise UsageError("--sign-key applies to kernel modules (relocatable files)")
     for line in findings_text(result.path, result.findings):
         print(line, file=sys.stderr)
     the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched)
-    rw = apply_plan(the_plan)
+    rw = apply_plan(the_plan, symvers=args.symvers)
     verify_doc = None
     failed = []
     if not args.no_verify:
@@ -303,6 +324,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
                          EXIT_FAIL)
             return EXIT_FAIL
     output = None if args.dry_run else args.output
+    if signing is not None and output is not None:
+        rw = sign_output(rw, signing)
     if output is not None:
         write_output(rw, output, in_place=args.in_place)
     if args.json:
@@ -341,7 +364,7 @@ def _check_outdir(indir: str, outdir: str, in_place: bool) -> None:
         raise UsageError(f"output {outdir} exists and is not a directory")
 
 
-def cmd_patch_tree(args: argparse.Namespace) -> int:
+def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) -> int:
     from .batch import PatchOptions, expand, job, patch_input, run_ordered
     from .progress import open_progress
 
@@ -354,7 +377,8 @@ def cmd_patch_tree(args: argparse.Namespace) -> int:
     options = PatchOptions(
         outdir=args.output, backend=args.backend, layout=args.layout, section=args.section,
         ops=args.ops, drop_patched=args.drop_patched, verify=not args.no_verify,
-        trials=args.trials, seed=args.seed, dry_run=args.dry_run, json=args.json)
+        trials=args.trials, seed=args.seed, dry_run=args.dry_run, json=args.json,
+        symvers=args.symvers, signing=signing)
     bar = open_progress(args.progress, len(inputs.files), "patch", sys.stderr)
     from .batch import PatchOutcome
     from .report import findings_text

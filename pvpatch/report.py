@@ -168,10 +168,18 @@ def patch_json(rw: Rewrite, output: str | None, verify: dict[str, Any] | None = 
         ],
         "counts": counts,
         "dropped_entries": rw.dropped_entries,
-        "signature": "removed" if rw.signature_removed else (
-            "kept" if plan.scan.elf.module_signature is not None else "none"),
+        "signature": signature_state(rw),
         "verify": verify,
     }
+
+
+def signature_state(rw: Rewrite) -> str:
+    """What happened to a module signature: signed, removed, kept or none."""
+    if rw.signed:
+        return "signed"
+    if rw.signature_removed:
+        return "removed"
+    return "kept" if rw.plan.scan.elf.module_signature is not None else "none"
 
 
 def patch_text(rw: Rewrite, output: str | None) -> list[str]:
@@ -200,7 +208,9 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
                      f"{d.reason}")
     if rw.dropped_entries:
         lines.append(f"  dropped {rw.dropped_entries} table entries of rewritten sites")
-    if rw.signature_removed:
+    if rw.signed:
+        lines.append("  module signed (the previous signature, if any, replaced)")
+    elif rw.signature_removed:
         lines.append("  module signature removed (the module no longer matches it); "
-                     "re-sign it or load it unsigned")
+                     "re-sign it (--sign-key/--sign-cert) or load it unsigned")
     return lines

@@ -16,6 +16,7 @@ written in place, grown ones and new ones are appended.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +88,11 @@ class Rewrite:
     thunks: tuple[PlacedThunk, ...]
     signature_removed: bool
     dropped_entries: int
+    signed: bool = False  # the output carries a new module signature
+
+    def with_image(self, image: bytes, *, signed: bool = False) -> Rewrite:
+        """The same rewrite with its output replaced (signed, or altered by a test)."""
+        return dataclasses.replace(self, image=image, edits=(), signed=signed)
 
     @cached_property
     def data(self) -> bytes:

@@ -1,0 +1,559 @@
+"""Boot Debian's 6.1 cloud kernel under QEMU and load (patched) modules: the kernel judges.
+
+A boot is a kernel image plus an initramfs holding a static busybox, an /init script and a
+list of modules. /init mounts proc, sys and dev, insmods every module in order, runs a few
+commands that exercise the loaded modules, and reports each step on /dev/kmsg as a marker
+line (``PVQ-LOAD label ok``, ``PVQ-RUN name fail 1 ...``, ``PVQ-END``), so markers and kernel
+messages are serialised in one log; then ``poweroff -f``. ``panic=-1`` turns a panic into an
+immediate exit. A boot passes when every module expected to load printed ``ok`` (and every
+module expected to be refused did not), every command succeeded, /init reached its end
+marker, and the serial log holds none of the PROBLEMS patterns (oops, BUG, relocation
+complaints, unknown symbols...).
+
+Scenarios (``SCENARIOS``): the same set of Debian modules with paravirt sites (and their
+dependencies), unpatched (``baseline``), patched with the native backend with the table
+kept (``native``) and with ``--drop-patched`` (``native-drop``), patched with a spec that
+sends ``irq.save_fl`` to the exported ``native_save_fl`` through an injected thunk
+(``thunk``), native-patched and re-signed with a throw-away key (``resigned``, with a
+corrupted-signature copy that must be refused), and the unpatched modules on a vmlinux
+patched with the native backend (``vmlinux-native``).
+
+Used by tests/test_qemu.py and scripts/qemu-harness. Needs qemu-system-x86_64 and a static
+busybox (Debian: qemu-system-x86, busybox-static; installed on demand with apt-get) and the
+corpus (tests/corpus.py fetches it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import corpus
+
+import pvpatch
+from pvpatch.backend import parse_spec_text
+from pvpatch.elf import ElfFile
+from pvpatch.rewrite import Rewrite
+from pvpatch.sign import sign_module
+
+QEMU = "qemu-system-x86_64"
+BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+DEBIAN_PACKAGES = ("qemu-system-x86", "busybox-static")
+BOOT_TIMEOUT = 240.0  # seconds; a boot takes about 5 s under TCG on one host core
+APPEND = "console=ttyS0 panic=-1 rdinit=/init printk.devkmsg=on"
+
+# Debian 6.1 cloud modules with paravirt sites that load in a bare QEMU guest (no hardware
+# needed); their dependencies are added in load order from .modinfo `depends=`.
+PV_MODULES = (
+    "dm-mod", "macvlan", "team", "team_mode_activebackup", "rds", "cpuid", "aes_ti",
+    "drop_monitor", "kvm", "bridge", "8021q", "erofs", "scsi_mod", "libata", "bonding",
+    "vfio_iommu_type1", "drbd", "speedstep-lib",
+)  # fmt: skip
+
+# Commands run after loading: each exercises one or more loaded modules.
+EXERCISES: tuple[tuple[str, str], ...] = (
+    ("cpuid", "[ -n \"$(dd if=/dev/cpu/0/cpuid bs=16 count=1 2>/dev/null | od -An -tx4)\" ]"),
+    ("aes-selftest", "grep -A6 'driver.*aes-fixed-time' /proc/crypto | grep -q 'selftest.*passed'"),
+    ("dm-control", "[ -c /dev/mapper/control ]"),
+    ("bridge", "ip link add pvbr0 type bridge && ip link set pvbr0 up"),
+    ("vlan", "ip link add link pvbr0 name pvbr0.5 type vlan id 5 && ip link set pvbr0.5 up"),
+    ("macvlan", "ip link add link pvbr0 name pvmv0 type macvlan && ip link set pvmv0 up"),
+    ("bond", "ip link add pvbond0 type bond && ip link set pvbond0 up"),
+    ("team", "ip link add pvteam0 type team && ip link set pvteam0 up"),
+)
+
+# Serial-log lines that fail a boot, whatever the scenario.
+PROBLEMS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(rx))
+    for name, rx in (
+        ("BUG", r"\bBUG:"),
+        ("oops", r"\bOops\b"),
+        ("general protection fault", r"general protection fault"),
+        ("invalid opcode", r"invalid opcode"),
+        ("page fault", r"unable to handle (?:page fault|kernel)"),
+        ("panic", r"Kernel panic"),
+        ("warning", r"\bWARNING:"),
+        ("call trace", r"Call Trace:"),
+        ("relocation", r"Unknown rela relocation|overflow in relocation|x86/modules:"
+                       r"|Skipping invalid relocation|Unknown relocation"),
+        ("unknown symbol", r"Unknown symbol|disagrees about version"),
+        ("bad module", r"module has bad|Invalid module format|section header invalid"
+                       r"|has an invalid|ELF header invalid"),
+        ("alternatives", r"alternatives: .*(?:bad|invalid)"),
+    )
+)  # fmt: skip
+
+SIG_TAINT = "module verification failed"  # pr_notice_once when a module's signature fails
+MARK = re.compile(r"PVQ-(LOAD|RUN) (\S+) (ok|fail)(.*)$", re.M)
+
+Expect = Literal["load", "refuse"]
+
+
+# ---------------------------------------------------------------------------- tools
+
+
+def _is_static(path: str) -> bool:
+    """An ELF executable without PT_INTERP (what the initramfs needs: no libc there)."""
+    try:
+        elf = pvpatch.open_elf(path)
+    except pvpatch.PvpatchError:
+        return False
+    return not any(seg.type == 3 for seg in elf.segments)  # PT_INTERP
+
+
+def find_busybox() -> str | None:
+    for candidate in BUSYBOX_CANDIDATES:
+        if os.path.isfile(candidate) and _is_static(candidate):
+            return candidate
+    return None
+
+
+def ensure_tools() -> str:
+    """Install qemu-system-x86 and busybox-static when missing; return the busybox path."""
+    if shutil.which(QEMU) is None or find_busybox() is None:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run([*sudo, "apt-get", "update", "-qq"], env=env, check=False,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends",
+             *DEBIAN_PACKAGES],
+            env=env, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    busybox = find_busybox()
+    if shutil.which(QEMU) is None or busybox is None:
+        raise RuntimeError(f"{QEMU} or a static busybox is still missing after apt-get")
+    return busybox
+
+
+# ---------------------------------------------------------------------------- initramfs
+
+
+def cpio_newc(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
+    """An uncompressed `newc` cpio archive of (path, mode, data) entries, as the kernel reads.
+
+    Directories have mode 0o040xxx and empty data. Timestamps and owners are zero, so the
+    same entries always give the same bytes.
+    """
+    out = bytearray()
+
+    def put(name: str, mode: int, data: bytes, ino: int) -> None:
+        raw = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0, len(data), 0, 0, 0, 0,
+                  len(raw), 0)  # fmt: skip
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
+        out.extend(bytes(-len(out) % 4))
+        out.extend(data)
+        out.extend(bytes(-len(out) % 4))
+
+    ino = 0
+    for ino, (name, mode, data) in enumerate(entries, start=1):
+        put(name, mode, data, ino)
+    put("TRAILER!!!", 0, b"", ino + 1)
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class GuestModule:
+    """One module file for the guest: `label` names it in the markers (e.g. native/aes_ti)."""
+
+    label: str
+    data: bytes = field(repr=False)
+    expect: Expect = "load"
+
+
+@dataclass(frozen=True)
+class Boot:
+    """What one QEMU boot runs: a kernel image, modules in load order, commands."""
+
+    name: str
+    kernel: Path
+    modules: tuple[GuestModule, ...]
+    exercises: tuple[tuple[str, str], ...] = EXERCISES
+    append: str = ""  # extra kernel command line
+
+
+def init_script(boot: Boot) -> str:
+    lines = [
+        "#!/bin/busybox sh",
+        "/bin/busybox mount -t proc proc /proc",
+        "/bin/busybox mount -t sysfs sysfs /sys",
+        "/bin/busybox mount -t devtmpfs devtmpfs /dev",
+        "/bin/busybox --install -s /bin",
+        'mark() { echo "PVQ-$*" > /dev/kmsg; }',
+        "load() {",
+        '  out=$(insmod "$2" 2>&1); rc=$?',
+        '  if [ $rc -eq 0 ]; then mark "LOAD $1 ok"; else mark "LOAD $1 fail $rc" $out; fi',
+        "}",
+        "run() {",
+        '  name=$1; out=$(sh -c "$2" 2>&1); rc=$?',
+        '  if [ $rc -eq 0 ]; then mark "RUN $name ok"; else mark "RUN $name fail $rc" $out; fi',
+        "}",
+        "mark USERSPACE",
+    ]
+    for i, m in enumerate(boot.modules):
+        lines.append(f"load {shlex.quote(m.label)} /m/{i:03d}.ko")
+    for name, command in boot.exercises:
+        lines.append(f"run {shlex.quote(name)} {shlex.quote(command)}")
+    lines += [
+        'mark "TAINTED $(cat /proc/sys/kernel/tainted)"',
+        "mark END",
+        "poweroff -f",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def initramfs(boot: Boot, busybox: str) -> bytes:
+    entries: list[tuple[str, int, bytes]] = [
+        (d, 0o040755, b"") for d in ("bin", "dev", "m", "proc", "sys", "tmp")
+    ]
+    entries.append(("bin/busybox", 0o100755, Path(busybox).read_bytes()))
+    entries.append(("init", 0o100755, init_script(boot).encode()))
+    entries += [(f"m/{i:03d}.ko", 0o100644, m.data) for i, m in enumerate(boot.modules)]
+    return cpio_newc(entries)
+
+
+# ---------------------------------------------------------------------------- boot
+
+
+@dataclass(frozen=True)
+class BootResult:
+    boot: Boot = field(repr=False)
+    log: str = field(repr=False)
+    seconds: float
+    returncode: int | None  # None: killed at the timeout
+    loads: dict[str, str]  # label -> "ok" or "fail <rc> <insmod's message>"
+    runs: dict[str, str]
+    userspace: bool
+    ended: bool
+    tainted: int | None
+    problems: tuple[str, ...]  # "<pattern name>: <log line>"
+
+    def failures(self) -> list[str]:
+        """Everything that makes this boot a failure (empty: it passed)."""
+        out: list[str] = []
+        if self.returncode is None:
+            out.append(f"timed out after {self.seconds:.0f} s")
+        if not self.userspace:
+            out.append("user space never started (no PVQ-USERSPACE marker)")
+        elif not self.ended:
+            out.append("/init did not reach its end marker")
+        for m in self.boot.modules:
+            got = self.loads.get(m.label)
+            if got is None:
+                if self.userspace:
+                    out.append(f"{m.label}: no load marker")
+            elif m.expect == "load" and got != "ok":
+                out.append(f"{m.label}: expected to load, insmod said: {got}")
+            elif m.expect == "refuse" and got == "ok":
+                out.append(f"{m.label}: expected to be refused, but it loaded")
+        for name, _ in self.boot.exercises:
+            got = self.runs.get(name)
+            if got != "ok" and self.ended:
+                out.append(f"exercise {name}: {got}")
+        out.extend(self.problems)
+        return out
+
+    def lines(self, pattern: str) -> list[str]:
+        """Log lines matching the regex `pattern` (for reports and assertions)."""
+        rx = re.compile(pattern)
+        return [ln.strip() for ln in self.log.splitlines() if rx.search(ln)]
+
+
+def parse_log(boot: Boot, log: str, seconds: float, returncode: int | None) -> BootResult:
+    loads: dict[str, str] = {}
+    runs: dict[str, str] = {}
+    for kind, label, status, rest in MARK.findall(log):
+        value = status if status == "ok" else f"fail{rest.rstrip()}"
+        (loads if kind == "LOAD" else runs)[label] = value
+    tainted_m = re.search(r"PVQ-TAINTED (\d+)", log)
+    problems = tuple(
+        f"{name}: {line.strip()}"
+        for line in log.splitlines()
+        for name, rx in PROBLEMS
+        if rx.search(line)
+    )
+    return BootResult(
+        boot=boot,
+        log=log,
+        seconds=seconds,
+        returncode=returncode,
+        loads=loads,
+        runs=runs,
+        userspace="PVQ-USERSPACE" in log,
+        ended="PVQ-END" in log,
+        tainted=int(tainted_m.group(1)) if tainted_m else None,
+        problems=problems,
+    )
+
+
+def run_boot(
+    boot: Boot, *, busybox: str | None = None, timeout: float = BOOT_TIMEOUT,
+    keep: Path | None = None,
+) -> BootResult:  # fmt: skip
+    """Boot `boot` under QEMU (TCG, one CPU, 768 MiB) and judge the serial log.
+
+    `keep`: a directory to leave the initramfs and log in (for a look by hand).
+    """
+    busybox = busybox or ensure_tools()
+    with tempfile.TemporaryDirectory(prefix="pvq-") as tmp:
+        work = keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        initrd = work / f"{boot.name}.cpio"
+        initrd.write_bytes(initramfs(boot, busybox))
+        cmd = [
+            QEMU, "-accel", "tcg", "-m", "768", "-smp", "1", "-nographic", "-no-reboot",
+            "-no-user-config", "-kernel", str(boot.kernel), "-initrd", str(initrd),
+            "-append", f"{APPEND} {boot.append}".strip(),
+        ]  # fmt: skip
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout
+            )
+            out, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout or b"") + (exc.stderr or b"")
+            rc = None
+        seconds = time.monotonic() - start
+        log = out.decode("utf-8", "replace").replace("\r\n", "\n")
+        if keep is not None:
+            (work / f"{boot.name}.log").write_text(log)
+    return parse_log(boot, log, seconds, rc)
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+@functools.cache
+def module_paths() -> dict[str, Path]:
+    """Module name (dashes as underscores) -> its file in the corpus."""
+    return {_norm(p.name.removesuffix(".ko")): p for p in corpus.x86_64_modules()}
+
+
+def load_order(names: Sequence[str]) -> list[str]:
+    """`names` with their dependencies (from .modinfo `depends=`), dependencies first."""
+    paths = module_paths()
+    order: list[str] = []
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        key = _norm(name)
+        if key in order:
+            return
+        if key in stack:
+            raise RuntimeError(f"dependency cycle: {' -> '.join((*stack, key))}")
+        if key not in paths:
+            raise RuntimeError(f"module {name} is not in the corpus")
+        depends = pvpatch.open_elf(paths[key]).modinfo().get("depends", "")
+        for dep in filter(None, depends.split(",")):
+            visit(dep, (*stack, key))
+        order.append(key)
+
+    for n in names:
+        visit(n, ())
+    return order
+
+
+def vmlinux() -> Path:
+    path = corpus.x86_64_vmlinux()
+    if path is None:
+        raise RuntimeError("the corpus has no vmlinux")
+    return path
+
+
+def ops_source() -> str:
+    return f"btf:{vmlinux()}"
+
+
+THUNK_SPEC = """\
+arch = "x86_64"
+
+[ops."irq.save_fl"]
+action = "call"
+target = "native_save_fl"   # exported by 6.1 (EXPORT_SYMBOL in arch/x86/kernel/irqflags.S)
+convention = "c"            # a C function: save_fl sites (CLBR_RET_REG) need a thunk
+
+[defaults]
+action = "keep"
+reason = "only irq.save_fl is sent to native_save_fl"
+"""
+
+
+def patch(path: Path, backend: str, *, drop_patched: bool = False) -> Rewrite:
+    """Patch one file with the library API (`backend`: "native" or "thunk")."""
+    scan = pvpatch.load(path, ops=ops_source())
+    be = parse_spec_text(THUNK_SPEC, scan.arch, "<thunk spec>") if backend == "thunk" else backend
+    # The CRCs of newly imported kernel functions come from the kernel image itself.
+    return pvpatch.apply_plan(pvpatch.make_plan(scan, be, drop_patched=drop_patched),
+                              symvers=vmlinux())
+
+
+@functools.cache
+def throwaway_key() -> tuple[bytes, bytes]:
+    """A fresh RSA-2048 key and self-signed certificate (PEM), unknown to the kernel."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pvpatch throw-away key")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def corrupt_signature(signed: bytes) -> bytes:
+    """`signed` with its PKCS#7 blob's outer SEQUENCE tag broken (the kernel must refuse)."""
+    from pvpatch.sign import read_trailer
+
+    trailer = read_trailer(signed)
+    assert trailer is not None
+    at = trailer.offset
+    assert signed[at] == 0x30
+    return signed[:at] + b"\x31" + signed[at + 1 :]
+
+
+@functools.cache
+def variant(kind: str) -> tuple[tuple[str, Path, bytes, Rewrite | None], ...]:
+    """(name, path, bytes, rewrite) per module in load order, for one way of patching.
+
+    kind: baseline | native | native-drop | thunk.
+    """
+    out: list[tuple[str, Path, bytes, Rewrite | None]] = []
+    for name in load_order(PV_MODULES):
+        path = module_paths()[name]
+        if kind == "baseline":
+            out.append((name, path, path.read_bytes(), None))
+            continue
+        backend = "thunk" if kind == "thunk" else "native"
+        rw = patch(path, backend, drop_patched=kind == "native-drop")
+        out.append((name, path, rw.data, rw))
+    return tuple(out)
+
+
+def _guest(kind: str, data_of: Callable[[str, bytes], bytes] | None = None) -> list[GuestModule]:
+    return [
+        GuestModule(f"{kind}/{name}", data_of(name, data) if data_of else data)
+        for name, _path, data, _rw in variant(kind)
+    ]
+
+
+@functools.cache
+def patched_vmlinux(workdir: Path) -> Path:
+    """vmlinux patched with the native backend (table kept), written under `workdir`."""
+    rw = patch(vmlinux(), "native")
+    out = workdir / "vmlinux.native"
+    out.write_bytes(rw.data)
+    return out
+
+
+def scenario(name: str, workdir: Path) -> Boot:
+    """The Boot of one scenario (`workdir` holds generated kernels)."""
+    kernel = vmlinux()
+    if name in ("baseline", "native", "native-drop", "thunk"):
+        return Boot(name, kernel, tuple(_guest(name)))
+    if name == "resigned":
+        key, cert = throwaway_key()
+        signed = {n: sign_module(d, key, cert) for n, _p, d, rw in variant("native")
+                  if rw is not None and rw.changed}  # fmt: skip
+        modules: list[GuestModule] = []
+        for name_, _p, data, _rw in variant("native"):
+            if name_ in signed:
+                # The negative control first: a broken PKCS#7 blob must be refused...
+                modules.append(GuestModule(f"corrupt/{name_}", corrupt_signature(signed[name_]),
+                                           "refuse"))  # fmt: skip
+                modules.append(GuestModule(f"resigned/{name_}", signed[name_]))
+            else:
+                modules.append(GuestModule(f"resigned/{name_}", data))
+        # Dynamic debug shows what the kernel's PKCS#7 code made of the signatures.
+        files = ("pkcs7_verify.c", "pkcs7_trust.c", "signing.c")
+        dyndbg = "; ".join(f"file {f} +p" for f in files)
+        return Boot(name, kernel, tuple(modules), append=f'loglevel=8 dyndbg="{dyndbg}"')
+    if name == "vmlinux-native":
+        return Boot(name, patched_vmlinux(workdir), tuple(_guest("baseline")))
+    raise KeyError(name)
+
+
+SCENARIOS = (
+    "baseline", "native", "native-drop", "thunk", "resigned",
+    "vmlinux-native",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- modversions
+
+
+@functools.cache
+def vmlinux_crcs() -> dict[str, int]:
+    """Exported symbol -> CRC, from vmlinux's __ksymtab{,_gpl} and __kcrctab{,_gpl}.
+
+    6.1 x86-64 `struct kernel_symbol` is three s32 offsets (value, name, namespace),
+    each relative to its own field; __kcrctab is a parallel array of u32.
+    """
+    elf = pvpatch.open_elf(vmlinux())
+    out: dict[str, int] = {}
+    for tab, crctab in (("__ksymtab", "__kcrctab"), ("__ksymtab_gpl", "__kcrctab_gpl")):
+        ks, kc = elf.section(tab), elf.section(crctab)
+        if ks is None or kc is None:
+            continue
+        syms, crcs = elf.section_data(ks), elf.section_data(kc)
+        for i in range(min(len(syms) // 12, len(crcs) // 4)):
+            (name_rel,) = struct.unpack_from("<i", syms, i * 12 + 4)
+            at = elf.addr_to_offset(ks.addr + i * 12 + 4 + name_rel)
+            if at is None:
+                continue
+            name = elf.data[at : elf.data.index(b"\0", at)].decode()
+            out[name] = struct.unpack_from("<I", crcs, i * 4)[0]
+    return out
+
+
+def missing_versions(data: bytes) -> list[str]:
+    """Undefined symbols of a module without a `__versions` entry (modpost would add one)."""
+    elf = _elf(data)
+    sec = elf.section("__versions")
+    have: set[str] = set()
+    if sec is not None:
+        raw = elf.section_data(sec)
+        have = {raw[i + 8 : i + 64].split(b"\0")[0].decode() for i in range(0, len(raw), 64)}
+    return sorted(
+        s.name for s in elf.symbols
+        if s.shndx == 0 and s.name and s.name not in have and s.name != ".TOC."
+    )  # fmt: skip
+
+
+def _elf(data: bytes) -> ElfFile:
+    return ElfFile(data)
