@@ -126,7 +126,7 @@ def write_output(
     src = result.plan.scan.path
     check_output_path(src, output, in_place)
     if result.image is None:
-        # Same layout as the input: copy it (in the kernel) and write the edits.
+        # Same layout as the input: write it and the edits over it.
         write_edited(output, src, result.plan.scan.elf.data, result.edits)
     else:
         write_atomic(output, result.image, mode_from=src)

@@ -19,9 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -261,7 +258,11 @@ def _callee_saved(arch: Arch) -> set[str]:
 
 def assemble(text: str, arch: Arch, where: str = "asm") -> bytes:
     """Assemble AT&T `text` with GNU as; the code must need no relocations."""
-    from .elf import ElfFile  # local: the load stage is not needed to read a native spec
+    import shutil
+    import subprocess
+    import tempfile
+
+    from .elf import ElfFile  # local: only user specs with asm need an assembler run
 
     as_bin = shutil.which("as")
     if as_bin is None:

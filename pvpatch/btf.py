@@ -203,23 +203,23 @@ class Btf:
         offsets = self._offsets
         agg = self._agg_names
         type_id = self.start_id
+        agg_kinds = (KIND_STRUCT, KIND_UNION)
         while pos < end:
             if pos + 12 > end:
                 self._fail(f"truncated BTF type record at {pos:#x}")
             name_off, info, _ = unpack(data, pos)
             kind = (info >> 24) & 0x1F
-            try:
-                fixed, per_item = extra[kind]
-            except KeyError:
+            sizes = extra.get(kind)
+            if sizes is None:
                 self._fail(f"unknown BTF kind {kind} for type id {type_id}")
-            size = 12 + fixed + per_item * (info & 0xFFFF)
+            size = 12 + sizes[0] + sizes[1] * (info & 0xFFFF)
             if pos + size > end:
                 self._fail(
                     f"BTF type id {type_id} ({KIND_NAMES[kind]}, vlen {info & 0xFFFF})"
                     " runs past the type section"
                 )
             offsets.append(pos)
-            if kind in (KIND_STRUCT, KIND_UNION):
+            if kind in agg_kinds:
                 agg.append((name_off, type_id))
             pos += size
             type_id += 1

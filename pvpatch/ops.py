@@ -36,10 +36,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from elftools.common.exceptions import DWARFError, ELFError, ELFParseError
-from elftools.construct import ConstructError
-from elftools.elf.elffile import ELFFile
-
 from pvpatch.btf import KIND_PTR, KIND_STRUCT, Btf
 from pvpatch.errors import OpsError
 
@@ -321,6 +317,11 @@ def _find_template_die(dwarf: Any) -> Any:
 
 def catalog_from_dwarf(path: str | Path, ptr_size: int) -> OpCatalog:
     """Build the catalog from the DWARF of an ELF file (object, module or vmlinux)."""
+    # pyelftools only when DWARF is asked for: scanning must start fast.
+    from elftools.common.exceptions import DWARFError, ELFError, ELFParseError
+    from elftools.construct import ConstructError
+    from elftools.elf.elffile import ELFFile
+
     origin = str(path)
     try:
         with open(path, "rb") as fh:

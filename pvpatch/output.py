@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -62,46 +61,22 @@ def write_atomic(dst: str | os.PathLike[str], data: bytes, mode_from: str | None
     _replace_with(dst, fill, mode_from)
 
 
-def write_edited(dst: str | os.PathLike[str], src: str, expected: bytes,
+def write_edited(dst: str | os.PathLike[str], src: str, base: bytes,
                  edits: Iterable[tuple[int, bytes]]) -> None:
-    """Write a copy of `src` with `edits` (offset, bytes) applied, atomically.
+    """Write `base` (the input as read) with `edits` (offset, bytes) applied, atomically.
 
-    The copy is made by the kernel (copy_file_range / sendfile), so a large
-    file with a few changed bytes costs little more than the copy.  `expected`
-    is the input as it was read: if the file changed since, the bytes are
-    written out instead.
+    The edits are written over the copy in the file rather than into a second
+    in-memory image: a large linked file with a few changed sites costs one write.
     """
     edits = list(edits)
 
     def fill(fh: BinaryIO) -> None:
-        with open(src, "rb") as inp:
-            if os.fstat(inp.fileno()).st_size != len(expected):
-                fh.write(expected)
-            else:
-                _copy(inp, fh, len(expected))
+        fh.write(base)
         fh.flush()
         for offset, data in edits:
             os.pwrite(fh.fileno(), data, offset)
 
     _replace_with(dst, fill, src)
-
-
-def _copy(inp: BinaryIO, out: BinaryIO, size: int) -> None:
-    """Copy inside the kernel when it can (copy_file_range), else through Python."""
-    done = 0
-    try:
-        while done < size:
-            n = os.copy_file_range(inp.fileno(), out.fileno(), size - done)
-            if n == 0:
-                break
-            done += n
-    except OSError:
-        pass
-    if done < size:
-        inp.seek(done)
-        out.seek(done)
-        shutil.copyfileobj(inp, out, 1 << 22)
-    out.seek(0, os.SEEK_END)
 
 
 def _replace_with(dst: str | os.PathLike[str], fill: Callable[[BinaryIO], None],
