@@ -6,13 +6,19 @@ site changes the bytes that run.  Undefined symbols are bound to stubs that
 stop the emulation (`hlt`), to a table the verifier fills (the ops table),
 or to a hostile C function (call targets left for the linker).  ET_EXEC and
 ET_DYN files have their PT_LOAD segments mapped, ET_DYN at a non-zero base
-with RELATIVE relocations applied.
+with RELATIVE relocations applied; an x86-64 kernel's top-of-memory segments
+(which Unicorn cannot map) are moved down as one block.
 
-Next to the image sits a small runtime written in machine code: a harness
-that loads the register file from memory and jumps to the code under test,
-an exit routine that stores the register file back (one `mem_read` per run
-instead of slow register calls), and the hostile callees.  Unicorn is
-imported inside functions only: `pvpatch --help` must not load it.
+Next to the image sits a small runtime written in machine code.  It runs a
+*batch* of trials per `emu_start`: trial k has its own slot (a stack window
+with the caller's frame above it, the register file to start with, the
+hostile callee's values) and its own scratch area; `entry_k` loads the
+register file and jumps to the code under test, whose end jumps (through a
+control word) to `exit_k`, which stores the register file in trial k's out
+record and goes on to `entry_k+1`.  The trial slots are written once per
+batch of trial states, not per site, and the harness code is translated
+once: per site only the site-end jump is poked.  Unicorn is imported inside
+functions only: `pvpatch --help` must not load it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import itertools
 import random
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
@@ -46,28 +52,62 @@ Convention = Literal["c", "callee-save"]
 
 # -- address plan --------------------------------------------------------------
 # Everything the harness addresses absolutely sits below 2 GiB, so 64-bit code
-# can use sign-extended disp32 operands.  The scratch area that pointer
-# arguments point into is above 4 GiB on x86-64, so truncating a pointer shows.
-RUNTIME = 0x7000_0000  # harness, hostile callees, reference models
-RUNTIME_SIZE = 0x10000
+# can use sign-extended disp32 operands.  The scratch areas that pointer
+# arguments point into are above 4 GiB on x86-64, so truncating a pointer shows.
+TRIAL_SLOTS = 16  # trials per batch (one emu_start)
+RUNTIME = 0x7000_0000  # fixed code, reference models, control words, out records, harness
+RUNTIME_SIZE = 0x20000
 MODELS = RUNTIME + 0x1000
 MODEL_SLOT = 0x40
-STACK_LO = 0x7010_0000
-BLOCK = 0x7011_0000  # per-run block: stack window, state in, hostile values, state out
+MODELS_END = RUNTIME + 0x8000
+CONTROL = RUNTIME + 0x8000  # data page: words the harness jumps through (8 bytes apart)
+C_EXIT = CONTROL  # this trial's exit routine
+C_HOST_C = CONTROL + 0x08  # this trial's hostile callees
+C_HOST_CS = CONTROL + 0x10
+C_SITE = CONTROL + 0x18  # where every entry jumps: the code under test
+C_REF = CONTROL + 0x20  # what the caller stub calls
+C_NEXT = CONTROL + 0x40  # after trial k: entry k+1, or the halt
+OUTS = RUNTIME + 0x9000  # out records, one per trial
+OUT_SIZE = 0x100
+EXIT_SP = RUNTIME + 0xB000  # the exit routines' own stack (top)
+HARNESS = RUNTIME + 0x10000  # per-trial entry, exit and hostile code
+HARNESS_STRIDE = 0x800
+# Trial slots, contiguous and each ending in its block: the stack of trial k
+# runs on into the slots of trials already run; below slot 0 is plain stack.
+STACK_LO = 0x700F_0000
+BANK = 0x7010_0000
+SLOT_STRIDE = 0x1000
+BANK_LEN = TRIAL_SLOTS * SLOT_STRIDE
 BELOW = 2048  # randomised stack bytes below the entry stack pointer
 ABOVE = 256  # ... and above it (the caller's frame, compared)
-ENTRY_SP = BLOCK + BELOW
-STATE = ENTRY_SP + ABOVE
-HOST = STATE + 0x100
-OUT = HOST + 0x100
-OUT_SIZE = 0x100
-BLOCK_LEN = OUT + OUT_SIZE - BLOCK
-STACK_HI = (BLOCK + BLOCK_LEN + PAGE - 1) // PAGE * PAGE
+# A trial's block (relative to its start): stack window, caller's frame, state
+# in, hostile values.
+ENTRY_OFF = BELOW
+STATE_OFF = BELOW + ABOVE
+HOST_OFF = STATE_OFF + 0x100
+BLOCK_LEN = HOST_OFF + 0x100
 REL_BASE = 0x0100_0000  # ET_REL sections
 EXT_BASE = 0x0080_0000  # ET_REL undefined symbols
 EXT_LIMIT = REL_BASE
-SCRATCH_SIZE = 0x10000
+SCRATCH_SIZE = 0x4000  # per trial
+HIGH_HALF = 1 << 63  # x86-64 kernel addresses: mapped lower (Image.emu_addr)
+HIGH_SPAN = 0x7000_0000_0000
+MAX_MAPPED = 1 << 31  # bytes of a linked file's segments (a kernel: tens of MiB)
 INSN_LIMIT = 50_000  # per run: a runaway loop ends as a failure, not a hang
+
+
+def block_addr(k: int) -> int:
+    """Start of trial slot k's block."""
+    return BANK + (k + 1) * SLOT_STRIDE - BLOCK_LEN
+
+
+def entry_sp(k: int) -> int:
+    return block_addr(k) + ENTRY_OFF
+
+
+def out_addr(k: int) -> int:
+    return OUTS + k * OUT_SIZE
+
 
 # Tables read by the module loader, objtool or the unwinder, never by code at
 # a site: their (many) relocations are not applied.
@@ -80,9 +120,9 @@ METADATA_SECTIONS = (".orc_unwind", ".return_sites", ".call_sites", ".retpoline_
 OPS_TABLE_SIZE = 0x1000
 STUB_SIZE = 16
 
-# State-block word indices after the register file (n = number of GPRs).
-#   regs[n], flags, rip, cr0, cr2, cr3
-# Out-block words: regs[n], flags, cr0, cr2, cr3, done, callee rsp
+# State words (from a block's STATE_OFF), n = number of GPRs:
+#   regs[n], flags, rip (unused), cr0, cr2, cr3
+# Out-record words: regs[n], flags, cr0, cr2, cr3, done, callee rsp
 
 
 @dataclass(frozen=True)
@@ -107,15 +147,17 @@ class ArchRuntime:
     def nregs(self) -> int:
         return len(self.regs)
 
-    # state offsets (from BLOCK)
-    def st(self, k: int) -> int:
-        return STATE - BLOCK + k * self.word
+    def st_addr(self, trial: int, k: int) -> int:
+        return block_addr(trial) + STATE_OFF + k * self.word
 
-    def st_addr(self, k: int) -> int:
-        return STATE + k * self.word
+    def host_addr(self, trial: int, k: int) -> int:
+        return block_addr(trial) + HOST_OFF + k * self.word
 
-    def out_addr(self, k: int) -> int:
-        return OUT + k * self.word
+    def out_addr(self, trial: int, k: int) -> int:
+        return out_addr(trial) + k * self.word
+
+    def scratch_of(self, trial: int) -> int:
+        return self.scratch + trial * SCRATCH_SIZE
 
     @property
     def st_flags(self) -> int:
@@ -167,10 +209,15 @@ def arch_runtime(arch: Arch) -> ArchRuntime:
 class _Asm:
     """Absolute-addressed moves, pushes and jumps: all the runtime needs."""
 
-    def __init__(self, rt: ArchRuntime) -> None:
+    def __init__(self, rt: ArchRuntime, origin: int) -> None:
         self.rt = rt
         self.b64 = rt.word == 8
+        self.origin = origin
         self.code = bytearray()
+
+    @property
+    def here(self) -> int:
+        return self.origin + len(self.code)
 
     def _mem(self, opcode: bytes, reg: int, addr: int, rex_w: bool = True) -> None:
         if self.b64:
@@ -188,6 +235,10 @@ class _Asm:
     def store(self, reg: int, addr: int) -> None:  # mov [addr], reg
         self._mem(b"\x89", reg, addr)
 
+    def store_imm(self, addr: int, value: int) -> None:  # mov word [addr], imm32
+        self._mem(b"\xc7", 0, addr)
+        self.code += (value & 0xFFFFFFFF).to_bytes(4, "little")
+
     def or_load(self, reg: int, addr: int) -> None:  # or reg, [addr]
         self._mem(b"\x0b", reg, addr)
 
@@ -199,6 +250,9 @@ class _Asm:
 
     def jmp_mem(self, addr: int) -> None:
         self._mem(b"\xff", 4, addr, rex_w=False)
+
+    def call_mem(self, addr: int) -> None:
+        self._mem(b"\xff", 2, addr, rex_w=False)
 
     def store_byte(self, addr: int, value: int) -> None:
         self._mem(b"\xc6", 0, addr, rex_w=False)
@@ -214,6 +268,13 @@ class _Asm:
         self.code += bytes([0x0F, 0x22, 0xC0 | cr << 3])
 
 
+def jump_through(rt: ArchRuntime, word: int) -> bytes:
+    """`jmp *[word]`: the same bytes wherever they are placed."""
+    a = _Asm(rt, 0)
+    a.jmp_mem(word)
+    return bytes(a.code)
+
+
 CRS = (0, 2, 3)
 ARITH_FLAGS = 0x8D5  # CF PF AF ZF SF OF
 IF_FLAG, DF_FLAG, AC_FLAG = 0x200, 0x400, 0x40000
@@ -225,77 +286,108 @@ class Runtime:
     """The runtime region's code and the entry points inside it."""
 
     rt: ArchRuntime
-    code: bytes
-    entry: int
-    entry_cr: int
-    exit: int
-    exit_cr: int
-    hostile: Mapping[str, int]  # convention -> address
+    code: bytes  # mapped at RUNTIME
+    entry: tuple[int, ...]  # per trial slot
+    entry_cr: tuple[int, ...]
+    exit: int  # jumps to the current trial's exit routine
+    halt: int
+    caller: int  # calls *C_REF, then exits: runs a function as if called from a site
+    hostile: Mapping[str, int]  # convention -> address (dispatches to the trial's own)
     models: Mapping[str, int] = field(default_factory=dict)  # op -> address
+
+    @property
+    def site_end(self) -> bytes:
+        """What is placed at the end of the code under test."""
+        return jump_through(self.rt, C_EXIT)
 
 
 def build_runtime(rt: ArchRuntime, models: Mapping[str, bytes]) -> Runtime:
     arch = rt.arch
-    a = _Asm(rt)
     sp = rt.index(arch.stack_pointer)
     ax = 0
+    a = _Asm(rt, RUNTIME)
+    halt = a.here
+    a.raw("f4")
+    ex = a.here
+    a.jmp_mem(C_EXIT)
+    caller = a.here
+    a.call_mem(C_REF)
+    a.jmp_mem(C_EXIT)
+    host_c = a.here
+    a.jmp_mem(C_HOST_C)
+    host_cs = a.here
+    a.jmp_mem(C_HOST_CS)
+    fixed = a.code
 
-    def entry(with_cr: bool) -> int:
-        at = RUNTIME + len(a.code)
-        a.load(sp, rt.st_addr(sp))
-        a.push_mem(rt.st_addr(rt.st_flags))
-        a.raw("9d")  # popf: arithmetic flags, IF, AC, DF from the state
-        if with_cr:
-            for k, cr in enumerate(CRS):
-                a.load(ax, rt.st_addr(rt.st_cr + k))
-                a.mov_to_cr(cr)
-        for n in range(rt.nregs):
-            if n != sp:
-                a.load(n, rt.st_addr(n))
-        a.jmp_mem(rt.st_addr(rt.st_rip))
-        return at
+    h = _Asm(rt, HARNESS)
+    entries: list[int] = []
+    entries_cr: list[int] = []
+    for k in range(TRIAL_SLOTS):
+        h.code += bytes(k * HARNESS_STRIDE - len(h.code))
 
-    def exit_(with_cr: bool) -> int:
-        at = RUNTIME + len(a.code)
-        for n in range(rt.nregs):
-            a.store(n, rt.out_addr(n))
-        a.raw("9c")  # pushf; pop [out.flags]
-        a.pop_mem(rt.out_addr(rt.out_flags))
-        if with_cr:
-            for k, cr in enumerate(CRS):
-                a.mov_from_cr(cr)
-                a.store(ax, rt.out_addr(rt.out_cr + k))
-        a.store_byte(rt.out_addr(rt.out_done), 1)
-        a.raw("f4")
-        return at
+        def exit_(with_cr: bool, k: int = k) -> int:
+            at = h.here
+            for n in range(rt.nregs):
+                h.store(n, rt.out_addr(k, n))
+            # Own stack: the trial's is left as the code under test left it.
+            h.raw(("48c7c4" if rt.word == 8 else "bc") + EXIT_SP.to_bytes(4, "little").hex())
+            h.raw("9c")  # pushf; pop [out.flags]
+            h.pop_mem(rt.out_addr(k, rt.out_flags))
+            if with_cr:
+                for j, cr in enumerate(CRS):
+                    h.mov_from_cr(cr)
+                    h.store(ax, rt.out_addr(k, rt.out_cr + j))
+            h.store_byte(rt.out_addr(k, rt.out_done), 1)
+            h.jmp_mem(C_NEXT + k * rt.word)
+            return at
 
-    def hostile(changes: Iterable[str]) -> int:
-        # Obeys its convention and nothing more: records the stack pointer it
-        # sees, scrambles the arithmetic flags and every register it may change.
-        at = RUNTIME + len(a.code)
-        a.store(sp, rt.out_addr(rt.out_callee_sp))
-        a.raw("9c58")  # pushf; pop %rax
-        if rt.word == 8:
-            a.raw("48252af7ffff")  # and $~0x8d5, %rax
-        else:
-            a.raw("252af7ffff")
-        a.or_load(ax, HOST + rt.nregs * rt.word)
-        a.raw("509d")  # push %rax; popf
-        for reg in changes:
-            n = rt.index(reg)
-            a.load(n, HOST + n * rt.word)
-        a.raw("c3")
-        return at
+        def hostile(changes: Iterable[str], k: int = k) -> int:
+            # Obeys its convention and nothing more: records the stack pointer it
+            # sees, scrambles the arithmetic flags and every register it may change.
+            at = h.here
+            h.store(sp, rt.out_addr(k, rt.out_callee_sp))
+            h.raw("9c58")  # pushf; pop %rax
+            h.raw("48252af7ffff" if rt.word == 8 else "252af7ffff")  # and $~0x8d5, %rax
+            h.or_load(ax, rt.host_addr(k, rt.nregs))
+            h.raw("509d")  # push %rax; popf
+            for reg in changes:
+                n = rt.index(reg)
+                h.load(n, rt.host_addr(k, n))
+            h.raw("c3")
+            return at
 
-    ent = entry(False)
-    ent_cr = entry(True)
-    ex = exit_(False)
-    ex_cr = exit_(True)
-    h_c = hostile((*arch.return_regs, *arch.caller_saved))
-    h_cs = hostile(arch.return_regs)
-    if len(a.code) > MODELS - RUNTIME:
+        exit_plain, exit_cr = exit_(False), exit_(True)
+        h_c = hostile((*arch.return_regs, *arch.caller_saved))
+        h_cs = hostile(arch.return_regs)
+
+        def entry(with_cr: bool, k: int = k, exit_plain: int = exit_plain,
+                  exit_cr: int = exit_cr, h_c: int = h_c, h_cs: int = h_cs) -> int:
+            at = h.here
+            h.store_imm(C_EXIT, exit_cr if with_cr else exit_plain)
+            h.store_imm(C_HOST_C, h_c)
+            h.store_imm(C_HOST_CS, h_cs)
+            h.store_byte(rt.out_addr(k, rt.out_done), 0)
+            h.store_imm(rt.out_addr(k, rt.out_callee_sp), 0)
+            h.load(sp, rt.st_addr(k, sp))
+            h.push_mem(rt.st_addr(k, rt.st_flags))
+            h.raw("9d")  # popf: arithmetic flags, IF, AC, DF from the state
+            if with_cr:
+                for j, cr in enumerate(CRS):
+                    h.load(ax, rt.st_addr(k, rt.st_cr + j))
+                    h.mov_to_cr(cr)
+            for n in range(rt.nregs):
+                if n != sp:
+                    h.load(n, rt.st_addr(k, n))
+            h.jmp_mem(C_SITE)
+            return at
+
+        entries.append(entry(False))
+        entries_cr.append(entry(True))
+        if len(h.code) > (k + 1) * HARNESS_STRIDE:
+            raise VerifyError("internal: the harness outgrew its slot")
+    if len(fixed) > MODELS - RUNTIME:
         raise VerifyError("internal: the runtime code outgrew its area")
-    code = bytearray(a.code) + bytes(MODELS - RUNTIME - len(a.code))
+    code = bytearray(fixed) + bytes(MODELS - RUNTIME - len(fixed))
     placed: dict[str, int] = {}
     by_bytes: dict[bytes, int] = {}
     for op, body in models.items():
@@ -305,13 +397,12 @@ def build_runtime(rt: ArchRuntime, models: Mapping[str, bytes]) -> Runtime:
             by_bytes[body] = RUNTIME + len(code)
             code += body + bytes([HLT]) * (MODEL_SLOT - len(body))
         placed[op] = by_bytes[body]
-    if len(code) > RUNTIME_SIZE:
+    if len(code) > MODELS_END - RUNTIME:
         raise VerifyError("internal: too many reference models for the runtime area")
-    return Runtime(rt, bytes(code), ent, ent_cr, ex, ex_cr,
-                   {"c": h_c, "callee-save": h_cs}, placed)
-
-
-# -- images ----------------------------------------------------------------------
+    code += bytes(HARNESS - RUNTIME - len(code))
+    code += h.code
+    return Runtime(rt, bytes(code), tuple(entries), tuple(entries_cr), ex, halt, caller,
+                   {"c": host_c, "callee-save": host_cs}, placed)
 
 
 @dataclass
@@ -330,6 +421,19 @@ class Image:
     rel_keys: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     ext_end: int = EXT_BASE
     rel_end: int = REL_BASE
+    high: int = 0  # subtracted from kernel-half addresses (Unicorn cannot map them)
+
+    def emu_addr(self, vaddr: int) -> int:
+        """Where the file's virtual address `vaddr` is in the emulator."""
+        if self.high and vaddr >= HIGH_HALF:
+            return vaddr - self.high
+        return self.base + vaddr
+
+    def link_addr(self, addr: int) -> int:
+        """The file's virtual address of emulator address `addr` (linked files)."""
+        if self.high and addr + self.high >= HIGH_HALF:
+            return addr + self.high
+        return addr - self.base
 
     def region_of(self, addr: int) -> tuple[int, bytearray] | None:
         for start, buf in self.regions:
@@ -573,21 +677,33 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
     if not loads:
         raise VerifyError("no PT_LOAD segment to map", elf.path)
     base = rt.dyn_base if elf.e_type == 3 else 0
+    # A kernel lives in the top of the address space (0xffffffff81000000), which
+    # Unicorn cannot map: the kernel half is moved down as one block, keeping the
+    # low 32 bits, so rip-relative references between segments still hold.
+    high = 0
+    tops = [s.vaddr for s in loads if rt.word == 8 and s.vaddr >= HIGH_HALF]
+    if tops:
+        high = min(tops) & ~0xFFFF_FFFF
+        if max(s.vaddr + s.memsz for s in loads if s.vaddr >= HIGH_HALF) - high > HIGH_SPAN:
+            raise VerifyError("the kernel-half segments span too much to map", elf.path)
+    img = Image(elf, elf.arch, [], {}, {}, {}, {}, [], base, high=high)
     # Cluster segments whose pages are close, map each cluster as one region.
     clusters: list[list[int]] = []
-    for s in loads:
-        lo = (base + s.vaddr) // PAGE * PAGE
-        hi = _align(base + s.vaddr + s.memsz, PAGE) + PAGE  # slack for the exit jump
+    for s in sorted(loads, key=lambda s: img.emu_addr(s.vaddr)):
+        start = img.emu_addr(s.vaddr)
+        lo = start // PAGE * PAGE
+        hi = _align(start + s.memsz, PAGE) + PAGE  # slack for the exit jump
         if clusters and lo <= clusters[-1][1] + 0x100000:
             clusters[-1][1] = max(clusters[-1][1], hi)
         else:
             clusters.append([lo, hi])
-    regions = [(lo, bytearray(hi - lo)) for lo, hi in clusters]
-    img = Image(elf, elf.arch, regions, {}, {}, {}, {}, [], base)
+    if sum(hi - lo for lo, hi in clusters) > MAX_MAPPED:
+        raise VerifyError("the PT_LOAD segments are too large to map for emulation", elf.path)
+    img.regions.extend((lo, bytearray(hi - lo)) for lo, hi in clusters)
     for s in loads:
         if s.filesz:
             data = elf.data[s.offset : s.offset + s.filesz]
-            img.write(base + s.vaddr, data)
+            img.write(img.emu_addr(s.vaddr), data)
     if base:
         fmt = "<Q" if elf.arch.ptr_size == 8 else "<I"
         mask = (1 << (8 * elf.arch.ptr_size)) - 1
@@ -595,10 +711,10 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
             img.write(base + addr, struct.pack(fmt, (base + value) & mask))
     for sec in elf.sections:
         if sec.is_alloc and sec.addr:
-            img.section_addr[sec.index] = base + sec.addr
+            img.section_addr[sec.index] = img.emu_addr(sec.addr)
     for name, sym in elf.symbols_by_name.items():
         if sym.shndx != SHN_UNDEF and sym.shndx < SHN_LORESERVE:
-            img.symbols[name] = base + sym.value
+            img.symbols[name] = img.emu_addr(sym.value)
     return img
 
 
@@ -607,7 +723,7 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
 
 @dataclass(frozen=True)
 class RunResult:
-    out: tuple[int, ...]  # the out block's words
+    out: tuple[int, ...]  # the out record's words
     writes: Mapping[int, int]  # byte address -> final value, for every byte written
     error: str | None
 
@@ -618,11 +734,16 @@ class RunResult:
 
 @cache
 def _scratch_bytes() -> bytes:
-    return random.Random(0x5C7A7C4).randbytes(SCRATCH_SIZE)
+    return random.Random(0x5C7A7C4).randbytes(SCRATCH_SIZE * TRIAL_SLOTS)
 
 
 class Machine:
-    """One Unicorn engine holding one image and the runtime; reused for every run."""
+    """One Unicorn engine holding one image and the runtime; reused for every run.
+
+    The trial slots hold one batch of trial states (`load_bank`); `run_trials`
+    runs the code at an address once per slot and restores every byte the
+    runs wrote.
+    """
 
     def __init__(self, image: Image, runtime: Runtime) -> None:
         import importlib
@@ -637,8 +758,9 @@ class Machine:
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, mode)
         self.uc: Any = uc
         self._UcError = unicorn.UcError
-        spans = [(RUNTIME, RUNTIME_SIZE), (STACK_LO, STACK_HI - STACK_LO),
-                 (rt.scratch, SCRATCH_SIZE)]
+        scratch_len = SCRATCH_SIZE * TRIAL_SLOTS
+        spans = [(RUNTIME, RUNTIME_SIZE), (rt.scratch, scratch_len),
+                 (STACK_LO, BANK + BANK_LEN - STACK_LO)]
         spans += [(start, len(buf)) for start, buf in image.regions]
         ordered = sorted(spans)
         for (a0, s0), (a1, _s1) in itertools.pairwise(ordered):
@@ -646,7 +768,11 @@ class Machine:
                 raise VerifyError(f"the image overlaps the emulator's own memory at {a1:#x}",
                                   image.elf.path)
         for start, size in spans:
-            uc.mem_map(start, size, unicorn.UC_PROT_ALL)
+            try:
+                uc.mem_map(start, size, unicorn.UC_PROT_ALL)
+            except unicorn.UcError as exc:
+                raise VerifyError(f"cannot map {size:#x} bytes at {start:#x} for emulation: "
+                                  f"{exc}", image.elf.path) from None
         uc.mem_write(RUNTIME, runtime.code)
         # Pointer arguments point here: fixed random bytes, restored after writes.
         scratch = bytearray(_scratch_bytes())
@@ -655,6 +781,8 @@ class Machine:
         for start, buf in image.regions:
             uc.mem_write(start, bytes(buf))
             self.pristine.append((start, bytearray(buf)))
+        self.bank = bytes(BANK_LEN)
+        self.bank_key: object = None
         self._log: list[tuple[int, int]] = []
         log = self._log
 
@@ -662,66 +790,158 @@ class Machine:
                      _data: Any) -> None:
             log.append((address, size))
 
-        for start, size in [(ENTRY_SP, ABOVE), *((a, len(b)) for a, b in self.pristine)]:
+        # The scratch areas and the image (the callers' frames are compared after
+        # the run: a hook per slot would slow every write down).
+        for start, buf in self.pristine:
             uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, on_write, begin=start,
-                        end=start + size - 1)
+                        end=start + len(buf) - 1)
         self._out_fmt = struct.Struct("<" + rt.fmt * rt.out_words)
+        self._word = struct.Struct("<" + rt.fmt)
+        self._ctl = struct.Struct("<" + rt.fmt + ("4x" if rt.word == 4 else "") + rt.fmt)
+        self._next_key: tuple[int, int, bool] | None = None
+        self._scratch_end = rt.scratch + scratch_len
 
     # memory the verifier itself changes (code or data): mirrored in `pristine`
-    def poke(self, addr: int, data: bytes) -> bytes:
-        old = bytes(self.uc.mem_read(addr, len(data)))
-        self.uc.mem_write(addr, data)
-        self.uc.ctl_remove_cache(addr, addr + len(data))
+    def poke(self, addr: int, data: bytes, code: bool = True) -> bytes:
+        """Write `data` at `addr` (forgetting code translated from it, for `code`);
+        the bytes it replaced."""
         for start, buf in self.pristine:
             if start <= addr < start + len(buf):
-                buf[addr - start : addr - start + len(data)] = data
+                at = addr - start
+                old = bytes(buf[at : at + len(data)])
+                if len(old) == len(data):
+                    buf[at : at + len(data)] = data
+                    break
+        else:
+            old = bytes(self.uc.mem_read(addr, len(data)))
+        self.uc.mem_write(addr, data)
+        if code:
+            self.uc.ctl_remove_cache(addr, addr + len(data))
         return old
 
     def read(self, addr: int, size: int) -> bytes:
         return bytes(self.uc.mem_read(addr, size))
 
-    def initial_byte(self, addr: int, block: bytes | bytearray) -> int:
-        if BLOCK <= addr < BLOCK + len(block):
-            return block[addr - BLOCK]
+    def load_bank(self, key: object, blocks: Sequence[bytes]) -> None:
+        """Put one batch of trial blocks (at most TRIAL_SLOTS) in the slots."""
+        if key == self.bank_key:
+            return
+        bank = bytearray(BANK_LEN)
+        for k, blk in enumerate(blocks):
+            at = block_addr(k) - BANK
+            bank[at : at + len(blk)] = blk
+        self.bank = bytes(bank)
+        self.uc.mem_write(BANK, self.bank)
+        self.bank_key = key
+
+    def initial_byte(self, addr: int) -> int:
+        """A byte as it was before the runs (trial slots, scratch, image)."""
+        if BANK <= addr < BANK + BANK_LEN:
+            return self.bank[addr - BANK]
         for start, buf in self.pristine:
             if start <= addr < start + len(buf):
                 return buf[addr - start]
         return 0
 
-    def run(self, block: bytes | bytearray, with_cr: bool = False) -> RunResult:
+    def run_trials(self, count: int, site: int, ref: int = 0,
+                   with_cr: bool = False) -> list[RunResult]:
+        """Run the code at `site` once per slot 0..count-1 (`ref`: what the caller
+        stub calls, when `site` is `runtime.caller`).  Results in slot order, up
+        to the first run that did not complete."""
+        results, shared = self._batch(range(count), site, ref, with_cr)
+        if shared and count > 1:
+            # A run wrote the image: the next trials would not start from the
+            # file's own memory.  One trial per emu_start, restored in between.
+            results = []
+            for k in range(count):
+                one, _ = self._batch(range(k, k + 1), site, ref, with_cr)
+                results += one
+                if not one[0].done:
+                    break
+        return results
+
+    def _batch(self, slots: range, site: int, ref: int,
+               with_cr: bool) -> tuple[list[RunResult], bool]:
         uc = self.uc
+        first, count = slots[0], len(slots)
+        entries = self.runtime.entry_cr if with_cr else self.runtime.entry
+        uc.mem_write(C_SITE, self._ctl.pack(site, ref))
+        key = (first, count, with_cr)
+        if key != self._next_key:
+            nxt = [entries[k + 1] for k in slots[:-1]] + [self.runtime.halt]
+            uc.mem_write(C_NEXT + first * self.rt.word,
+                         b"".join(self._word.pack(a) for a in nxt))
+            self._next_key = key
         log = self._log
         log.clear()
-        uc.mem_write(BLOCK, bytes(block))
         error = None
-        entry = self.runtime.entry_cr if with_cr else self.runtime.entry
         try:
-            uc.emu_start(entry, 0, 0, INSN_LIMIT)
+            uc.emu_start(entries[first], 0, 0, INSN_LIMIT * count)
         except self._UcError as exc:
             error = str(exc)
-        out = self._out_fmt.unpack(uc.mem_read(OUT, self._out_fmt.size))
-        writes: dict[int, int] = {}
+        raw = uc.mem_read(out_addr(first), OUT_SIZE * count)
+        unpack = self._out_fmt.unpack_from
+        outs = [unpack(raw, j * OUT_SIZE) for j in range(count)]
+        per: list[dict[int, int]] = [{} for _ in slots]
+        # The callers' frames and the rest of the slots, read back and restored.
+        lo, hi = first * SLOT_STRIDE, (first + count) * SLOT_STRIDE
+        now = uc.mem_read(BANK + lo, hi - lo)
+        if now != self.bank[lo:hi]:
+            for j, k in enumerate(slots):
+                at = block_addr(k) + ENTRY_OFF - BANK
+                was, got = self.bank[at : at + ABOVE], now[at - lo : at - lo + ABOVE]
+                if was != got:
+                    per[j].update((BANK + at + i, got[i]) for i in range(ABOVE)
+                                  if was[i] != got[i])
+            uc.mem_write(BANK + lo, self.bank[lo:hi])
+        shared = False
+        dirty: dict[int, int] = {}
         if log:
             for address, size in log:
                 data = uc.mem_read(address, size)
-                for k in range(size):
-                    writes[address + k] = data[k]
-            self._restore(writes)
-        if error is None and not out[-2] & 0xFF:
-            error = self._why_stopped()
-        return RunResult(out, writes, error)
+                for i in range(size):
+                    dirty[address + i] = data[i]
+            for addr, value in dirty.items():
+                owner = self._owner(addr)
+                if owner is None:
+                    shared = True
+                    owner = first if count == 1 else self._running(outs, slots)
+                k = owner
+                if first <= k < first + count:
+                    per[k - first][addr] = value
+            self._restore(dirty)
+        results = []
+        for j, out in enumerate(outs):
+            if out[-2] & 0xFF:
+                results.append(RunResult(out, per[j], None))
+            else:
+                results.append(RunResult(out, per[j], error or self._why_stopped()))
+                break
+        return results, shared
 
-    def _restore(self, writes: Mapping[int, int]) -> None:
+    def _owner(self, addr: int) -> int | None:
+        """The trial slot a written byte of scratch belongs to (None: the image)."""
+        if self.rt.scratch <= addr < self._scratch_end:
+            return (addr - self.rt.scratch) // SCRATCH_SIZE
+        return None
+
+    @staticmethod
+    def _running(outs: Sequence[tuple[int, ...]], slots: range) -> int:
+        """The slot that was running when the batch stopped (the first not done)."""
+        for k, out in zip(slots, outs, strict=True):
+            if not out[-2] & 0xFF:
+                return k
+        return slots[-1]
+
+    def _restore(self, dirty: Mapping[int, int]) -> None:
         for start, buf in self.pristine:
             end = start + len(buf)
-            for addr in writes:
+            for addr in dirty:
                 if start <= addr < end:
                     self.uc.mem_write(addr, bytes(buf[addr - start : addr - start + 1]))
 
     def _why_stopped(self) -> str:
-        from unicorn.x86_const import UC_X86_REG_EIP, UC_X86_REG_RIP
-
-        pc = self.uc.reg_read(UC_X86_REG_RIP if self.rt.word == 8 else UC_X86_REG_EIP)
+        pc = self.pc()
         name = self.image.symbol_at(pc - 1)
         if name is not None:
             return f"reached undefined symbol {name} (stub at {pc - 1:#x})"

@@ -31,6 +31,7 @@ x86-64 the callee must be entered with rsp ≡ 8 (mod 16).
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import struct
@@ -39,29 +40,31 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 from .arch import Arch
-from .elf import ElfFile
+from .elf import SHT_NOBITS, ElfFile
 from .emu import (
     AC_FLAG,
     ARITH_FLAGS,
-    BLOCK,
     BLOCK_LEN,
     CR0_TS,
     DF_FLAG,
-    ENTRY_SP,
-    HOST,
+    EXT_BASE,
+    HOST_OFF,
     IF_FLAG,
-    OUT,
     SCRATCH_SIZE,
-    STATE,
+    STATE_OFF,
+    TRIAL_SLOTS,
+    ArchRuntime,
     Image,
     Machine,
     RunResult,
     Runtime,
     arch_runtime,
     build_runtime,
+    entry_sp,
     exit_jump,
     load_image,
 )
@@ -368,12 +371,12 @@ def verify_text(report: VerifyReport, path: str = "") -> list[str]:
                      + (f" [seed {v.seed}]" if v.seed is not None else ""))
         if v.status == "fail":
             lines.extend(f"         {d}" for d in v.detail)
-    for t in report.thunks:
-        if t.status == "pass":
+    for th in report.thunks:
+        if th.status == "pass":
             continue
-        lines.append(f"  {t.status:4} thunk {t.symbol}: {t.reason}"
-                     + (f" [seed {t.seed}]" if t.seed is not None else ""))
-        lines.extend(f"         {d}" for d in t.detail)
+        lines.append(f"  {th.status:4} thunk {th.symbol}: {th.reason}"
+                     + (f" [seed {th.seed}]" if th.seed is not None else ""))
+        lines.extend(f"         {d}" for d in th.detail)
     return lines
 
 
@@ -381,7 +384,7 @@ def verify_text(report: VerifyReport, path: str = "") -> list[str]:
 
 
 def _mix(*values: int) -> int:
-    """splitmix64 over the values: a trial's seed from (seed, site, trial)."""
+    """splitmix64 over the values: a trial's seed from (seed, trial)."""
     x = 0x9E3779B97F4A7C15
     for v in values:
         x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
@@ -400,11 +403,20 @@ def _capstone(arch_name: str) -> Any:
     return cs
 
 
+_CALL_FORMS = {"x86_64": ((b"\xff\x15", True), (b"\xff\x14\x25", False)),
+               "i386": ((b"\xff\x15", False), (b"\x2e\xff\x15", False))}
+
+
 def _call_slot(arch: Arch, code: bytes, addr: int) -> int | None:
     """The memory slot of the first `call *mem` (absolute or rip-relative) in `code`."""
     from capstone import x86 as cx
 
     mask = (1 << (8 * arch.ptr_size)) - 1
+    # The forms the kernel emits, at the start of the site, without a disassembler.
+    for opcode, rip in _CALL_FORMS[arch.name]:
+        if code.startswith(opcode) and len(code) >= len(opcode) + 4:
+            disp = int.from_bytes(code[len(opcode) : len(opcode) + 4], "little", signed=True)
+            return (addr + len(opcode) + 4 + disp if rip else disp) & mask
     for insn in _capstone(arch.name).disasm(code, addr):
         if insn.id != cx.X86_INS_CALL or len(insn.operands) != 1:
             continue
@@ -416,6 +428,12 @@ def _call_slot(arch: Arch, code: bytes, addr: int) -> int | None:
         if op.mem.base == 0:
             return int(op.mem.disp) & mask
     return None
+
+
+def _plain_call(arch: Arch, code: bytes) -> bool:
+    """`code` is one indirect call of a form `_call_slot` reads without a disassembler."""
+    return any(code.startswith(opcode) and len(code) == len(opcode) + 4
+               for opcode, _rip in _CALL_FORMS[arch.name])
 
 
 def _boundaries(arch: Arch, code: bytes) -> list[int]:
@@ -433,8 +451,22 @@ def _disasm(arch: Arch, code: bytes, addr: int) -> str:
     return f"{code.hex()}: " + "; ".join(i.text for i in disassemble(arch, code, addr))
 
 
+_RUNTIMES: dict[str, Runtime] = {}
+
+
+def _runtime(arch_name: str, rt: ArchRuntime) -> Runtime:
+    """The runtime of an architecture, built once per process."""
+    found = _RUNTIMES.get(arch_name)
+    if found is None:
+        models = reference_models(arch_name)
+        found = _RUNTIMES[arch_name] = build_runtime(
+            rt, {op: m.code for op, m in models.items() if m.code is not None})
+    return found
+
+
 class _Context:
-    """One file pair loaded for emulation, and the per-trial state generator."""
+    """One file pair loaded for emulation, and the trial states (in batches of
+    TRIAL_SLOTS, the same for every site)."""
 
     def __init__(self, job: _FileJob) -> None:
         self.job = job
@@ -443,8 +475,7 @@ class _Context:
         self.arch = orig.arch
         rt = self.rt = arch_runtime(orig.arch)
         self.models = reference_models(orig.arch.name)
-        self.runtime: Runtime = build_runtime(
-            rt, {op: m.code for op, m in self.models.items() if m.code is not None})
+        self.runtime: Runtime = _runtime(orig.arch.name, rt)
         self.img_o: Image = load_image(orig, self.runtime)
         self.img_p: Image = load_image(
             patched, self.runtime, call_targets=dict(job.call_targets),  # type: ignore[arg-type]
@@ -461,40 +492,86 @@ class _Context:
         self.wmask = (1 << (8 * w)) - 1
         self.cr0 = int(self.m_o.uc.reg_read(self._cr0_reg()))
         self.cr3_mask = 0xFF_FFFF_F000 if w == 8 else 0xFFFF_F000
+        self._batches: dict[int, _Batch] = {}
+        self._data: dict[int, bool] = {}
+        # Reference runs shared by sites that run the same code: key -> batch -> runs
+        self.ref_runs: dict[tuple[object, ...] | None, dict[int, list[RunResult]]] = {}
+        self._unsupported = sorted(self.img_p.unsupported)
+        self._unsupported_at = [a for a, _ in self._unsupported]
+
+    def in_data(self, addr: int) -> bool:
+        """`addr` is in the original's ops table or a section no code runs from."""
+        found = self._data.get(addr)
+        if found is None:
+            img = self.img_o
+            if img.elf.is_relocatable:
+                found = EXT_BASE <= addr < img.ext_end  # the ops table is an undefined symbol
+            else:
+                sec = img.elf.section_for_addr(img.link_addr(addr))
+                found = sec is not None and not sec.is_exec
+            self._data[addr] = found
+        return found
+
+    def unsupported_in(self, addr: int, size: int) -> list[str]:
+        """Relocations the loader could not apply inside [addr, addr+size)."""
+        lo = bisect.bisect_left(self._unsupported_at, addr)
+        hi = bisect.bisect_left(self._unsupported_at, addr + size)
+        return [f"{name} at {a:#x}" for a, name in self._unsupported[lo:hi]]
 
     def _cr0_reg(self) -> int:
         from unicorn.x86_const import UC_X86_REG_CR0
 
         return int(UC_X86_REG_CR0)
 
-    def block(self, tseed: int) -> tuple[bytearray, list[int]]:
-        """A trial's memory block and the register file it starts with."""
+    def batches(self, first_seed: int = 0) -> Iterable[_Batch]:
+        """The trials in batches, each loaded into both machines when it comes up."""
+        total = self.job.trials
+        for c in range((total + TRIAL_SLOTS - 1) // TRIAL_SLOTS):
+            batch = self._batches.get(c)
+            if batch is None:
+                count = min(TRIAL_SLOTS, total - c * TRIAL_SLOTS)
+                seeds = [_mix(self.job.seed, c * TRIAL_SLOTS + k) for k in range(count)]
+                made = [self.block(k, tseed) for k, tseed in enumerate(seeds)]
+                batch = self._batches[c] = _Batch(c * TRIAL_SLOTS, seeds,
+                                                  [b for b, _ in made], [i for _, i in made])
+            self.m_o.load_bank(batch.first, batch.blocks)
+            self.m_p.load_bank(batch.first, batch.blocks)
+            yield batch
+
+    def block(self, k: int, tseed: int) -> tuple[bytes, list[int]]:
+        """Trial slot k's block for the trial with seed `tseed`, and the register
+        file (and flags) it starts with."""
         rt = self.rt
         off = tseed % (POOL_SIZE - BLOCK_LEN)
         blk = bytearray(self.pool[off : off + BLOCK_LEN])
-        st = STATE - BLOCK
+        st = STATE_OFF
         vals = list(self.state_fmt.unpack_from(blk, st))
         n = rt.nregs
-        vals[self.sp] = ENTRY_SP
+        vals[self.sp] = entry_sp(k)
+        scratch = rt.scratch_of(k)
         for i in self.arg_idx:
-            vals[i] = rt.scratch + 64 + vals[i] % (SCRATCH_SIZE - 128)
+            vals[i] = scratch + 64 + vals[i] % (SCRATCH_SIZE - 128)
         vals[n] = (vals[n] & (ARITH_FLAGS | IF_FLAG | DF_FLAG | AC_FLAG)) | 2
+        vals[n + 1] = 0
         vals[n + 2] = self.cr0 & ~CR0_TS | (vals[n + 2] & CR0_TS)
         vals[n + 4] &= self.cr3_mask
         self.state_fmt.pack_into(blk, st, *vals)
         # The hostile callee's flags word holds arithmetic flags only.
-        hf = HOST - BLOCK + n * self.word
+        hf = HOST_OFF + n * self.word
         struct.pack_into(self.wfmt, blk, hf,
                          struct.unpack_from(self.wfmt, blk, hf)[0] & ARITH_FLAGS)
-        blk[OUT - BLOCK :] = bytes(BLOCK_LEN - (OUT - BLOCK))
-        return blk, [*vals[:n], vals[n]]
+        return bytes(blk), [*vals[:n], vals[n]]
 
-    def set_word(self, blk: bytearray, addr: int, value: int) -> None:
-        struct.pack_into(self.wfmt, blk, addr - BLOCK, value & self.wmask)
+    def host_word(self, batch: _Batch, k: int, reg: int) -> int:
+        return int(struct.unpack_from(self.wfmt, batch.blocks[k], HOST_OFF + reg * self.word)[0])
 
-    def set_start(self, blk: bytearray, rip: int, sp: int = ENTRY_SP) -> None:
-        self.set_word(blk, STATE + self.rt.st_rip * self.word, rip)
-        self.set_word(blk, STATE + self.sp * self.word, sp)
+
+@dataclass(frozen=True)
+class _Batch:
+    first: int  # the first trial's number
+    seeds: list[int]
+    blocks: list[bytes]
+    inits: list[list[int]]  # per slot: the register file and flags the trial starts with
 
 
 def verify_job(job: _FileJob) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
@@ -509,7 +586,7 @@ class _SiteCheck:
     def __init__(self, ctx: _Context, sj: _SiteJob) -> None:
         self.ctx = ctx
         self.sj = sj
-        self.pokes: list[tuple[Machine, int, bytes]] = []
+        self.pokes: list[tuple[Machine, int, bytes, bool]] = []
         self.versions: Callable[[], tuple[str, ...]] = tuple
 
     def verdict(self, status: Status, reason: str | None, trials: int = 0,
@@ -518,15 +595,15 @@ class _SiteCheck:
         return SiteVerdict(sj.index, sj.section, sj.offset, sj.address, sj.op, sj.action,
                            status, reason, trials, seed, tuple(detail))
 
-    def poke(self, m: Machine, addr: int, data: bytes) -> None:
-        self.pokes.append((m, addr, m.poke(addr, data)))
+    def poke(self, m: Machine, addr: int, data: bytes, code: bool = True) -> None:
+        self.pokes.append((m, addr, m.poke(addr, data, code), code))
 
     def run(self) -> SiteVerdict:
         try:
             return self._run()
         finally:
-            for m, addr, old in reversed(self.pokes):
-                m.poke(addr, old)
+            for m, addr, old, code in reversed(self.pokes):
+                m.poke(addr, old, code)
 
     def _run(self) -> SiteVerdict:
         ctx, sj = self.ctx, self.sj
@@ -536,6 +613,7 @@ class _SiteCheck:
             return self.verdict("skip", "ud2: the site traps by design")
         contract: str | None = None
         ref_addr: int | None = None
+        model: RefModel | None = None
         with_cr = False
         if sj.action in ("inline", "nop"):
             model = ctx.models.get(sj.op) if sj.op is not None else None
@@ -559,14 +637,12 @@ class _SiteCheck:
             return self.verdict("fail", f"section {sj.section} is missing from the patched file")
         o_addr, p_addr = o_sec + sj.offset, p_sec + sj.offset
         n = sj.length
-        rt, arch = ctx.rt, ctx.arch
-        exit_at = ctx.runtime.exit_cr if with_cr else ctx.runtime.exit
+        arch = ctx.arch
         orig_code = ctx.m_o.read(o_addr, n)
         pat_code = ctx.m_p.read(p_addr, n)
         self.versions = lambda: (f"original: {_disasm(arch, orig_code, o_addr)}",
                                  f"patched:  {_disasm(arch, pat_code, p_addr)}")
-        unsupported = [f"{name} at {a:#x}" for a, name in ctx.img_p.unsupported
-                       if p_addr <= a < p_addr + n]
+        unsupported = ctx.unsupported_in(p_addr, n)
         if unsupported:
             return self.verdict("fail", "relocation inside the site: " + ", ".join(unsupported),
                                 detail=self.versions())
@@ -575,8 +651,11 @@ class _SiteCheck:
         # NOP for one load address and not for another).
         p_index = ctx.img_p.section_index(sj.section, sj.nth)
         if p_index is not None:
-            elf_p = ctx.img_p.elf
-            raw = elf_p.section_data(elf_p.sections[p_index])[sj.offset : sj.offset + n]
+            sec = ctx.img_p.elf.sections[p_index]
+            raw = b""
+            if sec.type != SHT_NOBITS and sj.offset + n <= sec.size:
+                at = sec.offset + sj.offset
+                raw = ctx.img_p.elf.data[at : at + n]
             if len(raw) == n:
                 moved = [k for k in range(n) if raw[k] != pat_code[k]
                          and not (sj.action in ("call", "thunk") and 1 <= k < 5)]
@@ -584,52 +663,76 @@ class _SiteCheck:
                     return self.verdict(
                         "fail", f"a relocation changes byte {moved[0]} of the rewritten site",
                         detail=(f"as written: {_disasm(arch, raw, p_addr)}", *self.versions()))
-        self.poke(ctx.m_p, p_addr + n, exit_jump(rt, p_addr + n, exit_at))
+        site_end = ctx.runtime.site_end
+        self.poke(ctx.m_p, p_addr + n, site_end)
         # Static half of "ends exactly at the site's end": no instruction straddles it.
         if n not in _boundaries(arch, ctx.m_p.read(p_addr, n + 16)):
             return self.verdict("fail", "an instruction straddles the site end",
                                 detail=self.versions())
-        synth_ret: int | None = None
+        ref_site = o_addr
+        ref_key: tuple[object, ...] | None = None
         if contract is None:
             assert ref_addr is not None
             slot = _call_slot(arch, orig_code, o_addr)
             if slot is not None and ctx.img_o.region_of(slot) is not None:
-                self.poke(ctx.m_o, slot, ref_addr.to_bytes(rt.word, "little"))
+                if model is not None and _plain_call(arch, orig_code):
+                    # Nothing but the call: every such site runs the same code
+                    # (the model, from the same states), so its runs are shared.
+                    ref_key = (orig_code[: n - 4], ref_addr, with_cr)
+                # The slot the site's call reads points at the reference.
+                if ref_key not in ctx.ref_runs:
+                    self.poke(ctx.m_o, slot, ref_addr.to_bytes(ctx.rt.word, "little"),
+                              code=not ctx.in_data(slot))
             else:
-                synth_ret = o_addr + n  # not an indirect call: call the reference directly
-            self.poke(ctx.m_o, o_addr + n, exit_jump(rt, o_addr + n, exit_at))
-        return self._trials(o_addr, p_addr, ref_addr, synth_ret, with_cr, contract)
+                ref_site = ctx.runtime.caller  # not an indirect call: call the reference
+                if model is not None:
+                    ref_key = ("caller", ref_addr, with_cr)
+            if ref_key not in ctx.ref_runs:
+                self.poke(ctx.m_o, o_addr + n, site_end)
+        return self._trials(ref_site, p_addr, ref_addr or 0, with_cr, contract, ref_key)
 
-    def _trials(self, o_addr: int, p_addr: int, ref_addr: int | None, synth_ret: int | None,
-                with_cr: bool, contract: str | None) -> SiteVerdict:
+    def _trials(self, ref_site: int, p_addr: int, ref_fn: int, with_cr: bool,
+                contract: str | None, ref_key: tuple[object, ...] | None) -> SiteVerdict:
         ctx, sj = self.ctx, self.sj
         rt = ctx.rt
         allowed = set(sj.clobbers)
         preserved = [i for i, r in enumerate(rt.regs) if i != ctx.sp and r not in allowed]
         results = [rt.index(r) for r in RESULT_REGS[ctx.arch.name] if r in allowed]
-        for t in range(ctx.job.trials):
-            tseed = _mix(ctx.job.seed, sj.index, t)
-            blk, init = ctx.block(tseed)
-            ref: RunResult | None = None
-            ref_blk = blk
+        # The usual outcome, checked at C speed; anything else is looked at closely.
+        keep = itemgetter(*preserved, ctx.sp)  # = the initial values (sp: the entry sp)
+        compared = [*results, *(range(rt.out_cr, rt.out_cr + 3) if with_cr else ())]
+        same = itemgetter(*compared, rt.out_done)  # = the reference's
+        fl = rt.out_flags
+        for batch in ctx.batches():
+            count = len(batch.seeds)
+            refs: list[RunResult] = []
             if contract is None:
-                ref_blk = bytearray(blk)
-                if synth_ret is not None:
-                    assert ref_addr is not None
-                    ctx.set_start(ref_blk, ref_addr, ENTRY_SP - rt.word)
-                    ctx.set_word(ref_blk, ENTRY_SP - rt.word, synth_ret)
+                cached = ctx.ref_runs.get(ref_key) if ref_key is not None else None
+                if cached is not None and batch.first in cached:
+                    refs = cached[batch.first]
                 else:
-                    ctx.set_start(ref_blk, o_addr)
-                ref = ctx.m_o.run(ref_blk, with_cr)
-                if not ref.done:
-                    return self.verdict("skip", f"the reference run did not complete: "
-                                        f"{ref.error}", t, tseed, self.versions())
-            ctx.set_start(blk, p_addr)
-            pat = ctx.m_p.run(blk, with_cr)
-            problems = _compare(ctx, init, preserved, results, ref, ref_blk, pat, blk, with_cr)
-            if problems:
-                return self.verdict("fail", problems[0], t + 1, tseed,
-                                    [*problems[:MAX_DETAIL], *self.versions()])
+                    refs = ctx.m_o.run_trials(count, ref_site, ref_fn, with_cr)
+                    if ref_key is not None:
+                        ctx.ref_runs.setdefault(ref_key, {})[batch.first] = refs
+            pats = ctx.m_p.run_trials(count, p_addr, 0, with_cr)
+            for k in range(count):
+                t = batch.first + k
+                ref: RunResult | None = None
+                if contract is None:
+                    ref = refs[k]
+                    if not ref.done:
+                        return self.verdict("skip", f"the reference run did not complete: "
+                                            f"{ref.error}", t, batch.seeds[k], self.versions())
+                pat = pats[k]
+                if pat.done and not pat.writes and keep(pat.out) == keep(batch.inits[k]) \
+                        and (ref is None or (not ref.writes and not (pat.out[fl] ^ ref.out[fl])
+                                             & ~ARITH_FLAGS and same(pat.out) == same(ref.out))):
+                    continue
+                problems = _compare(ctx, k, batch.inits[k], preserved, results, ref,
+                                    pat, with_cr)
+                if problems:
+                    return self.verdict("fail", problems[0], t + 1, batch.seeds[k],
+                                        [*problems[:MAX_DETAIL], *self.versions()])
         return self.verdict("pass", contract, ctx.job.trials)
 
 
@@ -637,8 +740,8 @@ def _hex(v: int) -> str:
     return f"{v:#x}"
 
 
-def _compare(ctx: _Context, init: list[int], preserved: Iterable[int], results: Iterable[int],
-             ref: RunResult | None, ref_blk: bytearray, pat: RunResult, blk: bytearray,
+def _compare(ctx: _Context, k: int, init: list[int], preserved: Iterable[int],
+             results: Iterable[int], ref: RunResult | None, pat: RunResult,
              with_cr: bool) -> list[str]:
     rt = ctx.rt
     regs = rt.regs
@@ -646,8 +749,9 @@ def _compare(ctx: _Context, init: list[int], preserved: Iterable[int], results: 
         return [f"the patched run did not end at the site end: {pat.error}"]
     out = pat.out
     problems: list[str] = []
-    if out[ctx.sp] != ENTRY_SP:
-        problems.append(f"{regs[ctx.sp]}: expected {_hex(ENTRY_SP)} got {_hex(out[ctx.sp])}")
+    sp0 = entry_sp(k)
+    if out[ctx.sp] != sp0:
+        problems.append(f"{regs[ctx.sp]}: expected {_hex(sp0)} got {_hex(out[ctx.sp])}")
     for i in preserved:
         if out[i] != init[i]:
             problems.append(f"{regs[i]}: expected {_hex(init[i])} got {_hex(out[i])} "
@@ -662,18 +766,18 @@ def _compare(ctx: _Context, init: list[int], preserved: Iterable[int], results: 
     if (out[fl] ^ r[fl]) & IF_FLAG:
         problems.append(f"IF: expected {r[fl] >> 9 & 1} got {out[fl] >> 9 & 1}")
     if with_cr:
-        for k, name in enumerate(("cr0", "cr2", "cr3")):
-            a, b = r[rt.out_cr + k], out[rt.out_cr + k]
+        for j, name in enumerate(("cr0", "cr2", "cr3")):
+            a, b = r[rt.out_cr + j], out[rt.out_cr + j]
             if a != b:
                 problems.append(f"{name}: expected {_hex(a)} got {_hex(b)}")
     if ref.writes or pat.writes:
         for addr in sorted(set(ref.writes) | set(pat.writes)):
             want = ref.writes.get(addr)
             if want is None:
-                want = ctx.m_o.initial_byte(addr, ref_blk)
+                want = ctx.m_o.initial_byte(addr)
             got = pat.writes.get(addr)
             if got is None:
-                got = ctx.m_p.initial_byte(addr, blk)
+                got = ctx.m_p.initial_byte(addr)
             if want != got:
                 problems.append(f"memory {addr:#x}: expected {want:#04x} got {got:#04x}")
     return problems
@@ -682,7 +786,7 @@ def _compare(ctx: _Context, init: list[int], preserved: Iterable[int], results: 
 def _thunk_address(ctx: _Context, tj: _ThunkJob) -> int | None:
     img = ctx.img_p
     if tj.address is not None:
-        return img.base + tj.address
+        return img.emu_addr(tj.address)
     if img.elf.is_relocatable:
         sym = img.elf.symbols_by_name.get(tj.symbol)
         if sym is not None and sym.shndx in img.section_addr:
@@ -694,7 +798,8 @@ def _thunk_address(ctx: _Context, tj: _ThunkJob) -> int | None:
 def _check_thunk(ctx: _Context, tj: _ThunkJob) -> ThunkVerdict:
     def verdict(status: Status, reason: str | None, trials: int = 0, seed: int | None = None,
                 detail: Sequence[str] = ()) -> ThunkVerdict:
-        shown = None if addr is None or ctx.img_p.elf.is_relocatable else addr - ctx.img_p.base
+        shown = None if addr is None or ctx.img_p.elf.is_relocatable \
+            else ctx.img_p.link_addr(addr)
         return ThunkVerdict(tj.symbol, tj.target, shown, status, reason, trials, seed,
                             tuple(detail))
 
@@ -716,40 +821,40 @@ def _check_thunk(ctx: _Context, tj: _ThunkJob) -> ThunkVerdict:
         keep = [rt.index(r) for r in (*tj.saves, *CALLEE_SAVED[ctx.arch.name])]
         ret = rt.index(ctx.arch.return_regs[0])
         code = m.read(addr, tj.size)
-        for t in range(ctx.job.trials):
-            tseed = _mix(ctx.job.seed, 0x7448_756E, t, addr)
-            blk, init = ctx.block(tseed)
-            # As if called from a site with an aligned stack pointer.
-            ctx.set_start(blk, addr, ENTRY_SP - rt.word)
-            ctx.set_word(blk, ENTRY_SP - rt.word, ctx.runtime.exit)
-            res = m.run(blk)
-            problems: list[str] = []
-            if not res.done:
-                problems.append(f"the thunk did not return: {res.error}")
-            else:
-                out = res.out
-                host_ret = struct.unpack_from(ctx.wfmt, blk, HOST - BLOCK + ret * rt.word)[0]
-                callee_sp = out[rt.out_callee_sp]
-                if out[ctx.sp] != ENTRY_SP:
-                    problems.append(f"{rt.regs[ctx.sp]}: expected {_hex(ENTRY_SP)} "
-                                    f"got {_hex(out[ctx.sp])}")
-                for i in keep:
-                    if out[i] != init[i]:
-                        problems.append(f"{rt.regs[i]}: expected {_hex(init[i])} "
-                                        f"got {_hex(out[i])} (saved by the thunk)")
-                if callee_sp == 0:
-                    problems.append(f"the thunk never called {tj.target}")
+        for batch in ctx.batches():
+            # As if called from a site: the caller stub calls the thunk.
+            runs = m.run_trials(len(batch.seeds), ctx.runtime.caller, addr)
+            for k, tseed in enumerate(batch.seeds):
+                init = batch.inits[k]
+                res = runs[k]
+                problems: list[str] = []
+                sp0 = entry_sp(k)
+                if not res.done:
+                    problems.append(f"the thunk did not return: {res.error}")
                 else:
-                    if out[ret] != host_ret:
-                        problems.append(f"{rt.regs[ret]}: expected {_hex(host_ret)} got "
-                                        f"{_hex(out[ret])} (the callee's return value)")
-                    if rt.word == 8 and (callee_sp + 8) % 16:
-                        problems.append(f"the callee is entered with rsp={_hex(callee_sp)}, "
-                                        "not ≡ 8 (mod 16)")
-            if problems:
-                return verdict("fail", problems[0], t + 1, tseed,
-                               [*problems[:MAX_DETAIL],
-                                f"thunk: {_disasm(ctx.arch, code, addr)}"])
+                    out = res.out
+                    host_ret = ctx.host_word(batch, k, ret)
+                    callee_sp = out[rt.out_callee_sp]
+                    if out[ctx.sp] != sp0:
+                        problems.append(f"{rt.regs[ctx.sp]}: expected {_hex(sp0)} "
+                                        f"got {_hex(out[ctx.sp])}")
+                    for i in keep:
+                        if out[i] != init[i]:
+                            problems.append(f"{rt.regs[i]}: expected {_hex(init[i])} "
+                                            f"got {_hex(out[i])} (saved by the thunk)")
+                    if callee_sp == 0:
+                        problems.append(f"the thunk never called {tj.target}")
+                    else:
+                        if out[ret] != host_ret:
+                            problems.append(f"{rt.regs[ret]}: expected {_hex(host_ret)} got "
+                                            f"{_hex(out[ret])} (the callee's return value)")
+                        if rt.word == 8 and (callee_sp + 8) % 16:
+                            problems.append(f"the callee is entered with rsp={_hex(callee_sp)},"
+                                            " not ≡ 8 (mod 16)")
+                if problems:
+                    return verdict("fail", problems[0], batch.first + k + 1, tseed,
+                                   [*problems[:MAX_DETAIL],
+                                    f"thunk: {_disasm(ctx.arch, code, addr)}"])
         return verdict("pass", None, ctx.job.trials)
     finally:
         for at, old in reversed(pokes):
