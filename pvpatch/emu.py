@@ -92,7 +92,15 @@ EXT_LIMIT = REL_BASE
 SCRATCH_SIZE = 0x4000  # per trial
 HIGH_HALF = 1 << 63  # x86-64 kernel addresses: mapped lower (Image.emu_addr)
 HIGH_SPAN = 0x7000_0000_0000
-MAX_MAPPED = 1 << 31  # bytes of a linked file's segments (a kernel: tens of MiB)
+MAPPED_SLACK = 256 << 20  # memory beyond the file size an image may need (bss, layout)
+
+
+def max_mapped(file_size: int) -> int:
+    """Bytes of memory an image of a file may take: a small multiple of the file.
+
+    A header claiming a huge bss or section must not make the verifier allocate it.
+    """
+    return 4 * file_size + MAPPED_SLACK
 INSN_LIMIT = 50_000  # per run: a runaway loop ends as a failure, not a hang
 
 
@@ -539,6 +547,8 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
             cursor += sec.size + 32
         rel_keys[key] = (addrs[sec.index], sec.size)
     end = _align(cursor, PAGE)
+    if end - REL_BASE > max_mapped(len(elf.data)):
+        raise VerifyError("the sections are too large to lay out for emulation", elf.path)
     image = bytearray(end - REL_BASE)
     for sec in elf.sections:
         if sec.index in addrs and sec.type != SHT_NOBITS and sec.size:
@@ -697,7 +707,7 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
             clusters[-1][1] = max(clusters[-1][1], hi)
         else:
             clusters.append([lo, hi])
-    if sum(hi - lo for lo, hi in clusters) > MAX_MAPPED:
+    if sum(hi - lo for lo, hi in clusters) > max_mapped(len(elf.data)):
         raise VerifyError("the PT_LOAD segments are too large to map for emulation", elf.path)
     img.regions.extend((lo, bytearray(hi - lo)) for lo, hi in clusters)
     for s in loads:
@@ -813,7 +823,11 @@ class Machine:
                     buf[at : at + len(data)] = data
                     break
         else:
-            old = bytes(self.uc.mem_read(addr, len(data)))
+            try:
+                old = bytes(self.uc.mem_read(addr, len(data)))
+            except self._UcError:
+                raise VerifyError(f"address {addr:#x} is not mapped in the emulated image",
+                                  self.image.elf.path) from None
         self.uc.mem_write(addr, data)
         if code:
             self.uc.ctl_remove_cache(addr, addr + len(data))

@@ -576,9 +576,30 @@ class _Batch:
 
 def verify_job(job: _FileJob) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
     """Verify the sites and thunks of one job (the unit a worker process runs)."""
-    ctx = _Context(job)
-    sites = [_SiteCheck(ctx, sj).run() for sj in job.sites]
-    thunks = [_check_thunk(ctx, tj) for tj in job.thunks]
+    try:
+        ctx = _Context(job)
+    except VerifyError as exc:
+        # The file cannot be laid out in the emulator at all: nothing is proven,
+        # which is a skip for every site and thunk, never a pass.
+        why = f"cannot be emulated: {exc.message}"
+        return ([SiteVerdict(sj.index, sj.section, sj.offset, sj.address, sj.op, sj.action,
+                             "skip", why, 0) for sj in job.sites],
+                [ThunkVerdict(tj.symbol, tj.target, tj.address, "skip", why, 0)
+                 for tj in job.thunks])
+    sites = []
+    for sj in job.sites:
+        try:
+            sites.append(_SiteCheck(ctx, sj).run())
+        except VerifyError as exc:  # the site reaches outside the emulated image
+            sites.append(SiteVerdict(sj.index, sj.section, sj.offset, sj.address, sj.op,
+                                     sj.action, "fail", exc.message, 0))
+    thunks = []
+    for tj in job.thunks:
+        try:
+            thunks.append(_check_thunk(ctx, tj))
+        except VerifyError as exc:
+            thunks.append(ThunkVerdict(tj.symbol, tj.target, tj.address, "fail", exc.message,
+                                       0))
     return sites, thunks
 
 
