@@ -306,6 +306,9 @@ class ElfFile:
                 if not 0 <= info < count:
                     raise self._fail(f"relocation section {i} applies to section {info}, "
                                      f"out of range")
+            if stype in (SHT_SYMTAB, SHT_DYNSYM) and info > r[5] // self.cls.sym.size:
+                raise self._fail(f"symbol table {i} says its globals start at {info}, past "
+                                 f"its {r[5] // self.cls.sym.size} symbols")
             if stype in (SHT_SYMTAB, SHT_REL, SHT_RELA, SHT_DYNSYM, SHT_SYMTAB_SHNDX,
                          SHT_GROUP):
                 if link == i:
@@ -581,6 +584,8 @@ class ElfFile:
 
     def _relr_addresses(self, sec: Section) -> Iterator[int]:
         word = self.cls.addr.size
+        if sec.size % word:
+            raise self._fail(f"RELR section {sec.name!r} is not a whole number of words")
         bits = word * 8 - 1
         base = 0
         for (entry,) in self.cls.addr.iter_unpack(self.section_data(sec)):

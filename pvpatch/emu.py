@@ -435,7 +435,8 @@ class Image:
         """Where the file's virtual address `vaddr` is in the emulator."""
         if self.high and vaddr >= HIGH_HALF:
             return vaddr - self.high
-        return self.base + vaddr
+        # Wraps like the CPU's address arithmetic (a hostile value must not overflow).
+        return (self.base + vaddr) & ((1 << (8 * self.arch.ptr_size)) - 1)
 
     def link_addr(self, addr: int) -> int:
         """The file's virtual address of emulator address `addr` (linked files)."""

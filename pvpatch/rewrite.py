@@ -649,7 +649,7 @@ class _LinkedRewriter(_Rewriter):
             if not hits:
                 continue
             count_at = counts.get(sec.addr)
-            count = count_at[1] if count_at is not None else 0
+            count = min(count_at[1], len(rows)) if count_at is not None else 0
             for k in sorted(hits, reverse=True):
                 if k < count:
                     rows[k], rows[count - 1] = rows[count - 1], rows[k]

@@ -37,7 +37,7 @@ def test_corpus_is_complete_and_current() -> None:
 def test_scan_and_patch(name: str, tmp_path: Path) -> None:
     path = FOLDER / name
     want = EXPECTED[name]
-    ops = OPS_I386 if name.startswith("i386-") else OPS
+    ops = OPS_I386 if path.read_bytes()[4:5] == b"\x01" else OPS  # ELFCLASS32
     scan = cli("scan", "--ops", ops, str(path))
     out = tmp_path / "out"
     patch = cli("patch", str(path), "-o", str(out), "--ops", ops, "--json")
