@@ -599,7 +599,8 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
         elif sym.shndx == SHN_ABS:
             value = sym.value
         elif sym.shndx < SHN_LORESERVE and sym.shndx in addrs:
-            value = addrs[sym.shndx] + (0 if sym.type == STT_SECTION else sym.value)
+            value = (addrs[sym.shndx] + (0 if sym.type == STT_SECTION else sym.value)) \
+                & ((1 << (8 * elf.arch.ptr_size)) - 1)  # a hostile st_value wraps
             if sym.name and sym.type != STT_SECTION:
                 symbols.setdefault(sym.name, value)
         sym_addr.append(value)

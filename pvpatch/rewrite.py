@@ -763,6 +763,8 @@ class _LinkedRewriter(_Rewriter):
 
     def _phdr_row(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
                   filesz: int, memsz: int, align: int) -> tuple[int, ...]:
+        # Physical addresses are derived by subtraction: wrap them as the field does.
+        paddr &= (1 << self.elf.cls.bits) - 1
         if self.elf.cls.bits == 64:
             return (ptype, flags, offset, vaddr, paddr, filesz, memsz, align)
         return (ptype, offset, vaddr, paddr, filesz, memsz, flags, align)

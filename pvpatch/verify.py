@@ -702,7 +702,9 @@ class _SiteCheck:
                     ref_key = (orig_code[: n - 4], ref_addr, with_cr)
                 # The slot the site's call reads points at the reference.
                 if ref_key not in ctx.ref_runs:
-                    self.poke(ctx.m_o, slot, ref_addr.to_bytes(ctx.rt.word, "little"),
+                    word_mask = (1 << (8 * ctx.rt.word)) - 1  # a hostile value wraps
+                    self.poke(ctx.m_o, slot, (ref_addr & word_mask).to_bytes(ctx.rt.word,
+                                                                           "little"),
                               code=not ctx.in_data(slot))
             else:
                 ref_site = ctx.runtime.caller  # not an indirect call: call the reference
