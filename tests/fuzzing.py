@@ -136,8 +136,14 @@ class Unexpected(AssertionError):
 
 def exercise(data: bytes, *, verify: bool = False, spec: Path | None = None) -> str:
     """Every library entry point on `data`: it must succeed or raise PvpatchError."""
+    from pvpatch.check import CheckOptions, check_elf
+    from pvpatch.sarif import ArtifactFindings, sarif_log
+
     try:
         elf = ElfFile(data, "<fuzz>")
+        checked = check_elf(elf, CheckOptions())  # `pvpatch check`: findings, never a crash
+        sarif_log([ArtifactFindings("fuzz.elf", tuple(checked.findings), len(data))],
+                  exit_code=0, arguments=[])
         for ops in ("none", "auto"):
             res = pvpatch.scan_file(elf, ops=ops)
         res = pvpatch.scan_file(elf, ops="catalog:linux-6.1-x86_64" if elf.arch.ptr_size == 8
