@@ -38,9 +38,15 @@ def _fuzz_one(index: int, data: st.DataObject) -> None:
     _path, seed, fields, cuts = SEEDS[index]
     draw = _draw_from(data)
     mutated = fuzzing.mutate(seed, draw, fields, cuts)
-    # Verification and the thunk spec are slower: a share of the inputs gets them.
-    heavy = draw(0, 15) == 0
-    fuzzing.exercise(mutated, verify=heavy and VERIFY, spec=fuzzing.SPEC if heavy else None)
+    # Verification and the thunk spec are slower: a share of the inputs gets them;
+    # another share runs under tracemalloc, bounded in memory and time.
+    kind = draw(0, 15)
+    if kind == 0:
+        fuzzing.exercise(mutated, verify=VERIFY, spec=fuzzing.SPEC)
+    elif kind <= 2:
+        fuzzing.bounded(mutated)
+    else:
+        fuzzing.exercise(mutated)
 
 
 def _make(index: int):  # type: ignore[no-untyped-def]
