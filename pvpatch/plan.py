@@ -144,22 +144,27 @@ class Planner:
             return f"target {target} is not defined in this linked file"
         return None
 
-    def _branch(self, site: Site, rule: OpRule, kind: Action) -> Decision:
+    def _unreachable(self, site: Site, rule: OpRule) -> Decision | None:
+        """Why a branch to the rule's target cannot be written at this site, if it cannot."""
         assert rule.target is not None
         if site.len < CALL_LEN:
             return Decision(site, "keep", _short(CALL_LEN, site.len), rule=rule)
         problem = self._target_problem(rule.target)
         if problem:
             return Decision(site, "keep", problem, rule=rule)
+        return None
+
+    def _branch(self, site: Site, rule: OpRule, kind: Action) -> Decision:
+        refused = self._unreachable(site, rule)
+        if refused is not None:
+            return refused
         return Decision(site, kind, target=rule.target, rule=rule, tail=kind == "jmp")
 
     def _call(self, site: Site, rule: OpRule) -> Decision:
         assert rule.target is not None
-        if site.len < CALL_LEN:
-            return Decision(site, "keep", _short(CALL_LEN, site.len), rule=rule)
-        problem = self._target_problem(rule.target)
-        if problem:
-            return Decision(site, "keep", problem, rule=rule)
+        refused = self._unreachable(site, rule)
+        if refused is not None:
+            return refused
         arch = self.arch
         allowed = set(site.clobber_regs)
         if rule.convention == "callee-save":

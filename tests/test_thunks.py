@@ -17,36 +17,14 @@ from pvpatch.elf import ElfFile
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"
 
-# prog.c's own pv_ops slots (fixtures/README.md): C functions that clobber every
-# caller-saved register.
-SPEC = """
-[ops.29]
-action = "call"
-target = "prog_restore_fl"
-convention = "c"
-[ops.30]
-action = "call"
-target = "prog_save_fl"
-[ops.31]
-action = "call"
-target = "prog_irq_disable"
-[ops.32]
-action = "call"
-target = "prog_irq_enable"
-[ops.44]
-action = "call"
-target = "prog_read_cr3"
-[ops.45]
-action = "call"
-target = "prog_write_cr3"
-"""
+# prog.c's own pv_ops functions: plain C that clobbers every caller-saved register.
+SPEC_FILE = FIX / "specs" / "prog.toml"
+SPEC = SPEC_FILE.read_text()
 
 
 @pytest.fixture
-def spec(tmp_path: Path) -> Path:
-    path = tmp_path / "spec.toml"
-    path.write_text(SPEC)
-    return path
+def spec() -> Path:
+    return SPEC_FILE
 
 
 def pvpatch_cli(*args: str) -> subprocess.CompletedProcess[str]:
