@@ -49,6 +49,9 @@ class Arch:
     # Registers, in the order a register-saving thunk pushes them.
     caller_saved: tuple[str, ...]
     return_regs: tuple[str, ...]  # what a C function may leave changed on purpose
+    # What a callee-save (PV_CALLEE_SAVE) function may change: the kernel's thunks
+    # save everything else (i386 saves only ecx: eax and edx are return registers).
+    callee_save_changes: tuple[str, ...]
     stack_pointer: str
     reloc_types: Mapping[int, RelocType]
     r_abs_ptr: int  # pointer-sized absolute (table entries)
@@ -75,7 +78,9 @@ class Arch:
 
     def reloc(self, number: int) -> RelocType:
         found = self.reloc_types.get(number)
-        return found if found is not None else RelocType(number, f"R_{number}", 0)
+        # An unknown type is assumed to patch 4 bytes (most x86 types do), so that a
+        # relocation near a site is still seen as touching it.
+        return found if found is not None else RelocType(number, f"R_{self.name}_{number}", 4)
 
     def reloc_name(self, number: int) -> str:
         return self.reloc(number).name
@@ -103,6 +108,7 @@ X86_64 = Arch(
     uses_rela=True,
     caller_saved=("rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11"),
     return_regs=("rax",),
+    callee_save_changes=("rax",),
     stack_pointer="rsp",
     reloc_types=_relocs(
         (0, "R_X86_64_NONE", 0, False),
@@ -132,9 +138,18 @@ X86_64 = Arch(
         (24, "R_X86_64_PC64", 8, True),
         (25, "R_X86_64_GOTOFF64", 8, False),
         (26, "R_X86_64_GOTPC32", 4, True),
+        (32, "R_X86_64_SIZE32", 4, False),
+        (33, "R_X86_64_SIZE64", 8, False),
+        (34, "R_X86_64_GOTPC32_TLSDESC", 4, True),
+        (35, "R_X86_64_TLSDESC_CALL", 0, False),
+        (36, "R_X86_64_TLSDESC", 16, False),
         (37, "R_X86_64_IRELATIVE", 8, False),
+        (38, "R_X86_64_RELATIVE64", 8, False),
         (41, "R_X86_64_GOTPCRELX", 4, True),
         (42, "R_X86_64_REX_GOTPCRELX", 4, True),
+        (43, "R_X86_64_CODE_4_GOTPCRELX", 4, True),
+        (44, "R_X86_64_CODE_4_GOTTPOFF", 4, True),
+        (45, "R_X86_64_CODE_4_GOTPC32_TLSDESC", 4, True),
     ),
     r_abs_ptr=1,
     r_call=4,  # R_X86_64_PLT32, what GNU as emits for `call sym`
@@ -156,6 +171,7 @@ I386 = Arch(
     # Kernel i386 code passes arguments in eax, edx, ecx (-mregparm=3).
     caller_saved=("ecx", "edx"),
     return_regs=("eax",),
+    callee_save_changes=("eax", "edx"),
     stack_pointer="esp",
     reloc_types=_relocs(
         (0, "R_386_NONE", 0, False),
@@ -171,10 +187,33 @@ I386 = Arch(
         (10, "R_386_GOTPC", 4, True),
         (11, "R_386_32PLT", 4, False),
         (14, "R_386_TLS_TPOFF", 4, False),
+        (15, "R_386_TLS_IE", 4, False),
+        (16, "R_386_TLS_GOTIE", 4, False),
+        (17, "R_386_TLS_LE", 4, False),
+        (18, "R_386_TLS_GD", 4, False),
+        (19, "R_386_TLS_LDM", 4, False),
         (20, "R_386_16", 2, False),
         (21, "R_386_PC16", 2, True),
         (22, "R_386_8", 1, False),
         (23, "R_386_PC8", 1, True),
+        (24, "R_386_TLS_GD_32", 4, False),
+        (25, "R_386_TLS_GD_PUSH", 4, False),
+        (26, "R_386_TLS_GD_CALL", 4, False),
+        (27, "R_386_TLS_GD_POP", 4, False),
+        (28, "R_386_TLS_LDM_32", 4, False),
+        (29, "R_386_TLS_LDM_PUSH", 4, False),
+        (30, "R_386_TLS_LDM_CALL", 4, False),
+        (31, "R_386_TLS_LDM_POP", 4, False),
+        (32, "R_386_TLS_LDO_32", 4, False),
+        (33, "R_386_TLS_IE_32", 4, False),
+        (34, "R_386_TLS_LE_32", 4, False),
+        (35, "R_386_TLS_DTPMOD32", 4, False),
+        (36, "R_386_TLS_DTPOFF32", 4, False),
+        (37, "R_386_TLS_TPOFF32", 4, False),
+        (38, "R_386_SIZE32", 4, False),
+        (39, "R_386_TLS_GOTDESC", 4, False),
+        (40, "R_386_TLS_DESC_CALL", 0, False),
+        (41, "R_386_TLS_DESC", 4, False),
         (42, "R_386_IRELATIVE", 4, False),
         (43, "R_386_GOT32X", 4, False),
     ),
@@ -192,3 +231,10 @@ ARCHES: Mapping[str, Arch] = MappingProxyType({a.name: a for a in (X86_64, I386)
 BY_MACHINE: Mapping[tuple[int, int], Arch] = MappingProxyType(
     {(a.machine, a.elf_class): a for a in (X86_64, I386)}
 )
+
+
+def convention_changes(arch: Arch, convention: str) -> tuple[str, ...]:
+    """Registers a function of `convention` ("c" or "callee-save") may change, in push order."""
+    if convention == "callee-save":
+        return arch.callee_save_changes
+    return tuple(dict.fromkeys((*arch.return_regs, *arch.caller_saved)))

@@ -222,12 +222,13 @@ def _functions(elf: ElfFile) -> dict[int, tuple[list[int], list[_Func]]]:
     """Sized function symbols by section index, sorted by start (section offsets)."""
     by_sec: dict[int, list[_Func]] = defaultdict(list)
     for sym in elf.symbols:
-        if sym.type != STT_FUNC or sym.size == 0 or not 0 < sym.shndx < len(elf.sections):
+        if sym.type != STT_FUNC or sym.size == 0 or not sym.defined \
+                or not 0 < sym.section_index < len(elf.sections):
             continue
-        sec = elf.sections[sym.shndx]
+        sec = elf.sections[sym.section_index]
         start = sym.value if elf.is_relocatable else sym.value - sec.addr
         if start >= 0 and start + sym.size <= sec.size:
-            by_sec[sym.shndx].append(_Func(start, start + sym.size, sym.name))
+            by_sec[sym.section_index].append(_Func(start, start + sym.size, sym.name))
     out = {}
     for index, funcs in by_sec.items():
         funcs.sort(key=lambda f: (f.start, -f.end))

@@ -137,8 +137,15 @@ class Symbol:
     type: int
     bind: int
     other: int
-    shndx: int
+    shndx: int  # as stored: SHN_XINDEX means "see section_index"
     name_offset: int
+    section_index: int  # the real section index (from .symtab_shndx under SHN_XINDEX)
+
+    @property
+    def defined(self) -> bool:
+        """Defined in a section of this file (not undefined, absolute or common)."""
+        return self.shndx != SHN_UNDEF and (self.shndx < SHN_LORESERVE
+                                            or self.shndx == SHN_XINDEX)
 
 
 class Relocation(NamedTuple):
@@ -277,6 +284,7 @@ class ElfFile:
                 raise self._fail(f"section {i} alignment {align} is not a power of two")
         if not 0 <= shstrndx < count:
             raise self._fail(f"section name table index {shstrndx} out of range")
+        self.shstrndx = shstrndx  # resolved through section 0 under extended numbering
         self._check_overlaps(raw)
         strtab = raw[shstrndx]
         if strtab[1] != SHT_STRTAB:
@@ -411,14 +419,28 @@ class ElfFile:
         strings = self.section_data(strsec)
         out = []
         data = self.data[sec.offset : sec.offset + sec.size]
+        xindex = self._xindex_table(sec)
         for i, rec in enumerate(fmt.iter_unpack(data)):
             if self.cls.bits == 64:
                 name_off, info, other, shndx, value, size = rec
             else:
                 name_off, value, size, info, other, shndx = rec
             name = self._cstring(strings, name_off, "symbol name") if name_off else ""
-            out.append(Symbol(i, name, value, size, info & 0xF, info >> 4, other, shndx, name_off))
+            real = shndx
+            if shndx == SHN_XINDEX:
+                if xindex is None or i * 4 + 4 > len(xindex):
+                    raise self._fail(f"symbol {i} needs .symtab_shndx, which is missing or short")
+                real = int.from_bytes(xindex[i * 4 : i * 4 + 4], "little")
+            out.append(Symbol(i, name, value, size, info & 0xF, info >> 4, other, shndx,
+                              name_off, real))
         return tuple(out)
+
+    def _xindex_table(self, symtab: Section) -> bytes | None:
+        """The SHT_SYMTAB_SHNDX section paired with `symtab` (files with > 0xff00 sections)."""
+        for sec in self.sections:
+            if sec.type == SHT_SYMTAB_SHNDX and sec.link == symtab.index:
+                return self.section_data(sec)
+        return None
 
     def symbol(self, index: int) -> Symbol:
         syms = self.symbols

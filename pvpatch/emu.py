@@ -2,12 +2,15 @@
 
 ET_REL files are laid out section by section and their own relocations
 (REL and RELA) are applied, so a stale relocation left inside a rewritten
-site changes the bytes that run.  Undefined symbols are bound to stubs that
-stop the emulation (`hlt`), to a table the verifier fills (the ops table),
-or to a hostile C function (call targets left for the linker).  ET_EXEC and
-ET_DYN files have their PT_LOAD segments mapped, ET_DYN at a non-zero base
-with RELATIVE relocations applied; an x86-64 kernel's top-of-memory segments
-(which Unicorn cannot map) are moved down as one block.
+site changes the bytes that run.  When nothing but the sites' own bytes can
+run (inline and nop rewrites, no thunk), only the sections holding sites are
+laid out and only the relocations touching the sites applied (`only`).
+Undefined symbols are bound to stubs that stop the emulation (`hlt`), to a
+table the verifier fills (the ops table), or to a hostile C function (call
+targets left for the linker).  ET_EXEC and ET_DYN files have their PT_LOAD
+segments mapped, ET_DYN at a non-zero base with RELATIVE relocations applied;
+an x86-64 kernel's top-of-memory segments (which Unicorn cannot map) are
+moved down as one block.
 
 Next to the image sits a small runtime written in machine code.  It runs a
 *batch* of trials per `emu_start`: trial k has its own slot (a stack window
@@ -17,32 +20,41 @@ register file and jumps to the code under test, whose end jumps (through a
 control word) to `exit_k`, which stores the register file in trial k's out
 record and goes on to `entry_k+1`.  The trial slots are written once per
 batch of trial states, not per site, and the harness code is translated
-once: per site only the site-end jump is poked.  Unicorn is imported inside
+once: per site only the site-end jump is poked.  An engine (`Machine`)
+outlives the files: `attach` maps the next image in place of the last, and
+the runtime stays mapped and translated.  Unicorn is imported inside
 functions only: `pvpatch --help` must not load it.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import ctypes
 import itertools
 import random
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
-from .arch import Arch
+from .arch import Arch, convention_changes
 from .elf import (
     PT_LOAD,
     SHN_ABS,
     SHN_COMMON,
-    SHN_LORESERVE,
     SHN_UNDEF,
+    SHN_XINDEX,
     SHT_NOBITS,
     SHT_REL,
     SHT_RELA,
+    SHT_STRTAB,
     STT_SECTION,
     ElfFile,
+    Section,
+    Symbol,
 )
 from .errors import VerifyError
 
@@ -101,6 +113,7 @@ def max_mapped(file_size: int) -> int:
     A header claiming a huge bss or section must not make the verifier allocate it.
     """
     return 4 * file_size + MAPPED_SLACK
+KEEP_MAPPED = 16 << 20  # an engine keeps an image this large mapped between files
 INSN_LIMIT = 50_000  # per run: a runaway loop ends as a failure, not a hang
 
 
@@ -365,8 +378,8 @@ def build_runtime(rt: ArchRuntime, models: Mapping[str, bytes]) -> Runtime:
             return at
 
         exit_plain, exit_cr = exit_(False), exit_(True)
-        h_c = hostile((*arch.return_regs, *arch.caller_saved))
-        h_cs = hostile(arch.return_regs)
+        h_c = hostile(convention_changes(arch, "c"))
+        h_cs = hostile(convention_changes(arch, "callee-save"))
 
         def entry(with_cr: bool, k: int = k, exit_plain: int = exit_plain,
                   exit_cr: int = exit_cr, h_c: int = h_c, h_cs: int = h_cs) -> int:
@@ -421,7 +434,6 @@ class Image:
     arch: Arch
     regions: list[tuple[int, bytearray]]
     section_addr: dict[int, int]  # section index -> address
-    symbols: dict[str, int]  # defined symbols -> address
     externals: dict[str, int]  # undefined symbols -> address
     ext_kind: dict[str, str]  # "stub" | "table" | "hostile-c" | "hostile-callee-save" | ...
     unsupported: list[tuple[int, str]]  # relocations not applied: (address, type name)
@@ -430,6 +442,29 @@ class Image:
     ext_end: int = EXT_BASE
     rel_end: int = REL_BASE
     high: int = 0  # subtracted from kernel-half addresses (Unicorn cannot map them)
+    # Only the relocations inside these ranges were applied (None: all of them).
+    partial: Mapping[tuple[str, int], Sequence[tuple[int, int]]] | None = None
+    _symbols: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def symbols(self) -> dict[str, int]:
+        """Defined symbols -> address (worked out on first use: a kernel has many)."""
+        if self._symbols is None:
+            self._symbols = self._defined_symbols()
+        return self._symbols
+
+    def _defined_symbols(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        mask = (1 << (8 * self.arch.ptr_size)) - 1
+        rel = self.elf.is_relocatable
+        for name, sym in self.elf.symbols_by_name.items():
+            if rel:
+                where = self.section_addr.get(sym.section_index) if sym.defined else None
+                if where is not None and sym.type != STT_SECTION:
+                    out[name] = (where + sym.value) & mask  # a hostile st_value wraps
+            elif sym.defined:
+                out[name] = self.emu_addr(sym.value)
+        return out
 
     def emu_addr(self, vaddr: int) -> int:
         """Where the file's virtual address `vaddr` is in the emulator."""
@@ -501,15 +536,22 @@ def is_ops_table(name: str) -> bool:
 
 def load_image(elf: ElfFile, runtime: Runtime, *,
                call_targets: Mapping[str, Convention] | None = None,
-               like: Image | None = None) -> Image:
+               like: Image | None = None,
+               only: Mapping[tuple[str, int], Sequence[tuple[int, int]]] | None = None,
+               ) -> Image:
     """Lay `elf` out for emulation.
 
     `call_targets` are undefined symbols that are called (bound to a hostile
     C function of that convention); `like` is the image of the same file
-    before rewriting, whose addresses are reused for what both share.
+    before rewriting, whose addresses are reused for what both share.  `only`
+    (relocatable files), when the code that runs is known to be these byte
+    ranges and nothing else of the file, by section (name, occurrence) ->
+    [(start, end) offsets]: only those sections are laid out, and only the
+    relocations that touch the ranges applied (a symbol of a section left out
+    is at 0).
     """
     if elf.is_relocatable:
-        return _load_rel(elf, runtime, call_targets or {}, like)
+        return _load_rel(elf, runtime, call_targets or {}, like, only)
     return _load_linked(elf, runtime.rt)
 
 
@@ -529,7 +571,8 @@ def _align(v: int, a: int) -> int:
 
 
 def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convention],
-              like: Image | None) -> Image:
+              like: Image | None,
+              only: Mapping[tuple[str, int], Sequence[tuple[int, int]]] | None) -> Image:
     keys = _nth_keys(elf)
     addrs: dict[int, int] = {}
     rel_keys: dict[tuple[str, int], tuple[int, int]] = {}
@@ -538,6 +581,8 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
         if not sec.is_alloc:
             continue
         key = keys[sec.index]
+        if only is not None and key not in only:
+            continue  # no code that runs reaches it: not laid out
         old = like.rel_keys.get(key) if like is not None else None
         if old is not None and old[1] >= sec.size:
             addrs[sec.index] = old[0]
@@ -547,7 +592,7 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
             # Room after every section for the exit jump placed past a site.
             cursor += sec.size + 32
         rel_keys[key] = (addrs[sec.index], sec.size)
-    end = _align(cursor, PAGE)
+    end = max(_align(cursor, PAGE), REL_BASE + PAGE)
     if end - REL_BASE > max_mapped(len(elf.data)):
         raise VerifyError("the sections are too large to lay out for emulation", elf.path)
     image = bytearray(end - REL_BASE)
@@ -555,19 +600,21 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
         if sec.index in addrs and sec.type != SHT_NOBITS and sec.size:
             at = addrs[sec.index] - REL_BASE
             image[at : at + sec.size] = elf.section_data(sec)
+    relocs = _rel_records(elf, addrs, keys, only)
     # Undefined and common symbols.
     externals: dict[str, int] = {}
     kinds: dict[str, str] = {}
     ext_cursor = like.ext_end if like is not None else EXT_BASE
     ext_blobs: list[tuple[int, bytes]] = []
     symbols: dict[str, int] = {}
-    sym_addr: list[int] = []
-    for sym in elf.symbols:
+    mask = (1 << (8 * elf.arch.ptr_size)) - 1
+
+    def bind(sym: Symbol) -> int:
+        nonlocal ext_cursor
         value = 0
         if sym.shndx == SHN_UNDEF:
             if sym.index == 0 or not sym.name:
-                sym_addr.append(0)
-                continue
+                return 0
             if sym.name in externals:
                 value = externals[sym.name]
             elif sym.name in call_targets:
@@ -598,51 +645,137 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
                 symbols[sym.name] = value
         elif sym.shndx == SHN_ABS:
             value = sym.value
-        elif sym.shndx < SHN_LORESERVE and sym.shndx in addrs:
-            value = (addrs[sym.shndx] + (0 if sym.type == STT_SECTION else sym.value)) \
-                & ((1 << (8 * elf.arch.ptr_size)) - 1)  # a hostile st_value wraps
+        elif sym.defined and sym.section_index in addrs:
+            value = (addrs[sym.section_index] + (0 if sym.type == STT_SECTION else sym.value)) \
+                & mask  # a hostile st_value wraps
             if sym.name and sym.type != STT_SECTION:
                 symbols.setdefault(sym.name, value)
-        sym_addr.append(value)
+        return value
+
+    sym_addr: dict[int, int]
+    if only is None:
+        sym_addr = {i: bind(sym) for i, sym in enumerate(elf.symbols)}
+    else:
+        # Only the symbols the selected relocations name (a module has hundreds).
+        shift = elf.cls.info_shift
+        wanted = sorted({rec[1] >> shift for _sec, recs in relocs for rec in recs})
+        sym_addr = {i: bind(sym) for i, sym in _some_symbols(elf, wanted)}
     if ext_cursor > EXT_LIMIT:
         raise VerifyError("too many undefined symbols to lay out", elf.path)
     ext_start = EXT_BASE
     ext_buf = bytearray(_align(ext_cursor - ext_start, PAGE) or PAGE)
     for at, blob in ext_blobs:
         ext_buf[at - ext_start : at - ext_start + len(blob)] = blob
-    img = Image(elf, elf.arch, [(ext_start, ext_buf), (REL_BASE, image)], addrs, symbols,
-                externals, kinds, [], 0, rel_keys, ext_cursor, end)
-    _apply_rel_relocs(img, sym_addr)
+    img = Image(elf, elf.arch, [(ext_start, ext_buf), (REL_BASE, image)], addrs,
+                externals, kinds, [], 0, rel_keys, ext_cursor, end, partial=only,
+                _symbols=symbols if only is None else None)
+    _apply_rel_relocs(img, sym_addr, relocs)
     return img
 
 
-def _apply_rel_relocs(img: Image, sym_addr: list[int]) -> None:
+def _some_symbols(elf: ElfFile, wanted: Sequence[int]) -> Iterator[tuple[int, Symbol]]:
+    """The symbols with these indices (those that exist), read without the whole table."""
+    sec = elf.symtab
+    if sec is None or not wanted:
+        return
+    fmt = elf.cls.sym
+    strsec = elf.sections[sec.link] if sec.link < len(elf.sections) else None
+    if sec.entsize != fmt.size or sec.size % fmt.size or strsec is None \
+            or strsec.type != SHT_STRTAB:
+        keep = set(wanted)
+        yield from ((i, s) for i, s in enumerate(elf.symbols) if i in keep)  # or its error
+        return
+    data = elf.section_data(sec)
+    strings = elf.section_data(strsec)
+    count = len(data) // fmt.size
+    for i in wanted:
+        if i >= count:
+            continue
+        rec = fmt.unpack_from(data, i * fmt.size)
+        if elf.cls.bits == 64:
+            name_off, info, other, shndx, value, size = rec
+        else:
+            name_off, value, size, info, other, shndx = rec
+        name = ""
+        if name_off:
+            stop = strings.find(b"\0", name_off)
+            if name_off >= len(strings) or stop < 0:
+                yield i, elf.symbols[i]  # the whole table's reading says what is wrong
+                continue
+            name = strings[name_off:stop].decode("utf-8", "replace")
+        if shndx == SHN_XINDEX:  # the real index is in .symtab_shndx: the full reading has it
+            yield i, elf.symbols[i]
+            continue
+        yield i, Symbol(i, name, value, size, info & 0xF, info >> 4, other, shndx, name_off,
+                        shndx)
+
+
+def _rel_records(elf: ElfFile, addrs: Mapping[int, int], keys: Mapping[int, tuple[str, int]],
+                 only: Mapping[tuple[str, int], Sequence[tuple[int, int]]] | None,
+                 ) -> list[tuple[Section, list[tuple[int, ...]]]]:
+    """The relocation records to apply, by the section they patch: all of them, or
+    (`only`) those that may touch a byte inside the given (start, end) offsets."""
+    cls = elf.cls
+    out: list[tuple[Section, list[tuple[int, ...]]]] = []
+    for relsec in elf.sections:
+        if relsec.type not in (SHT_REL, SHT_RELA) or relsec.is_alloc:
+            continue
+        if relsec.info not in addrs or elf.sections[relsec.info].name.startswith(
+                METADATA_SECTIONS):
+            continue  # relocations of debug or metadata sections
+        ranges = None
+        if only is not None:
+            ranges = only.get(keys[relsec.info])
+            if not ranges:
+                continue
+        fmt = cls.rela if relsec.type == SHT_RELA else cls.rel
+        data = elf.section_data(relsec)
+        if relsec.entsize != fmt.size or relsec.size % fmt.size or len(data) % fmt.size:
+            raise VerifyError(f"relocation section {relsec.name!r} has a bad entry size",
+                              elf.path)
+        if ranges is None:
+            out.append((elf.sections[relsec.info], list(fmt.iter_unpack(data))))
+            continue
+        word = cls.bits // 8
+        if sys.byteorder == "little":
+            offs = memoryview(data).cast("Q" if word == 8 else "I")[:: fmt.size // word].tolist()
+        else:
+            offs = [rec[0] for rec in fmt.iter_unpack(data)]
+        # A relocation is at most 8 bytes wide: one starting 7 bytes early reaches in.
+        picked: set[int] = set()
+        if offs == sorted(offs):
+            for lo, hi in ranges:
+                picked.update(range(bisect.bisect_left(offs, lo - 7),
+                                    bisect.bisect_left(offs, hi)))
+        else:
+            picked.update(k for k, o in enumerate(offs)
+                          if any(lo - 7 <= o < hi for lo, hi in ranges))
+        if picked:
+            out.append((elf.sections[relsec.info],
+                        [fmt.unpack_from(data, k * fmt.size) for k in sorted(picked)]))
+    return out
+
+
+def _apply_rel_relocs(img: Image, sym_addr: Mapping[int, int],
+                      relocs: Sequence[tuple[Section, Sequence[tuple[int, ...]]]]) -> None:
     elf = img.elf
     arch = elf.arch
     kinds = _X64_KINDS if arch.ptr_size == 8 else _I386_KINDS
     cls = elf.cls
     buf = img.regions[1][1]
-    nsyms = len(sym_addr)
     signed_of = {1: struct.Struct("<b"), 2: struct.Struct("<h"), 4: struct.Struct("<i"),
                  8: struct.Struct("<q")}
     unsigned_of = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"),
                    8: struct.Struct("<Q")}
-    # Hot loop (hundreds of thousands of entries in a module): raw records, locals.
-    for relsec in elf.sections:
-        if relsec.type not in (SHT_REL, SHT_RELA) or relsec.is_alloc:
-            continue
-        base = img.section_addr.get(relsec.info)
-        if base is None or elf.sections[relsec.info].name.startswith(METADATA_SECTIONS):
-            continue  # relocations of debug or metadata sections
-        rela = relsec.type == SHT_RELA
-        fmt = cls.rela if rela else cls.rel
-        if relsec.entsize != fmt.size or relsec.size % fmt.size:
-            raise VerifyError(f"relocation section {relsec.name!r} has a bad entry size",
-                              elf.path)
-        shift = cls.info_shift
-        tmask = (1 << shift) - 1
+    get = sym_addr.get
+    shift = cls.info_shift
+    tmask = (1 << shift) - 1
+    # Hot loop (thousands of entries in a module): raw records, locals.
+    for target, records in relocs:
+        base = img.section_addr[target.index]
+        rela = len(records[0]) == 3 if records else False
         sec_off = base - REL_BASE
-        for rec in fmt.iter_unpack(elf.section_data(relsec)):
+        for rec in records:
             offset, info = rec[0], rec[1]
             rtype = info & tmask
             kind = kinds.get(rtype)
@@ -653,7 +786,7 @@ def _apply_rel_relocs(img: Image, sym_addr: list[int]) -> None:
                 continue
             width, pc, lo, hi = kind
             sym = info >> shift
-            s = sym_addr[sym] if sym < nsyms else 0
+            s = get(sym, 0)
             at = sec_off + offset
             if at < 0 or at + width > len(buf):
                 raise VerifyError(f"relocation at {p:#x} is outside its section", elf.path)
@@ -698,7 +831,7 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
         high = min(tops) & ~0xFFFF_FFFF
         if max(s.vaddr + s.memsz for s in loads if s.vaddr >= HIGH_HALF) - high > HIGH_SPAN:
             raise VerifyError("the kernel-half segments span too much to map", elf.path)
-    img = Image(elf, elf.arch, [], {}, {}, {}, {}, [], base, high=high)
+    img = Image(elf, elf.arch, [], {}, {}, {}, [], base, high=high)
     # Cluster segments whose pages are close, map each cluster as one region.
     clusters: list[list[int]] = []
     for s in sorted(loads, key=lambda s: img.emu_addr(s.vaddr)):
@@ -724,9 +857,6 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
     for sec in elf.sections:
         if sec.is_alloc and sec.addr:
             img.section_addr[sec.index] = img.emu_addr(sec.addr)
-    for name, sym in elf.symbols_by_name.items():
-        if sym.shndx != SHN_UNDEF and sym.shndx < SHN_LORESERVE:
-            img.symbols[name] = img.emu_addr(sym.value)
     return img
 
 
@@ -750,49 +880,43 @@ def _scratch_bytes() -> bytes:
 
 
 class Machine:
-    """One Unicorn engine holding one image and the runtime; reused for every run.
+    """One Unicorn engine holding the runtime and, in turn, one image at a time.
 
-    The trial slots hold one batch of trial states (`load_bank`); `run_trials`
-    runs the code at an address once per slot and restores every byte the
-    runs wrote.
+    The engine outlives the files: `attach` maps a file's image in place of the
+    last one (the runtime's code stays mapped and translated).  The trial slots
+    hold one batch of trial states (`load_bank`); `run_trials` runs the code at
+    an address once per slot and restores every byte the runs wrote.
     """
 
-    def __init__(self, image: Image, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         import importlib
 
         # Typed as Any: the binding's own annotations are partial.
         unicorn: Any = importlib.import_module("unicorn")
+        from unicorn.x86_const import UC_X86_REG_CR0
+
         rt = runtime.rt
-        self.image = image
         self.runtime = runtime
         self.rt = rt
         mode = unicorn.UC_MODE_64 if rt.word == 8 else unicorn.UC_MODE_32
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, mode)
         self.uc: Any = uc
         self._UcError = unicorn.UcError
+        self._prot = unicorn.UC_PROT_ALL
         scratch_len = SCRATCH_SIZE * TRIAL_SLOTS
-        spans = [(RUNTIME, RUNTIME_SIZE), (rt.scratch, scratch_len),
-                 (STACK_LO, BANK + BANK_LEN - STACK_LO)]
-        spans += [(start, len(buf)) for start, buf in image.regions]
-        ordered = sorted(spans)
-        for (a0, s0), (a1, _s1) in itertools.pairwise(ordered):
-            if a0 + s0 > a1:
-                raise VerifyError(f"the image overlaps the emulator's own memory at {a1:#x}",
-                                  image.elf.path)
-        for start, size in spans:
-            try:
-                uc.mem_map(start, size, unicorn.UC_PROT_ALL)
-            except unicorn.UcError as exc:
-                raise VerifyError(f"cannot map {size:#x} bytes at {start:#x} for emulation: "
-                                  f"{exc}", image.elf.path) from None
+        self.spans = [(RUNTIME, RUNTIME_SIZE), (rt.scratch, scratch_len),
+                      (STACK_LO, BANK + BANK_LEN - STACK_LO)]
+        for start, size in self.spans:
+            uc.mem_map(start, size, unicorn.UC_PROT_ALL)
         uc.mem_write(RUNTIME, runtime.code)
+        self.cr0 = int(uc.reg_read(UC_X86_REG_CR0))  # as the engine starts
         # Pointer arguments point here: fixed random bytes, restored after writes.
         scratch = bytearray(_scratch_bytes())
         uc.mem_write(rt.scratch, bytes(scratch))
-        self.pristine: list[tuple[int, bytearray]] = [(rt.scratch, scratch)]
-        for start, buf in image.regions:
-            uc.mem_write(start, bytes(buf))
-            self.pristine.append((start, bytearray(buf)))
+        self._scratch = (rt.scratch, scratch)
+        self.pristine: list[tuple[int, bytearray]] = [self._scratch]
+        self.image: Image | None = None
+        self._mapped: list[tuple[int, int]] = []
         self.bank = bytes(BANK_LEN)
         self.bank_key: object = None
         self._log: list[tuple[int, int]] = []
@@ -802,16 +926,83 @@ class Machine:
                      _data: Any) -> None:
             log.append((address, size))
 
-        # The scratch areas and the image (the callers' frames are compared after
-        # the run: a hook per slot would slow every write down).
-        for start, buf in self.pristine:
-            uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, on_write, begin=start,
-                        end=start + len(buf) - 1)
+        # Every address but the runtime's and the trial slots': the scratch areas
+        # and any image (the callers' frames are compared after the run: a hook
+        # per slot would slow every write down).  Set once, for every image.
+        top = (1 << (8 * rt.word)) - 1
+        for lo, hi in ((0, RUNTIME - 1), (RUNTIME + RUNTIME_SIZE, STACK_LO - 1),
+                       (BANK + BANK_LEN, top)):
+            uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, on_write, begin=lo, end=hi)
         self._out_fmt = struct.Struct("<" + rt.fmt * rt.out_words)
         self._word = struct.Struct("<" + rt.fmt)
         self._ctl = struct.Struct("<" + rt.fmt + ("4x" if rt.word == 4 else "") + rt.fmt)
         self._next_key: tuple[int, int, bool] | None = None
         self._scratch_end = rt.scratch + scratch_len
+        # The runtime's code (not its control words and out records), to check
+        # that no run of an earlier file changed it.
+        self._code_spans = [(RUNTIME, runtime.code[: CONTROL - RUNTIME]),
+                            (HARNESS, runtime.code[HARNESS - RUNTIME :])]
+
+    def attach(self, image: Image) -> None:
+        """Map `image` in place of the image mapped before (if any).
+
+        A region at the same place and of the same size as one of the last
+        image's is kept mapped and overwritten (the usual case for the small
+        table of undefined symbols); code translated from it is forgotten.
+        """
+        path = image.elf.path
+        spans = [*self.spans, *((start, len(buf)) for start, buf in image.regions)]
+        for (a0, s0), (a1, _s1) in itertools.pairwise(sorted(spans)):
+            if a0 + s0 > a1:
+                self.detach()
+                raise VerifyError(f"the image overlaps the emulator's own memory at {a1:#x}",
+                                  path)
+        uc = self.uc
+        for addr, code in self._code_spans:
+            if uc.mem_read(addr, len(code)) != code:
+                uc.mem_write(addr, code)
+                uc.ctl_remove_cache(addr, addr + len(code))
+        wanted = {(start, len(buf)) for start, buf in image.regions}
+        kept = [span for span in self._mapped if span in wanted]
+        for start, size in self._mapped:
+            if (start, size) not in wanted:
+                uc.mem_unmap(start, size)
+        self._mapped = kept
+        self.image = None
+        self.pristine = [self._scratch]
+        try:
+            for start, buf in image.regions:
+                if (start, len(buf)) not in kept:
+                    try:
+                        uc.mem_map(start, len(buf), self._prot)
+                    except self._UcError as exc:
+                        raise VerifyError(f"cannot map {len(buf):#x} bytes at {start:#x} for "
+                                          f"emulation: {exc}", path) from None
+                    self._mapped.append((start, len(buf)))
+                _write_buffer(uc, start, buf)
+                # What an earlier file's code at these addresses was translated to.
+                uc.ctl_remove_cache(start, start + len(buf))
+        except BaseException:
+            self.detach()
+            raise
+        # The image's own buffers: pokes change both, and are undone in both.
+        self.pristine = [self._scratch, *image.regions]
+        self.image = image
+
+    def detach(self) -> None:
+        """Unmap the image."""
+        uc = self.uc
+        for start, size in self._mapped:
+            uc.mem_unmap(start, size)
+        self._mapped.clear()
+        self.pristine = [self._scratch]
+        self.image = None
+
+    def release(self) -> None:
+        """Done with the image: a small one stays mapped (the next may reuse its
+        regions), a large one is unmapped (not to hold its memory)."""
+        if sum(size for _start, size in self._mapped) > KEEP_MAPPED:
+            self.detach()
 
     # memory the verifier itself changes (code or data): mirrored in `pristine`
     def poke(self, addr: int, data: bytes, code: bool = True) -> bytes:
@@ -829,7 +1020,7 @@ class Machine:
                 old = bytes(self.uc.mem_read(addr, len(data)))
             except self._UcError:
                 raise VerifyError(f"address {addr:#x} is not mapped in the emulated image",
-                                  self.image.elf.path) from None
+                                  self.image.elf.path if self.image else None) from None
         self.uc.mem_write(addr, data)
         if code:
             self.uc.ctl_remove_cache(addr, addr + len(data))
@@ -914,7 +1105,13 @@ class Machine:
         dirty: dict[int, int] = {}
         if log:
             for address, size in log:
-                data = uc.mem_read(address, size)
+                try:
+                    data = uc.mem_read(address, size)
+                except self._UcError:  # (partly) unmapped: the write faulted
+                    for i in range(size):
+                        with contextlib.suppress(self._UcError):
+                            dirty[address + i] = uc.mem_read(address + i, 1)[0]
+                    continue
                 for i in range(size):
                     dirty[address + i] = data[i]
             for addr, value in dirty.items():
@@ -958,7 +1155,7 @@ class Machine:
 
     def _why_stopped(self) -> str:
         pc = self.pc()
-        name = self.image.symbol_at(pc - 1)
+        name = self.image.symbol_at(pc - 1) if self.image is not None else None
         if name is not None:
             return f"reached undefined symbol {name} (stub at {pc - 1:#x})"
         return f"stopped at {pc:#x} without reaching the site end"
@@ -967,6 +1164,14 @@ class Machine:
         from unicorn.x86_const import UC_X86_REG_EIP, UC_X86_REG_RIP
 
         return int(self.uc.reg_read(UC_X86_REG_RIP if self.rt.word == 8 else UC_X86_REG_EIP))
+
+
+def _write_buffer(uc: Any, addr: int, buf: bytearray) -> None:
+    """`uc.mem_write` of a bytearray without copying it first (when the binding lets)."""
+    try:
+        uc.mem_write(addr, (ctypes.c_char * len(buf)).from_buffer(buf))
+    except TypeError:
+        uc.mem_write(addr, bytes(buf))
 
 
 def exit_jump(rt: ArchRuntime, at: int, target: int) -> bytes:

@@ -13,9 +13,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .arch import Arch
+from .arch import Arch, convention_changes
 from .backend import Action, Backend, OpRule
-from .elf import SHN_UNDEF
 from .scan import ScanResult, Site
 
 CALL_LEN = 5  # e8/e9 rel32
@@ -140,7 +139,7 @@ class Planner:
         if not self.linked:
             return None
         sym = self.scan.elf.symbols_by_name.get(target)
-        if sym is None or sym.shndx == SHN_UNDEF:
+        if sym is None or not sym.defined:
             return f"target {target} is not defined in this linked file"
         return None
 
@@ -165,19 +164,14 @@ class Planner:
         refused = self._unreachable(site, rule)
         if refused is not None:
             return refused
-        arch = self.arch
         allowed = set(site.clobber_regs)
-        if rule.convention == "callee-save":
-            changes = set(arch.return_regs)
-        else:
-            changes = set(arch.return_regs) | set(arch.caller_saved)
-        extra = sorted(changes - allowed, key=self._reg_order)
+        changes = convention_changes(self.arch, rule.convention)
+        extra = sorted(set(changes) - allowed, key=self._reg_order)
         if not extra:
             return Decision(site, "call", target=rule.target, rule=rule)
         direct_refused = f"a direct call to {rule.target} clobbers {_regs(extra)}, {_allows(site)}"
-        if rule.convention == "callee-save":
-            return Decision(site, "keep", direct_refused, rule=rule)
-        saves = tuple(r for r in (*arch.return_regs, *arch.caller_saved) if r not in allowed)
+        # A thunk saves exactly what the target may change and the site forbids.
+        saves = tuple(r for r in changes if r not in allowed)
         thunk = self._thunk(rule.target, saves)
         return Decision(site, "thunk", target=thunk.symbol, thunk=thunk, rule=rule,
                         rejected=(direct_refused,))

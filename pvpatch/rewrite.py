@@ -118,6 +118,15 @@ def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
     return Rewrite(plan, image, edits, tuple(patches), tuple(thunks), signature_removed, dropped)
 
 
+def _rel32(disp: int, path: str, ptr_size: int = 8) -> bytes:
+    """A rel32 field.  On x86-64 a displacement out of range is an error, never a silent
+    wrap; a 32-bit address space wraps around, so any i386 displacement reaches."""
+    if ptr_size == 8 and not -(1 << 31) <= disp < 1 << 31:
+        raise RewriteError(f"a branch displacement of {disp} bytes does not fit in 32 bits",
+                           path)
+    return (disp & 0xFFFFFFFF).to_bytes(4, "little")
+
+
 def _align(value: int, align: int) -> int:
     return value if align <= 1 else (value + align - 1) // align * align
 
@@ -207,8 +216,11 @@ class _Output:
         """The output image, or None when `edits` applied to the input make it."""
         elf = self.elf
         if self.new_names:
-            shstr = self.shdrs[elf.e_shstrndx]
-            table = bytearray(elf.section_data(elf.sections[elf.e_shstrndx]))
+            shstr = self.shdrs[elf.shstrndx]
+            # Start from the table as this rewrite left it: LLVM objects keep symbol
+            # names in the same section, which may have grown already.
+            table = bytearray(shstr.data if shstr.data is not None
+                              else elf.section_data(elf.sections[elf.shstrndx]))
             for sh, name in self.new_names:
                 sh.name = len(table)
                 table += name.encode() + b"\0"
@@ -253,7 +265,8 @@ class _Output:
         self.out[elf.e_shoff : elf.e_shoff + old_len] = bytes(old_len)
         shoff = self._append(blob, 8)
         if len(self.shdrs) >= 0xFF00:
-            raise RewriteError("too many sections for the ELF header", elf.path)
+            raise RewriteError("cannot add a section to a file with 65280 or more sections "
+                               "(extended section numbering is not written)", elf.path)
         self._patch_ehdr(e_shoff=shoff, e_shnum=len(self.shdrs))
 
     def _patch_ehdr(self, **values: int) -> None:
@@ -286,10 +299,9 @@ class _Rewriter:
             buf = self.texts[index] = bytearray(self.elf.section_data(self.elf.sections[index]))
         return buf
 
-    @staticmethod
-    def branch_bytes(decision: Decision, disp: int) -> bytes:
+    def branch_bytes(self, decision: Decision, disp: int) -> bytes:
         opcode = b"\xe9" if decision.action == "jmp" else b"\xe8"
-        return opcode + (disp & 0xFFFFFFFF).to_bytes(4, "little")
+        return opcode + _rel32(disp, self.elf.path, self.arch.ptr_size)
 
 
 class _RelocatableRewriter(_Rewriter):
@@ -319,7 +331,7 @@ class _RelocatableRewriter(_Rewriter):
                 self.patches.append(SitePatch(d, d.site.code, d.site.code, False))
         dropped = self._drop_entries(rewritten) if self.plan.drop_patched else 0
         changed_sites = any(not p.already for p in self.patches if p.decision.rewrites)
-        if not (changed_sites or thunks or dropped):
+        if not (changed_sites or self.new_thunks or dropped):
             # Nothing to change: the file (and any signature on it) stays as it is.
             return _result(self.plan, None, self.patches, (), False, 0)
         self._emit()
@@ -354,12 +366,26 @@ class _RelocatableRewriter(_Rewriter):
 
     # thunks ----------------------------------------------------------------
 
+    def _existing_thunks(self) -> dict[str, PlacedThunk]:
+        """Thunks an earlier run already placed (defined in the thunk section): reused."""
+        found: dict[str, PlacedThunk] = {}
+        name = self.plan.backend.thunk_section
+        for spec in self.plan.thunks:
+            sym = self.elf.symbols_by_name.get(spec.symbol)
+            if sym is None or not sym.defined or sym.section_index >= len(self.elf.sections):
+                continue
+            if self.elf.sections[sym.section_index].name == name:
+                found[spec.symbol] = PlacedThunk(spec, name, sym.value, None, sym.size)
+        return found
+
     def _place_thunks(self) -> dict[str, PlacedThunk]:
-        specs = self.plan.thunks
+        existing = self._existing_thunks()
+        specs = [t for t in self.plan.thunks if t.symbol not in existing]
         self._planned_locals = list(specs)
+        self.new_thunks = bool(specs)
         if not specs:
             self.thunk_sec = None
-            return {}
+            return existing
         code = bytearray()
         placed: dict[str, PlacedThunk] = {}
         calls: list[tuple[int, str]] = []
@@ -375,12 +401,11 @@ class _RelocatableRewriter(_Rewriter):
             self.plan.backend.thunk_section, type=SHT_PROGBITS,
             flags=SHF_ALLOC | SHF_EXECINSTR, addralign=THUNK_ALIGN,
         )
-        for i, spec in enumerate(specs):
+        for spec in specs:
             p = placed[spec.symbol]
             self.new_locals.append(
                 (spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0, self.thunk_sec, p.offset, p.size)
             )
-            del i
         if not self.arch.uses_rela:
             for off, _t in calls:
                 code[off : off + 4] = (-4 & 0xFFFFFFFF).to_bytes(4, "little")
@@ -390,7 +415,7 @@ class _RelocatableRewriter(_Rewriter):
             for off, target in calls
         ]
         self.new_reloc_lists[self.thunk_sec] = relocs
-        return placed
+        return {**existing, **placed}
 
     # sites -----------------------------------------------------------------
 
@@ -422,8 +447,8 @@ class _RelocatableRewriter(_Rewriter):
             after = self.branch_bytes(d, disp) + arch.nop_fill(site.len - CALL_LEN)
             target_index = self._thunk_symbol_index(d.target) if d.action == "thunk" \
                 else self.symbol_index(d.target)
-            want_reloc = Relocation(site.offset + 1, arch.r_call if d.action != "jmp"
-                                    else arch.r_pc32, target_index, -4)
+            # GNU as relocates `call sym` and `jmp sym` alike (PLT32 / PC32).
+            want_reloc = Relocation(site.offset + 1, arch.r_call, target_index, -4)
         else:
             assert d.code is not None
             after = d.code
@@ -446,6 +471,9 @@ class _RelocatableRewriter(_Rewriter):
         for k, spec in enumerate(self._planned_locals):
             if spec.symbol == symbol:
                 return self.NEW_LOCAL + k
+        sym = self.elf.symbols_by_name.get(symbol)  # placed by an earlier run
+        if sym is not None:
+            return sym.index
         raise RewriteError(f"thunk {symbol} was not placed", self.elf.path)
 
     def _already(self, inside: list[tuple[int, int, Relocation]], want: Relocation | None,
@@ -503,8 +531,7 @@ class _RelocatableRewriter(_Rewriter):
             if shift or self.new_globals:
                 fixed = [r._replace(sym=self._final(r.sym)) for r in fixed]
             fixed.sort(key=lambda r: r.offset)  # stable: equal offsets keep their order
-            out.set_data(relsec_index, self._pack_relocs(sec.type == SHT_RELA, fixed,
-                                                         elf.sections[sec.info]))
+            out.set_data(relsec_index, self._pack_relocs(sec.type == SHT_RELA, fixed))
         rela = self.arch.uses_rela
         for text_index, relocs in self.new_reloc_lists.items():
             if not relocs:
@@ -519,7 +546,7 @@ class _RelocatableRewriter(_Rewriter):
             )
             fixed = sorted((r._replace(sym=self._final(r.sym)) for r in relocs),
                            key=lambda r: r.offset)
-            out.set_data(idx, self._pack_relocs(rela, fixed, None))
+            out.set_data(idx, self._pack_relocs(rela, fixed))
         self._emit_symbols()
         self._emit_versions()
 
@@ -544,7 +571,7 @@ class _RelocatableRewriter(_Rewriter):
         kept = [r for pos, r in enumerate(orig) if pos not in removed] if removed else list(orig)
         return kept + self.added.get(relsec_index, [])
 
-    def _pack_relocs(self, rela: bool, relocs: list[Relocation], target: Section | None) -> bytes:
+    def _pack_relocs(self, rela: bool, relocs: list[Relocation]) -> bytes:
         cls = self.elf.cls
         if rela:
             return b"".join(cls.rela.pack(r.offset, cls.r_info(r.sym, r.type), r.addend)
@@ -690,17 +717,49 @@ class _LinkedRewriter(_Rewriter):
         data[at : at + word] = value.to_bytes(word, "little")
         self.output.set_data(sec.index, bytes(data))
 
+    def _existing_thunks(self) -> dict[str, PlacedThunk]:
+        """Thunks an earlier run placed in this linked file, recognised by their bytes."""
+        elf = self.elf
+        name = self.plan.backend.thunk_section
+        found: dict[str, PlacedThunk] = {}
+        for sec in elf.sections:
+            if sec.name != name or not sec.is_exec:
+                continue
+            data = elf.section_data(sec)
+            for spec in self.plan.thunks:
+                for off in range(0, len(data), THUNK_ALIGN):
+                    want = self._thunk_at(spec, sec.addr + off)
+                    if spec.symbol not in found and data[off : off + len(want)] == want:
+                        found[spec.symbol] = PlacedThunk(spec, name, off, sec.addr + off,
+                                                         len(want))
+        return found
+
+    def _thunk_at(self, spec: ThunkSpec, addr: int) -> bytes:
+        """The bytes of `spec`'s thunk placed at `addr` (its call displacement resolved)."""
+        tc = thunk_code(self.arch, spec)
+        target = self.elf.symbols_by_name[spec.target].value
+        body = bytearray(tc.code)
+        body[tc.call_field : tc.call_field + 4] = _rel32(
+            target - (addr + tc.call_field + 4), self.elf.path, self.arch.ptr_size)
+        return bytes(body)
+
     def _place_thunks(self) -> dict[str, PlacedThunk]:
-        specs = self.plan.thunks
+        existing = self._existing_thunks()
+        specs = [t for t in self.plan.thunks if t.symbol not in existing]
         if not specs:
-            return {}
+            return existing
         elf = self.elf
         loads = [s for s in elf.segments if s.type == PT_LOAD]
         if not loads:
             raise RewriteError("no PT_LOAD segment to place thunks after", elf.path)
-        first = min(loads, key=lambda s: s.vaddr)
-        bias = first.vaddr - first.offset  # vaddr - offset of the first segment
-        end_vaddr = max(s.vaddr + s.memsz for s in loads)
+        # Kernels before 5.18 find the program headers (AT_PHDR) from the first
+        # PT_LOAD in table order; the new segment keeps its vaddr - offset.
+        first = loads[0]
+        bias = first.vaddr - first.offset
+        # Physical addresses follow the segment the new one is placed after (a
+        # vmlinux's percpu segment sits at vaddr 0 with an unrelated paddr).
+        last = max(loads, key=lambda s: s.vaddr + s.memsz)
+        end_vaddr = last.vaddr + last.memsz
         offset = _align(elf.content_end, PAGE)
         vaddr = bias + offset
         if vaddr < end_vaddr:
@@ -727,21 +786,18 @@ class _LinkedRewriter(_Rewriter):
             code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
             tc = thunk_code(self.arch, spec)
             addr = vaddr + base + len(code)
-            target = elf.symbols_by_name[spec.target].value
-            body = bytearray(tc.code)
-            disp = target - (addr + tc.call_field + 4)
-            body[tc.call_field : tc.call_field + 4] = (disp & 0xFFFFFFFF).to_bytes(4, "little")
+            body = self._thunk_at(spec, addr)
             # offset within the thunk section, as for relocatable files
             placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section,
                                               len(code), addr, len(tc.code))
             code += body
         total = base + len(code)
         rows: list[tuple[int, ...]] = []
-        paddr = vaddr - (first.vaddr - first.paddr)
+        paddr = vaddr - (last.vaddr - last.paddr)
         for s in elf.segments:
             if s.type == PT_PHDR:
                 rows.append(self._phdr_row(s.type, s.flags, offset, vaddr,
-                                           vaddr - (first.vaddr - first.paddr),
+                                           paddr,
                                            ph_size, ph_size, s.align))
             else:
                 rows.append(self._phdr_row(s.type, s.flags, s.offset, s.vaddr, s.paddr,
@@ -759,7 +815,7 @@ class _LinkedRewriter(_Rewriter):
         out.shdrs[sec].offset = offset + base
         out.shdrs[sec].size = len(code)
         out.shdrs[sec].data = None
-        return placed
+        return {**existing, **placed}
 
     def _phdr_row(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
                   filesz: int, memsz: int, align: int) -> tuple[int, ...]:

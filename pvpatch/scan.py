@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .arch import Arch
-from .elf import SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, ElfFile, Relocation, Section
+from .elf import SHT_NOBITS, ElfFile, Relocation, Section
 from .errors import TableError, UsageError
 from .layouts import AUTO_LAYOUTS, LAYOUTS, TableLayout
 from .ops import OpCatalog
@@ -236,11 +236,11 @@ class _Scanner:
                 )
                 return None
             sym = elf.symbol(r.sym)
-            if sym.shndx == SHN_UNDEF or sym.shndx >= SHN_LORESERVE:
+            if not sym.defined:
                 self._entry_finding(index, base, f"points at symbol {sym.name or r.sym!r}, "
                                     "which is not in a section of this file")
                 return None
-            sec = elf.section_at(sym.shndx)
+            sec = elf.section_at(sym.section_index)
             value = sym.value + r.addend
             if not sec.is_exec:
                 self._entry_finding(
@@ -375,7 +375,7 @@ class _Scanner:
         targets = {s.index: call_memory_target(elf.arch, s) for s in sites}
         ptr = elf.arch.ptr_size
         sym = elf.symbols_by_name.get("pv_ops") if elf.symtab is not None else None
-        if sym is not None and sym.shndx != SHN_UNDEF:
+        if sym is not None and sym.defined:
             base: int | None = sym.value
         else:
             votes = Counter(t - s.type * ptr for s in sites if (t := targets[s.index]) is not None)
@@ -437,6 +437,10 @@ CALL_FORMS: tuple[tuple[bytes, str, bool], ...] = (
 )
 
 
+_RIP_TYPES = {"x86_64": frozenset({2, 4}), "i386": frozenset()}  # PC32, PLT32
+_ABS_TYPES = {"x86_64": frozenset({10, 11}), "i386": frozenset({1})}  # 32, 32S; R_386_32
+
+
 @functools.cache
 def _is_ops_table(name: str) -> bool:
     # pv_ops (4.20 on) or the per-group tables of older kernels (pv_irq_ops, ...)
@@ -470,6 +474,10 @@ def call_slot_rel(
     if form is None:
         return None
     _opcode, rip = form
+    # The field's relocation must compute what the encoding reads: pc-relative for a
+    # rip-relative operand, absolute otherwise (a GOT-relative one names no slot).
+    if r.type not in (_RIP_TYPES if rip else _ABS_TYPES)[elf.arch.name]:
+        return None
     # A rip-relative field ends the instruction: memory = S + A + 4 - 4 (P is the field).
     offset = r.addend + 4 if rip else r.addend
     ptr = elf.arch.ptr_size

@@ -37,8 +37,8 @@ import random
 import struct
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field, replace
+from functools import cache, lru_cache
 from importlib import resources
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
@@ -80,7 +80,7 @@ Status = Literal["pass", "fail", "skip"]
 DEFAULT_TRIALS = 16
 POOL_SIZE = 1 << 18  # random bytes each trial's state is cut from
 MAX_DETAIL = 12
-PARALLEL_TRIALS = 40_000  # below this many trials a process pool costs more than it saves
+PARALLEL_TRIALS = 8_000  # below this many trials more processes cost more than they save
 
 CALLEE_SAVED = {"x86_64": ("rbx", "rbp", "r12", "r13", "r14", "r15"),
                 "i386": ("ebx", "ebp", "esi", "edi")}
@@ -218,6 +218,14 @@ class _FileJob:
     call_targets: tuple[tuple[str, str], ...]
     trials: int
     seed: int
+    # The files already parsed, when the job runs in the process that has them
+    # (not sent to a worker: it parses the bytes again).
+    orig_elf: ElfFile | None = field(default=None, compare=False, repr=False)
+    patched_elf: ElfFile | None = field(default=None, compare=False, repr=False)
+
+    def portable(self) -> _FileJob:
+        """The job without the parsed files, to send to another process."""
+        return replace(self, orig_elf=None, patched_elf=None)
 
 
 def _section_nth(elf: ElfFile, index: int) -> int:
@@ -303,30 +311,65 @@ def verify_files(original: ScanResult, patched: ElfFile, plan: Plan, *,
     if patched.is_relocatable != original.elf.is_relocatable:
         raise VerifyError("the patched file is not the same kind of ELF file as the original",
                           patched.path)
-    return _verify(plan, patched.data, _thunk_jobs_from_layout(plan), trials, seed, workers)
+    return _verify(plan, patched.data, _thunk_jobs_from_layout(plan), trials, seed, workers,
+                   patched)
 
 
 def _verify(plan: Plan, patched_data: bytes, thunks: tuple[_ThunkJob, ...], trials: int,
-            seed: int, workers: int | None) -> VerifyReport:
+            seed: int, workers: int | None, patched_elf: ElfFile | None = None) -> VerifyReport:
     if trials < 1:
         raise VerifyError("trials must be at least 1")
     sites = _site_jobs(plan)
     base = _FileJob(plan.scan.elf.data, plan.scan.path, patched_data, sites, thunks,
-                    _call_targets(plan), trials, seed)
-    n = _worker_count(len(sites) * trials, workers)
-    if n <= 1 or len(sites) < 2:
+                    _call_targets(plan), trials, seed, plan.scan.elf, patched_elf)
+    n = min(_worker_count(len(sites) * trials, workers), len(sites))
+    if n <= 1:
         site_v, thunk_v = verify_job(base)
         return VerifyReport(tuple(site_v), tuple(thunk_v))
-    chunks = [sites[k::n] for k in range(n)]
-    jobs = [_FileJob(base.orig_data, base.orig_path, base.patched_data, chunk,
-                     thunks if k == 0 else (), base.call_targets, trials, seed)
-            for k, chunk in enumerate(chunks) if chunk]
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=len(jobs)) as pool:
-        results = list(pool.map(verify_job, jobs))
+    results = _verify_parallel(base, n)
     all_sites = sorted((v for r in results for v in r[0]), key=lambda v: v.index)
     return VerifyReport(tuple(all_sites), tuple(v for r in results for v in r[1]))
+
+
+# The loaded file a forked worker inherits (set while the workers start).
+_FORKED: _Context | None = None
+
+
+def _forked_part(k: int, n: int) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
+    ctx = _FORKED
+    if ctx is None:
+        raise VerifyError("internal: a verify worker started without its file")
+    return _run_job(ctx, ctx.job.sites[k::n], ())
+
+
+def _verify_parallel(base: _FileJob,
+                     n: int) -> list[tuple[list[SiteVerdict], list[ThunkVerdict]]]:
+    """Every nth site in each of n processes (this one included)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _FORKED
+    if "fork" not in multiprocessing.get_all_start_methods():
+        jobs = [replace(base.portable(), sites=base.sites[k::n],
+                        thunks=base.thunks if k == 0 else ()) for k in range(n)]
+        with ProcessPoolExecutor(max_workers=n) as pool:
+            return list(pool.map(verify_job, jobs))
+    # The file is loaded and mapped once, here; the workers inherit it that way.
+    try:
+        ctx = _Context(base)
+    except VerifyError as exc:
+        return [_not_emulated(base, exc)]
+    try:
+        _FORKED = ctx
+        with ProcessPoolExecutor(max_workers=n - 1,
+                                 mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_forked_part, k, n) for k in range(1, n)]
+            _FORKED = None  # the workers exist (all of them start on the first submit)
+            mine = _run_job(ctx, base.sites[0::n], base.thunks)
+            return [mine, *(f.result() for f in futures)]
+    finally:
+        _FORKED = None
+        ctx.close()
 
 
 def _worker_count(total_trials: int, workers: int | None) -> int:
@@ -464,25 +507,94 @@ def _runtime(arch_name: str, rt: ArchRuntime) -> Runtime:
     return found
 
 
+# Idle engines, by (architecture, role): one pair per process is enough, and
+# reusing it saves a new engine and the translation of the harness per file.
+_IDLE: dict[tuple[str, str], list[Machine]] = {}
+
+
+def _machine(arch_name: str, role: str, runtime: Runtime) -> Machine:
+    idle = _IDLE.setdefault((arch_name, role), [])
+    try:
+        return idle.pop()
+    except IndexError:  # none made yet, or in use (a nested or concurrent job)
+        return Machine(runtime)
+
+
+def _release(arch_name: str, role: str, m: Machine) -> None:
+    m.release()
+    idle = _IDLE.setdefault((arch_name, role), [])
+    if not idle:
+        idle.append(m)
+
+
+@lru_cache(maxsize=4)
+def _pool(seed: int) -> bytes:
+    return random.Random(seed).randbytes(POOL_SIZE)
+
+
+# Trial batches, the same for every file verified with the same seed:
+# (arch, seed, batch number, trials in it) -> batch.
+_BATCHES: dict[tuple[str, int, int, int], _Batch] = {}
+MAX_BATCHES = 256
+# Reference runs shared by sites (of any file) that run the same code from the
+# same states: (batch key, what runs) -> runs.  The code is a reference model,
+# called from the caller stub or through the site's own `call *slot` (the
+# site's address shows only in the return address, below the stack pointer).
+_REF_RUNS: dict[tuple[object, ...], list[RunResult]] = {}
+MAX_REF_RUNS = 4096
+
+
+def _batch_key(arch_name: str, job: _FileJob, c: int) -> tuple[str, int, int, int]:
+    return arch_name, job.seed, c, min(TRIAL_SLOTS, job.trials - c * TRIAL_SLOTS)
+
+
+def _partial(job: _FileJob) -> dict[tuple[str, int], list[tuple[int, int]]] | None:
+    """The byte ranges whose relocations matter, when only the sites' own bytes run:
+    every rewrite is inline (or a nop) and there is no thunk (None: load it all).
+
+    The original runs its site with the ops slot pointing at a reference model
+    and the patched file runs its site's new bytes, each straight into the
+    exit jump; neither reaches any other code or data of the file.
+    """
+    if job.thunks:
+        return None
+    out: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for sj in job.sites:
+        if sj.action in ("jmp", "ud2") or sj.tail:
+            continue  # skipped: never run
+        if sj.action not in ("inline", "nop"):
+            return None
+        out.setdefault((sj.section, sj.nth), []).append((sj.offset, sj.offset + sj.length))
+    return out
+
+
 class _Context:
     """One file pair loaded for emulation, and the trial states (in batches of
     TRIAL_SLOTS, the same for every site)."""
 
     def __init__(self, job: _FileJob) -> None:
         self.job = job
-        orig = ElfFile(job.orig_data, job.orig_path)
-        patched = ElfFile(job.patched_data, job.orig_path + " (patched)")
+        orig = job.orig_elf or ElfFile(job.orig_data, job.orig_path)
+        patched = job.patched_elf or ElfFile(job.patched_data, job.orig_path + " (patched)")
         self.arch = orig.arch
+        name = orig.arch.name
         rt = self.rt = arch_runtime(orig.arch)
-        self.models = reference_models(orig.arch.name)
-        self.runtime: Runtime = _runtime(orig.arch.name, rt)
-        self.img_o: Image = load_image(orig, self.runtime)
+        self.models = reference_models(name)
+        self.runtime: Runtime = _runtime(name, rt)
+        only = _partial(job) if orig.is_relocatable else None
+        self.img_o: Image = load_image(orig, self.runtime, only=only)
         self.img_p: Image = load_image(
             patched, self.runtime, call_targets=dict(job.call_targets),  # type: ignore[arg-type]
-            like=self.img_o if orig.is_relocatable else None)
-        self.m_o = Machine(self.img_o, self.runtime)
-        self.m_p = Machine(self.img_p, self.runtime)
-        self.pool = random.Random(job.seed).randbytes(POOL_SIZE)
+            like=self.img_o if orig.is_relocatable else None, only=only)
+        self.m_o = _machine(name, "original", self.runtime)
+        self.m_p = _machine(name, "patched", self.runtime)
+        try:
+            self.m_o.attach(self.img_o)
+            self.m_p.attach(self.img_p)
+        except BaseException:
+            self.close()
+            raise
+        self.pool = _pool(job.seed)
         w = rt.word
         self.word = w
         self.wfmt = "<" + rt.fmt
@@ -490,14 +602,23 @@ class _Context:
         self.sp = rt.index(orig.arch.stack_pointer)
         self.arg_idx = tuple(rt.index(r) for r in rt.args)
         self.wmask = (1 << (8 * w)) - 1
-        self.cr0 = int(self.m_o.uc.reg_read(self._cr0_reg()))
+        self.cr0 = self.m_o.cr0
         self.cr3_mask = 0xFF_FFFF_F000 if w == 8 else 0xFFFF_F000
-        self._batches: dict[int, _Batch] = {}
         self._data: dict[int, bool] = {}
-        # Reference runs shared by sites that run the same code: key -> batch -> runs
-        self.ref_runs: dict[tuple[object, ...] | None, dict[int, list[RunResult]]] = {}
+        self.batch_keys = [_batch_key(self.arch.name, job, c) for c in range(
+            (job.trials + TRIAL_SLOTS - 1) // TRIAL_SLOTS)]
         self._unsupported = sorted(self.img_p.unsupported)
         self._unsupported_at = [a for a, _ in self._unsupported]
+
+    def all_shared(self, ref_key: tuple[object, ...] | None) -> bool:
+        """Every batch of the reference runs of `ref_key` is known already."""
+        return ref_key is not None and all((b, ref_key) in _REF_RUNS for b in self.batch_keys)
+
+    def close(self) -> None:
+        """Give the engines back (their images unmapped) for the next file."""
+        name = self.arch.name
+        _release(name, "original", self.m_o)
+        _release(name, "patched", self.m_p)
 
     def in_data(self, addr: int) -> bool:
         """`addr` is in the original's ops table or a section no code runs from."""
@@ -518,24 +639,20 @@ class _Context:
         hi = bisect.bisect_left(self._unsupported_at, addr + size)
         return [f"{name} at {a:#x}" for a, name in self._unsupported[lo:hi]]
 
-    def _cr0_reg(self) -> int:
-        from unicorn.x86_const import UC_X86_REG_CR0
-
-        return int(UC_X86_REG_CR0)
-
-    def batches(self, first_seed: int = 0) -> Iterable[_Batch]:
+    def batches(self) -> Iterable[_Batch]:
         """The trials in batches, each loaded into both machines when it comes up."""
-        total = self.job.trials
-        for c in range((total + TRIAL_SLOTS - 1) // TRIAL_SLOTS):
-            batch = self._batches.get(c)
+        for c, key in enumerate(self.batch_keys):
+            batch = _BATCHES.get(key)
             if batch is None:
-                count = min(TRIAL_SLOTS, total - c * TRIAL_SLOTS)
+                count = key[3]
                 seeds = [_mix(self.job.seed, c * TRIAL_SLOTS + k) for k in range(count)]
                 made = [self.block(k, tseed) for k, tseed in enumerate(seeds)]
-                batch = self._batches[c] = _Batch(c * TRIAL_SLOTS, seeds,
-                                                  [b for b, _ in made], [i for _, i in made])
-            self.m_o.load_bank(batch.first, batch.blocks)
-            self.m_p.load_bank(batch.first, batch.blocks)
+                if len(_BATCHES) >= MAX_BATCHES:
+                    _BATCHES.clear()
+                batch = _BATCHES[key] = _Batch(key, c * TRIAL_SLOTS, seeds,
+                                               [b for b, _ in made], [i for _, i in made])
+            self.m_o.load_bank(key, batch.blocks)
+            self.m_p.load_bank(key, batch.blocks)
             yield batch
 
     def block(self, k: int, tseed: int) -> tuple[bytes, list[int]]:
@@ -568,6 +685,7 @@ class _Context:
 
 @dataclass(frozen=True)
 class _Batch:
+    key: tuple[str, int, int, int]  # (arch, seed, batch number, trials in it)
     first: int  # the first trial's number
     seeds: list[int]
     blocks: list[bytes]
@@ -579,22 +697,35 @@ def verify_job(job: _FileJob) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
     try:
         ctx = _Context(job)
     except VerifyError as exc:
-        # The file cannot be laid out in the emulator at all: nothing is proven,
-        # which is a skip for every site and thunk, never a pass.
-        why = f"cannot be emulated: {exc.message}"
-        return ([SiteVerdict(sj.index, sj.section, sj.offset, sj.address, sj.op, sj.action,
-                             "skip", why, 0) for sj in job.sites],
-                [ThunkVerdict(tj.symbol, tj.target, tj.address, "skip", why, 0)
-                 for tj in job.thunks])
+        return _not_emulated(job, exc)
+    try:
+        return _run_job(ctx, job.sites, job.thunks)
+    finally:
+        ctx.close()
+
+
+def _not_emulated(job: _FileJob,
+                  exc: VerifyError) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
+    # The file cannot be laid out in the emulator at all: nothing is proven,
+    # which is a skip for every site and thunk, never a pass.
+    why = f"cannot be emulated: {exc.message}"
+    return ([SiteVerdict(sj.index, sj.section, sj.offset, sj.address, sj.op, sj.action,
+                         "skip", why, 0) for sj in job.sites],
+            [ThunkVerdict(tj.symbol, tj.target, tj.address, "skip", why, 0)
+             for tj in job.thunks])
+
+
+def _run_job(ctx: _Context, site_jobs: Iterable[_SiteJob],
+             thunk_jobs: Iterable[_ThunkJob]) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
     sites = []
-    for sj in job.sites:
+    for sj in site_jobs:
         try:
             sites.append(_SiteCheck(ctx, sj).run())
         except VerifyError as exc:  # the site reaches outside the emulated image
             sites.append(SiteVerdict(sj.index, sj.section, sj.offset, sj.address, sj.op,
                                      sj.action, "fail", exc.message, 0))
     thunks = []
-    for tj in job.thunks:
+    for tj in thunk_jobs:
         try:
             thunks.append(_check_thunk(ctx, tj))
         except VerifyError as exc:
@@ -701,7 +832,7 @@ class _SiteCheck:
                     # (the model, from the same states), so its runs are shared.
                     ref_key = (orig_code[: n - 4], ref_addr, with_cr)
                 # The slot the site's call reads points at the reference.
-                if ref_key not in ctx.ref_runs:
+                if not ctx.all_shared(ref_key):
                     word_mask = (1 << (8 * ctx.rt.word)) - 1  # a hostile value wraps
                     self.poke(ctx.m_o, slot, (ref_addr & word_mask).to_bytes(ctx.rt.word,
                                                                            "little"),
@@ -710,7 +841,7 @@ class _SiteCheck:
                 ref_site = ctx.runtime.caller  # not an indirect call: call the reference
                 if model is not None:
                     ref_key = ("caller", ref_addr, with_cr)
-            if ref_key not in ctx.ref_runs:
+            if not ctx.all_shared(ref_key):
                 self.poke(ctx.m_o, o_addr + n, site_end)
         return self._trials(ref_site, p_addr, ref_addr or 0, with_cr, contract, ref_key)
 
@@ -730,13 +861,15 @@ class _SiteCheck:
             count = len(batch.seeds)
             refs: list[RunResult] = []
             if contract is None:
-                cached = ctx.ref_runs.get(ref_key) if ref_key is not None else None
-                if cached is not None and batch.first in cached:
-                    refs = cached[batch.first]
+                cached = _REF_RUNS.get((batch.key, ref_key)) if ref_key is not None else None
+                if cached is not None:
+                    refs = cached
                 else:
                     refs = ctx.m_o.run_trials(count, ref_site, ref_fn, with_cr)
                     if ref_key is not None:
-                        ctx.ref_runs.setdefault(ref_key, {})[batch.first] = refs
+                        if len(_REF_RUNS) >= MAX_REF_RUNS:
+                            _REF_RUNS.clear()
+                        _REF_RUNS[batch.key, ref_key] = refs
             pats = ctx.m_p.run_trials(count, p_addr, 0, with_cr)
             for k in range(count):
                 t = batch.first + k
@@ -812,8 +945,8 @@ def _thunk_address(ctx: _Context, tj: _ThunkJob) -> int | None:
         return img.emu_addr(tj.address)
     if img.elf.is_relocatable:
         sym = img.elf.symbols_by_name.get(tj.symbol)
-        if sym is not None and sym.shndx in img.section_addr:
-            return img.section_addr[sym.shndx] + sym.value
+        if sym is not None and sym.defined and sym.section_index in img.section_addr:
+            return img.section_addr[sym.section_index] + sym.value
     sec = img.section_address(tj.section)
     return sec + tj.offset if sec is not None else None
 

@@ -373,6 +373,66 @@ def test_wrong_backend_entry_does_not_agree_with_itself(tmp_path: Path) -> None:
     assert failing(report) == ({3, 19}, set())
 
 
+# -- engines reused across files, sites spread over processes --------------------------
+
+
+def test_engines_reused_across_files_give_the_same_verdicts(prog_spec: str) -> None:
+    """Each process keeps one engine pair per architecture: a file verified after
+    others (of both architectures, relocatable and linked, passing and failing)
+    gets the report it gets first in a fresh process."""
+    code = ("import sys; sys.path[:0] = ['tests']; import test_verify as t; "
+            "from pvpatch.verify import verify_rewrite, verify_json; import json; "
+            "rw = t.with_bytes(t.rewrite('x86_64', 'kernel61.o'), '.text', 0x9, b'\\xfb', "
+            "b'\\xfa'); print(json.dumps(verify_json(verify_rewrite(rw, workers=1))))")
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout
+    for arch, name, spec, ops in [("i386", "prog.o", prog_spec, "none"),
+                                  ("x86_64", "prog", prog_spec, "none"),
+                                  ("x86_64", "prog-pie", "native", None),
+                                  ("x86_64", "seed.o", "native", None)]:
+        assert verify_rewrite(rewrite(arch, name, spec, ops=ops), workers=1).ok
+    rw = with_bytes(rewrite("x86_64", "kernel61.o"), ".text", 0x9, b"\xfb", b"\xfa")
+    import json
+
+    assert json.dumps(verify_json(verify_rewrite(rw, workers=1))) + "\n" == fresh
+
+
+def test_a_run_that_overwrites_the_runtime_does_not_outlive_its_file() -> None:
+    from pvpatch import verify as V
+    from pvpatch.emu import RUNTIME
+
+    rw = rewrite("x86_64", "kernel61.o")
+    assert verify_rewrite(rw, workers=1).ok
+    # Vandalise the idle engines' harness and reference models, as a hostile
+    # site could: the next file gets them back intact.
+    for machines in V._IDLE.values():
+        for m in machines:
+            m.uc.mem_write(RUNTIME, b"\xf4" * 0x8000)
+    V._REF_RUNS.clear()
+    assert verify_rewrite(rw, workers=1).ok
+
+
+def test_a_write_to_unmapped_memory_is_a_failure_not_a_crash() -> None:
+    rw = rewrite("x86_64", "kernel61.o")
+    section, offset, after = site_after(rw, 6)  # mmu.pte_val: 6 bytes, clobbers rax
+    assert len(after) == 6
+    # mov %rax, (%rbx): a random address, unmapped; the write hook (which covers
+    # every address an image may take) sees it, then the run faults.
+    report = verify_rewrite(with_bytes(rw, section, offset, bytes.fromhex("488903909090")))
+    assert failing(report) == ({6}, set())
+    bad = next(v for v in report.sites if v.index == 6)
+    assert bad.reason is not None and "UNMAPPED" in bad.reason, bad.reason
+
+
+@pytest.mark.parametrize("arch,name", [("x86_64", "kernel61.o"), ("i386", "prog-pie")])
+def test_sites_spread_over_processes_give_the_same_report(arch: str, name: str) -> None:
+    rw = rewrite(arch, name)
+    broken = with_bytes(rw, *site_after(rw, 1)[:2], b"\xfb") if arch == "x86_64" else rw
+    one = verify_rewrite(broken, workers=1, trials=40)
+    assert verify_rewrite(broken, workers=3, trials=40) == one
+    assert one.ok == (arch != "x86_64")
+
+
 # -- the real corpus ------------------------------------------------------------------
 
 
