@@ -83,17 +83,44 @@ class Backend:
             )
 
 
+_HEADER = re.compile(r"""^\s*\[\s*([^\]]+?)\s*\]\s*(?:#.*)?$""")
+
+
+# A dot outside quotes separates keys of a table header.
+_KEY_DOT = re.compile(r"""(\.)(?=(?:[^"']*["'][^"']*["'])*[^"']*$)""")
+
+
+def _header_name(raw: str) -> str:
+    """`ops . "irq.save_fl"` or `ops.'irq.save_fl'` -> `ops.irq.save_fl`."""
+    return "".join(part.strip().strip("\"'") for part in _KEY_DOT.split(raw))
+
+
+def _line(text: str, table: str | None, key: str | None = None) -> int | None:
+    """Line (1-based) of `key =` inside `[table]` (top level when None), or of the header."""
+    current: str | None = None
+    header_line = None
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _HEADER.match(line)
+        if m:
+            current = _header_name(m.group(1))
+            if current == table:
+                header_line = n
+                if key is None:
+                    return n
+            continue
+        if key is not None and current == table and re.match(
+                r"\s*[\"']?" + re.escape(key) + r"[\"']?\s*=", line):
+            return n
+    return header_line
+
+
 def _line_of(text: str, key: str) -> int | None:
     """Line of the `[ops.KEY]` header, so errors can point at it."""
-    pattern = re.compile(r'^\s*\[\s*ops\s*\.\s*(?:"' + re.escape(key) + r'"|' + re.escape(key)
-                         + r")\s*\]", re.M)
-    m = pattern.search(text)
-    return text.count("\n", 0, m.start()) + 1 if m else None
+    return _line(text, f"ops.{key}")
 
 
-def _line_of_key(text: str, key: str) -> int | None:
-    m = re.search(r"^\s*" + re.escape(key) + r"\s*=", text, re.M)
-    return text.count("\n", 0, m.start()) + 1 if m else None
+def _line_of_key(text: str, key: str, table: str | None = None) -> int | None:
+    return _line(text, table, key)
 
 
 class _SpecReader:
@@ -138,16 +165,22 @@ class _SpecReader:
         default = self._default(doc.get("defaults", {}))
         thunks = doc.get("thunks", {})
         if not isinstance(thunks, dict) or set(thunks) - _THUNK_KEYS:
+            extra = sorted(set(thunks) - _THUNK_KEYS) if isinstance(thunks, dict) else []
             raise self.fail(f"[thunks] takes only {sorted(_THUNK_KEYS)}",
-                            _line_of_key(self.text, "[thunks]"))
+                            _line(self.text, "thunks", extra[0] if extra else None))
         endbr = thunks.get("endbr")
         if endbr is not None and not isinstance(endbr, bool):
-            raise self.fail("[thunks] endbr must be true or false")
+            raise self.fail("[thunks] endbr must be true or false",
+                            _line(self.text, "thunks", "endbr"))
         section = thunks.get("section", ".text.pvpatch")
         if not isinstance(section, str) or not section.startswith("."):
-            raise self.fail("[thunks] section must be a section name starting with '.'")
+            raise self.fail("[thunks] section must be a section name starting with '.'",
+                            _line(self.text, "thunks", "section"))
+        name = doc.get("name", Path(self.source).stem)
+        if not isinstance(name, str):
+            raise self.fail("name must be a string", _line(self.text, None, "name"))
         return Backend(
-            name=str(doc.get("name", Path(self.source).stem)),
+            name=name,
             arch=arch_name,
             rules=MappingProxyType(rules),
             default=default,
@@ -167,11 +200,17 @@ class _SpecReader:
             raise self.fail("[defaults] must be a table")
         for k in body:
             if k not in _DEFAULT_KEYS:
-                raise self.fail(f"unknown key {k!r} in [defaults]", _line_of_key(self.text, k))
+                raise self.fail(f"unknown key {k!r} in [defaults]",
+                                _line(self.text, "defaults", k))
         action = body.get("action", "keep")
         if action not in ("keep", "nop", "ud2"):
-            raise self.fail(f"[defaults] action must be keep, nop or ud2, not {action!r}")
-        return OpRule("*", action, reason=body.get("reason"))
+            raise self.fail(f"[defaults] action must be keep, nop or ud2, not {action!r}",
+                            _line(self.text, "defaults", "action"))
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise self.fail("[defaults] reason must be a string",
+                            _line(self.text, "defaults", "reason"))
+        return OpRule("*", action, reason=reason)
 
     def _rule(self, key: str, body: Any, arch: Arch | None) -> OpRule:
         line = _line_of(self.text, key)
@@ -195,6 +234,12 @@ class _SpecReader:
                 raise self.fail(f"op {key!r}: action {action!r} needs a target symbol", line)
         elif target is not None:
             raise self.fail(f"op {key!r}: target makes sense only with call or jmp", line)
+        tail = body.get("tail", False)
+        if not isinstance(tail, bool):
+            raise self.fail(f"op {key!r}: tail must be true or false", line)
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise self.fail(f"op {key!r}: reason must be a string", line)
         clobbers = body.get("clobbers", [])
         if not isinstance(clobbers, list) or not all(isinstance(c, str) for c in clobbers):
             raise self.fail(f"op {key!r}: clobbers must be a list of register names", line)
@@ -217,8 +262,8 @@ class _SpecReader:
             clobbers=frozenset(clobbers),
             target=target,
             convention=convention,
-            tail=bool(body.get("tail", False)),
-            reason=body.get("reason"),
+            tail=tail,
+            reason=reason,
             line=line,
         )
 

@@ -250,3 +250,21 @@ def test_i386_callee_save_target_may_change_edx(tmp_path: Path) -> None:
     x64 = pvpatch.load(FIX / "x86_64" / "seed.o", ops="catalog:linux-6.1-x86_64")
     plan64 = pvpatch.make_plan(x64, parse_spec_text(text, x64.arch))
     assert {d.action for d in plan64.decisions if d.site.type == 31} == {"call"}
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("[ops.30]\naction = \"call\"\ntarget = \"f\"\n[defaults]\ntarget = \"g\"\n", 5,
+         "unknown key 'target' in [defaults]"),
+        ("[ops.'irq.save_fl']\naction = \"fly\"\n", 1, "action must be one of"),
+        ("[ops.30]\naction = \"keep\"\n[thunks]\nendbr = \"yes\"\n", 4, "endbr must be true"),
+        ("[ops.30]\naction = \"nop\"\ntail = \"false\"\n", 1, "tail must be true or false"),
+    ],
+)
+def test_spec_error_lines(text: str, line: int, words: str, tmp_path: Path) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text(text)
+    with pytest.raises(pvpatch.SpecError) as err:
+        pvpatch.load_backend(str(spec), pvpatch.open_elf(FIX / "x86_64" / "prog.o"))
+    assert f"{spec}:{line}: " in str(err.value) and words in str(err.value)
