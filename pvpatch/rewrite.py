@@ -36,6 +36,7 @@ from .elf import (
     SHT_PROGBITS,
     SHT_REL,
     SHT_RELA,
+    SHT_RELR,
     SHT_SYMTAB_SHNDX,
     STB_GLOBAL,
     STB_LOCAL,
@@ -52,7 +53,7 @@ from .thunk import THUNK_ALIGN, thunk_code
 PAGE = 0x1000
 MAX_SECTION_ALIGN = 1 << 16  # most a moved section may be aligned to (padding is zeros)
 MAX_FILE_PAD = 16 << 20  # most zero padding a linked file may grow by to place thunks
-DT_RELA, DT_REL, DT_RELACOUNT, DT_RELCOUNT = 7, 17, 0x6FFFFFF9, 0x6FFFFFFA
+DT_RELA, DT_REL, DT_RELACOUNT, DT_RELCOUNT, DT_RELRSZ = 7, 17, 0x6FFFFFF9, 0x6FFFFFFA, 35
 
 
 @dataclass(frozen=True)
@@ -662,6 +663,7 @@ class _LinkedRewriter(_Rewriter):
             return
         elf = self.elf
         starts = [r[0] for r in ranges]
+        self._drop_relr(ranges, starts)
         counts = self._relative_counts()
         for sec in elf.sections:
             if not sec.is_alloc or sec.type not in (SHT_REL, SHT_RELA):
@@ -686,6 +688,29 @@ class _LinkedRewriter(_Rewriter):
             self.output.set_data(sec.index, b"".join(fmt.pack(*r) for r in rows))
             if count_at is not None:
                 self._set_dynamic(count_at[0], count)
+
+    def _drop_relr(self, ranges: list[tuple[int, int]], starts: list[int]) -> None:
+        """RELR (packed RELATIVE) entries inside rewritten sites are dropped and the table
+        re-encoded; it may shrink (DT_RELRSZ follows) but never grow in a linked file."""
+        elf = self.elf
+        word = elf.cls.addr.size
+        for sec in elf.sections:
+            if sec.type != SHT_RELR or not sec.is_alloc:
+                continue
+            addrs = list(elf._relr_addresses(sec))
+            keep = [a for a in addrs
+                    if not ((pos := bisect.bisect_right(starts, a) - 1) >= 0
+                            and a < ranges[pos][1])]
+            if len(keep) == len(addrs):
+                continue
+            packed = _encode_relr(keep, word)
+            if len(packed) > sec.size:
+                raise RewriteError("dropping a RELR relocation inside a rewritten site would "
+                                   "grow .relr.dyn", elf.path)
+            self.output.set_data(sec.index, packed)
+            for i, (tag, _value) in enumerate(self._dynamic()):
+                if tag == DT_RELRSZ:
+                    self._set_dynamic(i, len(packed))
 
     def _relative_counts(self) -> dict[int, tuple[int, int]]:
         """Address of the REL/RELA table -> (index in .dynamic of its count tag, count)."""
@@ -824,6 +849,32 @@ class _LinkedRewriter(_Rewriter):
         if self.elf.cls.bits == 64:
             return (ptype, flags, offset, vaddr, paddr, filesz, memsz, align)
         return (ptype, offset, vaddr, paddr, filesz, memsz, flags, align)
+
+
+def _encode_relr(addrs: list[int], word: int) -> bytes:
+    """Encode sorted, word-aligned addresses as RELR: an address, then bitmaps of the
+    following words (bit 0 set marks a bitmap)."""
+    bits = word * 8 - 1
+    fmt = "<Q" if word == 8 else "<I"
+    out = bytearray()
+    i = 0
+    addrs = sorted(addrs)
+    while i < len(addrs):
+        base = addrs[i]
+        out += struct.pack(fmt, base)
+        i += 1
+        base += word
+        while True:
+            bitmap = 0
+            while i < len(addrs) and addrs[i] - base < bits * word and \
+                    (addrs[i] - base) % word == 0:
+                bitmap |= 1 << ((addrs[i] - base) // word)
+                i += 1
+            if not bitmap:
+                break
+            out += struct.pack(fmt, (bitmap << 1) | 1)
+            base += bits * word
+    return bytes(out)
 
 
 def apply_plan(plan: Plan, *, crcs: Mapping[str, int] | None = None) -> Rewrite:

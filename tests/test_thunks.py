@@ -268,3 +268,31 @@ def test_spec_error_lines(text: str, line: int, words: str, tmp_path: Path) -> N
     with pytest.raises(pvpatch.SpecError) as err:
         pvpatch.load_backend(str(spec), pvpatch.open_elf(FIX / "x86_64" / "prog.o"))
     assert f"{spec}:{line}: " in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+def test_packed_relative_relocations(arch: str, spec: Path, tmp_path: Path) -> None:
+    """A PIE linked with -z pack-relative-relocs (RELR): the table is decoded through RELR,
+    and on i386 the RELR entries inside rewritten sites are dropped (re-encoded)."""
+    from pvpatch.rewrite import _encode_relr
+
+    m32 = ["-m32"] if arch == "i386" else []
+    obj, exe = tmp_path / "p.o", tmp_path / "p"
+    subprocess.run(["gcc", *m32, "-O2", "-fPIE", "-fno-stack-protector", "-fcf-protection=none",
+                    "-I", str(FIX / "src"), "-c", str(FIX / "src" / "prog.c"), "-o", str(obj)],
+                   check=True)
+    subprocess.run(["gcc", *m32, "-pie", "-Wl,-z,notext", "-Wl,-z,pack-relative-relocs",
+                    str(obj), "-o", str(exe)], check=True)
+    elf = ElfFile.open(exe)
+    relr = elf.section(".relr.dyn")
+    assert relr is not None
+    # the encoder reproduces the linker's encoding of the same addresses
+    assert _encode_relr(list(elf._relr_addresses(relr)), elf.cls.addr.size) == \
+        elf.section_data(relr)
+    res = pvpatch.load(exe, ops="none")
+    assert len(res.sites) == 6 and not res.findings
+    out = tmp_path / "patched"
+    proc = pvpatch_cli("patch", str(exe), "-o", str(out), "--backend", str(spec), "--ops", "none")
+    assert proc.returncode == 0, proc.stderr
+    ran = run_prog(out)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
