@@ -407,33 +407,11 @@ def patch(path: Path, backend: str, *, drop_patched: bool = False) -> Rewrite:
 @functools.cache
 def throwaway_key() -> tuple[bytes, bytes]:
     """A fresh RSA-2048 key and self-signed certificate (PEM), unknown to the kernel."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
+    from test_sign import _keypair
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pvpatch throw-away key")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+    return _keypair(rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                    "pvpatch throw-away key")
 
 
 def corrupt_signature(signed: bytes) -> bytes:
