@@ -30,6 +30,7 @@ from .elf import (
     PT_PHDR,
     SHF_ALLOC,
     SHF_EXECINSTR,
+    SHF_GROUP,
     SHF_INFO_LINK,
     SHN_UNDEF,
     SHT_GROUP,
@@ -540,16 +541,35 @@ class _RelocatableRewriter(_Rewriter):
             name = (".rela" if rela else ".rel") + (
                 out.shdrs[text_index].name_str or elf.sections[text_index].name)
             cls = elf.cls
+            in_group = text_index < len(elf.sections) and \
+                bool(elf.sections[text_index].flags & SHF_GROUP)
             idx = out.add_section(
-                name, type=SHT_RELA if rela else SHT_REL, flags=SHF_INFO_LINK,
+                name, type=SHT_RELA if rela else SHT_REL,
+                flags=SHF_INFO_LINK | (SHF_GROUP if in_group else 0),
                 link=symtab.index, info=text_index, addralign=cls.addr.size,
                 entsize=(cls.rela if rela else cls.rel).size,
             )
             fixed = sorted((r._replace(sym=self._final(r.sym)) for r in relocs),
                            key=lambda r: r.offset)
             out.set_data(idx, self._pack_relocs(rela, fixed))
+            if in_group:
+                self._join_group(text_index, idx)
         self._emit_symbols()
         self._emit_versions()
+
+    def _join_group(self, member: int, new: int) -> None:
+        """A relocation section for a section of a COMDAT group belongs to the group too
+        (gABI): it is added to the group that lists `member`."""
+        elf, out = self.elf, self.output
+        for sec in elf.sections:
+            if sec.type != SHT_GROUP:
+                continue
+            current = out.shdrs[sec.index].data
+            data = current if current is not None else elf.section_data(sec)
+            members = [v for (v,) in struct.iter_unpack("<I", data[4 : len(data) // 4 * 4])]
+            if member in members:
+                out.set_data(sec.index, data + struct.pack("<I", new))
+                return
 
     def _emit_versions(self) -> None:
         """Modules with symbol versions need a CRC for every symbol they now import."""

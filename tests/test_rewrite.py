@@ -389,3 +389,29 @@ def test_thunk_segment_follows_physical_layout(tmp_path: Path) -> None:
     data_seg = max(loads[:-1], key=lambda s: s.vaddr + s.memsz)
     assert new.vaddr - new.paddr == data_seg.vaddr - data_seg.paddr == 0xFFFFFFFF80000000
     assert out.e_phoff == new.offset and len(out.segments) == len(res.elf.segments) + 1
+
+
+def test_new_relocation_section_joins_comdat_group(tmp_path: Path) -> None:
+    """A site in a COMDAT group section with no relocations yet: the new .rela section
+    carries SHF_GROUP and is listed in the group (readelf -g)."""
+    src = tmp_path / "grp.s"
+    src.write_text(
+        '.section .text.foo,"axG",@progbits,foo,comdat\n.globl foo\n.type foo,@function\n'
+        "foo:\n771: .byte 0xff, 0x15, 0, 0, 0, 0\n772:\n"
+        '.pushsection .parainstructions,"a"\n.balign 8\n.quad 771b\n.byte 31\n'
+        ".byte 772b-771b\n.short 0x1\n.balign 8\n.popsection\nret\n.size foo,.-foo\n")
+    obj = tmp_path / "grp.o"
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    spec = tmp_path / "c.toml"
+    spec.write_text(C_SPEC)
+    rw = pvpatch.apply_plan(pvpatch.make_plan(pvpatch.load(obj, ops="none"), str(spec)))
+    out = tmp_path / "out.o"
+    out.write_bytes(rw.data)
+    check_links(out, X86_64, tmp_path, obj)
+    groups = subprocess.run(["readelf", "-g", "-W", str(out)], capture_output=True, text=True,
+                            check=True).stdout
+    assert "contains 2 sections" in groups and ".rela.text.foo" in groups
+    flags = subprocess.run(["readelf", "-S", "-W", str(out)], capture_output=True, text=True,
+                           check=True).stdout
+    line = next(ln for ln in flags.splitlines() if " .rela.text.foo " in ln)
+    assert "G" in line.split()[-4]  # the Flg column
