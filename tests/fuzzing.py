@@ -181,9 +181,10 @@ def bounded(data: bytes, limit_factor: int = 40, slack: int = 16 << 20,
     return outcome, peak, took
 
 
-def load_seeds() -> list[tuple[Path, bytes, list[Field], list[int]]]:
+def load_seeds(paths: list[Path] | None = None) -> list[tuple[Path, bytes, list[Field],
+                                                            list[int]]]:
     out = []
-    for path in SEEDS:
+    for path in paths or SEEDS:
         data = path.read_bytes()
         out.append((path, data, fields_of(data), boundaries_of(data)))
     return out
