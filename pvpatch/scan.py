@@ -7,7 +7,6 @@ entries become `Finding`s so that the rest of the table is still usable.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import functools
 import itertools
 from collections import Counter
@@ -167,19 +166,21 @@ class _Scanner:
         data = data + bytes(count * lay.stride - len(data))
         entry_relocs = self._entry_relocations() if elf.is_relocatable else {}
         relative = {} if elf.is_relocatable else elf.relative_relocations
-        sites: list[Site] = []
+        found: list[tuple[int, int, Section, int, int, int, int]] = []
         for i, (stype, slen, clob) in enumerate(lay.entries(data)):
             base = i * lay.stride
             where = self._locate(i, base, data, entry_relocs, relative)
-            if where is None:
-                continue
-            sec, off = where
-            site = self._make_site(i, base, sec, off, stype, slen, clob)
+            if where is not None:
+                found.append((i, base, *where, stype, slen, clob))
+        # Linked files: the slot each call reads is known only once the table base is
+        # inferred from all of them.
+        slots = {} if elf.is_relocatable else self._exec_slots(found)
+        sites: list[Site] = []
+        for i, base, sec, off, stype, slen, clob in found:
+            site = self._make_site(i, base, sec, off, stype, slen, clob, slots.get(i))
             if site is not None:
                 sites.append(site)
         self._check_overlaps(sites)
-        if not elf.is_relocatable:
-            sites = self._check_exec_slots(sites)
         unsafe = {f.site_index for f in self.findings
                   if f.severity == "error" and f.site_index is not None}
         return ScanResult(
@@ -260,7 +261,8 @@ class _Scanner:
         return esec, ptr - esec.addr
 
     def _make_site(
-        self, index: int, base: int, sec: Section, off: int, stype: int, slen: int, clob: int
+        self, index: int, base: int, sec: Section, off: int, stype: int, slen: int, clob: int,
+        exec_slot: int | None = None,
     ) -> Site | None:
         elf = self.elf
         address = None if elf.is_relocatable else sec.addr + off
@@ -282,7 +284,7 @@ class _Scanner:
         start = sec.offset + off
         code = elf.data[start : start + slen]
         slot, crossings = self._check_relocs(sec.index, off, slen, code) \
-            if elf.is_relocatable else (None, [])
+            if elf.is_relocatable else (exec_slot, [])
         site = Site(
             index=index,
             section=sec.name,
@@ -369,48 +371,49 @@ class _Scanner:
             f"{f' ({name})' if name else ''}, the entry says type {site.type}"
             f"{f' ({site.op})' if site.op else ''}")
 
-    def _check_exec_slots(self, sites: list[Site]) -> list[Site]:
-        """In a linked file, infer the ops table base from the calls and compare slots."""
+    def _exec_slots(self, found: list[tuple[int, int, Section, int, int, int, int]]
+                    ) -> dict[int, int]:
+        """In a linked file, the ops slot each site's call reads: from `pv_ops` when the
+        file names it, else from the table base most calls agree on."""
         elf = self.elf
-        targets = {s.index: call_memory_target(elf.arch, s) for s in sites}
-        ptr = elf.arch.ptr_size
+        arch = elf.arch
+        ptr = arch.ptr_size
+        targets: dict[int, tuple[int | None, int, int, int]] = {}
+        for i, _base, sec, off, stype, slen, _clob in found:
+            if off >= 0 and off + slen <= sec.size:
+                start = sec.offset + off
+                addr = sec.addr + off
+                code = elf.data[start : start + slen]
+                targets[i] = (call_operand(arch, code, addr), stype, addr, slen)
         sym = elf.symbols_by_name.get("pv_ops") if elf.symtab is not None else None
         if sym is not None and sym.defined:
-            base: int | None = sym.value
+            table: int | None = sym.value
         else:
-            votes = Counter(t - s.type * ptr for s in sites if (t := targets[s.index]) is not None)
-            base = votes.most_common(1)[0][0] if votes else None
+            votes = Counter(t - stype * ptr for t, stype, _a, _n in targets.values()
+                            if t is not None)
+            table = votes.most_common(1)[0][0] if votes else None
         dyn = elf.symbolic_dynamic_relocations
-        out = []
-        for s in sites:
-            t = targets[s.index]
-            slot = None
-            bound = _dynamic_slot(elf, s, dyn) if dyn else None
+        slots = {}
+        for i, (t, _stype, addr, length) in targets.items():
+            bound = _dynamic_slot(elf, addr, length, dyn) if dyn else None
             if bound is not None:
-                slot = bound
-            elif base is not None and t is not None and (t - base) % ptr == 0:
-                slot = (t - base) // ptr
-            if slot is not None and slot != s.type:
-                self._slot_mismatch(s, slot)
-            out.append(_with_slot(s, slot))
-        return out
+                slots[i] = bound
+            elif table is not None and t is not None and (t - table) % ptr == 0:
+                slots[i] = (t - table) // ptr
+        return slots
 
 
-def _dynamic_slot(elf: ElfFile, site: Site, dyn: dict[int, tuple[int, str, int]]) -> int | None:
+def _dynamic_slot(elf: ElfFile, address: int, length: int,
+                  dyn: dict[int, tuple[int, str, int]]) -> int | None:
     """The slot of a call whose operand the loader fills against `pv_ops` (i386 .so)."""
-    assert site.address is not None
-    for k in range(site.len):
-        found = dyn.get(site.address + k)
+    for k in range(length):
+        found = dyn.get(address + k)
         if found is None:
             continue
         rtype, name, addend = found
         if name == "pv_ops" and rtype == elf.arch.r_abs_ptr and addend % elf.arch.ptr_size == 0:
             return addend // elf.arch.ptr_size
     return None
-
-
-def _with_slot(site: Site, slot: int | None) -> Site:
-    return site if slot is None else dataclasses.replace(site, slot=slot)
 
 
 def site_finding(rule: str, site: Site, message: str) -> Finding:
@@ -495,9 +498,8 @@ def call_slot_rel(
     return None
 
 
-def call_memory_target(arch: Arch, site: Site) -> int | None:
-    """The memory operand of an indirect call in a linked site, if it is a known form."""
-    code = site.code
+def call_operand(arch: Arch, code: bytes, address: int) -> int | None:
+    """The memory operand of the first known indirect-call form in `code` at `address`."""
     for opcode, form_arch, rip in CALL_FORMS:
         if form_arch != arch.name:
             continue
@@ -507,8 +509,7 @@ def call_memory_target(arch: Arch, site: Site) -> int | None:
             if field_at + 4 <= len(code):
                 disp = int.from_bytes(code[field_at : field_at + 4], "little", signed=True)
                 if rip:
-                    assert site.address is not None
-                    return site.address + field_at + 4 + disp
+                    return address + field_at + 4 + disp
                 return disp & 0xFFFFFFFF if arch.ptr_size == 4 else disp & (2**64 - 1)
             pos = code.find(opcode, pos + 1)
     return None
