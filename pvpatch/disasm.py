@@ -42,11 +42,6 @@ def disassemble(arch: Arch, code: bytes, address: int = 0) -> list[Insn]:
     return out
 
 
-def boundaries(arch: Arch, code: bytes) -> list[int]:
-    """Offsets where instructions start when `code` is decoded from its first byte."""
-    return [i.offset for i in disassemble(arch, code)]
-
-
 def insn_starts(arch: Arch, code: bytes) -> tuple[list[int], int]:
     """Instruction start offsets decoding `code` from its first byte, and where decoding
     stopped: `len(code)` when every byte belongs to a whole instruction, less when a byte

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -683,6 +683,3 @@ class ElfFile:
             pos = end
         return False
 
-
-def exec_sections(elf: ElfFile) -> Sequence[Section]:
-    return [s for s in elf.sections if s.is_exec and s.type == SHT_PROGBITS]

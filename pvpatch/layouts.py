@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 
-from .arch import ARCHES, Arch
+from .arch import ARCHES
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,6 @@ class TableLayout:
     ret_mask: int  # CLBR_RET_REG: a mask within it marks a callee-save site
     any_mask: int  # CLBR_ANY
     description: str
-
-    @property
-    def arch_info(self) -> Arch:
-        return ARCHES[self.arch]
 
     @property
     def entry_bytes(self) -> int:
@@ -72,12 +68,6 @@ class TableLayout:
 
     def regs(self, mask: int) -> tuple[str, ...]:
         return tuple(r for bit, r in enumerate(self.clobber_bits) if mask >> bit & 1)
-
-    def mask_of(self, regs: tuple[str, ...] | frozenset[str]) -> int:
-        mask = 0
-        for r in regs:
-            mask |= 1 << self.clobber_bits.index(r)
-        return mask
 
     def is_callee_save(self, mask: int) -> bool:
         return mask & ~self.ret_mask == 0

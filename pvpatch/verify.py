@@ -72,7 +72,7 @@ from .errors import VerifyError
 from .rules import Finding
 
 if TYPE_CHECKING:
-    from .plan import Decision, Plan
+    from .plan import Plan
     from .rewrite import Rewrite
     from .scan import ScanResult
 
@@ -480,12 +480,11 @@ def _plain_call(arch: Arch, code: bytes) -> bool:
 
 
 def _boundaries(arch: Arch, code: bytes) -> list[int]:
-    out = [0]
-    pos = 0
-    for _a, size, _m, _o in _capstone(arch.name).disasm_lite(code, 0):
-        pos += size
-        out.append(pos)
-    return out
+    """Every instruction boundary decoding `code` from its start, including the end."""
+    from .disasm import insn_starts
+
+    starts, stop = insn_starts(arch, code)
+    return [*starts, stop]
 
 
 def _disasm(arch: Arch, code: bytes, addr: int) -> str:
@@ -1045,7 +1044,3 @@ def verify_findings(report: VerifyReport) -> list[Finding]:
                                address=v.address))
     return out
 
-
-def decisions_verified(plan: Plan) -> list[Decision]:
-    """The decisions `verify_rewrite` checks: those that rewrite their site."""
-    return [d for d in plan.decisions if d.rewrites]

@@ -313,23 +313,29 @@ def test_corpus_modules(tmp_path: Path) -> None:
 C_SPEC = '[ops.31]\naction = "call"\ntarget = "xen_irq_disable"\nconvention = "c"\n'
 
 
+def with_c_spec(path: Path) -> Rewrite:
+    """`path` patched so that irq_disable calls a C function (through a thunk)."""
+    res = pvpatch.load(path, ops="none")
+    return pvpatch.apply_plan(pvpatch.make_plan(res, parse_spec_text(C_SPEC, res.arch)))
+
+
+def readelf(*args: str) -> str:
+    return subprocess.run(["readelf", "-W", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def test_llvm_shared_string_table(tmp_path: Path) -> None:
     """LLVM keeps section and symbol names in one .strtab: both kinds of new names land."""
     src = FIX / "x86_64" / "llvm-site.o"
     elf = pvpatch.open_elf(src)
     assert elf.symtab is not None and elf.shstrndx == elf.symtab.link
-    spec = tmp_path / "c.toml"
-    spec.write_text(C_SPEC)
-    res = pvpatch.load(src, ops="none")
-    rw = pvpatch.apply_plan(pvpatch.make_plan(res, str(spec)))
+    rw = with_c_spec(src)
     out = tmp_path / "out.o"
     out.write_bytes(rw.data)
     check_links(out, X86_64, tmp_path, src)
-    syms = subprocess.run(["readelf", "-s", "-W", str(out)], capture_output=True, text=True,
-                          check=True).stdout
+    syms = readelf("-s", str(out))
     assert "__raw_callee_save_xen_irq_disable" in syms and " xen_irq_disable" in syms
-    sections = subprocess.run(["readelf", "-S", "-W", str(out)], capture_output=True,
-                              text=True, check=True).stdout
+    sections = readelf("-S", str(out))
     assert ".text.pvpatch" in sections and ".rela.text.pvpatch" in sections
 
 
@@ -352,10 +358,8 @@ def test_extended_section_numbering(tmp_path: Path) -> None:
     assert pvpatch.load(out, ops=CAT["x86_64"]).sites[0].code == bytes.fromhex("fa0f1f440000")
     subprocess.run(["ld", "-r", "-o", str(tmp_path / "l.o"), str(out)], check=True)
     # adding a section would need extended numbering in the output: refused in one line
-    spec = tmp_path / "c.toml"
-    spec.write_text(C_SPEC)
     with pytest.raises(pvpatch.RewriteError, match="65280 or more sections"):
-        pvpatch.apply_plan(pvpatch.make_plan(res, str(spec)))
+        with_c_spec(obj)
 
 
 def test_thunk_segment_follows_physical_layout(tmp_path: Path) -> None:
@@ -378,10 +382,8 @@ def test_thunk_segment_follows_physical_layout(tmp_path: Path) -> None:
     exe = tmp_path / "vm"
     subprocess.run(["ld", "-T", str(lds), "-o", str(exe), str(obj),
                     "--defsym=pv_ops=0xffffffff81200000"], check=True)
-    spec = tmp_path / "c.toml"
-    spec.write_text(C_SPEC)
     res = pvpatch.load(exe, ops="none")
-    rw = pvpatch.apply_plan(pvpatch.make_plan(res, str(spec)))
+    rw = with_c_spec(exe)
     out = pvpatch.elf.ElfFile(rw.data)
     loads = [s for s in out.segments if s.type == 1]
     new = loads[-1]
@@ -402,16 +404,12 @@ def test_new_relocation_section_joins_comdat_group(tmp_path: Path) -> None:
         ".byte 772b-771b\n.short 0x1\n.balign 8\n.popsection\nret\n.size foo,.-foo\n")
     obj = tmp_path / "grp.o"
     subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
-    spec = tmp_path / "c.toml"
-    spec.write_text(C_SPEC)
-    rw = pvpatch.apply_plan(pvpatch.make_plan(pvpatch.load(obj, ops="none"), str(spec)))
+    rw = with_c_spec(obj)
     out = tmp_path / "out.o"
     out.write_bytes(rw.data)
     check_links(out, X86_64, tmp_path, obj)
-    groups = subprocess.run(["readelf", "-g", "-W", str(out)], capture_output=True, text=True,
-                            check=True).stdout
+    groups = readelf("-g", str(out))
     assert "contains 2 sections" in groups and ".rela.text.foo" in groups
-    flags = subprocess.run(["readelf", "-S", "-W", str(out)], capture_output=True, text=True,
-                           check=True).stdout
+    flags = readelf("-S", str(out))
     line = next(ln for ln in flags.splitlines() if " .rela.text.foo " in ln)
     assert "G" in line.split()[-4]  # the Flg column
