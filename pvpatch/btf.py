@@ -1,14 +1,20 @@
 """A minimal, bounds-checked reader for BTF (kernel Documentation/bpf/btf.rst).
 
-Only what the op catalog needs: one pass over the type records to learn where
-each record starts, an index of STRUCT/UNION names, and on-demand decoding of
-single types. Split BTF (a module's `.BTF` on top of vmlinux's) is supported
-by passing the base: type ids and string offsets then continue after the base.
+Only what the op catalog needs, read lazily: records are variable-length, so
+where type id N starts is learnt by walking the records before it, and the walk
+goes only as far as the ids asked for.  A struct is found by name without a
+walk over everything: its name's string offset is searched for in the type
+section, and each hit is confirmed by walking up to it.  In a 6.1 vmlinux the
+paravirt structs are near id 3,500 of 95,000, so the catalog reads 4% of the
+records.  Split BTF (a module's `.BTF` on top of vmlinux's) is supported by
+passing the base: type ids and string offsets then continue after the base.
 """
 
 from __future__ import annotations
 
+import bisect
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -142,21 +148,27 @@ class Btf:
         self._type_end = self._type_start + type_len
         self._str_start = self._section(hdr_len, str_off, str_len, "string")
         self._str_len = str_len
+        if base is None and (str_len == 0 or self._bytes[self._str_start] != 0):
+            # As libbpf: only a split BTF's strings may start with a name.
+            self._fail("BTF string section does not start with an empty string"
+                       " (a split BTF read without its base?)")
         if base is not None and base._endian != self._endian:
             self._fail("split BTF and its base differ in byte order")
         self._str_base = base.strings_len if base is not None else 0
         self.start_id = base.type_count if base is not None else 1
         self._record = struct.Struct(self._endian + "III")
-        self._offsets: list[int] = []
-        self._agg_names: list[tuple[int, int]] = []  # (name_off, type_id) of STRUCT/UNION
-        self._by_name: dict[str, list[int]] | None = None
-        self._scan()
+        self._word = struct.Struct(self._endian + "I")
+        self._offsets: list[int] = []  # where each record walked so far starts
+        self._walked = self._type_start  # where the next record to walk starts
 
     # -- layout -----------------------------------------------------------
 
     @property
     def type_count(self) -> int:
-        """One past the highest valid type id (base types and void included)."""
+        """One past the highest valid type id (base types and void included).
+
+        Counting needs every record walked (and so checked)."""
+        self._walk()
         return self.start_id + len(self._offsets)
 
     @property
@@ -193,36 +205,44 @@ class Btf:
             )
         return start
 
-    def _scan(self) -> None:
-        # One pass with a precompiled struct: records are variable-length, so
-        # their starts must be found in order; decoding waits until asked.
+    def _walk(self, upto_id: int = sys.maxsize, upto_pos: int = sys.maxsize) -> None:
+        """Learn record starts until type id `upto_id` or byte `upto_pos` is reached
+        (or the section ends).  A precompiled struct keeps the loop tight."""
         data = self._bytes
         unpack = self._record.unpack_from
         extra = _EXTRA
-        pos, end = self._type_start, self._type_end
         offsets = self._offsets
-        agg = self._agg_names
-        type_id = self.start_id
-        agg_kinds = (KIND_STRUCT, KIND_UNION)
-        while pos < end:
-            if pos + 12 > end:
-                self._fail(f"truncated BTF type record at {pos:#x}")
-            name_off, info, _ = unpack(data, pos)
-            kind = (info >> 24) & 0x1F
-            sizes = extra.get(kind)
-            if sizes is None:
-                self._fail(f"unknown BTF kind {kind} for type id {type_id}")
-            size = 12 + sizes[0] + sizes[1] * (info & 0xFFFF)
-            if pos + size > end:
-                self._fail(
-                    f"BTF type id {type_id} ({KIND_NAMES[kind]}, vlen {info & 0xFFFF})"
-                    " runs past the type section"
-                )
-            offsets.append(pos)
-            if kind in agg_kinds:
-                agg.append((name_off, type_id))
-            pos += size
-            type_id += 1
+        pos, end = self._walked, self._type_end
+        type_id = self.start_id + len(offsets)
+        stop = min(end, upto_pos)
+        try:
+            while pos < stop and type_id <= upto_id:
+                if pos + 12 > end:
+                    self._fail(f"truncated BTF type record at {pos:#x}")
+                _name_off, info, _ = unpack(data, pos)
+                kind = (info >> 24) & 0x1F
+                sizes = extra.get(kind)
+                if sizes is None:
+                    self._fail(f"unknown BTF kind {kind} for type id {type_id}")
+                size = 12 + sizes[0] + sizes[1] * (info & 0xFFFF)
+                if pos + size > end:
+                    self._fail(
+                        f"BTF type id {type_id} ({KIND_NAMES[kind]}, vlen {info & 0xFFFF})"
+                        " runs past the type section"
+                    )
+                offsets.append(pos)
+                pos += size
+                type_id += 1
+        finally:
+            self._walked = pos
+
+    def _id_at(self, pos: int) -> int | None:
+        """The type id of the record starting at byte `pos`, or None if no record does."""
+        self._walk(upto_pos=pos + 1)
+        i = bisect.bisect_left(self._offsets, pos)
+        if i < len(self._offsets) and self._offsets[i] == pos:
+            return self.start_id + i
+        return None
 
     # -- strings ----------------------------------------------------------
 
@@ -253,6 +273,8 @@ class Btf:
             assert self.base is not None  # start_id is 1 without a base
             return self.base.type(type_id)
         index = type_id - self.start_id
+        if index >= len(self._offsets):
+            self._walk(upto_id=type_id)
         if index >= len(self._offsets):
             self._fail(f"BTF type id {type_id} out of range (have {self.type_count})")
         pos = self._offsets[index]
@@ -300,16 +322,40 @@ class Btf:
 
     def find_aggregates(self, name: str, kind: int = KIND_STRUCT) -> list[int]:
         """Ids of STRUCTs (or UNIONs) called `name`, own types first, then the base's."""
-        if self._by_name is None:
-            by_name: dict[str, list[int]] = {}
-            for name_off, type_id in self._agg_names:
-                if name_off:
-                    by_name.setdefault(self.string(name_off), []).append(type_id)
-            self._by_name = by_name
-        found = [i for i in self._by_name.get(name, []) if self.type(i).kind == kind]
+        found = []
+        for name_off in self._string_offsets(name):
+            needle = self._word.pack(name_off)
+            at = self._bytes.find(needle, self._type_start, self._type_end)
+            while at >= 0:
+                # A hit is a record only if it is word-aligned, has the kind wanted, and
+                # the walk from the start of the section lands on it.
+                if (at - self._type_start) % 4 == 0 and at + 12 <= self._type_end:
+                    (info,) = self._word.unpack_from(self._bytes, at + 4)
+                    if (info >> 24) & 0x1F == kind:
+                        type_id = self._id_at(at)
+                        if type_id is not None:
+                            found.append(type_id)
+                at = self._bytes.find(needle, at + 1, self._type_end)
+        found.sort()
         if self.base is not None:
             found += self.base.find_aggregates(name, kind)
         return found
+
+    def _string_offsets(self, name: str) -> list[int]:
+        """Every offset (in the combined string section) holding exactly `name`."""
+        out = self.base._string_offsets(name) if self.base is not None else []
+        if not name:
+            return out
+        # A string starts the section or follows a NUL (a split BTF's strings need
+        # not begin with the empty string).
+        needle = name.encode("utf-8") + b"\0"
+        data, lo, hi = self._bytes, self._str_start, self._str_start + self._str_len
+        at = data.find(needle, lo, hi)
+        while at >= 0:
+            if at == lo or data[at - 1] == 0:
+                out.append(at - lo + self._str_base)
+            at = data.find(needle, at + 1, hi)
+        return out
 
     def find_struct(self, name: str) -> BtfType | None:
         """The complete STRUCT called `name` (the first one, if several), or None."""

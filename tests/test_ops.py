@@ -195,6 +195,24 @@ def test_btf_reader_matches_bpftool_raw_dump(vmlinux_btf: bytes) -> None:
     _check_against_bpftool(btf, raw)
 
 
+def test_btf_struct_lookup_is_lazy_and_matches_bpftool(vmlinux_btf: bytes) -> None:
+    """Finding a struct by name walks only the records before it, and finds exactly
+    the ids bpftool lists under that name."""
+    raw = _bpftool_raw(["btf", "dump", "file", str(VMLINUX)])
+    by_name: dict[str, list[int]] = {}
+    for type_id, (kind, name, _rest, _lines) in raw.items():
+        if kind == "STRUCT" and name != "(anon)":
+            by_name.setdefault(name, []).append(type_id)
+    btf = Btf(vmlinux_btf)
+    template = btf.find_struct("paravirt_patch_template")
+    assert template is not None and template.type_id == by_name["paravirt_patch_template"][0]
+    assert len(btf._offsets) < max(raw) // 4  # only a prefix was walked
+    names = sorted(by_name)
+    for name in [*names[:: max(1, len(names) // 300)], "pv_cpu_ops", "pv_mmu_ops", "page"]:
+        assert btf.find_aggregates(name) == by_name[name], name
+    assert btf.find_aggregates("no_such_struct_anywhere") == []
+
+
 def test_split_btf_module(vmlinux_btf: bytes) -> None:
     mod = read_elf_btf(_need(MODULE))
     assert mod is not None
@@ -441,6 +459,22 @@ def test_synthetic_btf(endian: str) -> None:
         catalog_from_btf(_template_btf(endian).blob(), 4)
 
 
+def test_btf_name_hits_that_are_not_records() -> None:
+    """Bytes that look like a struct record named X but sit inside another record, or
+    a union named X, are not returned as the struct X."""
+    b = _template_btf()
+    name_off = b.strings.index(b"\0paravirt_patch_template\0") + 1
+    # An ARRAY whose element type word equals the name's offset and whose index-type
+    # word reads as a STRUCT info word: a false hit, word-aligned, inside a record.
+    b.t("", 3, 0, 0, struct.pack("<III", name_off, 4 << 24 | 2, 1))  # 9
+    b.t("paravirt_patch_template", 5, 0, 8)  # 10: a UNION of that name
+    btf = Btf(b.blob())
+    assert btf.find_aggregates("paravirt_patch_template") == [8]
+    assert btf.find_aggregates("paravirt_patch_template", KIND_UNION) == [10]
+    c = catalog_from_btf(b.blob(), 8, origin="decoys")
+    assert c.slots == catalog_from_btf(_template_btf().blob(), 8, origin="plain").slots
+
+
 def test_malformed_btf() -> None:
     good = _template_btf().blob()
     cases = {
@@ -465,12 +499,14 @@ def test_malformed_btf() -> None:
     b = _BtfBuilder()
     b.t("paravirt_patch_template", 4, 0xFFFF, 8, b.member("x", 2, 0))  # absurd vlen
     with pytest.raises(OpsError, match="runs past"):
-        Btf(b.blob())
+        Btf(b.blob()).type_count  # records are walked (and checked) when counted
 
     b = _BtfBuilder()
     b.t("weird", 31, 0, 0)
     with pytest.raises(OpsError, match="unknown BTF kind"):
-        Btf(b.blob())
+        Btf(b.blob()).type_count
+    with pytest.raises(OpsError, match="unknown BTF kind"):
+        Btf(b.blob()).type(1)
 
     b = _BtfBuilder()
     b.t("loop", 8, 0, 2)  # 1: typedef -> 2
