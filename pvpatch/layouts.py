@@ -66,6 +66,16 @@ class TableLayout:
             return list(st.iter_unpack(data))
         return [(v[t], v[n], v[c]) for v in st.iter_unpack(data)]
 
+    @cached_property
+    def _instr_struct(self) -> struct.Struct:
+        f = self.instr
+        return struct.Struct(f"<{'x' * f.offset}{'I' if f.size == 4 else 'Q'}"
+                             f"{'x' * (self.stride - f.offset - f.size)}")
+
+    def pointers(self, data: bytes) -> list[int]:
+        """The `instr` field of each entry; `data` is padded to whole strides."""
+        return [v for (v,) in self._instr_struct.iter_unpack(data)]
+
     def regs(self, mask: int) -> tuple[str, ...]:
         return tuple(r for bit, r in enumerate(self.clobber_bits) if mask >> bit & 1)
 

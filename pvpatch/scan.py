@@ -144,6 +144,7 @@ class _Scanner:
         self, elf: ElfFile, table: Section, layout: TableLayout, ops: OpCatalog | None
     ) -> None:
         self.elf = elf
+        self.relocatable = elf.is_relocatable
         self.table = table
         self.layout = layout
         self.ops = ops
@@ -164,14 +165,16 @@ class _Scanner:
         data = elf.section_data(table)
         # The last entry may be short; pad it so field reads stay in bounds.
         data = data + bytes(count * lay.stride - len(data))
-        entry_relocs = self._entry_relocations() if elf.is_relocatable else {}
-        relative = {} if elf.is_relocatable else elf.relative_relocations
         found: list[tuple[int, int, Section, int, int, int, int]] = []
-        for i, (stype, slen, clob) in enumerate(lay.entries(data)):
-            base = i * lay.stride
-            where = self._locate(i, base, data, entry_relocs, relative)
-            if where is not None:
-                found.append((i, base, *where, stype, slen, clob))
+        if elf.is_relocatable:
+            entry_relocs = self._entry_relocations()
+            for i, (stype, slen, clob) in enumerate(lay.entries(data)):
+                base = i * lay.stride
+                where = self._locate_rel(i, base, entry_relocs)
+                if where is not None:
+                    found.append((i, base, *where, stype, slen, clob))
+        else:
+            self._locate_linked(data, found)
         # Linked files: the slot each call reads is known only once the table base is
         # inferred from all of them.
         slots = {} if elf.is_relocatable else self._exec_slots(found)
@@ -216,56 +219,61 @@ class _Scanner:
             )
         )
 
-    def _locate(
-        self,
-        index: int,
-        base: int,
-        data: bytes,
-        entry_relocs: dict[int, Relocation],
-        relative: dict[int, int],
+    def _locate_rel(
+        self, index: int, base: int, entry_relocs: dict[int, Relocation]
     ) -> tuple[Section, int] | None:
+        """Relocatable file: the site pointer is the relocation's symbol plus addend."""
         elf, lay = self.elf, self.layout
-        ptr_at = base + lay.instr.offset
-        if elf.is_relocatable:
-            r = entry_relocs.get(ptr_at)
-            if r is None:
-                self._entry_finding(index, base, "no relocation for the site pointer", "PV108")
-                return None
-            if r.type != elf.arch.r_abs_ptr:
-                self._entry_finding(
-                    index, base, f"pointer relocated by {elf.arch.reloc_name(r.type)}", "PV108"
-                )
-                return None
-            sym = elf.symbol(r.sym)
-            if not sym.defined:
-                self._entry_finding(index, base, f"points at symbol {sym.name or r.sym!r}, "
-                                    "which is not in a section of this file")
-                return None
-            sec = elf.section_at(sym.section_index)
-            value = sym.value + r.addend
-            if not sec.is_exec:
-                self._entry_finding(
-                    index, base, f"points into non-executable section {sec.name}"
-                )
-                return None
-            return sec, value
-        ptr = lay.instr.read(data, base)
-        entry_addr = self.table.addr + ptr_at
-        if entry_addr in relative:
-            ptr = relative[entry_addr]
-        esec = elf.section_for_addr(ptr, exec_only=True)
-        if esec is None:
-            self._entry_finding(index, base, f"points at {ptr:#x}, outside every executable "
-                                "section")
+        r = entry_relocs.get(base + lay.instr.offset)
+        if r is None:
+            self._entry_finding(index, base, "no relocation for the site pointer", "PV108")
             return None
-        return esec, ptr - esec.addr
+        if r.type != elf.arch.r_abs_ptr:
+            self._entry_finding(
+                index, base, f"pointer relocated by {elf.arch.reloc_name(r.type)}", "PV108"
+            )
+            return None
+        sym = elf.symbol(r.sym)
+        if not sym.defined:
+            self._entry_finding(index, base, f"points at symbol {sym.name or r.sym!r}, "
+                                "which is not in a section of this file")
+            return None
+        sec = elf.section_at(sym.section_index)
+        if not sec.is_exec:
+            self._entry_finding(index, base, f"points into non-executable section {sec.name}")
+            return None
+        return sec, sym.value + r.addend
+
+    def _locate_linked(
+        self, data: bytes, found: list[tuple[int, int, Section, int, int, int, int]]
+    ) -> None:
+        """Linked file: the site pointer is an address (or a RELATIVE relocation's value).
+        Thousands of entries point into one or two sections: the last one found is
+        tried first."""
+        elf, lay = self.elf, self.layout
+        relative = elf.relative_relocations
+        stride, ptr_at = lay.stride, self.table.addr + lay.instr.offset
+        last: Section | None = None
+        for i, (ptr, (stype, slen, clob)) in enumerate(
+                zip(lay.pointers(data), lay.entries(data), strict=True)):
+            base = i * stride
+            if relative:
+                ptr = relative.get(ptr_at + base, ptr)
+            if last is None or not last.contains_addr(ptr):
+                last = elf.section_for_addr(ptr, exec_only=True)
+                if last is None:
+                    self._entry_finding(i, base, f"points at {ptr:#x}, outside every "
+                                        "executable section")
+                    continue
+            found.append((i, base, last, ptr - last.addr, stype, slen, clob))
 
     def _make_site(
         self, index: int, base: int, sec: Section, off: int, stype: int, slen: int, clob: int,
         exec_slot: int | None = None,
     ) -> Site | None:
         elf = self.elf
-        address = None if elf.is_relocatable else sec.addr + off
+        relocatable = self.relocatable
+        address = None if relocatable else sec.addr + off
         op = self.ops.name_of(stype) if self.ops is not None else None
         problem = None
         if off < 0 or off + slen > sec.size:
@@ -283,24 +291,13 @@ class _Scanner:
             regs = self._regs_cache[clob] = self.layout.regs(clob)
         start = sec.offset + off
         code = elf.data[start : start + slen]
-        slot, crossings = self._check_relocs(sec.index, off, slen, code) \
-            if elf.is_relocatable else (exec_slot, [])
-        site = Site(
-            index=index,
-            section=sec.name,
-            section_index=sec.index,
-            offset=off,
-            address=address,
-            type=stype,
-            len=slen,
-            clobbers=clob,
-            clobber_regs=regs,
-            op=op,
-            code=code,
-            file_offset=start,
-            entry_offset=base,
-            slot=slot,
-        )
+        if relocatable:
+            slot, crossings = self._check_relocs(sec.index, off, slen, code)
+        else:
+            slot, crossings = exec_slot, []
+        # Positional, in field order: thousands of these are made per file.
+        site = Site(index, sec.name, sec.index, off, address, stype, slen, clob, regs, op, code,
+                    start, base, slot)
         for message in crossings:
             self._site_finding("PV107", site, message)
         if slot is not None and slot != stype:
