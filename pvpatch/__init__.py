@@ -20,6 +20,8 @@ _EXPORTS = {
     "make_plan": "api",
     "apply_plan": "api",
     "write_output": "api",
+    "prepare_output": "api",
+    "OutputFile": "output",
     "load_backend": "api",
     "Plan": "plan",
     "Decision": "plan",
@@ -57,6 +59,7 @@ __all__ = [
     "Finding",
     "InputError",
     "OpsError",
+    "OutputFile",
     "Plan",
     "PvpatchError",
     "Rewrite",
@@ -79,6 +82,7 @@ __all__ = [
     "load_backend",
     "make_plan",
     "open_elf",
+    "prepare_output",
     "scan_file",
     "verify_files",
     "verify_json",
@@ -93,6 +97,7 @@ if TYPE_CHECKING:
         load_backend,
         make_plan,
         open_elf,
+        prepare_output,
         scan_file,
         write_output,
     )
@@ -108,6 +113,7 @@ if TYPE_CHECKING:
         UsageError,
         VerifyError,
     )
+    from .output import OutputFile
     from .plan import Decision, Plan, ThunkSpec
     from .rewrite import Rewrite, SitePatch
     from .rules import RULES, Finding

@@ -20,6 +20,7 @@ from .scan import DEFAULT_SECTION, ScanResult, scan_elf
 
 if TYPE_CHECKING:
     from .backend import Backend
+    from .output import OutputFile
     from .plan import Plan
     from .rewrite import Rewrite
 
@@ -117,16 +118,49 @@ def sign_output(result: Rewrite, signing: SigningKey) -> Rewrite:
     return result.with_image(signed, signed=True)
 
 
+def prepare_output(
+    input: str | os.PathLike[str], output: str | os.PathLike[str], *, in_place: bool = False
+) -> OutputFile:
+    """Open `output` for a later `write_output`, and start copying `input` into it.
+
+    For a linked file (an executable, a shared object, a vmlinux) this takes the
+    copy of the input off the critical path: it runs in the kernel on another
+    thread while the file is scanned and planned.  Use it as
+    a context manager; the output appears only when `write_output` commits it.
+
+        with pvpatch.prepare_output("vmlinux", "vmlinux.pv") as out:
+            rw = pvpatch.apply_plan(pvpatch.make_plan(pvpatch.load("vmlinux")))
+            pvpatch.write_output(rw, out)
+    """
+    from .elf import linked_elf
+    from .output import OutputFile, check_output_path
+
+    check_output_path(input, output, in_place)
+    # Only linked files are copied ahead: they are the large ones (a vmlinux) and are
+    # patched in place.  A relocatable object often gets a new layout (its relocation
+    # and symbol tables change), where a copy made ahead would be wasted work.
+    src = os.fspath(input)
+    return OutputFile(output, prefetch=src if linked_elf(src) else None)
+
+
 def write_output(
-    result: Rewrite, output: str | os.PathLike[str], *, in_place: bool = False
+    result: Rewrite, output: str | os.PathLike[str] | OutputFile, *, in_place: bool = False
 ) -> None:
-    """Write a rewrite's bytes to `output` atomically (never over the input unless asked)."""
-    from .output import check_output_path, write_atomic, write_edited
+    """Write a rewrite's bytes to `output` atomically (never over the input unless asked).
+
+    `output` is a path, or an `OutputFile` from `prepare_output` (which checked it)."""
+    from .output import OutputFile, check_output_path
 
     src = result.plan.scan.path
-    check_output_path(src, output, in_place)
-    if result.image is None:
-        # Same layout as the input: write it and the edits over it.
-        write_edited(output, src, result.plan.scan.elf.data, result.edits)
+    if isinstance(output, OutputFile):
+        out = output
     else:
-        write_atomic(output, result.image, mode_from=src)
+        check_output_path(src, output, in_place)
+        out = OutputFile(output)
+    with out:
+        if result.image is None:
+            # Same layout as the input: the input's bytes with the edits over them.
+            elf = result.plan.scan.elf
+            out.commit_edits(src, elf.data, result.edits, elf.identity)
+        else:
+            out.commit_image(result.image, mode_from=src)

@@ -7,11 +7,9 @@ Exit status: 0 success; 1 the job ran and found something that fails it
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -20,6 +18,7 @@ from .errors import PvpatchError, UsageError
 
 if TYPE_CHECKING:
     from .api import SigningKey
+    from .output import OutputFile
     from .rules import Finding
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD = 0, 1, 2
@@ -141,6 +140,8 @@ def _err(message: str) -> None:
 
 
 def _emit_json(doc: Any, out: TextIO = sys.stdout) -> None:
+    import json  # only when JSON is asked for: start-up counts for small runs
+
     json.dump(doc, out, indent=1)
     out.write("\n")
 
@@ -154,6 +155,8 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _write_sarif(path: str, doc: dict[str, Any]) -> None:
+    import json
+
     from .output import write_atomic
 
     # Atomic like every other output: an upload step never sees half a file.
@@ -292,11 +295,24 @@ def cmd_patch(args: argparse.Namespace) -> int:
     signing = _signing(args)
     if os.path.isdir(args.input):
         return cmd_patch_tree(args, signing)
+    from .api import prepare_output
+
+    if args.dry_run:
+        from .output import check_output_path
+
+        check_output_path(args.input, args.output, args.in_place)
+        return _patch_one(args, signing, None)
+    # The output file is opened first: copying the input into it then overlaps the
+    # imports, the scan and the plan (see OutputFile).
+    with prepare_output(args.input, args.output, in_place=args.in_place) as out:
+        return _patch_one(args, signing, out)
+
+
+def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
+               out: OutputFile | None) -> int:
     from .api import apply_plan, load, make_plan, sign_output, write_output
-    from .output import check_output_path
     from .report import findings_text, patch_json, patch_text
 
-    check_output_path(args.input, args.output, args.in_place)
     result = load(args.input, layout=args.layout, section=args.section, ops=args.ops)
     if signing is not None and not result.elf.is_relocatable:
         raise UsageError("--sign-key applies to kernel modules (relocatable files)")
@@ -310,6 +326,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
         from .check import verify_findings
         from .verify import report_failures, verify_json, verify_rewrite, verify_text
 
+        if out is not None:
+            out.wait()  # no copy thread running while the verifier forks
         report = verify_rewrite(rw, trials=args.trials, seed=args.seed)
         verify_doc = verify_json(report)
         failed = verify_findings(report, the_plan)
@@ -323,11 +341,11 @@ def cmd_patch(args: argparse.Namespace) -> int:
             _patch_sarif(args, result.path, (*result.findings, *failed), len(result.elf.data),
                          EXIT_FAIL)
             return EXIT_FAIL
-    output = None if args.dry_run else args.output
-    if signing is not None and output is not None:
+    if signing is not None and out is not None:
         rw = sign_output(rw, signing)
-    if output is not None:
-        write_output(rw, output, in_place=args.in_place)
+    if out is not None:
+        write_output(rw, out)
+    output = None if out is None else args.output
     if args.json:
         _emit_json(patch_json(rw, output, verify_doc))
     else:
@@ -507,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:  # a bug: still one line, unless debugging
         if os.environ.get("PVPATCH_DEBUG"):
+            import traceback
+
             traceback.print_exc()
         _err(f"internal error: {type(exc).__name__}: {exc} (set PVPATCH_DEBUG=1 for a traceback)")
         return EXIT_BAD

@@ -10,7 +10,9 @@ never an IndexError or an allocation the size of a forged header field.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,10 @@ from typing import NamedTuple
 
 from .arch import BY_MACHINE, Arch
 from .errors import ElfFormatError, InputError
+
+# What `ElfFile.data` holds: the bytes given, or a read-only map of the opened file.
+# Both slice to `bytes`; only the operations the two share are used on it.
+Buffer = bytes | mmap.mmap
 
 ELF_MAGIC = b"\x7fELF"
 MODULE_SIG_MAGIC = b"~Module signature appended~\n"
@@ -158,11 +164,38 @@ class Relocation(NamedTuple):
 
 
 @dataclass(frozen=True)
+class FileIdentity:
+    """Which file on disk, and which version of it: a copy is taken from the path only
+    while these still match."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
 class ModuleSignature:
     """An appended kernel module signature: the trailer starts at `offset`."""
 
     offset: int  # first byte of the signature blob: the ELF content ends here
     sig_len: int
+
+
+def linked_elf(path: str) -> bool:
+    """A quick look at a file's header: is it an ELF executable or shared object?
+    (False for anything else, unreadable files included.)"""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(18)
+    except OSError:
+        return False
+    return (len(head) == 18 and head[:4] == ELF_MAGIC and head[5] == 1
+            and int.from_bytes(head[16:18], "little") in (ET_EXEC, ET_DYN))
 
 
 class ElfFile:
@@ -180,9 +213,12 @@ class ElfFile:
     e_shnum: int
     e_shstrndx: int
 
-    def __init__(self, data: bytes, path: str = "<memory>") -> None:
+    def __init__(self, data: Buffer, path: str = "<memory>",
+                 identity: FileIdentity | None = None) -> None:
         self.path = path
-        self.data = data
+        self.data: Buffer = data
+        # Which file `data` maps, so a writer can copy it in the kernel (None: in memory).
+        self.identity = identity
         self._parse_header()
         self.sections: tuple[Section, ...] = self._parse_sections()
         self.segments: tuple[Segment, ...] = self._parse_segments()
@@ -193,9 +229,16 @@ class ElfFile:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> ElfFile:
+        """Open a file read-only.  A regular file is mapped rather than read: a
+        53 MB vmlinux costs nothing up front, and only the pages pvpatch reads
+        are touched."""
         p = Path(path)
         try:
             with p.open("rb") as fh:  # read-only: the input is never opened for writing
+                st = os.fstat(fh.fileno())
+                if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                    data: Buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    return cls(data, str(p), FileIdentity.of(st))
                 data = fh.read()
         except FileNotFoundError:
             raise InputError("no such file", str(p)) from None
@@ -629,7 +672,7 @@ class ElfFile:
     def module_signature(self) -> ModuleSignature | None:
         """An appended module signature (`~Module signature appended~`), if any."""
         d = self.data
-        if not d.endswith(MODULE_SIG_MAGIC):
+        if d[-len(MODULE_SIG_MAGIC) :] != MODULE_SIG_MAGIC:
             return None
         info_at = len(d) - len(MODULE_SIG_MAGIC) - MODULE_SIG_INFO_SIZE
         if info_at < 0:

@@ -1,7 +1,7 @@
 """Writing output files: whole or not at all.
 
-The bytes go to a temporary file in the destination's folder, are flushed to
-disk, and are renamed over the destination only when complete; on any error
+The bytes go to a temporary file in the destination's folder and are renamed
+over the destination only when complete; on any error
 or signal the temporary file is removed and an existing destination is left
 as it was.  The input is never opened for writing.
 """
@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import BinaryIO
 
+from .elf import Buffer, FileIdentity
 from .errors import UsageError
 
 
@@ -54,50 +56,159 @@ def check_output_path(src: str | os.PathLike[str], dst: str | os.PathLike[str],
 
 def write_atomic(dst: str | os.PathLike[str], data: bytes, mode_from: str | None = None) -> None:
     """Write `data` to `dst` atomically, copying permission bits from `mode_from`."""
-
-    def fill(fh: BinaryIO) -> None:
-        fh.write(data)
-
-    _replace_with(dst, fill, mode_from)
+    with OutputFile(dst) as out:
+        out.commit_image(data, mode_from)
 
 
-def write_edited(dst: str | os.PathLike[str], src: str, base: bytes,
-                 edits: Iterable[tuple[int, bytes]]) -> None:
-    """Write `base` (the input as read) with `edits` (offset, bytes) applied, atomically.
+def write_edited(dst: str | os.PathLike[str], src: str, base: Buffer,
+                 edits: Iterable[tuple[int, bytes]], identity: FileIdentity | None = None) -> None:
+    """Write `base` (the input as loaded from `src`) with `edits` applied, atomically."""
+    with OutputFile(dst) as out:
+        out.commit_edits(src, base, edits, identity)
 
-    The edits are written over the copy in the file rather than into a second
-    in-memory image: a large linked file with a few changed sites costs one write.
+
+class OutputFile:
+    """A temporary file beside `dst` that becomes `dst` on a commit, or nothing at all.
+
+    With `prefetch=SRC` it is opened before the output's bytes are known and a
+    second thread starts copying SRC into it.  The copy runs in the kernel
+    (copy_file_range, else sendfile) and releases the GIL, so it overlaps the
+    scan and plan; an output that keeps the input's layout (a linked file patched
+    in place) then costs only its edits at commit.  `commit_edits` checks that the
+    copy was taken from the very file the plan was made from, and copies again
+    (or writes the loaded bytes) when it was not.
+
+    Leaving the `with` block without a commit removes the temporary file; inside
+    the block SIGTERM is raised as KeyboardInterrupt, so that cleanup runs.
     """
-    edits = list(edits)
 
-    def fill(fh: BinaryIO) -> None:
-        fh.write(base)
-        fh.flush()
-        for offset, data in edits:
-            os.pwrite(fh.fileno(), data, offset)
-
-    _replace_with(dst, fill, src)
-
-
-def _replace_with(dst: str | os.PathLike[str], fill: Callable[[BinaryIO], None],
-                  mode_from: str | None) -> None:
-    dst_path = Path(dst)
-    folder = dst_path.parent if str(dst_path.parent) else Path(".")
-    mode = 0o644
-    if mode_from is not None:
-        with contextlib.suppress(OSError):
-            mode = os.stat(mode_from).st_mode & 0o7777
-    with _signals_raise():
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst_path.name}.", suffix=".pvpatch-tmp",
-                                   dir=folder)
+    def __init__(self, dst: str | os.PathLike[str], *, prefetch: str | None = None) -> None:
+        self.dst = Path(dst)
+        self._signals = contextlib.ExitStack()
+        self._signals.enter_context(_signals_raise())
+        folder = self.dst.parent if str(self.dst.parent) else Path(".")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fill(fh)
-                fh.flush()
-            os.chmod(tmp, mode)
-            # The rename is atomic: readers see the old file or the whole new one.
-            os.replace(tmp, dst_path)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.dst.name}.", suffix=".pvpatch-tmp",
+                                            dir=folder)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            self._signals.close()
             raise
+        self._fh = os.fdopen(fd, "wb")
+        self._open = True
+        self._copied: FileIdentity | None = None  # what the prefetch copied, once it has
+        self._thread: threading.Thread | None = None
+        if prefetch is not None:
+            self._thread = threading.Thread(target=self._prefetch, args=(prefetch,),
+                                            name="pvpatch-prefetch", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> OutputFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def _prefetch(self, src: str) -> None:
+        self._copied = _copy_in_kernel(src, None, self._fh.fileno())
+
+    def wait(self) -> None:
+        """Let a running prefetch finish (before forking, or before writing)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _restart(self) -> None:
+        os.ftruncate(self._fh.fileno(), 0)
+        self._fh.seek(0)
+
+    def commit_edits(self, src: str, base: Buffer, edits: Iterable[tuple[int, bytes]],
+                     identity: FileIdentity | None) -> None:
+        """`base` (loaded from `src`, which `identity` names) with `edits` applied."""
+        self.wait()
+        fd = self._fh.fileno()
+        if identity is None or self._copied != identity or identity.size != len(base):
+            self._restart()
+            if identity is None or _copy_in_kernel(src, identity, fd) is None:
+                self._fh.write(base)
+                self._fh.flush()
+        for offset, data in edits:
+            os.pwrite(fd, data, offset)
+        self._finish(src)
+
+    def commit_image(self, data: bytes, mode_from: str | None = None) -> None:
+        """A whole new image."""
+        self.wait()
+        self._restart()
+        self._fh.write(data)
+        self._finish(mode_from)
+
+    def _finish(self, mode_from: str | None) -> None:
+        mode = 0o644
+        if mode_from is not None:
+            with contextlib.suppress(OSError):
+                mode = os.stat(mode_from).st_mode & 0o7777
+        self._fh.close()
+        os.chmod(self.tmp, mode)
+        # The rename is atomic: readers see the old file or the whole new one.
+        os.replace(self.tmp, self.dst)
+        self._open = False
+        self._signals.close()
+
+    def discard(self) -> None:
+        """Remove the temporary file unless it was committed (idempotent)."""
+        if not self._open:
+            return
+        try:
+            self.wait()
+        finally:
+            self._open = False
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self._signals.close()
+
+
+def _copy_in_kernel(src: str, identity: FileIdentity | None, out_fd: int) -> FileIdentity | None:
+    """Copy the whole of `src` to `out_fd` from offset 0; the identity of what was copied,
+    or None (nothing left written) when `src` is not the file `identity` names or the
+    kernel cannot copy between these files."""
+    try:
+        in_fd = os.open(src, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(in_fd)
+        found = FileIdentity.of(st)
+        if not stat.S_ISREG(st.st_mode) or (identity is not None and found != identity):
+            return None
+        for copy in (_copy_file_range, _sendfile):
+            try:
+                copy(in_fd, out_fd, found.size)
+                return found
+            except OSError:
+                # Not supported here (old kernel, other filesystems, seccomp): start over.
+                os.ftruncate(out_fd, 0)
+        return None
+    finally:
+        os.close(in_fd)
+
+
+def _copy_file_range(in_fd: int, out_fd: int, size: int) -> None:
+    done = 0
+    while done < size:
+        n = os.copy_file_range(in_fd, out_fd, size - done, done, done)
+        if n <= 0:
+            raise OSError("copy_file_range made no progress")
+        done += n
+
+
+def _sendfile(in_fd: int, out_fd: int, size: int) -> None:
+    done = 0
+    while done < size:
+        # sendfile writes at the output's file position: give it an explicit one.
+        os.lseek(out_fd, done, os.SEEK_SET)
+        n = os.sendfile(out_fd, in_fd, done, size - done)
+        if n <= 0:
+            raise OSError("sendfile made no progress")
+        done += n

@@ -110,7 +110,8 @@ class Rewrite:
         if self.image is None:
             base = self.plan.scan.elf.data
             return any(base[o : o + len(b)] != b for o, b in self.edits)
-        return self.image != self.plan.scan.elf.data
+        base = self.plan.scan.elf.data
+        return len(self.image) != len(base) or self.image != base[:]  # base may be a map
 
 
 def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],

@@ -44,7 +44,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 from .arch import Arch
-from .elf import SHT_NOBITS, ElfFile
+from .elf import SHT_NOBITS, Buffer, ElfFile
 from .emu import (
     AC_FLAG,
     ARITH_FLAGS,
@@ -210,9 +210,9 @@ class _ThunkJob:
 
 @dataclass(frozen=True)
 class _FileJob:
-    orig_data: bytes
+    orig_data: Buffer
     orig_path: str
-    patched_data: bytes
+    patched_data: Buffer
     sites: tuple[_SiteJob, ...]
     thunks: tuple[_ThunkJob, ...]
     call_targets: tuple[tuple[str, str], ...]
@@ -225,7 +225,9 @@ class _FileJob:
 
     def portable(self) -> _FileJob:
         """The job without the parsed files, to send to another process."""
-        return replace(self, orig_elf=None, patched_elf=None)
+        # A mapped file does not pickle: send its bytes.
+        return replace(self, orig_data=self.orig_data[:], patched_data=self.patched_data[:],
+                       orig_elf=None, patched_elf=None)
 
 
 def _section_nth(elf: ElfFile, index: int) -> int:
@@ -315,7 +317,7 @@ def verify_files(original: ScanResult, patched: ElfFile, plan: Plan, *,
                    patched)
 
 
-def _verify(plan: Plan, patched_data: bytes, thunks: tuple[_ThunkJob, ...], trials: int,
+def _verify(plan: Plan, patched_data: Buffer, thunks: tuple[_ThunkJob, ...], trials: int,
             seed: int, workers: int | None, patched_elf: ElfFile | None = None) -> VerifyReport:
     if trials < 1:
         raise VerifyError("trials must be at least 1")

@@ -98,3 +98,107 @@ def test_signal_cleans_up(big: tuple[Path, str, float], tmp_path: Path, sig: int
             assert "Traceback" not in err and err.count("\n") <= 1, err
         # a caught signal removes the temporary file
         assert not list(tmp_path.glob("*.pvpatch-tmp")), os.listdir(tmp_path)
+
+
+# -- prepared outputs: the input copied ahead, on another thread ----------------------
+
+FIXTURES = REPO / "fixtures" / "x86_64"
+SPEC = REPO / "fixtures" / "specs" / "prog.toml"
+
+
+def _rewrite(src: Path, backend: str = "native"):  # type: ignore[no-untyped-def]
+    import pvpatch
+
+    return pvpatch.apply_plan(pvpatch.make_plan(
+        pvpatch.load(src, ops="catalog:linux-6.1-x86_64"), backend))
+
+
+@pytest.mark.parametrize(("name", "backend"), [
+    ("prog", "native"),  # linked, edits in place
+    ("prog-pie", "native"),
+    ("prog", str(SPEC)),  # linked, thunks in a new segment: a new image
+    ("kernel61.o", "native"),  # relocatable: a new image, no copy ahead
+])
+def test_prepared_output_equals_plain_write(tmp_path: Path, name: str, backend: str) -> None:
+    import pvpatch
+
+    src = FIXTURES / name
+    plain, prepared = tmp_path / "plain", tmp_path / "prepared"
+    pvpatch.write_output(_rewrite(src, backend), plain)
+    with pvpatch.prepare_output(src, prepared) as out:
+        rw = _rewrite(src, backend)
+        if backend != "native":
+            assert rw.image is not None  # thunks: a new segment, so a new image
+        pvpatch.write_output(rw, out)
+    assert prepared.read_bytes() == plain.read_bytes() != src.read_bytes()
+    assert os.stat(prepared).st_mode == os.stat(src).st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "prepared"]
+
+
+def test_prepared_output_when_the_input_changed_meanwhile(tmp_path: Path) -> None:
+    """The copy taken ahead is from the old file: the output must be made from the file
+    the plan was made from, not from the bytes copied ahead."""
+    import pvpatch
+
+    src = tmp_path / "prog"
+    src.write_bytes((FIXTURES / "prog").read_bytes())
+    out_path = tmp_path / "out"
+    with pvpatch.prepare_output(src, out_path) as out:
+        out.wait()  # the old file is copied
+        changed = bytearray(src.read_bytes())
+        changed[-1] ^= 0xFF  # the section header string table's last byte: still valid
+        (tmp_path / "new").write_bytes(changed)
+        os.replace(tmp_path / "new", src)  # a new file under the same name
+        pvpatch.write_output(_rewrite(src), out)
+    expected = bytearray(changed)
+    for offset, data in _rewrite(src).edits:
+        expected[offset : offset + len(data)] = data
+    assert out_path.read_bytes() == bytes(expected)
+
+
+def test_prepared_output_left_uncommitted_leaves_nothing(tmp_path: Path) -> None:
+    import pvpatch
+
+    dst = tmp_path / "out"
+    with pytest.raises(RuntimeError), pvpatch.prepare_output(FIXTURES / "prog", dst):
+        raise RuntimeError("the plan failed")
+    assert list(tmp_path.iterdir()) == []
+    dst.write_bytes(b"previous")
+    with pvpatch.prepare_output(FIXTURES / "prog", dst):
+        pass
+    assert dst.read_bytes() == b"previous" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("broken", [(), ("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_copy_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         broken: tuple[str, ...]) -> None:
+    """Where the kernel cannot copy between the files, the next way is taken, down to
+    writing the loaded bytes; the output is the same every time."""
+    import pvpatch
+
+    def refuse(*_args: object) -> int:
+        raise OSError(18, "Invalid cross-device link")
+
+    for name in broken:
+        monkeypatch.setattr(os, name, refuse)
+    src = FIXTURES / "prog-pie"
+    rw = _rewrite(src)
+    with pvpatch.prepare_output(src, tmp_path / "ahead") as out:
+        pvpatch.write_output(rw, out)
+    pvpatch.write_output(rw, tmp_path / "plain")
+    expected = bytearray(src.read_bytes())
+    for offset, data in rw.edits:
+        expected[offset : offset + len(data)] = data
+    assert (tmp_path / "ahead").read_bytes() == (tmp_path / "plain").read_bytes() == expected
+
+
+def test_sigterm_while_prepared_removes_the_file(tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    code = ("import os, signal, time, pvpatch\n"
+            f"with pvpatch.prepare_output({str(FIXTURES / 'prog')!r}, {str(dst)!r}):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

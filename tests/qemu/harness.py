@@ -514,7 +514,7 @@ def vmlinux_crcs() -> dict[str, int]:
             at = elf.addr_to_offset(ks.addr + i * 12 + 4 + name_rel)
             if at is None:
                 continue
-            name = elf.data[at : elf.data.index(b"\0", at)].decode()
+            name = elf.data[at : elf.data.find(b"\0", at)].decode()
             out[name] = struct.unpack_from("<I", crcs, i * 4)[0]
     return out
 
