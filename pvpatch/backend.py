@@ -22,7 +22,6 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -353,7 +352,7 @@ def load_backend(spec: str, arch: Arch) -> Backend:
 def _native(arch_name: str) -> Backend:
     # Shipped data, read once per process (a tree of modules shares it).
     name = f"native-{arch_name}.toml"
-    text = resources.files("pvpatch").joinpath("data", "backends", name).read_text()
+    text = (Path(__file__).parent / "data" / "backends" / name).read_text()
     return _SpecReader(text, f"builtin:native ({name})", True, ARCHES[arch_name]).read()
 
 

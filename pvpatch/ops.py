@@ -30,8 +30,6 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -356,8 +354,10 @@ def catalog_from_dwarf(path: str | Path, ptr_size: int) -> OpCatalog:
 _TOP_KEYS = {"name", "arch", "ptr_size", "kernel", "template_size", "complete", "slots"}
 
 
-def _data_dir() -> Traversable:
-    return resources.files("pvpatch").joinpath(*_DATA_DIR)
+def _data_dir() -> Path:
+    # The package's own files (not importlib.resources: it costs imports at start-up,
+    # and pvpatch is never run from a zip).
+    return Path(__file__).parent.joinpath(*_DATA_DIR)
 
 
 def builtin_catalog_names() -> list[str]:

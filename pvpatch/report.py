@@ -8,12 +8,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .disasm import disassemble
 from .rules import Finding
 from .scan import ScanResult, Site
 
 if TYPE_CHECKING:
+    from .arch import Arch
+    from .disasm import Insn
     from .rewrite import Rewrite
+
+
+def _disassemble(arch: Arch, code: bytes, address: int) -> list[Insn]:
+    from .disasm import disassemble  # scan output only: a patch run does not load it
+
+    return disassemble(arch, code, address)
 
 
 def site_json(result: ScanResult, site: Site) -> dict[str, Any]:
@@ -28,7 +35,7 @@ def site_json(result: ScanResult, site: Site) -> dict[str, Any]:
         "clobbers": site.clobbers,
         "clobber_regs": list(site.clobber_regs),
         "bytes": site.code.hex(),
-        "insns": [i.text for i in disassemble(result.arch, site.code, site.address or 0)],
+        "insns": [i.text for i in _disassemble(result.arch, site.code, site.address or 0)],
     }
 
 
@@ -88,7 +95,7 @@ def scan_text(result: ScanResult) -> list[str]:
         return lines
     rows = [("idx", "site", "op", "len", "clobbers", "code")]
     for s in result.sites:
-        code = "; ".join(i.text for i in disassemble(result.arch, s.code, s.address or 0))
+        code = "; ".join(i.text for i in _disassemble(result.arch, s.code, s.address or 0))
         rows.append(
             (
                 str(s.index),

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from . import modversions
 from .elf import (
     PF_R,
     PF_X,
@@ -579,6 +578,8 @@ class _RelocatableRewriter(_Rewriter):
             return
         ptr = self.arch.ptr_size
         data = self.elf.section_data(sec)
+        from . import modversions  # only modules that gain symbols need it
+
         extra = modversions.versions_for([g[0] for g in self.new_globals], self.crcs,
                                          modversions.names_in(data, ptr), ptr, self.elf.path)
         if extra:

@@ -39,8 +39,8 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache, lru_cache
-from importlib import resources
 from operator import itemgetter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .arch import Arch
@@ -163,8 +163,7 @@ class RefModel:
 @cache
 def reference_models(arch_name: str) -> Mapping[str, RefModel]:
     """Op name (and alias) -> model, from pvpatch/data/reference/ARCH.toml."""
-    text = resources.files("pvpatch").joinpath("data", "reference", f"{arch_name}.toml") \
-        .read_text()
+    text = (Path(__file__).parent / "data" / "reference" / f"{arch_name}.toml").read_text()
     doc = tomllib.loads(text)
     out: dict[str, RefModel] = {}
     for name, body in doc.get("ops", {}).items():
