@@ -237,8 +237,12 @@ class ElfFile:
             with p.open("rb") as fh:  # read-only: the input is never opened for writing
                 st = os.fstat(fh.fileno())
                 if stat.S_ISREG(st.st_mode) and st.st_size > 0:
-                    data: Buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                    return cls(data, str(p), FileIdentity.of(st))
+                    try:
+                        data: Buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    except (OSError, ValueError):
+                        pass  # a filesystem that cannot map files: read it instead
+                    else:
+                        return cls(data, str(p), FileIdentity.of(st))
                 data = fh.read()
         except FileNotFoundError:
             raise InputError("no such file", str(p)) from None

@@ -499,12 +499,12 @@ def test_malformed_btf() -> None:
     b = _BtfBuilder()
     b.t("paravirt_patch_template", 4, 0xFFFF, 8, b.member("x", 2, 0))  # absurd vlen
     with pytest.raises(OpsError, match="runs past"):
-        Btf(b.blob()).type_count  # records are walked (and checked) when counted
+        _ = Btf(b.blob()).type_count  # records are walked (and checked) when counted
 
     b = _BtfBuilder()
     b.t("weird", 31, 0, 0)
     with pytest.raises(OpsError, match="unknown BTF kind"):
-        Btf(b.blob()).type_count
+        _ = Btf(b.blob()).type_count
     with pytest.raises(OpsError, match="unknown BTF kind"):
         Btf(b.blob()).type(1)
 

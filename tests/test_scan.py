@@ -224,3 +224,38 @@ def test_layout_override_renames_bits(layout: str) -> None:
     assert res.layout is not None and res.layout.name == layout
     regs = {s.clobbers: s.clobber_regs for s in res.sites}
     assert regs[0x1FF][3:5] == ("rsi", "rdi")  # 2.6.29 numbers rsi bit 3, rdi bit 4
+
+
+def _sites_of(elf: ElfFile) -> list[tuple[object, ...]]:
+    res = pvpatch.scan_file(elf, ops="catalog:linux-6.1-x86_64")
+    return [(s.section, s.offset, s.type, s.len, s.clobbers, s.op, s.code) for s in res.sites]
+
+
+def test_inputs_are_mapped_else_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A regular file is mapped; a pipe, or a filesystem that cannot map, is read; the
+    scan is the same either way."""
+    import mmap
+    import os
+    import threading
+
+    src = FIX / "x86_64" / "kernel61.o"
+    mapped = ElfFile.open(src)
+    assert isinstance(mapped.data, mmap.mmap) and mapped.identity is not None
+    expected = _sites_of(mapped)
+    assert expected and _sites_of(ElfFile(src.read_bytes(), str(src))) == expected
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(src.read_bytes()))
+    writer.start()
+    piped = ElfFile.open(fifo)
+    writer.join()
+    assert isinstance(piped.data, bytes) and piped.identity is None
+    assert _sites_of(piped) == expected
+
+    def cannot_map(*_args: object, **_kwargs: object) -> mmap.mmap:
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", cannot_map)
+    read = ElfFile.open(src)
+    assert isinstance(read.data, bytes) and _sites_of(read) == expected
