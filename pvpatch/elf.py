@@ -482,12 +482,16 @@ class ElfFile:
                               name_off, real))
         return tuple(out)
 
-    def _xindex_table(self, symtab: Section) -> bytes | None:
+    def symtab_shndx(self, symtab: Section) -> Section | None:
         """The SHT_SYMTAB_SHNDX section paired with `symtab` (files with > 0xff00 sections)."""
         for sec in self.sections:
             if sec.type == SHT_SYMTAB_SHNDX and sec.link == symtab.index:
-                return self.section_data(sec)
+                return sec
         return None
+
+    def _xindex_table(self, symtab: Section) -> bytes | None:
+        sec = self.symtab_shndx(symtab)
+        return self.section_data(sec) if sec is not None else None
 
     def symbol(self, index: int) -> Symbol:
         syms = self.symbols

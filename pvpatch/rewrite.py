@@ -31,7 +31,9 @@ from .elf import (
     SHF_EXECINSTR,
     SHF_GROUP,
     SHF_INFO_LINK,
+    SHN_LORESERVE,
     SHN_UNDEF,
+    SHN_XINDEX,
     SHT_GROUP,
     SHT_PROGBITS,
     SHT_REL,
@@ -265,11 +267,14 @@ class _Output:
             return
         old_len = len(elf.sections) * fmt.size
         self.out[elf.e_shoff : elf.e_shoff + old_len] = bytes(old_len)
+        count = len(self.shdrs)
+        if count >= SHN_LORESERVE:
+            # Extended numbering (gABI): e_shnum is 0 and section 0's sh_size holds the
+            # count; an e_shstrndx of SHN_XINDEX already points at its sh_link.
+            self.shdrs[0].size = count
+            blob = b"".join(fmt.pack(*sh.fields()) for sh in self.shdrs)
         shoff = self._append(blob, 8)
-        if len(self.shdrs) >= 0xFF00:
-            raise RewriteError("cannot add a section to a file with 65280 or more sections "
-                               "(extended section numbering is not written)", elf.path)
-        self._patch_ehdr(e_shoff=shoff, e_shnum=len(self.shdrs))
+        self._patch_ehdr(e_shoff=shoff, e_shnum=count if count < SHN_LORESERVE else 0)
 
     def _patch_ehdr(self, **values: int) -> None:
         elf = self.elf
@@ -617,9 +622,15 @@ class _RelocatableRewriter(_Rewriter):
             name, info, other, shndx, value, sz = entry
             name_off = len(strtab)
             strtab.extend(name.encode() + b"\0")
+            if shndx >= SHN_LORESERVE:
+                shndx = SHN_XINDEX  # a new section past 0xfeff: the index is in .symtab_shndx
             if elf.cls.bits == 64:
                 return fmt.pack(name_off, info, other, shndx, value, sz)
             return fmt.pack(name_off, value, sz, info, other, shndx)
+
+        def xindex(entries: list[tuple[str, int, int, int, int, int]]) -> bytes:
+            return b"".join(struct.pack("<I", e[3] if e[3] >= SHN_LORESERVE else 0)
+                            for e in entries)
 
         fg = self.first_global
         locals_blob = b"".join(pack(e) for e in self.new_locals)
@@ -628,11 +639,19 @@ class _RelocatableRewriter(_Rewriter):
         out.set_data(symtab.index, new)
         out.shdrs[symtab.index].info = fg + len(self.new_locals)
         out.set_data(strsec.index, bytes(strtab))
+        shndx_sec = elf.symtab_shndx(symtab)
+        new_x = xindex(self.new_locals), xindex(self.new_globals)
+        if shndx_sec is not None:
+            data = elf.section_data(shndx_sec)
+            out.set_data(shndx_sec.index, data[: fg * 4] + new_x[0] + data[fg * 4 :] + new_x[1])
+        elif any(new_x[0]) or any(new_x[1]):
+            # The first symbol in a section numbered past 0xfeff: the file gains the
+            # table (every earlier symbol's index fits its own field, so theirs are 0).
+            idx = out.add_section(".symtab_shndx", type=SHT_SYMTAB_SHNDX, link=symtab.index,
+                                  addralign=4, entsize=4)
+            out.set_data(idx, bytes(4 * fg) + new_x[0] + bytes((len(raw) - fg * size) // size * 4)
+                         + new_x[1])
         for sec in elf.sections:
-            if sec.type == SHT_SYMTAB_SHNDX and sec.link == symtab.index:
-                data = elf.section_data(sec)
-                out.set_data(sec.index, data[: fg * 4] + bytes(4 * len(self.new_locals))
-                             + data[fg * 4 :] + bytes(4 * len(self.new_globals)))
             if sec.type == SHT_GROUP and sec.link == symtab.index and sec.info >= fg:
                 out.shdrs[sec.index].info = sec.info + len(self.new_locals)
 

@@ -296,3 +296,109 @@ def test_packed_relative_relocations(arch: str, spec: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     ran = run_prog(out)
     assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
+
+
+# -- files with 65,280 sections or more (gABI extended section numbering) ----------------
+
+SHN_LORESERVE = 0xFF00
+
+
+def _pad_object(path: Path, count: int, head: str = "", bits: int = 64) -> None:
+    """An object assembled by GNU as: `head`, then `count` one-byte code sections."""
+    src = path.with_suffix(".s")
+    src.write_text(head + "".join(f'.section .text.pvpad{i},"ax",@progbits\nret\n'
+                                  for i in range(count)))
+    subprocess.run(["as", f"--{bits}", "-o", str(path), str(src)], check=True)
+
+
+def _readelf(*args: str) -> str:
+    return subprocess.run(["readelf", "-W", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _section_index(path: Path, name: str) -> int:
+    for line in _readelf("-S", str(path)).splitlines():
+        if (m := re.match(r"\s*\[\s*(\d+)\]\s+(\S+)", line)) and m[2] == name:
+            return int(m[1])
+    raise AssertionError(f"no section {name} in {path}")
+
+
+def _symbol_ndx(path: Path, name: str) -> int:
+    line = next(ln for ln in _readelf("-s", str(path)).splitlines() if ln.endswith(" " + name))
+    return int(line.split()[6])
+
+
+def _header_counts(path: Path) -> str:
+    return next(ln for ln in _readelf("-h", str(path)).splitlines()
+                if "Number of section headers" in ln).split(":", 1)[1].strip()
+
+
+def test_thunks_in_a_file_already_past_0xff00_sections(spec: Path, tmp_path: Path) -> None:
+    """prog.o with 65,300 more sections (linked by ld -r, which writes .symtab_shndx): the
+    thunk section's symbols go through SHN_XINDEX, the program still links and runs."""
+    pad = tmp_path / "pad.o"
+    _pad_object(pad, 65_300)
+    big = tmp_path / "big.o"
+    subprocess.run(["ld", "-r", "--no-warn-execstack", str(FIX / "x86_64" / "prog.o"), str(pad),
+                    "-o", str(big)], check=True)
+    assert _header_counts(big).startswith("0 (")  # the input uses extended numbering
+    out = tmp_path / "out.o"
+    proc = pvpatch_cli("patch", str(big), "-o", str(out), "--backend", str(spec), "--ops",
+                       "none", "--json", "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    thunk_sec = _section_index(out, ".text.pvpatch")
+    assert thunk_sec >= SHN_LORESERVE
+    total = int(_header_counts(big).split("(")[1].rstrip(")")) + 2  # + .text.pvpatch + .rela
+    assert _header_counts(out) == f"0 ({total})"
+    for t in json.loads(proc.stdout)["thunks"]:
+        assert _symbol_ndx(out, t["symbol"]) == thunk_sec  # readelf resolves SHN_XINDEX
+    text = _readelf("-a", str(out))
+    assert "Warning" not in text and "Error" not in text
+    assert subprocess.run(["eu-elflint", "--gnu-ld", "-q", str(out)]).returncode == 0
+    subprocess.run(["ld", "-r", str(out), "-o", str(tmp_path / "again.o")], check=True)
+    exe = tmp_path / "prog"
+    subprocess.run(["gcc", "-no-pie", "-Wl,--no-warn-execstack", "-o", str(exe), str(out)],
+                   check=True)
+    ran = run_prog(exe)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+def test_the_first_symbol_past_0xff00_brings_symtab_shndx(arch: str, tmp_path: Path) -> None:
+    """GNU as numbers its sections past 0xff00 but writes no .symtab_shndx when no symbol
+    needs one; a thunk's symbol does, so the output gains the table."""
+    bits, ptr = (64, 8) if arch == "x86_64" else (32, 4)
+    call = "call *pv_ops+8*30(%rip)" if bits == 64 else "call *pv_ops+4*30"
+    site = (f".text\n.globl f\nf:\n771: {call}\n772:\n"
+            f'.pushsection .parainstructions,"a"\n.balign {ptr}\n'
+            f"{'.quad' if bits == 64 else '.long'} 771b\n.byte 30\n"
+            f".byte 772b-771b\n.short 1\n.balign {ptr}\n.popsection\nret\n")
+    obj = tmp_path / "near.o"
+    _pad_object(obj, 0, site, bits)
+    # Exactly 0xff00 sections: numbered up to 0xfeff (as writes no .symtab_shndx), but
+    # counted with extended numbering; the next section, the thunks', is 0xff00.
+    _pad_object(obj, SHN_LORESERVE - len(ElfFile.open(obj).sections), site, bits)
+    before = ElfFile.open(obj)
+    assert len(before.sections) == SHN_LORESERVE and _header_counts(obj).startswith("0 (")
+    assert not any(s.name == ".symtab_shndx" for s in before.sections)
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text('[ops.30]\naction = "call"\ntarget = "c_save_fl"\n')
+    out = tmp_path / "out.o"
+    proc = pvpatch_cli("patch", str(obj), "-o", str(out), "--backend", str(spec_file),
+                       "--ops", f"catalog:linux-6.1-{arch}", "--json", "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    assert [d["action"] for d in json.loads(proc.stdout)["sites"]] == ["thunk"]
+    thunk_sec = _section_index(out, ".text.pvpatch")
+    assert thunk_sec >= SHN_LORESERVE and _section_index(out, ".symtab_shndx") > thunk_sec
+    assert _symbol_ndx(out, "__raw_callee_save_c_save_fl") == thunk_sec
+    assert _header_counts(out) == f"0 ({len(before.sections) + 3})"
+    text = _readelf("-a", str(out))
+    assert "Warning" not in text and "Error" not in text
+    assert subprocess.run(["eu-elflint", "--gnu-ld", "-q", str(out)]).returncode == 0
+    emulation = ["-m", "elf_i386"] if bits == 32 else []
+    subprocess.run(["ld", *emulation, "-r", str(out), "-o", str(tmp_path / "again.o")],
+                   check=True)
+    # pvpatch reads its own output back: the thunk symbol is where readelf says
+    again = ElfFile.open(out)
+    sym = again.symbols_by_name["__raw_callee_save_c_save_fl"]
+    assert sym.section_index == thunk_sec and again.sections[thunk_sec].name == ".text.pvpatch"
