@@ -44,6 +44,7 @@ from .elf import (
     STB_LOCAL,
     STT_FUNC,
     STT_NOTYPE,
+    STT_SECTION,
     ElfFile,
     Relocation,
     Section,
@@ -327,6 +328,7 @@ class _RelocatableRewriter(_Rewriter):
         self.added: dict[int, list[Relocation]] = {}
         self.replaced: dict[int, list[Relocation]] = {}
         self.new_reloc_lists: dict[int, list[Relocation]] = {}  # sections without a .rela
+        self.symbol_updates: dict[int, tuple[int, int]] = {}  # index -> (value, size)
         self._by_text: dict[int, tuple[list[int], list[tuple[int, int, Relocation]]]] = {}
         thunks = self._place_thunks()
         rewritten: set[int] = set()
@@ -508,6 +510,7 @@ class _RelocatableRewriter(_Rewriter):
         moved = {old * stride: new * stride for new, old in enumerate(keep)}
         new = b"".join(data[i * stride : (i + 1) * stride] for i in keep)
         self.output.set_data(table.section.index, new)
+        self._move_table_symbols(table.section.index, stride, keep, table.count)
         for relsec in elf.relocation_sections(table.section):
             out = []
             for r in self._entries(relsec.index):
@@ -516,6 +519,23 @@ class _RelocatableRewriter(_Rewriter):
                     out.append(r._replace(offset=moved[base] + r.offset % stride))
             self.replaced[relsec.index] = out
         return table.count - len(keep)
+
+    def _move_table_symbols(self, index: int, stride: int, keep: list[int], count: int) -> None:
+        """Labels inside the table follow their entries; one on a dropped entry moves to
+        where the next kept entry now starts, and an end label to the new end."""
+        kept = set(keep)
+
+        def moved(offset: int) -> int:
+            k, rest = divmod(offset, stride)
+            before = bisect.bisect_left(keep, k)  # kept entries ahead of entry k
+            return before * stride + (rest if k in kept or k >= count else 0)
+
+        for sym in self.elf.symbols:
+            if not sym.defined or sym.section_index != index or sym.type == STT_SECTION:
+                continue
+            value, end = moved(sym.value), moved(sym.value + sym.size)
+            if (value, end - value) != (sym.value, sym.size):
+                self.symbol_updates[sym.index] = (value, end - value)
 
     # emit --------------------------------------------------------------------
 
@@ -610,13 +630,23 @@ class _RelocatableRewriter(_Rewriter):
         elf, out = self.elf, self.output
         symtab = elf.symtab
         assert symtab is not None
+        fmt = elf.cls.sym
+        size = fmt.size
+        raw = elf.section_data(symtab)
+        if self.symbol_updates:
+            table = bytearray(raw)
+            # st_value and st_size: fields 4, 5 in ELF64's order, 1, 2 in ELF32's
+            at = (4, 5) if elf.cls.bits == 64 else (1, 2)
+            for index, (value, sym_size) in self.symbol_updates.items():
+                rec = list(fmt.unpack_from(table, index * size))
+                rec[at[0]], rec[at[1]] = value, sym_size
+                fmt.pack_into(table, index * size, *rec)
+            raw = bytes(table)
+            out.set_data(symtab.index, raw)
         if not self.new_locals and not self.new_globals:
             return
         strsec = elf.sections[symtab.link]
         strtab = bytearray(elf.section_data(strsec))
-        fmt = elf.cls.sym
-        raw = elf.section_data(symtab)
-        size = fmt.size
 
         def pack(entry: tuple[str, int, int, int, int, int]) -> bytes:
             name, info, other, shndx, value, sz = entry

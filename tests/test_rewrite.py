@@ -219,6 +219,45 @@ def test_drop_patched(arch_name: str, tmp_path: Path) -> None:
     assert not res.findings
 
 
+@pytest.mark.parametrize("arch_name", ["x86_64", "i386"])
+def test_drop_patched_moves_labels_in_the_table(arch_name: str, tmp_path: Path) -> None:
+    """Symbols inside the table follow the entries they name (readelf is the judge)."""
+    bits = 64 if arch_name == "x86_64" else 32
+    ptr = bits // 8
+    word = ".quad" if bits == 64 else ".long"
+    sites = []
+    for t in (31, 99, 32):  # irq_disable (inlined), unknown (kept), irq_enable (inlined)
+        call = f"call *pv_ops+{t * ptr}(%rip)" if bits == 64 else f"call *pv_ops+{t * ptr}"
+        sites.append(f"771: {call}\n772:\n.pushsection .parainstructions,\"a\"\n"
+                     f"{'mid:' if t == 99 else ''}\n{word} 771b\n.byte {t}\n"
+                     f".byte 772b-771b\n.short {(1 << 9) - 1 if bits == 64 else 0xF}\n"
+                     f".balign {ptr}\n.popsection")
+    src = tmp_path / "t.s"
+    src.write_text(
+        '.pushsection .parainstructions,"a"\n.balign 8\n.globl tbl\n.type tbl,@object\n'
+        "tbl:\nfirst:\n.popsection\n.text\n.globl f\nf:\n" + "\n".join(sites) +
+        '\nret\n.pushsection .parainstructions,"a"\nend:\n.size tbl, .-tbl\n.popsection\n')
+    obj = tmp_path / "t.o"
+    subprocess.run(["as", f"--{bits}", "-o", str(obj), str(src)], check=True)
+    rw = patch(obj, ops=CAT[arch_name], drop=True)
+    assert rw.dropped_entries == 2
+    out = tmp_path / "out.o"
+    out.write_bytes(rw.data)
+
+    def symbols(path: Path) -> dict[str, tuple[int, int]]:
+        rows = [ln.split() for ln in readelf("-s", str(path)).splitlines()]
+        return {r[7]: (int(r[1], 16), int(r[2])) for r in rows
+                if len(r) == 8 and r[7] in ("tbl", "first", "mid", "end")}
+
+    stride = 2 * ptr
+    assert symbols(obj) == {"tbl": (0, 3 * stride), "first": (0, 0), "mid": (stride, 0),
+                            "end": (3 * stride, 0)}
+    assert symbols(out) == {"tbl": (0, stride), "first": (0, 0), "mid": (0, 0),
+                            "end": (stride, 0)}
+    check_links(out, ARCHES[arch_name], tmp_path)
+    assert [s.type for s in pvpatch.load(out, ops=CAT[arch_name]).sites] == [99]
+
+
 def test_patch_cli_json(tmp_path: Path) -> None:
     out = tmp_path / "k.o"
     proc = subprocess.run(
