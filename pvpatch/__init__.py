@@ -48,6 +48,7 @@ _EXPORTS = {
     "SpecError": "errors",
     "UsageError": "errors",
     "RewriteError": "errors",
+    "OutputError": "errors",
     "VerifyError": "errors",
 }
 
@@ -59,6 +60,7 @@ __all__ = [
     "Finding",
     "InputError",
     "OpsError",
+    "OutputError",
     "OutputFile",
     "Plan",
     "PvpatchError",
@@ -106,6 +108,7 @@ if TYPE_CHECKING:
         ElfFormatError,
         InputError,
         OpsError,
+        OutputError,
         PvpatchError,
         RewriteError,
         SpecError,

@@ -346,14 +346,13 @@ class Btf:
         out = self.base._string_offsets(name) if self.base is not None else []
         if not name:
             return out
-        # A string starts the section or follows a NUL (a split BTF's strings need
-        # not begin with the empty string).
+        # Every place `name` NUL appears is an offset naming it: a record may point into
+        # the tail of a longer string ("ops" inside "pv_cpu_ops"), which the kernel accepts.
         needle = name.encode("utf-8") + b"\0"
         data, lo, hi = self._bytes, self._str_start, self._str_start + self._str_len
         at = data.find(needle, lo, hi)
         while at >= 0:
-            if at == lo or data[at - 1] == 0:
-                out.append(at - lo + self._str_base)
+            out.append(at - lo + self._str_base)
             at = data.find(needle, at + 1, hi)
         return out
 

@@ -190,6 +190,9 @@ def linked_elf(path: str) -> bool:
     """A quick look at a file's header: is it an ELF executable or shared object?
     (False for anything else, unreadable files included.)"""
     try:
+        # Only a regular file: reading a pipe's first bytes would take them from the load.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as fh:
             head = fh.read(18)
     except OSError:

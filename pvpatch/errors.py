@@ -48,6 +48,10 @@ class UsageError(PvpatchError):
     """The request is inconsistent (bad option combination, -o equal to input...)."""
 
 
+class OutputError(PvpatchError):
+    """The output cannot be written (no such folder, no space left, input changed...)."""
+
+
 class RewriteError(PvpatchError):
     """A plan cannot be applied to the file."""
 

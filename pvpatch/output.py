@@ -18,27 +18,37 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from .elf import Buffer, FileIdentity
-from .errors import UsageError
+from .errors import OutputError, UsageError
+
+# SIGTERM raises KeyboardInterrupt while any output is open, so cleanup runs.  Counted,
+# not nested: outputs may close in any order, and the last one restores the handler.
+_raising = 0
+_saved_handler: Any = None
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextmanager
 def _signals_raise() -> Iterator[None]:
     """Turn SIGTERM into an exception while writing, so cleanup runs."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
+    global _raising, _saved_handler
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals belong to the main thread: leave them alone
         return
+    if _raising == 0:
+        _saved_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    _raising += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        _raising -= 1
+        if _raising == 0:
+            signal.signal(signal.SIGTERM, _saved_handler)
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -80,6 +90,7 @@ class OutputFile:
 
     Leaving the `with` block without a commit removes the temporary file; inside
     the block SIGTERM is raised as KeyboardInterrupt, so that cleanup runs.
+    Failures to write are `OutputError`s.
     """
 
     def __init__(self, dst: str | os.PathLike[str], *, prefetch: str | None = None) -> None:
@@ -90,6 +101,9 @@ class OutputFile:
         try:
             fd, self.tmp = tempfile.mkstemp(prefix=f".{self.dst.name}.", suffix=".pvpatch-tmp",
                                             dir=folder)
+        except OSError as exc:
+            self._signals.close()
+            raise OutputError(f"cannot write here: {exc.strerror or exc}", str(dst)) from None
         except BaseException:
             self._signals.close()
             raise
@@ -98,7 +112,10 @@ class OutputFile:
         self._copied: FileIdentity | None = None  # what the prefetch copied, once it has
         self._thread: threading.Thread | None = None
         if prefetch is not None:
-            self._thread = threading.Thread(target=self._prefetch, args=(prefetch,),
+            # The thread writes through its own descriptor: if this object is discarded
+            # while it still runs (a second signal), it only writes into the removed file.
+            self._thread = threading.Thread(target=self._prefetch,
+                                            args=(prefetch, os.dup(fd)),
                                             name="pvpatch-prefetch", daemon=True)
             self._thread.start()
 
@@ -108,8 +125,13 @@ class OutputFile:
     def __exit__(self, *exc: object) -> None:
         self.discard()
 
-    def _prefetch(self, src: str) -> None:
-        self._copied = _copy_in_kernel(src, None, self._fh.fileno())
+    def _prefetch(self, src: str, fd: int) -> None:
+        try:
+            self._copied = _copy_in_kernel(src, None, fd)
+        except Exception:  # never a traceback from the thread: commit copies again
+            self._copied = None
+        finally:
+            os.close(fd)
 
     def wait(self) -> None:
         """Let a running prefetch finish (before forking, or before writing)."""
@@ -118,29 +140,37 @@ class OutputFile:
             self._thread = None
 
     def _restart(self) -> None:
-        os.ftruncate(self._fh.fileno(), 0)
         self._fh.seek(0)
+        os.ftruncate(self._fh.fileno(), 0)
 
     def commit_edits(self, src: str, base: Buffer, edits: Iterable[tuple[int, bytes]],
                      identity: FileIdentity | None) -> None:
         """`base` (loaded from `src`, which `identity` names) with `edits` applied."""
         self.wait()
-        fd = self._fh.fileno()
-        if identity is None or self._copied != identity or identity.size != len(base):
-            self._restart()
-            if identity is None or _copy_in_kernel(src, identity, fd) is None:
-                self._fh.write(base)
-                self._fh.flush()
-        for offset, data in edits:
-            os.pwrite(fd, data, offset)
-        self._finish(src)
+        try:
+            if identity is None or self._copied != identity or identity.size != len(base):
+                self._restart()
+                if identity is None or _copy_in_kernel(src, identity, self._fh.fileno()) is None:
+                    _check_unchanged(src, identity)
+                    self._restart()
+                    self._fh.write(base)
+                    self._fh.flush()
+            fd = self._fh.fileno()
+            for offset, data in edits:
+                os.pwrite(fd, data, offset)
+            self._finish(src)
+        except OSError as exc:
+            raise OutputError(f"cannot write: {exc.strerror or exc}", str(self.dst)) from None
 
     def commit_image(self, data: bytes, mode_from: str | None = None) -> None:
         """A whole new image."""
         self.wait()
-        self._restart()
-        self._fh.write(data)
-        self._finish(mode_from)
+        try:
+            self._restart()
+            self._fh.write(data)
+            self._finish(mode_from)
+        except OSError as exc:
+            raise OutputError(f"cannot write: {exc.strerror or exc}", str(self.dst)) from None
 
     def _finish(self, mode_from: str | None) -> None:
         mode = 0o644
@@ -169,10 +199,24 @@ class OutputFile:
             self._signals.close()
 
 
+def _check_unchanged(src: str, identity: FileIdentity | None) -> None:
+    """A mapped input rewritten in place since it was loaded no longer holds what the plan
+    was made from: refuse rather than write it.  (One replaced by rename, as linkers and
+    build tools do, leaves the mapped file intact.)"""
+    if identity is None:
+        return
+    try:
+        now = FileIdentity.of(os.stat(src))
+    except OSError:
+        return  # removed: the mapped file itself is intact
+    if (now.device, now.inode) == (identity.device, identity.inode) and now != identity:
+        raise OutputError("the input changed while pvpatch was running; nothing written", src)
+
+
 def _copy_in_kernel(src: str, identity: FileIdentity | None, out_fd: int) -> FileIdentity | None:
     """Copy the whole of `src` to `out_fd` from offset 0; the identity of what was copied,
-    or None (nothing left written) when `src` is not the file `identity` names or the
-    kernel cannot copy between these files."""
+    or None (nothing left written) when `src` is not the file `identity` names, changed
+    while it was copied, or the kernel cannot copy between these files."""
     try:
         in_fd = os.open(src, os.O_RDONLY)
     except OSError:
@@ -185,19 +229,27 @@ def _copy_in_kernel(src: str, identity: FileIdentity | None, out_fd: int) -> Fil
         for copy in (_copy_file_range, _sendfile):
             try:
                 copy(in_fd, out_fd, found.size)
-                return found
             except OSError:
                 # Not supported here (old kernel, other filesystems, seccomp): start over.
                 os.ftruncate(out_fd, 0)
+                os.lseek(out_fd, 0, os.SEEK_SET)
+                continue
+            if FileIdentity.of(os.fstat(in_fd)) != found:  # written to while copied
+                os.ftruncate(out_fd, 0)
+                return None
+            return found
         return None
     finally:
         os.close(in_fd)
 
 
 def _copy_file_range(in_fd: int, out_fd: int, size: int) -> None:
+    copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
+    if copy_file_range is None:
+        raise OSError("copy_file_range is not available")
     done = 0
     while done < size:
-        n = os.copy_file_range(in_fd, out_fd, size - done, done, done)
+        n = copy_file_range(in_fd, out_fd, size - done, done, done)
         if n <= 0:
             raise OSError("copy_file_range made no progress")
         done += n

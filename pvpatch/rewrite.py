@@ -652,8 +652,10 @@ class _RelocatableRewriter(_Rewriter):
             name, info, other, shndx, value, sz = entry
             name_off = len(strtab)
             strtab.extend(name.encode() + b"\0")
+            # New entries hold SHN_UNDEF or a real section number (never SHN_ABS/COMMON):
+            # one past 0xfeff is written as SHN_XINDEX, the number going to .symtab_shndx.
             if shndx >= SHN_LORESERVE:
-                shndx = SHN_XINDEX  # a new section past 0xfeff: the index is in .symtab_shndx
+                shndx = SHN_XINDEX
             if elf.cls.bits == 64:
                 return fmt.pack(name_off, info, other, shndx, value, sz)
             return fmt.pack(name_off, value, sz, info, other, shndx)

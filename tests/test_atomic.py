@@ -202,3 +202,88 @@ def test_sigterm_while_prepared_removes_the_file(tmp_path: Path) -> None:
                           text=True, timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_input_rewritten_in_place_is_refused(tmp_path: Path) -> None:
+    """A mapped input changed in place after it was loaded no longer holds what the plan
+    was made from: nothing is written, in one clear error."""
+    import pvpatch
+
+    src = tmp_path / "prog"
+    src.write_bytes((FIXTURES / "prog").read_bytes())
+    rw = _rewrite(src)
+    with open(src, "r+b") as fh:  # same inode, new contents (as `cp other prog` would)
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 0xFF]))
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # coarse clocks
+    with pytest.raises(pvpatch.OutputError, match="changed while pvpatch was running"):
+        pvpatch.write_output(rw, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prog"]
+
+
+def test_failed_sendfile_leaves_no_hole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel copy that fails half-way is started over from offset 0 by the next way."""
+    import pvpatch
+
+    real_sendfile = os.sendfile
+
+    def refuse(*_args: object) -> int:
+        raise OSError(18, "Invalid cross-device link")
+
+    def half_then_fail(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        if offset == 0:
+            return real_sendfile(out_fd, in_fd, 0, min(count, 4096))
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(os, "sendfile", half_then_fail)
+    src = FIXTURES / "prog-pie"
+    rw = _rewrite(src)
+    pvpatch.write_output(rw, tmp_path / "out")
+    monkeypatch.delattr(os, "copy_file_range")  # not every system has it
+    pvpatch.write_output(rw, tmp_path / "out2")
+    expected = bytearray(src.read_bytes())
+    for offset, data in rw.edits:
+        expected[offset : offset + len(data)] = data
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "out2").read_bytes() == expected
+
+
+def test_pipe_input_is_patched(tmp_path: Path) -> None:
+    """A FIFO (or `<(...)`) is read once, by the load: nothing peeks at it first."""
+    import threading
+
+    fifo = tmp_path / "in"
+    os.mkfifo(fifo)
+    data = (FIXTURES / "prog").read_bytes()
+    writer = threading.Thread(target=lambda: fifo.write_bytes(data), daemon=True)
+    writer.start()
+    out = tmp_path / "out"
+    proc = subprocess.run(patch_cmd(fifo, out), cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    writer.join(5)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == _rewrite(FIXTURES / "prog").data
+
+
+def test_output_folder_missing_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(patch_cmd(FIXTURES / "prog", tmp_path / "no" / "such" / "out"),
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "cannot write here" in proc.stderr, proc.stderr
+
+
+def test_outputs_closed_out_of_order_restore_sigterm(tmp_path: Path) -> None:
+    import pvpatch
+
+    before = signal.getsignal(signal.SIGTERM)
+    a = pvpatch.prepare_output(FIXTURES / "prog", tmp_path / "a")
+    b = pvpatch.prepare_output(FIXTURES / "prog", tmp_path / "b")
+    assert signal.getsignal(signal.SIGTERM) is not before
+    a.discard()
+    assert signal.getsignal(signal.SIGTERM) is not before  # b is still open
+    b.discard()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert list(tmp_path.iterdir()) == []

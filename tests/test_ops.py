@@ -475,6 +475,19 @@ def test_btf_name_hits_that_are_not_records() -> None:
     assert c.slots == catalog_from_btf(_template_btf().blob(), 8, origin="plain").slots
 
 
+def test_btf_name_in_the_tail_of_another_string() -> None:
+    """A record may name itself by pointing into the tail of a longer string ("bar" in
+    "foo_bar"), which the kernel's BTF checker accepts."""
+    b = _BtfBuilder()
+    b.t("int", 1, 0, 4, struct.pack("<I", 32))  # 1
+    b.s("foo_bar")
+    bar = b.strings.index(b"bar\0")
+    b.types += struct.pack("<III", bar, 4 << 24 | 1, 4) + b.member("x", 1, 0)  # 2: struct
+    btf = Btf(b.blob())
+    assert btf.string(bar) == "bar"
+    assert btf.find_aggregates("bar") == [2] and btf.find_aggregates("foo_bar") == []
+
+
 def test_malformed_btf() -> None:
     good = _template_btf().blob()
     cases = {
