@@ -113,6 +113,14 @@ def _rewrite(src: Path, backend: str = "native"):  # type: ignore[no-untyped-def
         pvpatch.load(src, ops="catalog:linux-6.1-x86_64"), backend))
 
 
+def _with_edits(data: bytes, edits: tuple[tuple[int, bytes], ...]) -> bytes:
+    """The expected output, computed here rather than by pvpatch's writer."""
+    out = bytearray(data)
+    for offset, new in edits:
+        out[offset : offset + len(new)] = new
+    return bytes(out)
+
+
 @pytest.mark.parametrize(("name", "backend"), [
     ("prog", "native"),  # linked, edits in place
     ("prog-pie", "native"),
@@ -150,10 +158,7 @@ def test_prepared_output_when_the_input_changed_meanwhile(tmp_path: Path) -> Non
         (tmp_path / "new").write_bytes(changed)
         os.replace(tmp_path / "new", src)  # a new file under the same name
         pvpatch.write_output(_rewrite(src), out)
-    expected = bytearray(changed)
-    for offset, data in _rewrite(src).edits:
-        expected[offset : offset + len(data)] = data
-    assert out_path.read_bytes() == bytes(expected)
+    assert out_path.read_bytes() == _with_edits(bytes(changed), _rewrite(src).edits)
 
 
 def test_prepared_output_left_uncommitted_leaves_nothing(tmp_path: Path) -> None:
@@ -186,9 +191,7 @@ def test_copy_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     with pvpatch.prepare_output(src, tmp_path / "ahead") as out:
         pvpatch.write_output(rw, out)
     pvpatch.write_output(rw, tmp_path / "plain")
-    expected = bytearray(src.read_bytes())
-    for offset, data in rw.edits:
-        expected[offset : offset + len(data)] = data
+    expected = _with_edits(src.read_bytes(), rw.edits)
     assert (tmp_path / "ahead").read_bytes() == (tmp_path / "plain").read_bytes() == expected
 
 
@@ -245,9 +248,7 @@ def test_failed_sendfile_leaves_no_hole(tmp_path: Path, monkeypatch: pytest.Monk
     pvpatch.write_output(rw, tmp_path / "out")
     monkeypatch.delattr(os, "copy_file_range")  # not every system has it
     pvpatch.write_output(rw, tmp_path / "out2")
-    expected = bytearray(src.read_bytes())
-    for offset, data in rw.edits:
-        expected[offset : offset + len(data)] = data
+    expected = _with_edits(src.read_bytes(), rw.edits)
     assert (tmp_path / "out").read_bytes() == (tmp_path / "out2").read_bytes() == expected
 
 
