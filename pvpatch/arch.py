@@ -6,6 +6,7 @@ names, calling convention, relocation numbers and widths, NOP forms.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -60,6 +61,13 @@ class Arch:
     r_relative: int  # dynamic RELATIVE
     reg_numbers: Mapping[str, int]  # ModRM/opcode register numbers
     endbr: bytes  # endbr64 / endbr32
+    rex_w: bytes  # the prefix that makes an instruction pointer-sized (none on i386)
+    # Registers a C function preserves (the psABI's callee-saved set).
+    preserved: tuple[str, ...]
+    word: struct.Struct  # a pointer-sized little-endian word
+    # `struct kernel_symbol` holds 32-bit self-relative offsets (x86-64, 4.19 on)
+    # rather than pointers.
+    ksymtab_prel32: bool
     nops: tuple[bytes, ...] = P6_NOPS
     stack_align: int = 16  # alignment the psABI wants at a call instruction
 
@@ -73,8 +81,7 @@ class Arch:
 
     def adjust_sp(self, delta: int) -> bytes:
         """`lea delta(%rsp),%rsp`: moves the stack pointer without touching the flags."""
-        rex = b"\x48" if self.ptr_size == 8 else b""
-        return rex + b"\x8d\x64\x24" + (delta & 0xFF).to_bytes(1, "little")
+        return self.rex_w + b"\x8d\x64\x24" + (delta & 0xFF).to_bytes(1, "little")
 
     def reloc(self, number: int) -> RelocType:
         found = self.reloc_types.get(number)
@@ -84,6 +91,15 @@ class Arch:
 
     def reloc_name(self, number: int) -> str:
         return self.reloc(number).name
+
+    def wrap(self, value: int) -> int:
+        """`value` as an address of this architecture (modulo the address width)."""
+        return value & ((1 << (8 * self.ptr_size)) - 1)
+
+    def signed(self, value: int) -> int:
+        """`value` modulo the address width, as a signed offset (addresses wrap around)."""
+        half = 1 << (8 * self.ptr_size - 1)
+        return self.wrap(value + half) - half
 
     def nop_fill(self, length: int) -> bytes:
         """The fewest recommended NOP instructions covering exactly `length` bytes."""
@@ -160,6 +176,10 @@ X86_64 = Arch(
                                     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"))
     }),
     endbr=bytes.fromhex("f30f1efa"),
+    rex_w=b"\x48",
+    preserved=("rbx", "rbp", "r12", "r13", "r14", "r15"),
+    word=struct.Struct("<Q"),
+    ksymtab_prel32=True,
 )
 
 I386 = Arch(
@@ -225,6 +245,10 @@ I386 = Arch(
         r: i for i, r in enumerate(("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi"))
     }),
     endbr=bytes.fromhex("f30f1efb"),
+    rex_w=b"",
+    preserved=("ebx", "ebp", "esi", "edi"),
+    word=struct.Struct("<I"),
+    ksymtab_prel32=False,
 )
 
 ARCHES: Mapping[str, Arch] = MappingProxyType({a.name: a for a in (X86_64, I386)})

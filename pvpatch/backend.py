@@ -243,7 +243,7 @@ class _SpecReader:
         if not isinstance(clobbers, list) or not all(isinstance(c, str) for c in clobbers):
             raise self.fail(f"op {key!r}: clobbers must be a list of register names", line)
         if arch is not None:
-            known = set(arch.caller_saved) | set(arch.return_regs) | _callee_saved(arch)
+            known = set(arch.caller_saved) | set(arch.return_regs) | set(arch.preserved)
             for reg in clobbers:
                 if reg not in known:
                     raise self.fail(f"op {key!r}: unknown {arch.name} register {reg!r}", line)
@@ -294,10 +294,6 @@ class _SpecReader:
         return code
 
 
-def _callee_saved(arch: Arch) -> set[str]:
-    if arch.name == "x86_64":
-        return {"rbx", "rbp", "r12", "r13", "r14", "r15"}
-    return {"ebx", "ebp", "esi", "edi"}
 
 
 def assemble(text: str, arch: Arch, where: str = "asm") -> bytes:
@@ -311,7 +307,7 @@ def assemble(text: str, arch: Arch, where: str = "asm") -> bytes:
     as_bin = shutil.which("as")
     if as_bin is None:
         raise SpecError(f"{where}: GNU as is needed to assemble {text!r} (install binutils)")
-    flag = "--64" if arch.elf_class == 64 else "--32"
+    flag = f"--{arch.elf_class}"
     with tempfile.TemporaryDirectory(prefix="pvpatch-as-") as tmp:
         src = os.path.join(tmp, "in.s")
         obj = os.path.join(tmp, "out.o")

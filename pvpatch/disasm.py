@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from .arch import Arch
+from .arch import ARCHES, Arch
 
 
 @dataclass(frozen=True)
@@ -16,12 +16,18 @@ class Insn:
     text: str
 
 
+def capstone_mode(arch_name: str) -> int:
+    """capstone's mode for an architecture (CS_MODE_64 / CS_MODE_32)."""
+    import capstone
+
+    return int(getattr(capstone, f"CS_MODE_{ARCHES[arch_name].elf_class}"))
+
+
 @cache
 def _engine(arch_name: str) -> Any:
     import capstone  # heavy: only when something is disassembled
 
-    mode = capstone.CS_MODE_64 if arch_name == "x86_64" else capstone.CS_MODE_32
-    cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone_mode(arch_name))
     cs.syntax = capstone.CS_OPT_SYNTAX_ATT
     return cs
 

@@ -17,8 +17,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .arch import BY_MACHINE, Arch
 from .errors import ElfFormatError, InputError
@@ -46,7 +47,11 @@ PF_X, PF_W, PF_R = 1, 2, 4
 
 @dataclass(frozen=True)
 class ElfClass:
-    """Record formats of one ELF class (32 or 64 bit), little-endian."""
+    """Record formats of one ELF class (32 or 64 bit), little-endian.
+
+    The classes order some records' fields differently; `*_fields` reorder a raw
+    record into one canonical order and `*_raw` back, so callers never test the class.
+    """
 
     bits: int
     ehdr: struct.Struct
@@ -57,6 +62,13 @@ class ElfClass:
     rela: struct.Struct
     addr: struct.Struct
     info_shift: int  # r_info = sym << shift | type
+    # raw Elf_Sym -> (name, info, other, shndx, value, size), and back
+    sym_fields: itemgetter[Any]
+    sym_raw: itemgetter[Any]
+    # raw Elf_Phdr -> (type, flags, offset, vaddr, paddr, filesz, memsz, align), and back
+    phdr_fields: itemgetter[Any]
+    phdr_raw: itemgetter[Any]
+    note_align: int  # GNU property notes pad to the word size
 
     def r_info(self, sym: int, rtype: int) -> int:
         return (sym << self.info_shift) | rtype
@@ -64,28 +76,54 @@ class ElfClass:
     def split_info(self, info: int) -> tuple[int, int]:
         return info >> self.info_shift, info & ((1 << self.info_shift) - 1)
 
+    def unpack_sym(self, data: Buffer | bytearray,
+                   offset: int) -> tuple[int, int, int, int, int, int]:
+        """(name, info, other, shndx, value, size) of the symbol record at `offset`."""
+        return self.sym_fields(self.sym.unpack_from(data, offset))  # type: ignore[no-any-return]
 
+    def pack_sym(self, name: int, info: int, other: int, shndx: int, value: int,
+                 size: int) -> bytes:
+        return self.sym.pack(*self.sym_raw((name, info, other, shndx, value, size)))
+
+    def pack_phdr(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
+                  filesz: int, memsz: int, align: int) -> bytes:
+        return self.phdr.pack(*self.phdr_raw(
+            (ptype, flags, offset, vaddr, paddr, filesz, memsz, align)))
+
+
+_IDENTITY6 = itemgetter(0, 1, 2, 3, 4, 5)
+_IDENTITY8 = itemgetter(0, 1, 2, 3, 4, 5, 6, 7)
 ELF64 = ElfClass(
     64,
     ehdr=struct.Struct("<16sHHIQQQIHHHHHH"),
     shdr=struct.Struct("<IIQQQQIIQQ"),
     phdr=struct.Struct("<IIQQQQQQ"),
-    sym=struct.Struct("<IBBHQQ"),
+    sym=struct.Struct("<IBBHQQ"),  # name info other shndx value size
     rel=struct.Struct("<QQ"),
     rela=struct.Struct("<QQq"),
     addr=struct.Struct("<Q"),
     info_shift=32,
+    sym_fields=_IDENTITY6,
+    sym_raw=_IDENTITY6,
+    phdr_fields=_IDENTITY8,  # type flags offset vaddr paddr filesz memsz align
+    phdr_raw=_IDENTITY8,
+    note_align=8,
 )
 ELF32 = ElfClass(
     32,
     ehdr=struct.Struct("<16sHHIIIIIHHHHHH"),
     shdr=struct.Struct("<IIIIIIIIII"),
     phdr=struct.Struct("<IIIIIIII"),
-    sym=struct.Struct("<IIIBBH"),
+    sym=struct.Struct("<IIIBBH"),  # name value size info other shndx
     rel=struct.Struct("<II"),
     rela=struct.Struct("<IIi"),
     addr=struct.Struct("<I"),
     info_shift=8,
+    sym_fields=itemgetter(0, 3, 4, 5, 1, 2),
+    sym_raw=itemgetter(0, 4, 5, 1, 2, 3),
+    phdr_fields=itemgetter(0, 6, 1, 2, 3, 4, 5, 7),  # type offset vaddr paddr filesz memsz
+    phdr_raw=itemgetter(0, 2, 3, 4, 5, 6, 1, 7),  # flags align
+    note_align=4,
 )
 
 
@@ -381,11 +419,8 @@ class ElfFile:
         self._table_bounds("program header", self.e_phoff, self.e_phnum, self.e_phentsize, ph.size)
         out = []
         for i in range(self.e_phnum):
-            r = ph.unpack_from(self.data, self.e_phoff + i * ph.size)
-            if self.cls.bits == 64:
-                ptype, flags, offset, vaddr, paddr, filesz, memsz, align = r
-            else:
-                ptype, offset, vaddr, paddr, filesz, memsz, flags, align = r
+            ptype, flags, offset, vaddr, paddr, filesz, memsz, align = self.cls.phdr_fields(
+                ph.unpack_from(self.data, self.e_phoff + i * ph.size))
             if ptype == PT_LOAD and (offset + filesz > len(self.data) or filesz > memsz):
                 raise self._fail(f"loadable segment {i} runs past the end of the file")
             out.append(Segment(i, ptype, flags, offset, vaddr, paddr, filesz, memsz, align))
@@ -470,11 +505,9 @@ class ElfFile:
         out = []
         data = self.data[sec.offset : sec.offset + sec.size]
         xindex = self._xindex_table(sec)
+        fields = self.cls.sym_fields
         for i, rec in enumerate(fmt.iter_unpack(data)):
-            if self.cls.bits == 64:
-                name_off, info, other, shndx, value, size = rec
-            else:
-                name_off, value, size, info, other, shndx = rec
+            name_off, info, other, shndx, value, size = fields(rec)
             name = self._cstring(strings, name_off, "symbol name") if name_off else ""
             real = shndx
             if shndx == SHN_XINDEX:
@@ -718,7 +751,7 @@ class ElfFile:
         if sec is None:
             return False
         data = self.section_data(sec)
-        align = 8 if self.cls.bits == 64 else 4
+        align = self.cls.note_align
         pos = 0
         while pos + 12 <= len(data):
             namesz, descsz, ntype = struct.unpack_from("<III", data, pos)

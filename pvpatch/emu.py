@@ -216,12 +216,18 @@ class ArchRuntime:
         return self.regs.index(reg)
 
 
+# Per architecture: where the runtime's scratch area and a shared object go, and the
+# registers that carry a C function's first arguments (i386 kernel code: -mregparm=3).
+_RUNTIME_LAYOUT: dict[str, tuple[int, int, tuple[str, ...]]] = {
+    "x86_64": (0x7F00_0000_0000, 0x5555_5555_4000, ("rdi", "rsi", "rdx", "rcx", "r8", "r9")),
+    "i386": (0x6000_0000, 0x5655_5000, ("eax", "edx", "ecx")),
+}
+
+
 def arch_runtime(arch: Arch) -> ArchRuntime:
     regs = tuple(sorted(arch.reg_numbers, key=lambda r: arch.reg_numbers[r]))
-    if arch.ptr_size == 8:
-        return ArchRuntime(arch, regs, 0x7F00_0000_0000, 0x5555_5555_4000,
-                           ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
-    return ArchRuntime(arch, regs, 0x6000_0000, 0x5655_5000, ("eax", "edx", "ecx"))
+    scratch, dyn_base, args = _RUNTIME_LAYOUT[arch.name]
+    return ArchRuntime(arch, regs, scratch, dyn_base, args)
 
 
 # -- a tiny encoder for the runtime's instructions ------------------------------
@@ -691,11 +697,7 @@ def _some_symbols(elf: ElfFile, wanted: Sequence[int]) -> Iterator[tuple[int, Sy
     for i in wanted:
         if i >= count:
             continue
-        rec = fmt.unpack_from(data, i * fmt.size)
-        if elf.cls.bits == 64:
-            name_off, info, other, shndx, value, size = rec
-        else:
-            name_off, value, size, info, other, shndx = rec
+        name_off, info, other, shndx, value, size = elf.cls.unpack_sym(data, i * fmt.size)
         name = ""
         if name_off:
             stop = strings.find(b"\0", name_off)
@@ -760,7 +762,7 @@ def _apply_rel_relocs(img: Image, sym_addr: Mapping[int, int],
                       relocs: Sequence[tuple[Section, Sequence[tuple[int, ...]]]]) -> None:
     elf = img.elf
     arch = elf.arch
-    kinds = _X64_KINDS if arch.ptr_size == 8 else _I386_KINDS
+    kinds = _RELOC_KINDS[arch.name]
     cls = elf.cls
     buf = img.regions[1][1]
     signed_of = {1: struct.Struct("<b"), 2: struct.Struct("<h"), 4: struct.Struct("<i"),
@@ -815,6 +817,7 @@ _X64_KINDS = {1: _kind(8, False, False), 2: _kind(4, True, True), 4: _kind(4, Tr
 _I386_KINDS = {1: _kind(4, False, False), 2: _kind(4, True, True), 4: _kind(4, True, True),
                20: _kind(2, False, False), 21: _kind(2, True, True), 22: _kind(1, False, False),
                23: _kind(1, True, True)}
+_RELOC_KINDS = {"x86_64": _X64_KINDS, "i386": _I386_KINDS}
 
 
 def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
@@ -850,10 +853,9 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
             data = elf.data[s.offset : s.offset + s.filesz]
             img.write(img.emu_addr(s.vaddr), data)
     if base:
-        fmt = "<Q" if elf.arch.ptr_size == 8 else "<I"
-        mask = (1 << (8 * elf.arch.ptr_size)) - 1
+        arch = elf.arch
         for addr, value in elf.relative_relocations.items():
-            img.write(base + addr, struct.pack(fmt, (base + value) & mask))
+            img.write(base + addr, arch.word.pack(arch.wrap(base + value)))
     for sec in elf.sections:
         if sec.is_alloc and sec.addr:
             img.section_addr[sec.index] = img.emu_addr(sec.addr)

@@ -15,27 +15,27 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+from .arch import Arch
 from .elf import ElfFile
 from .errors import InputError
 
 MODULE_NAME_LEN = 64  # struct modversion_info is MODULE_NAME_LEN bytes in all
 
 
-def pack_entry(name: str, crc: int, ptr_size: int) -> bytes:
+def pack_entry(name: str, crc: int, arch: Arch) -> bytes:
     """One `struct modversion_info {unsigned long crc; char name[64 - sizeof(long)];}`."""
     raw = name.encode()
-    room = MODULE_NAME_LEN - ptr_size
+    room = MODULE_NAME_LEN - arch.ptr_size
     if len(raw) >= room:
         raise InputError(f"symbol name {name!r} is too long for __versions")
-    word = "<Q" if ptr_size == 8 else "<I"
-    return struct.pack(word, crc) + raw + bytes(room - len(raw))
+    return arch.word.pack(crc) + raw + bytes(room - len(raw))
 
 
-def names_in(data: bytes, ptr_size: int) -> set[str]:
+def names_in(data: bytes, arch: Arch) -> set[str]:
     out = set()
     for i in range(0, len(data) - MODULE_NAME_LEN + 1, MODULE_NAME_LEN):
-        out.add(data[i + ptr_size : i + MODULE_NAME_LEN].split(b"\0")[0].decode("utf-8",
-                                                                                 "replace"))
+        name = data[i + arch.ptr_size : i + MODULE_NAME_LEN].split(b"\0")[0]
+        out.add(name.decode("utf-8", "replace"))
     return out
 
 
@@ -74,10 +74,11 @@ def crcs_from_vmlinux(elf: ElfFile) -> dict[str, int]:
 
     x86-64 kernels (4.19 on) store `struct kernel_symbol` as three 32-bit offsets,
     each relative to its own field (value, name, namespace); i386 stores pointers.
+    Either way an entry is 12 bytes.
     """
     out: dict[str, int] = {}
-    prel = elf.arch.ptr_size == 8
-    esize = 12 if prel else 3 * 4
+    prel = elf.arch.ksymtab_prel32
+    esize = 12
     for tab, crctab in (("__ksymtab", "__kcrctab"), ("__ksymtab_gpl", "__kcrctab_gpl")):
         ks, kc = elf.section(tab), elf.section(crctab)
         if ks is None or kc is None:
@@ -101,7 +102,7 @@ def crcs_from_vmlinux(elf: ElfFile) -> dict[str, int]:
 
 
 def versions_for(names: list[str], crcs: Mapping[str, int] | None, have: set[str],
-                 ptr_size: int, path: str) -> bytes:
+                 arch: Arch, path: str) -> bytes:
     """Entries to append for `names` not yet in `__versions`; an unknown CRC is an error."""
     out = bytearray()
     for name in names:
@@ -113,5 +114,5 @@ def versions_for(names: list[str], crcs: Mapping[str, int] | None, have: set[str
                 f"its CRC with --symvers (a Module.symvers file or the kernel's vmlinux)",
                 path,
             )
-        out += pack_entry(name, crcs[name], ptr_size)
+        out += pack_entry(name, crcs[name], arch)
     return bytes(out)

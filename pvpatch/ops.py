@@ -34,6 +34,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pvpatch.arch import ARCHES
 from pvpatch.btf import KIND_PTR, KIND_STRUCT, Btf
 from pvpatch.errors import OpsError
 
@@ -425,8 +426,10 @@ def _catalog_from_table(table: dict[str, Any], where: str, label: str) -> OpCata
         raise OpsError("missing catalog name", where)
     ptr_size = table.get("ptr_size")
     arch = table.get("arch")
-    if not isinstance(ptr_size, int) or (arch, ptr_size) not in (("x86_64", 8), ("i386", 4)):
-        raise OpsError(f"arch/ptr_size {arch!r}/{ptr_size!r} not x86_64/8 or i386/4", where)
+    known = {(a.name, a.ptr_size) for a in ARCHES.values()}
+    if not isinstance(ptr_size, int) or (arch, ptr_size) not in known:
+        pairs = " or ".join(f"{n}/{p}" for n, p in sorted(known))
+        raise OpsError(f"arch/ptr_size {arch!r}/{ptr_size!r} not {pairs}", where)
     if not isinstance(table.get("kernel"), str):
         raise OpsError("missing kernel version string", where)
     size = table.get("template_size")

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from .arch import Arch
 from .elf import (
     PF_R,
     PF_X,
@@ -123,10 +124,12 @@ def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
     return Rewrite(plan, image, edits, tuple(patches), tuple(thunks), signature_removed, dropped)
 
 
-def _rel32(disp: int, path: str, ptr_size: int = 8) -> bytes:
-    """A rel32 field.  On x86-64 a displacement out of range is an error, never a silent
-    wrap; a 32-bit address space wraps around, so any i386 displacement reaches."""
-    if ptr_size == 8 and not -(1 << 31) <= disp < 1 << 31:
+def _rel32(disp: int, path: str, arch: Arch) -> bytes:
+    """A rel32 field.  The displacement is taken modulo the address width first (a 32-bit
+    address space wraps around, so any i386 displacement reaches); what is then out of
+    range (x86-64) is an error, never a silent wrap."""
+    disp = arch.signed(disp)
+    if not -(1 << 31) <= disp < 1 << 31:
         raise RewriteError(f"a branch displacement of {disp} bytes does not fit in 32 bits",
                            path)
     return (disp & 0xFFFFFFFF).to_bytes(4, "little")
@@ -179,7 +182,7 @@ class _Output:
         self.edits: list[tuple[int, bytes]] = []
         self.shdrs = [_Shdr.of(s) for s in elf.sections]
         self.new_names: list[tuple[_Shdr, str]] = []
-        self.phdr_change: tuple[int, int, list[tuple[int, ...]]] | None = None
+        self.phdr_change: tuple[int, int, list[bytes]] | None = None
 
     @property
     def out(self) -> bytearray:
@@ -253,8 +256,7 @@ class _Output:
     def _write_phdrs(self) -> None:
         assert self.phdr_change is not None
         phoff, phnum, rows = self.phdr_change
-        fmt = self.elf.cls.phdr
-        blob = b"".join(fmt.pack(*r) for r in rows)
+        blob = b"".join(rows)
         self.out[phoff : phoff + len(blob)] = blob
         self._patch_ehdr(e_phoff=phoff, e_phnum=phnum)
 
@@ -309,7 +311,7 @@ class _Rewriter:
 
     def branch_bytes(self, decision: Decision, disp: int) -> bytes:
         opcode = b"\xe9" if decision.action == "jmp" else b"\xe8"
-        return opcode + _rel32(disp, self.elf.path, self.arch.ptr_size)
+        return opcode + _rel32(disp, self.elf.path, self.arch)
 
 
 class _RelocatableRewriter(_Rewriter):
@@ -601,12 +603,12 @@ class _RelocatableRewriter(_Rewriter):
         sec = self.elf.section("__versions")
         if sec is None or not self.new_globals:
             return
-        ptr = self.arch.ptr_size
         data = self.elf.section_data(sec)
         from . import modversions  # only modules that gain symbols need it
 
         extra = modversions.versions_for([g[0] for g in self.new_globals], self.crcs,
-                                         modversions.names_in(data, ptr), ptr, self.elf.path)
+                                         modversions.names_in(data, self.arch), self.arch,
+                                         self.elf.path)
         if extra:
             self.output.set_data(sec.index, data + extra)
 
@@ -635,12 +637,10 @@ class _RelocatableRewriter(_Rewriter):
         raw = elf.section_data(symtab)
         if self.symbol_updates:
             table = bytearray(raw)
-            # st_value and st_size: fields 4, 5 in ELF64's order, 1, 2 in ELF32's
-            at = (4, 5) if elf.cls.bits == 64 else (1, 2)
             for index, (value, sym_size) in self.symbol_updates.items():
-                rec = list(fmt.unpack_from(table, index * size))
-                rec[at[0]], rec[at[1]] = value, sym_size
-                fmt.pack_into(table, index * size, *rec)
+                name, info, other, shndx, _value, _size = elf.cls.unpack_sym(table, index * size)
+                table[index * size : (index + 1) * size] = elf.cls.pack_sym(
+                    name, info, other, shndx, value, sym_size)
             raw = bytes(table)
             out.set_data(symtab.index, raw)
         if not self.new_locals and not self.new_globals:
@@ -656,9 +656,7 @@ class _RelocatableRewriter(_Rewriter):
             # one past 0xfeff is written as SHN_XINDEX, the number going to .symtab_shndx.
             if shndx >= SHN_LORESERVE:
                 shndx = SHN_XINDEX
-            if elf.cls.bits == 64:
-                return fmt.pack(name_off, info, other, shndx, value, sz)
-            return fmt.pack(name_off, value, sz, info, other, shndx)
+            return elf.cls.pack_sym(name_off, info, other, shndx, value, sz)
 
         def xindex(entries: list[tuple[str, int, int, int, int, int]]) -> bytes:
             return b"".join(struct.pack("<I", e[3] if e[3] >= SHN_LORESERVE else 0)
@@ -838,7 +836,7 @@ class _LinkedRewriter(_Rewriter):
         target = self.elf.symbols_by_name[spec.target].value
         body = bytearray(tc.code)
         body[tc.call_field : tc.call_field + 4] = _rel32(
-            target - (addr + tc.call_field + 4), self.elf.path, self.arch.ptr_size)
+            target - (addr + tc.call_field + 4), self.elf.path, self.arch)
         return bytes(body)
 
     def _place_thunks(self) -> dict[str, PlacedThunk]:
@@ -890,7 +888,7 @@ class _LinkedRewriter(_Rewriter):
                                               len(code), addr, len(tc.code))
             code += body
         total = base + len(code)
-        rows: list[tuple[int, ...]] = []
+        rows: list[bytes] = []
         paddr = vaddr - (last.vaddr - last.paddr)
         for s in elf.segments:
             if s.type == PT_PHDR:
@@ -916,12 +914,11 @@ class _LinkedRewriter(_Rewriter):
         return {**existing, **placed}
 
     def _phdr_row(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
-                  filesz: int, memsz: int, align: int) -> tuple[int, ...]:
+                  filesz: int, memsz: int, align: int) -> bytes:
         # Physical addresses are derived by subtraction: wrap them as the field does.
-        paddr &= (1 << self.elf.cls.bits) - 1
-        if self.elf.cls.bits == 64:
-            return (ptype, flags, offset, vaddr, paddr, filesz, memsz, align)
-        return (ptype, offset, vaddr, paddr, filesz, memsz, flags, align)
+        cls = self.elf.cls
+        paddr &= (1 << cls.bits) - 1
+        return cls.pack_phdr(ptype, flags, offset, vaddr, paddr, filesz, memsz, align)
 
 
 def _encode_relr(addrs: list[int], word: int) -> bytes:

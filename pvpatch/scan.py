@@ -507,6 +507,6 @@ def call_operand(arch: Arch, code: bytes, address: int) -> int | None:
                 disp = int.from_bytes(code[field_at : field_at + 4], "little", signed=True)
                 if rip:
                     return address + field_at + 4 + disp
-                return disp & 0xFFFFFFFF if arch.ptr_size == 4 else disp & (2**64 - 1)
+                return arch.wrap(disp)  # an absolute operand, sign-extended on x86-64
             pos = code.find(opcode, pos + 1)
     return None

@@ -441,8 +441,9 @@ def _mix(*values: int) -> int:
 def _capstone(arch_name: str) -> Any:
     import capstone
 
-    cs = capstone.Cs(capstone.CS_ARCH_X86,
-                     capstone.CS_MODE_64 if arch_name == "x86_64" else capstone.CS_MODE_32)
+    from .disasm import capstone_mode
+
+    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone_mode(arch_name))
     cs.detail = True
     return cs
 
