@@ -477,7 +477,7 @@ class Image:
         if self.high and vaddr >= HIGH_HALF:
             return vaddr - self.high
         # Wraps like the CPU's address arithmetic (a hostile value must not overflow).
-        return (self.base + vaddr) & ((1 << (8 * self.arch.ptr_size)) - 1)
+        return self.arch.wrap(self.base + vaddr)
 
     def link_addr(self, addr: int) -> int:
         """The file's virtual address of emulator address `addr` (linked files)."""
@@ -857,7 +857,9 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
         for addr, value in elf.relative_relocations.items():
             img.write(base + addr, arch.word.pack(arch.wrap(base + value)))
     for sec in elf.sections:
-        if sec.is_alloc and sec.addr:
+        # Only sections a PT_LOAD covers are in memory at run time (and here).
+        if sec.is_alloc and sec.addr and any(
+                s.vaddr <= sec.addr and sec.addr + sec.size <= s.vaddr + s.memsz for s in loads):
             img.section_addr[sec.index] = img.emu_addr(sec.addr)
     return img
 
