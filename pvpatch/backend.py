@@ -233,9 +233,11 @@ class _SpecReader:
                 raise self.fail(f"op {key!r}: action {action!r} needs a target symbol", line)
         elif target is not None:
             raise self.fail(f"op {key!r}: target makes sense only with call or jmp", line)
-        tail = body.get("tail", False)
+        tail = body.get("tail", action == "jmp")
         if not isinstance(tail, bool):
             raise self.fail(f"op {key!r}: tail must be true or false", line)
+        if action == "jmp":
+            self._check_jmp(key, tail, arch, line)
         reason = body.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise self.fail(f"op {key!r}: reason must be a string", line)
@@ -265,6 +267,19 @@ class _SpecReader:
             reason=reason,
             line=line,
         )
+
+    def _check_jmp(self, key: str, tail: bool, arch: Arch | None, line: int | None) -> None:
+        """A `jmp target` never comes back to the site: the target's `ret` would return
+        from the site's caller and skip the rest of it, so only a tail op may jump."""
+        if not tail:
+            raise self.fail(f"op {key!r}: a jmp never returns to the site, so it is only for "
+                            "tail ops (tail = true)", line)
+        if self.builtin or arch is None:
+            return
+        known = _native(arch.name).rules.get(key)
+        if known is not None and not known.tail:
+            raise self.fail(f"op {key!r} returns to its site (the native backend knows it): a "
+                            "jmp would skip the rest of its caller; use call", line)
 
     def _inline_code(self, key: str, body: dict[str, Any], arch: Arch | None,
                      line: int | None) -> bytes:

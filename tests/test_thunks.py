@@ -402,3 +402,81 @@ def test_the_first_symbol_past_0xff00_brings_symtab_shndx(arch: str, tmp_path: P
     again = ElfFile.open(out)
     sym = again.symbols_by_name["__raw_callee_save_c_save_fl"]
     assert sym.section_index == thunk_sec and again.sections[thunk_sec].name == ".text.pvpatch"
+
+
+# -- jmp: tail ops -------------------------------------------------------------------
+
+_TAIL_PROGRAM = {
+    # A 2.6.30 iret site (template slot 48 / 45) calling through a zeroed pv_ops: unpatched
+    # it calls address 0; patched to `jmp tail_ok` it prints "ok" and exits 0.
+    "x86_64": (
+        ".globl _start\n.text\n_start:\n771: call *pv_ops+48*8(%rip)\n772:\n"
+        '.pushsection .parainstructions,"a"\n.balign 8\n.quad 771b\n.byte 48\n'
+        ".byte 772b-771b\n.short 0x1ff\n.balign 8\n.popsection\nud2\n"
+        ".globl tail_ok\ntail_ok:\nmov $1, %eax\nmov $1, %edi\nlea msg(%rip), %rsi\n"
+        "mov $3, %edx\nsyscall\nmov $60, %eax\nxor %edi, %edi\nsyscall\n"
+        '.data\nmsg: .ascii "ok\\n"\n.globl pv_ops\n.balign 8\npv_ops: .zero 8*120\n'
+    ),
+    "i386": (
+        ".globl _start\n.text\n_start:\n771: call *pv_ops+45*4\n772:\n"
+        '.pushsection .parainstructions,"a"\n.balign 4\n.long 771b\n.byte 45\n'
+        ".byte 772b-771b\n.short 0xf\n.balign 4\n.popsection\nud2\n"
+        ".globl tail_ok\ntail_ok:\nmov $4, %eax\nmov $1, %ebx\nmov $msg, %ecx\nmov $3, %edx\n"
+        "int $0x80\nmov $1, %eax\nxor %ebx, %ebx\nint $0x80\n"
+        '.data\nmsg: .ascii "ok\\n"\n.globl pv_ops\n.balign 4\npv_ops: .zero 4*120\n'
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+def test_jmp_at_a_tail_site(arch: str, tmp_path: Path) -> None:
+    """`action = "jmp"` writes what GNU as writes for `jmp target` (bytes and relocation),
+    and the linked program runs on into the target instead of calling through pv_ops."""
+    bits = 64 if arch == "x86_64" else 32
+    obj = tmp_path / "tail.o"
+    (tmp_path / "tail.s").write_text(_TAIL_PROGRAM[arch])
+    subprocess.run(["as", f"--{bits}", "-o", str(obj), str(tmp_path / "tail.s")], check=True)
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text('[ops."pv_cpu_ops.iret"]\naction = "jmp"\ntarget = "tail_ok"\n')
+    out = tmp_path / "out.o"
+    proc = pvpatch_cli("patch", str(obj), "-o", str(out), "--backend", str(spec_file),
+                       "--ops", f"catalog:linux-2.6.30-{arch}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    [site] = doc["sites"]
+    assert (site["op"], site["action"]) == ("pv_cpu_ops.iret", "jmp")
+    assert doc["verify"]["sites"][0]["status"] == "skip"  # control does not come back
+    # GNU as on `jmp tail_ok` (tail_ok undefined): the bytes and relocation to expect
+    (tmp_path / "ref.s").write_text("jmp tail_ok\n")
+    ref = tmp_path / "ref.o"
+    subprocess.run(["as", f"--{bits}", "-o", str(ref), str(tmp_path / "ref.s")], check=True)
+    want = pvpatch.open_elf(ref)
+    want_text = want.section_data(want.section(".text"))  # type: ignore[arg-type]
+    assert bytes.fromhex(site["after"])[:5] == want_text
+    assert bytes.fromhex(site["after"])[5:] == ElfFile.open(out).arch.nop_fill(site["len"] - 5)
+
+    def relocs(path: Path, sec: str) -> list[tuple[str, str]]:
+        rows = _readelf("-r", str(path)).split(f"'{sec}'", 1)[1].split("\n\n", 1)[0]
+        return [(r.split()[2], r.split()[4]) for r in rows.splitlines()
+                if re.match(r"^[0-9a-f]{8,16} ", r)]
+
+    rel = ".rela.text" if bits == 64 else ".rel.text"
+    assert (relocs(ref, rel)[0][0], "tail_ok") in relocs(out, rel)
+    m32 = ["-m32"] if bits == 32 else []
+    for path, want_ok in ((obj, False), (out, True)):
+        exe = tmp_path / f"{path.stem}.exe"
+        subprocess.run(["gcc", *m32, "-nostdlib", "-static", "-Wl,--no-warn-execstack", "-o",
+                        str(exe), str(path)], check=True)
+        ran = run_prog(exe)
+        assert (ran.returncode == 0 and ran.stdout == "ok\n") == want_ok, (path, ran)
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('[ops."pv_cpu_ops.iret"]\naction = "jmp"\ntarget = "t"\ntail = false\n',
+     "only for tail ops"),
+    ('[ops."irq.save_fl"]\naction = "jmp"\ntarget = "t"\n', "returns to its site"),
+])
+def test_jmp_refused_where_control_must_come_back(body: str, words: str) -> None:
+    with pytest.raises(pvpatch.SpecError, match=words) as err:
+        parse_spec_text(body, ElfFile.open(FIX / "x86_64" / "prog.o").arch, "spec.toml")
+    assert "spec.toml:1:" in str(err.value)
