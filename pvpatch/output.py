@@ -1,9 +1,9 @@
 """Writing output files: whole or not at all.
 
 The bytes go to a temporary file in the destination's folder and are renamed
-over the destination only when complete; on any error
-or signal the temporary file is removed and an existing destination is left
-as it was.  The input is never opened for writing.
+over the destination only when complete; on any error or signal the temporary
+file is removed and an existing destination is left as it was.  The input is
+never opened for writing.
 """
 
 from __future__ import annotations
@@ -68,13 +68,6 @@ def write_atomic(dst: str | os.PathLike[str], data: bytes, mode_from: str | None
     """Write `data` to `dst` atomically, copying permission bits from `mode_from`."""
     with OutputFile(dst) as out:
         out.commit_image(data, mode_from)
-
-
-def write_edited(dst: str | os.PathLike[str], src: str, base: Buffer,
-                 edits: Iterable[tuple[int, bytes]], identity: FileIdentity | None = None) -> None:
-    """Write `base` (the input as loaded from `src`) with `edits` applied, atomically."""
-    with OutputFile(dst) as out:
-        out.commit_edits(src, base, edits, identity)
 
 
 class OutputFile:
