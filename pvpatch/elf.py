@@ -570,15 +570,17 @@ class ElfFile:
         tmask = (1 << shift) - 1
         nsyms = self._symbol_count(relsec)
         out: list[Relocation]
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: files have 100,000s.
+        new, rel = tuple.__new__, Relocation
         if rela:
-            out = [Relocation(o, i & tmask, i >> shift, a) for o, i, a in fmt.iter_unpack(data)]
+            out = [new(rel, (o, i & tmask, i >> shift, a)) for o, i, a in fmt.iter_unpack(data)]
         else:
             target = self.section_at(relsec.info) if relsec.info else None
             out = []
             for o, i in fmt.iter_unpack(data):
                 rtype = i & tmask
                 addend = self._implicit_addend(target, o, rtype)
-                out.append(Relocation(o, rtype, i >> shift, addend))
+                out.append(new(rel, (o, rtype, i >> shift, addend)))
         for r in out:
             if r.sym >= nsyms:
                 raise self._fail(

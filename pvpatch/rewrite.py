@@ -444,8 +444,12 @@ class _RelocatableRewriter(_Rewriter):
                 [row[0] for row in rows], [row[1:] for row in rows])
         offsets, entries = index
         lo = bisect.bisect_left(offsets, site.offset)
-        hi = bisect.bisect_left(offsets, site.end)
-        return [e for e in entries[lo:hi] if e[1] not in self.removed.get(e[0], ())]
+        hi = bisect.bisect_left(offsets, site.offset + site.len, lo)
+        if lo == hi:
+            return []
+        # Only a site named twice in the table finds its relocations already removed.
+        removed = self.removed
+        return [e for e in entries[lo:hi] if e[1] not in removed.get(e[0], ())]
 
     def _patch_site(self, d: Decision, thunks: dict[str, PlacedThunk]) -> None:
         site = d.site

@@ -12,6 +12,7 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from .arch import Arch
 from .elf import SHT_NOBITS, ElfFile, Relocation, Section
@@ -152,6 +153,9 @@ class _Scanner:
         self._reloc_index: dict[int, _RelocIndex] = {}
         self._overlapped: set[int] = set()
         self._regs_cache: dict[int, tuple[str, ...]] = {}
+        self._entry_targets: dict[int, tuple[Section, int] | str] = {}
+        self._widths: dict[int, int] = {}  # relocation type -> bytes it patches
+        self._slots: dict[tuple[int, int, int, bytes], int | None] = {}  # see _check_relocs
 
     def run(self) -> ScanResult:
         elf, lay, table = self.elf, self.layout, self.table
@@ -233,16 +237,28 @@ class _Scanner:
                 index, base, f"pointer relocated by {elf.arch.reloc_name(r.type)}", "PV108"
             )
             return None
-        sym = elf.symbol(r.sym)
-        if not sym.defined:
-            self._entry_finding(index, base, f"points at symbol {sym.name or r.sym!r}, "
-                                "which is not in a section of this file")
+        # Entries point through a few symbols (usually .text's section symbol): what each
+        # one resolves to is worked out once.
+        target = self._entry_targets.get(r.sym)
+        if target is None:
+            target = self._entry_targets[r.sym] = self._entry_target(r.sym)
+        if isinstance(target, str):
+            self._entry_finding(index, base, target)
             return None
+        sec, value = target
+        return sec, value + r.addend
+
+    def _entry_target(self, sym_index: int) -> tuple[Section, int] | str:
+        """The executable section and value a symbol gives a site pointer, or why not."""
+        elf = self.elf
+        sym = elf.symbol(sym_index)
+        if not sym.defined:
+            return (f"points at symbol {sym.name or sym_index!r}, "
+                    "which is not in a section of this file")
         sec = elf.section_at(sym.section_index)
         if not sec.is_exec:
-            self._entry_finding(index, base, f"points into non-executable section {sec.name}")
-            return None
-        return sec, sym.value + r.addend
+            return f"points into non-executable section {sec.name}"
+        return sec, sym.value
 
     def _locate_linked(
         self, data: bytes, found: list[tuple[int, int, Section, int, int, int, int]]
@@ -310,9 +326,10 @@ class _Scanner:
         self.findings.append(site_finding(rule, site, message))
 
     def _check_overlaps(self, sites: list[Site]) -> None:
-        seen = Counter((s.section_index, s.offset, s.len) for s in sites)
+        # attrgetter keys: this runs over every site, so no Python-level lambda per site
+        seen = Counter(map(attrgetter("section_index", "offset", "len"), sites))
         reported: set[tuple[int, int, int]] = set()
-        ordered = sorted(sites, key=lambda s: (s.section_index, s.offset, s.index))
+        ordered = sorted(sites, key=attrgetter("section_index", "offset", "index"))
         for prev, cur in itertools.pairwise(ordered):
             if prev.section_index != cur.section_index:
                 continue
@@ -346,8 +363,11 @@ class _Scanner:
         slot = None
         crossings = []
         end = off + slen
+        widths, slots = self._widths, self._slots
         for r in self._relocs_of(sec_index).between(off - 8, end):
-            width = arch.reloc(r.type).width
+            width = widths.get(r.type)
+            if width is None:
+                width = widths[r.type] = arch.reloc(r.type).width
             if r.offset + width <= off:
                 continue
             if r.offset < off or r.offset + width > end:
@@ -356,7 +376,13 @@ class _Scanner:
                     f"{arch.reloc_name(r.type)} at {name}+{r.offset:#x} crosses the edge of "
                     f"the site at {name}+{off:#x} ({slen} bytes)")
                 continue
-            found = call_slot_rel(elf, code, r.offset - off, r, self.ops)
+            # The slot a call names depends only on the relocation and the opcode bytes
+            # before its field; thousands of sites share a handful of these.
+            field_at = r.offset - off
+            key = (r.sym, r.type, r.addend, code[max(0, field_at - 3) : field_at])
+            found = slots.get(key, -1)
+            if found == -1:
+                found = slots[key] = call_slot_rel(elf, code, field_at, r, self.ops)
             if found is not None:
                 slot = found
         return slot, crossings
