@@ -68,6 +68,9 @@ class Arch:
     # `struct kernel_symbol` holds 32-bit self-relative offsets (x86-64, 4.19 on)
     # rather than pointers.
     ksymtab_prel32: bool
+    # A rel32 branch reaches every address (a 32-bit address space wraps around); on
+    # x86-64 a distance past +/-2 GiB is refused rather than wrapped through the top.
+    rel32_wraps: bool
     nops: tuple[bytes, ...] = P6_NOPS
     stack_align: int = 16  # alignment the psABI wants at a call instruction
 
@@ -180,6 +183,7 @@ X86_64 = Arch(
     preserved=("rbx", "rbp", "r12", "r13", "r14", "r15"),
     word=struct.Struct("<Q"),
     ksymtab_prel32=True,
+    rel32_wraps=False,
 )
 
 I386 = Arch(
@@ -249,6 +253,7 @@ I386 = Arch(
     preserved=("ebx", "ebp", "esi", "edi"),
     word=struct.Struct("<I"),
     ksymtab_prel32=False,
+    rel32_wraps=True,
 )
 
 ARCHES: Mapping[str, Arch] = MappingProxyType({a.name: a for a in (X86_64, I386)})

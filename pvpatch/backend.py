@@ -157,7 +157,14 @@ class _SpecReader:
         rules: dict[str, OpRule] = {}
         for key, body in ops.items():
             rule = self._rule(str(key), body, arch)
-            for name in (rule.key, *self._aliases(rule.key, body)):
+            names = (rule.key, *self._aliases(rule.key, body))
+            if rule.action == "jmp" and not self.builtin and arch is not None:
+                for name in names:
+                    if returns_to_site(arch, name):
+                        raise self.fail(
+                            f"op {name!r} returns to its site (the native backend knows it): "
+                            "a jmp would skip the rest of its caller; use call", rule.line)
+            for name in names:
                 if name in rules:
                     raise self.fail(f"op {name!r} is given twice", _line_of(self.text, rule.key))
                 rules[name] = rule
@@ -274,12 +281,6 @@ class _SpecReader:
         if not tail:
             raise self.fail(f"op {key!r}: a jmp never returns to the site, so it is only for "
                             "tail ops (tail = true)", line)
-        if self.builtin or arch is None:
-            return
-        known = _native(arch.name).rules.get(key)
-        if known is not None and not known.tail:
-            raise self.fail(f"op {key!r} returns to its site (the native backend knows it): a "
-                            "jmp would skip the rest of its caller; use call", line)
 
     def _inline_code(self, key: str, body: dict[str, Any], arch: Arch | None,
                      line: int | None) -> bytes:
@@ -357,6 +358,12 @@ def load_backend(spec: str, arch: Arch) -> Backend:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{spec}: cannot read spec: {exc}") from None
     return _SpecReader(text, spec, False, arch).read()
+
+
+def returns_to_site(arch: Arch, op: str | None) -> bool:
+    """The native backend knows `op` as one whose call comes back to the site (no jmp)."""
+    known = _native(arch.name).rules.get(op) if op is not None else None
+    return known is not None and not known.tail
 
 
 @functools.cache

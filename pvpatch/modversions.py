@@ -72,24 +72,32 @@ def crcs_from_symvers(path: Path) -> dict[str, int]:
 def crcs_from_vmlinux(elf: ElfFile) -> dict[str, int]:
     """Exported symbol -> CRC from `__ksymtab{,_gpl}` and the parallel `__kcrctab{,_gpl}`.
 
-    x86-64 kernels (4.19 on) store `struct kernel_symbol` as three 32-bit offsets,
-    each relative to its own field (value, name, namespace); i386 stores pointers.
-    Either way an entry is 12 bytes.
+    `struct kernel_symbol` changed shape over the years; its size is the table's size
+    over the number of CRCs.  x86-64 kernels (4.19 on) store 32-bit offsets, each
+    relative to its own field (value, name; namespace from 5.4: 8 or 12 bytes); older
+    x86-64 kernels and i386 store pointers (value, name; namespace from 5.4).
     """
     out: dict[str, int] = {}
-    prel = elf.arch.ksymtab_prel32
-    esize = 12
+    ptr = elf.arch.ptr_size
     for tab, crctab in (("__ksymtab", "__kcrctab"), ("__ksymtab_gpl", "__kcrctab_gpl")):
         ks, kc = elf.section(tab), elf.section(crctab)
         if ks is None or kc is None:
             continue
         syms, crcs = elf.section_data(ks), elf.section_data(kc)
-        for i in range(min(len(syms) // esize, len(crcs) // 4)):
+        count = len(crcs) // 4
+        if not count:
+            continue
+        esize, rest = divmod(len(syms), count)
+        if rest or esize not in (8, 12, 16):
+            raise InputError(f"{tab} ({len(syms)} bytes) and {crctab} ({count} CRCs) do not "
+                             "pair up", elf.path)
+        prel = elf.arch.ksymtab_prel32 and esize < 2 * ptr
+        for i in range(count):
             if prel:
                 (rel,) = struct.unpack_from("<i", syms, i * esize + 4)
                 name_addr = ks.addr + i * esize + 4 + rel
             else:
-                (name_addr,) = struct.unpack_from("<I", syms, i * esize + 4)
+                (name_addr,) = elf.arch.word.unpack_from(syms, i * esize + ptr)
             at = elf.addr_to_offset(name_addr)
             if at is None:
                 continue

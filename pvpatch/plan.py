@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .arch import Arch, convention_changes
-from .backend import Action, Backend, OpRule
+from .backend import Action, Backend, OpRule, returns_to_site
 from .scan import ScanResult, Site
 
 CALL_LEN = 5  # e8/e9 rel32
@@ -107,6 +107,10 @@ class Planner:
         if action == "inline":
             return self._inline(site, rule)
         if action == "jmp":
+            # A spec may name the op by its type number, which only the catalog resolves.
+            if returns_to_site(self.arch, site.op):
+                return Decision(site, "keep", f"{site.op} returns to its site: a jmp would "
+                                "skip the rest of its caller", rule=rule)
             return self._branch(site, rule, "jmp")
         return self._call(site, rule)
 

@@ -125,10 +125,11 @@ def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
 
 
 def _rel32(disp: int, path: str, arch: Arch) -> bytes:
-    """A rel32 field.  The displacement is taken modulo the address width first (a 32-bit
-    address space wraps around, so any i386 displacement reaches); what is then out of
-    range (x86-64) is an error, never a silent wrap."""
-    disp = arch.signed(disp)
+    """A rel32 field.  On i386 any displacement reaches (the address space wraps around);
+    on x86-64 one out of range is an error, never a silent wrap through the top of the
+    address space (kernel text reaching a per-CPU symbol at 0 is a mistake, not a call)."""
+    if arch.rel32_wraps:
+        disp = arch.signed(disp)
     if not -(1 << 31) <= disp < 1 << 31:
         raise RewriteError(f"a branch displacement of {disp} bytes does not fit in 32 bits",
                            path)
@@ -515,8 +516,11 @@ class _RelocatableRewriter(_Rewriter):
         keep = [i for i in range(table.count) if i not in rewritten]
         moved = {old * stride: new * stride for new, old in enumerate(keep)}
         new = b"".join(data[i * stride : (i + 1) * stride] for i in keep)
+        short = table.count * stride - table.section.size  # a last entry without padding
+        if short and keep and keep[-1] == table.count - 1:
+            new = new[:-short]  # it is still last: it stays short
         self.output.set_data(table.section.index, new)
-        self._move_table_symbols(table.section.index, stride, keep, table.count)
+        self._move_table_symbols(table.section, stride, keep, len(new))
         for relsec in elf.relocation_sections(table.section):
             out = []
             for r in self._entries(relsec.index):
@@ -526,18 +530,21 @@ class _RelocatableRewriter(_Rewriter):
             self.replaced[relsec.index] = out
         return table.count - len(keep)
 
-    def _move_table_symbols(self, index: int, stride: int, keep: list[int], count: int) -> None:
+    def _move_table_symbols(self, table: Section, stride: int, keep: list[int],
+                            new_size: int) -> None:
         """Labels inside the table follow their entries; one on a dropped entry moves to
         where the next kept entry now starts, and an end label to the new end."""
         kept = set(keep)
 
         def moved(offset: int) -> int:
+            if offset >= table.size:
+                return new_size
             k, rest = divmod(offset, stride)
             before = bisect.bisect_left(keep, k)  # kept entries ahead of entry k
-            return before * stride + (rest if k in kept or k >= count else 0)
+            return before * stride + (rest if k in kept else 0)
 
         for sym in self.elf.symbols:
-            if not sym.defined or sym.section_index != index or sym.type == STT_SECTION:
+            if not sym.defined or sym.section_index != table.index or sym.type == STT_SECTION:
                 continue
             value, end = moved(sym.value), moved(sym.value + sym.size)
             if (value, end - value) != (sym.value, sym.size):

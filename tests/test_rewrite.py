@@ -258,6 +258,30 @@ def test_drop_patched_moves_labels_in_the_table(arch_name: str, tmp_path: Path) 
     assert [s.type for s in pvpatch.load(out, ops=CAT[arch_name]).sites] == [99]
 
 
+def test_drop_patched_keeps_a_short_last_entry_short(tmp_path: Path) -> None:
+    """Before 6.1 no padding follows the last entry (a 16n-4 byte table): when that entry
+    is kept it stays short, and an end label lands on the new end (readelf's values)."""
+    obj = assemble(tmp_path, "short",
+        ".text\n.globl f\nf:\n771: call *pv_ops+31*8(%rip)\n772:\n"
+        "773: call *pv_ops+99*8(%rip)\n774:\nret\n"
+        '.section .parainstructions,"a"\n.globl pv_all, pv_mid, pv_end\n.type pv_all,@object\n'
+        "pv_all:\n.quad 771b\n.byte 31\n.byte 772b-771b\n.short 0x1ff\n.balign 8\n"
+        "pv_mid:\n.quad 773b\n.byte 99\n.byte 774b-773b\n.short 0x1ff\n"
+        "pv_end:\n.size pv_all, pv_end-pv_all\n")
+    rw = patch(obj, ops=CAT["x86_64"], drop=True)
+    assert rw.dropped_entries == 1
+    out = tmp_path / "out.o"
+    out.write_bytes(rw.data)
+    rows = [ln.split() for ln in readelf("-s", str(out)).splitlines()]
+    syms = {r[7]: (int(r[1], 16), int(r[2])) for r in rows if len(r) == 8 and
+            r[7] in ("pv_all", "pv_mid", "pv_end")}
+    assert syms == {"pv_all": (0, 12), "pv_mid": (0, 0), "pv_end": (12, 0)}
+    table = pvpatch.open_elf(out).section(".parainstructions")
+    assert table is not None and table.size == 12
+    assert [s.type for s in pvpatch.load(out, ops=CAT["x86_64"]).sites] == [99]
+    check_links(out, ARCHES["x86_64"], tmp_path)
+
+
 def test_patch_cli_json(tmp_path: Path) -> None:
     out = tmp_path / "k.o"
     proc = subprocess.run(
@@ -363,6 +387,14 @@ def readelf(*args: str) -> str:
                           check=True).stdout
 
 
+def assemble(folder: Path, name: str, text: str, bits: int = 64) -> Path:
+    """`text` assembled by GNU as into folder/name.o."""
+    src, obj = folder / f"{name}.s", folder / f"{name}.o"
+    src.write_text(text)
+    subprocess.run(["as", f"--{bits}", "-o", str(obj), str(src)], check=True)
+    return obj
+
+
 def test_llvm_shared_string_table(tmp_path: Path) -> None:
     """LLVM keeps section and symbol names in one .strtab: both kinds of new names land."""
     src = FIX / "x86_64" / "llvm-site.o"
@@ -411,12 +443,12 @@ def test_extended_section_numbering(tmp_path: Path) -> None:
     subprocess.run(["ld", "-r", "-o", str(tmp_path / "l2.o"), str(out2)], check=True)
 
 
-def test_thunk_segment_follows_physical_layout(tmp_path: Path) -> None:
-    """A vmlinux-like layout: the new segment's paddr follows the segment it comes after."""
+def _kernel_like(tmp_path: Path, extra: str = "") -> Path:
+    """A vmlinux-like layout: text at 0xffffffff81000000, per-CPU data linked at 0."""
     obj = tmp_path / "k.o"
     site = (FIX / "src" / "llvm-site.s").read_text() + \
         ".globl xen_irq_disable\n.type xen_irq_disable,@function\nxen_irq_disable: ret\n" \
-        ".section .data..percpu,\"aw\"\n.quad 1\n.data\n.quad 2\n"
+        ".section .data..percpu,\"aw\"\n.quad 1\n" + extra + ".data\n.quad 2\n"
     (tmp_path / "k.s").write_text(site)
     subprocess.run(["as", "--64", "-o", str(obj), str(tmp_path / "k.s")], check=True)
     lds = tmp_path / "vm.lds"
@@ -431,6 +463,12 @@ def test_thunk_segment_follows_physical_layout(tmp_path: Path) -> None:
     exe = tmp_path / "vm"
     subprocess.run(["ld", "-T", str(lds), "-o", str(exe), str(obj),
                     "--defsym=pv_ops=0xffffffff81200000"], check=True)
+    return exe
+
+
+def test_thunk_segment_follows_physical_layout(tmp_path: Path) -> None:
+    """A vmlinux-like layout: the new segment's paddr follows the segment it comes after."""
+    exe = _kernel_like(tmp_path)
     res = pvpatch.load(exe, ops="none")
     rw = with_c_spec(exe)
     out = pvpatch.elf.ElfFile(rw.data)
@@ -442,17 +480,26 @@ def test_thunk_segment_follows_physical_layout(tmp_path: Path) -> None:
     assert out.e_phoff == new.offset and len(out.segments) == len(res.elf.segments) + 1
 
 
+def test_no_branch_wraps_through_the_top_of_the_address_space(tmp_path: Path) -> None:
+    """From kernel text a per-CPU symbol (linked at 8) is 2**64 - 2 GiB away, though the
+    distance modulo 2**64 fits a rel32: the call is refused, never wrapped."""
+    exe = _kernel_like(tmp_path, ".globl pcpu_var\npcpu_var: .quad 0\n")
+    assert pvpatch.open_elf(exe).symbols_by_name["pcpu_var"].value == 8
+    res = pvpatch.load(exe, ops=CAT["x86_64"])
+    spec = parse_spec_text('[ops."irq.irq_disable"]\naction = "call"\ntarget = "pcpu_var"\n',
+                           res.arch)
+    with pytest.raises(pvpatch.RewriteError, match="does not fit in 32 bits"):
+        pvpatch.apply_plan(pvpatch.make_plan(res, spec))
+
+
 def test_new_relocation_section_joins_comdat_group(tmp_path: Path) -> None:
     """A site in a COMDAT group section with no relocations yet: the new .rela section
     carries SHF_GROUP and is listed in the group (readelf -g)."""
-    src = tmp_path / "grp.s"
-    src.write_text(
+    obj = assemble(tmp_path, "grp",
         '.section .text.foo,"axG",@progbits,foo,comdat\n.globl foo\n.type foo,@function\n'
         "foo:\n771: .byte 0xff, 0x15, 0, 0, 0, 0\n772:\n"
         '.pushsection .parainstructions,"a"\n.balign 8\n.quad 771b\n.byte 31\n'
         ".byte 772b-771b\n.short 0x1\n.balign 8\n.popsection\nret\n.size foo,.-foo\n")
-    obj = tmp_path / "grp.o"
-    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
     rw = with_c_spec(obj)
     out = tmp_path / "out.o"
     out.write_bytes(rw.data)
@@ -462,3 +509,34 @@ def test_new_relocation_section_joins_comdat_group(tmp_path: Path) -> None:
     flags = readelf("-S", str(out))
     line = next(ln for ln in flags.splitlines() if " .rela.text.foo " in ln)
     assert "G" in line.split()[-4]  # the Flg column
+
+
+# -- symbol CRCs from a kernel image (--symvers vmlinux) ------------------------------
+
+# struct kernel_symbol over the years, as GNU as lays it out: (arch, entry directives).
+_KSYMTAB_SHAPES = {
+    "x86_64 5.4+ (12-byte offsets)": ("x86_64", ".long {v} - .\n.long {n} - .\n.long 0\n"),
+    "x86_64 4.19 (8-byte offsets)": ("x86_64", ".long {v} - .\n.long {n} - .\n"),
+    "x86_64 before 4.19 (pointers)": ("x86_64", ".quad {v}\n.quad {n}\n"),
+    "i386 5.4+ (value, name, namespace)": ("i386", ".long {v}\n.long {n}\n.long 0\n"),
+    "i386 before 5.4 (value, name)": ("i386", ".long {v}\n.long {n}\n"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(_KSYMTAB_SHAPES))
+def test_crcs_from_every_ksymtab_shape(shape: str, tmp_path: Path) -> None:
+    from pvpatch import modversions
+
+    arch, entry = _KSYMTAB_SHAPES[shape]
+    names = {"alpha": 0x11111111, "native_save_fl": 0x9D70541A, "omega": 0xFFFFFFFE}
+    src = [".text"] + [f"v_{n}: ret" for n in names] + [".section .rodata"]
+    src += [f'n_{n}: .asciz "{n}"' for n in names]
+    src += ['.section __ksymtab,"a"'] + [entry.format(v=f"v_{n}", n=f"n_{n}") for n in names]
+    src += ['.section __kcrctab,"a"'] + [f".long {crc:#x}" for crc in names.values()]
+    (tmp_path / "k.s").write_text("\n".join(src) + "\n")
+    obj, image = tmp_path / "k.o", tmp_path / "vmlinux"
+    bits = ["--64"] if arch == "x86_64" else ["--32"]
+    subprocess.run(["as", *bits, "-o", str(obj), str(tmp_path / "k.s")], check=True)
+    emulation = [] if arch == "x86_64" else ["-m", "elf_i386"]
+    subprocess.run(["ld", *emulation, "-e", "0", "-o", str(image), str(obj)], check=True)
+    assert modversions.read_crcs(image) == names

@@ -475,8 +475,21 @@ def test_jmp_at_a_tail_site(arch: str, tmp_path: Path) -> None:
     ('[ops."pv_cpu_ops.iret"]\naction = "jmp"\ntarget = "t"\ntail = false\n',
      "only for tail ops"),
     ('[ops."irq.save_fl"]\naction = "jmp"\ntarget = "t"\n', "returns to its site"),
+    ('[ops."mine"]\naction = "jmp"\ntarget = "t"\naliases = ["irq.save_fl"]\n',
+     "'irq.save_fl' returns to its site"),
 ])
 def test_jmp_refused_where_control_must_come_back(body: str, words: str) -> None:
     with pytest.raises(pvpatch.SpecError, match=words) as err:
         parse_spec_text(body, ElfFile.open(FIX / "x86_64" / "prog.o").arch, "spec.toml")
     assert "spec.toml:1:" in str(err.value)
+
+
+def test_jmp_by_type_number_is_kept_at_a_returning_op() -> None:
+    """A spec naming the op by number (slot 30, irq.save_fl in 6.1) is resolved by the
+    catalog at plan time: those sites are kept, with the reason."""
+    res = pvpatch.load(FIX / "x86_64" / "kernel61.o", ops="catalog:linux-6.1-x86_64")
+    plan = pvpatch.make_plan(res, parse_spec_text('[ops.30]\naction = "jmp"\ntarget = "t"\n',
+                                                  res.arch))
+    save_fl = [d for d in plan.decisions if d.site.op == "irq.save_fl"]
+    assert save_fl and all(d.action == "keep" and "returns to its site" in (d.reason or "")
+                           for d in save_fl)
