@@ -382,6 +382,14 @@ def with_c_spec(path: Path) -> Rewrite:
     return pvpatch.apply_plan(pvpatch.make_plan(res, parse_spec_text(C_SPEC, res.arch)))
 
 
+def c_spec_output(src: Path, tmp_path: Path) -> Path:
+    """`src` patched with the C spec, written, and checked to link (x86-64)."""
+    out = tmp_path / "out.o"
+    out.write_bytes(with_c_spec(src).data)
+    check_links(out, X86_64, tmp_path, src)
+    return out
+
+
 def readelf(*args: str) -> str:
     return subprocess.run(["readelf", "-W", *args], capture_output=True, text=True,
                           check=True).stdout
@@ -400,10 +408,7 @@ def test_llvm_shared_string_table(tmp_path: Path) -> None:
     src = FIX / "x86_64" / "llvm-site.o"
     elf = pvpatch.open_elf(src)
     assert elf.symtab is not None and elf.shstrndx == elf.symtab.link
-    rw = with_c_spec(src)
-    out = tmp_path / "out.o"
-    out.write_bytes(rw.data)
-    check_links(out, X86_64, tmp_path, src)
+    out = c_spec_output(src, tmp_path)
     syms = readelf("-s", str(out))
     assert "__raw_callee_save_xen_irq_disable" in syms and " xen_irq_disable" in syms
     sections = readelf("-S", str(out))
@@ -500,10 +505,7 @@ def test_new_relocation_section_joins_comdat_group(tmp_path: Path) -> None:
         "foo:\n771: .byte 0xff, 0x15, 0, 0, 0, 0\n772:\n"
         '.pushsection .parainstructions,"a"\n.balign 8\n.quad 771b\n.byte 31\n'
         ".byte 772b-771b\n.short 0x1\n.balign 8\n.popsection\nret\n.size foo,.-foo\n")
-    rw = with_c_spec(obj)
-    out = tmp_path / "out.o"
-    out.write_bytes(rw.data)
-    check_links(out, X86_64, tmp_path, obj)
+    out = c_spec_output(obj, tmp_path)
     groups = readelf("-g", str(out))
     assert "contains 2 sections" in groups and ".rela.text.foo" in groups
     flags = readelf("-S", str(out))
