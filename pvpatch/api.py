@@ -125,8 +125,8 @@ def prepare_output(
 
     For a linked file (an executable, a shared object, a vmlinux) this takes the
     copy of the input off the critical path: it runs in the kernel on another
-    thread while the file is scanned and planned.  Use it as
-    a context manager; the output appears only when `write_output` commits it.
+    thread while the file is scanned and planned.  Use it as a context manager;
+    the output appears only when `write_output` commits it.
 
         with pvpatch.prepare_output("vmlinux", "vmlinux.pv") as out:
             rw = pvpatch.apply_plan(pvpatch.make_plan(pvpatch.load("vmlinux")))

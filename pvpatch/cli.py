@@ -303,7 +303,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
         check_output_path(args.input, args.output, args.in_place)
         return _patch_one(args, signing, None)
     # The output file is opened first: copying the input into it then overlaps the
-    # imports, the scan and the plan (see OutputFile).
+    # scan and the plan (see OutputFile).
     with prepare_output(args.input, args.output, in_place=args.in_place) as out:
         return _patch_one(args, signing, out)
 

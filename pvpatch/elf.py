@@ -121,8 +121,9 @@ ELF32 = ElfClass(
     info_shift=8,
     sym_fields=itemgetter(0, 3, 4, 5, 1, 2),
     sym_raw=itemgetter(0, 4, 5, 1, 2, 3),
-    phdr_fields=itemgetter(0, 6, 1, 2, 3, 4, 5, 7),  # type offset vaddr paddr filesz memsz
-    phdr_raw=itemgetter(0, 2, 3, 4, 5, 6, 1, 7),  # flags align
+    # raw Elf32_Phdr order: type offset vaddr paddr filesz memsz flags align
+    phdr_fields=itemgetter(0, 6, 1, 2, 3, 4, 5, 7),
+    phdr_raw=itemgetter(0, 2, 3, 4, 5, 6, 1, 7),
     note_align=4,
 )
 
