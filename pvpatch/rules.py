@@ -31,7 +31,8 @@ RULES: Mapping[str, Rule] = MappingProxyType(
             Rule("PV101", "table-size", "error",
                  "The table is not a whole number of entries of its layout."),
             Rule("PV102", "entry-target", "error",
-                 "A table entry points outside every executable section."),
+                 "A table entry points outside every executable section, or (in a linked "
+                 "file) into one that no PT_LOAD segment loads."),
             Rule("PV103", "site-overrun", "error", "A site runs past the end of its section."),
             Rule("PV104", "site-overlap", "error", "Two sites overlap."),
             Rule("PV105", "insn-boundary", "error",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from .arch import Arch
-from .elf import SHT_NOBITS, ElfFile, Relocation, Section
+from .elf import PT_LOAD, SHT_NOBITS, ElfFile, Relocation, Section
 from .errors import TableError, UsageError
 from .layouts import AUTO_LAYOUTS, LAYOUTS, TableLayout
 from .ops import OpCatalog
@@ -154,6 +154,7 @@ class _Scanner:
         self._overlapped: set[int] = set()
         self._regs_cache: dict[int, tuple[str, ...]] = {}
         self._entry_targets: dict[int, tuple[Section, int] | str] = {}
+        self._loaded_sections: dict[int, bool] = {}
         self._widths: dict[int, int] = {}  # relocation type -> bytes it patches
         self._slots: dict[tuple[int, int, int, bytes], int | None] = {}  # see _check_relocs
 
@@ -281,7 +282,21 @@ class _Scanner:
                     self._entry_finding(i, base, f"points at {ptr:#x}, outside every "
                                         "executable section")
                     continue
+            if not self._loaded(last):
+                self._entry_finding(i, base, f"points into {last.name}, which no PT_LOAD "
+                                    "segment loads")
+                continue
             found.append((i, base, last, ptr - last.addr, stype, slen, clob))
+
+    def _loaded(self, sec: Section) -> bool:
+        """A PT_LOAD segment covers the whole section: it is in memory at run time."""
+        found = self._loaded_sections.get(sec.index)
+        if found is None:
+            end = sec.addr + sec.size
+            found = self._loaded_sections[sec.index] = any(
+                s.type == PT_LOAD and s.vaddr <= sec.addr and end <= s.vaddr + s.memsz
+                for s in self.elf.segments)
+        return found
 
     def _make_site(
         self, index: int, base: int, sec: Section, off: int, stype: int, slen: int, clob: int,

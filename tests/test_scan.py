@@ -193,6 +193,31 @@ def test_entry_outside_exec_section(tmp_path: Path) -> None:
     assert any(f.rule == "PV102" and f.site_index == 0 for f in res.findings)
 
 
+def test_entries_into_a_section_no_segment_loads(tmp_path: Path) -> None:
+    """A linked file whose text PT_LOAD was moved: .text is in no segment (readelf's
+    section-to-segment map agrees), so every entry is PV102 and nothing is rewritten."""
+    src = FIX / "x86_64" / "prog"
+
+    def edit(data: bytearray, elf: ElfFile) -> None:
+        text = elf.section(".text")
+        assert text is not None
+        seg = next(g for g in elf.segments if g.type == 1 and
+                   g.vaddr <= text.addr < g.vaddr + g.memsz)
+        at = elf.e_phoff + seg.index * elf.e_phentsize + 16  # Elf64_Phdr.p_vaddr
+        struct.pack_into("<Q", data, at, seg.vaddr + 0x100000)
+
+    path = _copy_with(tmp_path, src, edit)
+    mapping = subprocess.run(["readelf", "-l", "-W", str(path)], capture_output=True,
+                             text=True).stdout.split("Section to Segment mapping:", 1)[1]
+    assert " .text " not in mapping + " "
+    res = pvpatch.load(path, ops="catalog:linux-6.1-x86_64")
+    assert res.table is not None and not res.sites
+    bad = [f for f in res.findings if f.rule == "PV102"]
+    assert len(bad) == res.table.count and "no PT_LOAD segment loads" in bad[0].message
+    # the untouched program: every entry is in a loaded section
+    assert not pvpatch.load(src, ops="catalog:linux-6.1-x86_64").findings
+
+
 def test_duplicate_entries_warn(tmp_path: Path) -> None:
     src = FIX / "x86_64" / "prog"
 
