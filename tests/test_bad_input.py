@@ -7,19 +7,14 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import pvpatch_cli as run
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"
 GOOD = FIX / "x86_64" / "kernel61.o"
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
-                          text=True, cwd=REPO, env=env)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], path: str, words: str) -> None:

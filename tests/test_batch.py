@@ -16,17 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from clirun import pvpatch_cli as run
 
 from pvpatch.batch import InputFile, expand, run_ordered
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"
 OPS = "catalog:linux-6.1-x86_64"
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
-                          text=True, cwd=REPO)
 
 
 def _slow_square(n: int) -> int:

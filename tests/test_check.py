@@ -10,6 +10,7 @@ from typing import Any
 
 import corpus
 import pytest
+from clirun import pvpatch_cli as run
 
 import pvpatch
 from pvpatch.check import CheckOptions, check_path, elf_kind
@@ -18,11 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"
 BROKEN = FIX / "broken"
 OPS = "catalog:linux-6.1-x86_64"
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
-                          text=True, cwd=REPO)
 
 
 # file -> (rule, section, section offset) of the planted defect (fixtures/broken/README.md)

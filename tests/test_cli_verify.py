@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
+
+from clirun import pvpatch_cli as cli
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"
 OPS = "catalog:linux-6.1-x86_64"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
-                          text=True, cwd=REPO)
 
 
 def test_patch_verifies_by_default(tmp_path: Path) -> None:

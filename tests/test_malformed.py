@@ -10,17 +10,13 @@ from pathlib import Path
 
 import fuzzing
 import pytest
+from clirun import pvpatch_cli as cli
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER = REPO / "fixtures" / "malformed"
 EXPECTED: dict[str, dict[str, str]] = tomllib.loads((FOLDER / "expected.toml").read_text())
 OPS = "catalog:linux-6.1-x86_64"
 OPS_I386 = f"catalog:{REPO / 'fixtures' / 'catalogs' / 'fixtures-i386.toml'}"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
-                          text=True, cwd=REPO)
 
 
 def test_corpus_is_complete_and_current() -> None:

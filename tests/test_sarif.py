@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+from clirun import pvpatch_cli
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"
@@ -29,9 +29,8 @@ def validate(doc: dict[str, Any]) -> None:
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env)
+    # From another folder the package is found through PYTHONPATH.
+    return pvpatch_cli(*args, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_check_sarif_validates_and_locates(tmp_path: Path) -> None:

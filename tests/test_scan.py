@@ -11,6 +11,7 @@ from pathlib import Path
 
 import independent
 import pytest
+from clirun import pvpatch_cli as run
 from test_corpus_scan import _compare, _scan
 
 import pvpatch
@@ -23,11 +24,6 @@ WITH_TABLE = [
                                  "prog-sse", "libprog.so")
 ] + [FIX / "i386" / n for n in ("kernel61.o", "seed.o", "prog.o", "prog", "prog-pie",
                                 "libprog.so")]
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
-                          text=True, cwd=REPO)
 
 
 def test_fixtures_match_independent_decoding() -> None:

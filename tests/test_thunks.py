@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import pvpatch_cli
 
 import pvpatch
 from pvpatch.backend import parse_spec_text
@@ -25,11 +25,6 @@ SPEC = SPEC_FILE.read_text()
 @pytest.fixture
 def spec() -> Path:
     return SPEC_FILE
-
-
-def pvpatch_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pvpatch", *args], capture_output=True,
-                          text=True, cwd=REPO)
 
 
 def run_prog(path: Path) -> subprocess.CompletedProcess[str]:
