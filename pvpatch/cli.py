@@ -264,21 +264,31 @@ def cmd_check(args: argparse.Namespace) -> int:
         "findings": counts,
         "seconds": round(time.monotonic() - started, 3),
     }
+    _tree_report(
+        args, [(fc.path, fc.findings, fc.size) for fc in checked],
+        [fc.record for fc in checked], problems, summary, status,
+        f"pvpatch check: {summary['files']} ELF files ({summary['skipped']} other "
+        f"files skipped), {summary['sites']} sites ({_actions_text(actions)}); "
+        f"{counts['error']} errors, {counts['warning']} warnings; "
+        f"{summary['seconds']:.2f} s")
+    return status
+
+
+def _tree_report(args: argparse.Namespace,
+                 artifacts: Sequence[tuple[str, Sequence[Finding], int | None]],
+                 records: list[Any], problems: list[str], summary: dict[str, Any],
+                 status: int, text: str) -> None:
+    """What a run over a tree ends with: the SARIF file if asked, then JSON or one line."""
     if args.sarif:
         from .sarif import ArtifactFindings, sarif_log
 
         _write_sarif(args.sarif, sarif_log(
-            [ArtifactFindings(fc.path, fc.findings, fc.size) for fc in checked],
+            [ArtifactFindings(path, tuple(found), size) for path, found, size in artifacts],
             exit_code=status, problems=problems, arguments=args.argv))
     if args.json:
-        _emit_json({"files": [fc.record for fc in checked], "errors": problems,
-                    "summary": summary})
+        _emit_json({"files": records, "errors": problems, "summary": summary})
     else:
-        print(f"pvpatch check: {summary['files']} ELF files ({summary['skipped']} other "
-              f"files skipped), {summary['sites']} sites ({_actions_text(actions)}); "
-              f"{counts['error']} errors, {counts['warning']} warnings; "
-              f"{summary['seconds']:.2f} s")
-    return status
+        print(text)
 
 
 def _signing(args: argparse.Namespace) -> SigningKey | None:
@@ -434,20 +444,13 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
         "findings": sum(len(o.findings) for o in done),
         "seconds": round(time.monotonic() - started, 3),
     }
-    if args.sarif:
-        from .sarif import ArtifactFindings, sarif_log
-
-        _write_sarif(args.sarif, sarif_log(
-            [ArtifactFindings(o.path, o.findings, o.size) for o in done],
-            exit_code=status, problems=problems, arguments=args.argv))
-    if args.json:
-        _emit_json({"files": [o.record for o in done if o.record is not None],
-                    "errors": problems, "summary": summary})
-    else:
-        print(f"pvpatch patch: {summary['files']} ELF files, {summary['written']} written to "
-              f"{args.output}{' (dry run)' if args.dry_run else ''}, {summary['sites']} sites "
-              f"({_actions_text(actions)}), {failed} failed verification, "
-              f"{summary['findings']} findings; {summary['seconds']:.2f} s")
+    _tree_report(
+        args, [(o.path, o.findings, o.size) for o in done],
+        [o.record for o in done if o.record is not None], problems, summary, status,
+        f"pvpatch patch: {summary['files']} ELF files, {summary['written']} written to "
+        f"{args.output}{' (dry run)' if args.dry_run else ''}, {summary['sites']} sites "
+        f"({_actions_text(actions)}), {failed} failed verification, "
+        f"{summary['findings']} findings; {summary['seconds']:.2f} s")
     return status
 
 
