@@ -65,9 +65,6 @@ class Arch:
     # Registers a C function preserves (the psABI's callee-saved set).
     preserved: tuple[str, ...]
     word: struct.Struct  # a pointer-sized little-endian word
-    # `struct kernel_symbol` holds 32-bit self-relative offsets (x86-64, 4.19 on)
-    # rather than pointers.
-    ksymtab_prel32: bool
     # A rel32 branch reaches every address (a 32-bit address space wraps around); on
     # x86-64 a distance past +/-2 GiB is refused rather than wrapped through the top.
     rel32_wraps: bool
@@ -182,7 +179,6 @@ X86_64 = Arch(
     rex_w=b"\x48",
     preserved=("rbx", "rbp", "r12", "r13", "r14", "r15"),
     word=struct.Struct("<Q"),
-    ksymtab_prel32=True,
     rel32_wraps=False,
 )
 
@@ -252,7 +248,6 @@ I386 = Arch(
     rex_w=b"",
     preserved=("ebx", "ebp", "esi", "edi"),
     word=struct.Struct("<I"),
-    ksymtab_prel32=False,
     rel32_wraps=True,
 )
 

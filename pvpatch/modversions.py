@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .arch import Arch
-from .elf import ElfFile
+from .elf import ElfFile, Section
 from .errors import InputError
 
 MODULE_NAME_LEN = 64  # struct modversion_info is MODULE_NAME_LEN bytes in all
@@ -72,13 +72,16 @@ def crcs_from_symvers(path: Path) -> dict[str, int]:
 def crcs_from_vmlinux(elf: ElfFile) -> dict[str, int]:
     """Exported symbol -> CRC from `__ksymtab{,_gpl}` and the parallel `__kcrctab{,_gpl}`.
 
-    `struct kernel_symbol` changed shape over the years; its size is the table's size
-    over the number of CRCs.  x86-64 kernels (4.19 on) store 32-bit offsets, each
-    relative to its own field (value, name; namespace from 5.4: 8 or 12 bytes); older
-    x86-64 kernels and i386 store pointers (value, name; namespace from 5.4).
+    `struct kernel_symbol` changed shape over the years: pointers (value, name) before
+    4.19, then 32-bit offsets relative to each field (x86 selects
+    HAVE_ARCH_PREL32_RELOCATIONS on both architectures), and a namespace field from 5.4.
+    The entry size is the table's size over the number of CRCs; where two shapes share
+    a size (8 bytes on i386), the one whose first name lands in `__ksymtab_strings` is
+    the table's.
     """
     out: dict[str, int] = {}
     ptr = elf.arch.ptr_size
+    strings = elf.section("__ksymtab_strings")
     for tab, crctab in (("__ksymtab", "__kcrctab"), ("__ksymtab_gpl", "__kcrctab_gpl")):
         ks, kc = elf.section(tab), elf.section(crctab)
         if ks is None or kc is None:
@@ -88,17 +91,23 @@ def crcs_from_vmlinux(elf: ElfFile) -> dict[str, int]:
         if not count:
             continue
         esize, rest = divmod(len(syms), count)
-        if rest or esize not in (8, 12, 16):
-            raise InputError(f"{tab} ({len(syms)} bytes) and {crctab} ({count} CRCs) do not "
-                             "pair up", elf.path)
-        prel = elf.arch.ksymtab_prel32 and esize < 2 * ptr
-        for i in range(count):
+
+        def name_addr(i: int, prel: bool, esize: int = esize, ks_addr: int = ks.addr,
+                      syms: bytes = syms) -> int:
             if prel:
                 (rel,) = struct.unpack_from("<i", syms, i * esize + 4)
-                name_addr = ks.addr + i * esize + 4 + rel
-            else:
-                (name_addr,) = elf.arch.word.unpack_from(syms, i * esize + ptr)
-            at = elf.addr_to_offset(name_addr)
+                return ks_addr + i * esize + 4 + int(rel)
+            return int(elf.arch.word.unpack_from(syms, i * esize + ptr)[0])
+
+        shapes = [prel for prel, sizes in ((True, (8, 12)), (False, (2 * ptr, 3 * ptr)))
+                  if esize in sizes and not rest]
+        fitting = [prel for prel in shapes if _names_string(elf, strings, name_addr(0, prel))]
+        if not fitting:
+            raise InputError(f"{tab} ({len(syms)} bytes, {count} CRCs in {crctab}) has no "
+                             "struct kernel_symbol shape pvpatch knows", elf.path)
+        prel = fitting[0]
+        for i in range(count):
+            at = elf.addr_to_offset(name_addr(i, prel))
             if at is None:
                 continue
             end = elf.data.find(b"\0", at, at + 512)
@@ -107,6 +116,13 @@ def crcs_from_vmlinux(elf: ElfFile) -> dict[str, int]:
             out[elf.data[at:end].decode("utf-8", "replace")] = struct.unpack_from(
                 "<I", crcs, i * 4)[0]
     return out
+
+
+def _names_string(elf: ElfFile, strings: Section | None, addr: int) -> bool:
+    """`addr` is where export names live: `__ksymtab_strings`, else any loaded section."""
+    if strings is not None:
+        return strings.addr <= addr < strings.addr + strings.size
+    return elf.addr_to_offset(addr) is not None
 
 
 def versions_for(names: list[str], crcs: Mapping[str, int] | None, have: set[str],

@@ -30,7 +30,7 @@ def _ready(kind: Kind) -> bool:
     root = corpus_root() / kind
     if not (root / "lib" / "modules").is_dir():
         return False
-    return kind != "x86_64" or (root / "vmlinux").is_file()
+    return (root / "vmlinux").is_file()
 
 
 def ensure(kind: Kind) -> Path:
@@ -106,6 +106,12 @@ def x86_64_pv_modules() -> list[Path]:
 def x86_64_vmlinux() -> Path | None:
     ensure("x86_64")
     path = corpus_root() / "x86_64" / "vmlinux"
+    return path if path.is_file() else None
+
+
+def i386_vmlinux() -> Path | None:
+    ensure("i386")
+    path = corpus_root() / "i386" / "vmlinux"
     return path if path.is_file() else None
 
 

@@ -516,12 +516,16 @@ def test_new_relocation_section_joins_comdat_group(tmp_path: Path) -> None:
 # -- symbol CRCs from a kernel image (--symvers vmlinux) ------------------------------
 
 # struct kernel_symbol over the years, as GNU as lays it out: (arch, entry directives).
+# On i386 the 4.19 offsets and the older pointers are both 8 bytes.
+_PREL12 = ".long {v} - .\n.long {n} - .\n.long 0\n"
+_PREL8 = ".long {v} - .\n.long {n} - .\n"
 _KSYMTAB_SHAPES = {
-    "x86_64 5.4+ (12-byte offsets)": ("x86_64", ".long {v} - .\n.long {n} - .\n.long 0\n"),
-    "x86_64 4.19 (8-byte offsets)": ("x86_64", ".long {v} - .\n.long {n} - .\n"),
+    "x86_64 5.4+ (offsets, namespace)": ("x86_64", _PREL12),
+    "x86_64 4.19 (offsets)": ("x86_64", _PREL8),
     "x86_64 before 4.19 (pointers)": ("x86_64", ".quad {v}\n.quad {n}\n"),
-    "i386 5.4+ (value, name, namespace)": ("i386", ".long {v}\n.long {n}\n.long 0\n"),
-    "i386 before 5.4 (value, name)": ("i386", ".long {v}\n.long {n}\n"),
+    "i386 5.4+ (offsets, namespace)": ("i386", _PREL12),
+    "i386 4.19 (offsets)": ("i386", _PREL8),
+    "i386 before 4.19 (pointers)": ("i386", ".long {v}\n.long {n}\n"),
 }
 
 
@@ -531,7 +535,7 @@ def test_crcs_from_every_ksymtab_shape(shape: str, tmp_path: Path) -> None:
 
     arch, entry = _KSYMTAB_SHAPES[shape]
     names = {"alpha": 0x11111111, "native_save_fl": 0x9D70541A, "omega": 0xFFFFFFFE}
-    src = [".text"] + [f"v_{n}: ret" for n in names] + [".section .rodata"]
+    src = [".text"] + [f"v_{n}: ret" for n in names] + ['.section __ksymtab_strings,"a"']
     src += [f'n_{n}: .asciz "{n}"' for n in names]
     src += ['.section __ksymtab,"a"'] + [entry.format(v=f"v_{n}", n=f"n_{n}") for n in names]
     src += ['.section __kcrctab,"a"'] + [f".long {crc:#x}" for crc in names.values()]
@@ -542,3 +546,74 @@ def test_crcs_from_every_ksymtab_shape(shape: str, tmp_path: Path) -> None:
     emulation = [] if arch == "x86_64" else ["-m", "elf_i386"]
     subprocess.run(["ld", *emulation, "-e", "0", "-o", str(image), str(obj)], check=True)
     assert modversions.read_crcs(image) == names
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+def test_crcs_from_vmlinux_match_the_modules(arch: str) -> None:
+    """Debian's kernel against its own modules: every symbol a module imports has, in its
+    __versions, the CRC pvpatch reads from the vmlinux's export tables."""
+    from pvpatch import modversions
+
+    vmlinux = corpus.x86_64_vmlinux() if arch == "x86_64" else corpus.i386_vmlinux()
+    assert vmlinux is not None
+    crcs = modversions.read_crcs(vmlinux)
+    assert len(crcs) > 9000
+    compared = 0
+    for ko in corpus.x86_64_modules() if arch == "x86_64" else corpus.i386_modules():
+        elf = pvpatch.open_elf(ko)
+        sec = elf.section("__versions")
+        if sec is None:
+            continue
+        data = elf.section_data(sec)
+        word = elf.arch.ptr_size
+        for at in range(0, len(data) - 63, 64):
+            name = data[at + word : at + 64].split(b"\0")[0].decode()
+            if name in crcs:
+                assert crcs[name] == int.from_bytes(data[at : at + 4], "little"), (ko, name)
+                compared += 1
+    assert compared > 10000
+
+
+def test_i386_modules_call_native_io_delay(tmp_path: Path) -> None:
+    """Every i386 6.1 module site is cpu.io_delay (no native inline form). A spec sends it
+    to the exported native_io_delay: each site gets what GNU as writes for the call, the
+    module stays linkable, and __versions gains the CRC the kernel's export table holds."""
+    from pvpatch import modversions
+
+    vmlinux = corpus.i386_vmlinux()
+    assert vmlinux is not None
+    modules = corpus.i386_pv_modules()
+    assert len(modules) > 80
+    arch = ARCHES["i386"]
+    spec = parse_spec_text(
+        '[ops."cpu.io_delay"]\naction = "call"\ntarget = "native_io_delay"\n', arch)
+    ref = assemble(tmp_path, "ref", "call native_io_delay\n", bits=32)
+    ref_elf = pvpatch.open_elf(ref)
+    want_bytes = ref_elf.section_data(ref_elf.section(".text"))  # type: ignore[arg-type]
+    ((_off, want_type, _sym),) = readelf_relocs(ref)[".text"]
+    crc = modversions.read_crcs(vmlinux)["native_io_delay"]
+    calls = 0
+    for n, ko in enumerate(modules):
+        res = pvpatch.load(ko, ops="catalog:linux-6.1-i386")
+        rw = pvpatch.apply_plan(pvpatch.make_plan(res, spec), symvers=vmlinux)
+        out = tmp_path / ko.name
+        out.write_bytes(rw.data)
+        check_links(out, arch, tmp_path, ko)
+        relocs = readelf_relocs(out)
+        for p in rw.patches:
+            site = p.decision.site
+            assert p.decision.action == "call", (ko.name, p.decision.reason)
+            assert p.after == want_bytes + arch.nop_fill(site.len - len(want_bytes))
+            inside = {r for r in relocs[site.section]
+                      if site.offset <= r[0] < site.end}
+            assert inside == {(site.offset + 1, want_type, "native_io_delay")}
+            calls += 1
+        versions = pvpatch.open_elf(out).section("__versions")
+        if versions is not None:
+            data = pvpatch.open_elf(out).section_data(versions)
+            entries = {data[at + 4 : at + 64].split(b"\0")[0]: data[at : at + 4]
+                       for at in range(0, len(data) - 63, 64)}
+            assert entries[b"native_io_delay"] == crc.to_bytes(4, "little")
+        if n % 10 == 0:  # the emulator agrees: the calls keep every site's contract
+            assert pvpatch.verify_rewrite(rw, trials=4, seed=0, workers=1).ok
+    assert calls > 2000
