@@ -18,6 +18,7 @@ from .errors import PvpatchError, UsageError
 
 if TYPE_CHECKING:
     from .api import SigningKey
+    from .batch import Inputs
     from .output import OutputFile
     from .rules import Finding
 
@@ -146,6 +147,16 @@ def _emit_json(doc: Any, out: TextIO = sys.stdout) -> None:
     out.write("\n")
 
 
+def _expand(paths: Sequence[str]) -> tuple[Inputs, list[str]]:
+    """The files under `paths`, and the paths that could not be walked (each reported)."""
+    from .batch import expand
+
+    inputs = expand(paths)
+    for problem in inputs.problems:
+        _err(f"error: {problem}")
+    return inputs, list(inputs.problems)
+
+
 def _jobs(args: argparse.Namespace) -> int:
     if args.jobs is not None:
         return int(args.jobs)
@@ -175,16 +186,13 @@ def _add_counts(total: dict[str, int], more: dict[str, int]) -> None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .batch import ScanOptions, expand, job, run_ordered, scan_input
+    from .batch import ScanOptions, job, run_ordered, scan_input
     from .progress import open_progress
     from .report import findings_text
 
     started = time.monotonic()
-    inputs = expand(args.paths)
-    status = EXIT_OK
-    for problem in inputs.problems:
-        _err(f"error: {problem}")
-        status = EXIT_BAD
+    inputs, problems = _expand(args.paths)
+    status = EXIT_BAD if problems else EXIT_OK
     options = ScanOptions(layout=args.layout, section=args.section, ops=args.ops,
                           json=args.json)
     bar = open_progress(args.progress, len(inputs.files), "scan", sys.stderr)
@@ -222,16 +230,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .batch import check_input, expand, job, run_ordered
+    from .batch import check_input, job, run_ordered
     from .check import CheckOptions, FileCheck, reaches
     from .progress import open_progress
     from .report import findings_text
 
     started = time.monotonic()
-    inputs = expand(args.paths)
-    problems = list(inputs.problems)
-    for problem in problems:
-        _err(f"error: {problem}")
+    inputs, problems = _expand(args.paths)
     options = CheckOptions(backend=args.backend, ops=args.ops, layout=args.layout,
                            section=args.section, records=args.json)
     bar = open_progress(args.progress, len(inputs.files), "check", sys.stderr)
@@ -393,15 +398,12 @@ def _check_outdir(indir: str, outdir: str, in_place: bool) -> None:
 
 
 def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) -> int:
-    from .batch import PatchOptions, expand, job, patch_input, run_ordered
+    from .batch import PatchOptions, job, patch_input, run_ordered
     from .progress import open_progress
 
     started = time.monotonic()
     _check_outdir(args.input, args.output, args.in_place)
-    inputs = expand([args.input])
-    problems = list(inputs.problems)
-    for problem in problems:
-        _err(f"error: {problem}")
+    inputs, problems = _expand([args.input])
     options = PatchOptions(
         outdir=args.output, backend=args.backend, layout=args.layout, section=args.section,
         ops=args.ops, drop_patched=args.drop_patched, verify=not args.no_verify,
