@@ -67,6 +67,11 @@ class Backend:
     endbr: bool | None = None  # thunks start with endbr: None = as the input's IBT note says
     thunk_section: str = ".text.pvpatch"
 
+    @property
+    def builtin(self) -> bool:
+        """The kernel's own native forms (`--backend native`), not a user's spec."""
+        return self.source.startswith("builtin:")
+
     def rule_for(self, op: str | None, type_: int) -> OpRule | None:
         """The rule naming this op, by name first, then by type number."""
         if op is not None:

@@ -153,10 +153,11 @@ def scan_for(elf: ElfFile, *, layout: str, section: str, ops: str) -> ScanResult
     """`api.scan_file`, minus naming ops for a file without a table: most files of a
     module tree have none, and finding their op names (BTF, vermagic) costs more than
     the rest of their scan."""
-    if elf.section(section) is None:
-        from .scan import scan_elf
+    from .scan import scan_elf
 
-        return scan_elf(elf, layout=layout, section=section, ops=None)
+    bare = scan_elf(elf, layout=layout, section=section, ops=None)
+    if not bare.sites:
+        return bare
     from .api import scan_file
 
     return scan_file(elf, layout=layout, section=section, ops=ops)
@@ -188,7 +189,9 @@ def _broken(path: str, size: int, exc: InputError, elf: ElfFile | None,
 
 
 def _table_broken(elf: ElfFile, exc: TableError, options: CheckOptions) -> FileCheck:
-    sec = elf.section(options.section)
+    from .scan import table_section
+
+    sec = table_section(elf, options.section, options.layout)
     finding = Finding(
         "PV101", exc.message,
         section=sec.name if sec is not None else options.section,

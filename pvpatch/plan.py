@@ -87,6 +87,9 @@ class Planner:
         if site.index in self.scan.unsafe:
             return Decision(site, "keep", self._unsafe_reason(site))
         rule = self.backend.rule_for(site.op, site.type)
+        if site.native is not None and self.backend.builtin and \
+                (rule is None or rule.action == "inline"):
+            return self._file_native(site, site.native, rule)
         if rule is None:
             rule = self.backend.default
             if site.op is None and self.backend.rules:
@@ -118,6 +121,14 @@ class Planner:
         rules = sorted({f"{f.rule} {f.name}" for f in self.scan.findings
                         if f.site_index == site.index and f.severity == "error"})
         return "unsafe to rewrite: " + (", ".join(rules) if rules else "PV104 site-overlap")
+
+    def _file_native(self, site: Site, native: bytes, rule: OpRule | None) -> Decision:
+        """The kernel's own replacement for this site, carried in the file: what the
+        kernel itself writes there on bare metal, so it fits the site by construction."""
+        if len(native) > site.len:
+            return Decision(site, "keep", _short(len(native), site.len), rule=rule)
+        return Decision(site, "inline", code=native + self.arch.nop_fill(site.len - len(native)),
+                        rule=rule)
 
     def _inline(self, site: Site, rule: OpRule) -> Decision:
         # Tables have thousands of sites of a few shapes: decide each shape once.

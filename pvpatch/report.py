@@ -36,6 +36,8 @@ def site_json(result: ScanResult, site: Site) -> dict[str, Any]:
         "clobber_regs": list(site.clobber_regs),
         "bytes": site.code.hex(),
         "insns": [i.text for i in _disassemble(result.arch, site.code, site.address or 0)],
+        "native": site.native.hex() if site.native is not None else None,
+        "entries": list(site.entry_indices),
     }
 
 
@@ -44,6 +46,7 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
     if result.table is not None:
         table = {
             "section": result.table.section.name,
+            "family": result.table.family,
             "layout": result.table.layout.name,
             "entry_size": result.table.entry_size,
             "count": result.table.count,
@@ -175,6 +178,7 @@ def patch_json(rw: Rewrite, output: str | None, verify: dict[str, Any] | None = 
         ],
         "counts": counts,
         "dropped_entries": rw.dropped_entries,
+        "neutralised_entries": rw.neutralised_entries,
         "signature": signature_state(rw),
         "verify": verify,
     }
@@ -215,6 +219,9 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
                      f"{d.reason}")
     if rw.dropped_entries:
         lines.append(f"  dropped {rw.dropped_entries} table entries of rewritten sites")
+    if rw.neutralised_entries:
+        lines.append(f"  neutralised {rw.neutralised_entries} table entries of rewritten sites "
+                     "(the kernel skips them)")
     if rw.signed:
         lines.append("  module signed (the previous signature, if any, replaced)")
     elif rw.signature_removed:

@@ -52,6 +52,7 @@ from .elf import (
 )
 from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
+from .scan import family_of
 from .thunk import THUNK_ALIGN, thunk_code
 
 PAGE = 0x1000
@@ -94,6 +95,7 @@ class Rewrite:
     signature_removed: bool
     dropped_entries: int
     signed: bool = False  # the output carries a new module signature
+    neutralised_entries: int = 0  # table entries made ones the kernel skips
 
     def with_image(self, image: bytes, *, signed: bool = False) -> Rewrite:
         """The same rewrite with its output replaced (signed, or altered by a test)."""
@@ -118,10 +120,34 @@ class Rewrite:
 
 
 def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
-            thunks: Iterable[PlacedThunk], signature_removed: bool, dropped: int) -> Rewrite:
+            thunks: Iterable[PlacedThunk], signature_removed: bool, dropped: int,
+            neutralised: int = 0) -> Rewrite:
     image = output.build() if output is not None else None
     edits = tuple(output.edits) if output is not None and image is None else ()
-    return Rewrite(plan, image, edits, tuple(patches), tuple(thunks), signature_removed, dropped)
+    return Rewrite(plan, image, edits, tuple(patches), tuple(thunks), signature_removed, dropped,
+                   neutralised_entries=neutralised)
+
+
+def _entries_to_silence(plan: Plan) -> list[int]:
+    """Table entries the kernel must no longer apply: every entry at a rewritten site of
+    a family whose kernel would otherwise undo pvpatch's bytes or BUG() on them."""
+    table = plan.scan.table
+    if table is None or not family_of(table).must_neutralise:
+        return []
+    return sorted({j for d in plan.decisions if d.rewrites for j in d.site.entry_indices})
+
+
+def _neutral_edits(plan: Plan, entries: list[int]) -> list[tuple[int, bytes]]:
+    """(offset in the table section, bytes) that make each entry one the kernel skips."""
+    table = plan.scan.table
+    if table is None or not entries:
+        return []
+    edit = family_of(table).entry_edit(table)
+    if edit is None:
+        raise RewriteError(f"{table.section.name} entries of layout {table.layout.name} cannot "
+                           "be made ones the kernel skips", plan.scan.path)
+    at, data = edit
+    return [(j * table.entry_size + at, data) for j in entries]
 
 
 def _rel32(disp: int, path: str, arch: Arch) -> bytes:
@@ -341,14 +367,20 @@ class _RelocatableRewriter(_Rewriter):
                 rewritten.add(d.site.index)
             else:
                 self.patches.append(SitePatch(d, d.site.code, d.site.code, False))
-        dropped = self._drop_entries(rewritten) if self.plan.drop_patched else 0
+        silence = _entries_to_silence(self.plan)
+        neutralised = 0
+        if self.plan.drop_patched:
+            dropped = self._drop_entries(set(silence) if silence else rewritten)
+        else:
+            dropped = 0
+            neutralised = self._neutralise_entries(silence)
         changed_sites = any(not p.already for p in self.patches if p.decision.rewrites)
-        if not (changed_sites or self.new_thunks or dropped):
+        if not (changed_sites or self.new_thunks or dropped or neutralised):
             # Nothing to change: the file (and any signature on it) stays as it is.
             return _result(self.plan, None, self.patches, (), False, 0)
         self._emit()
         return _result(self.plan, self.output, self.patches, thunks.values(),
-                       elf.module_signature is not None, dropped)
+                       elf.module_signature is not None, dropped, neutralised)
 
     # symbols -------------------------------------------------------------
 
@@ -504,6 +536,22 @@ class _RelocatableRewriter(_Rewriter):
                 and sym.name == d.target)
 
     # table -----------------------------------------------------------------
+
+    def _neutralise_entries(self, entries: list[int]) -> int:
+        """Edit the entries in place (their feature fields carry no relocation)."""
+        edits = _neutral_edits(self.plan, entries)
+        table = self.plan.scan.table
+        if not edits or table is None:
+            return 0
+        data = bytearray(self.elf.section_data(table.section))
+        changed = 0
+        for at, new in edits:
+            if data[at : at + len(new)] != new:
+                data[at : at + len(new)] = new
+                changed += 1
+        if changed:
+            self.output.set_data(table.section.index, bytes(data))
+        return changed
 
     def _drop_entries(self, rewritten: set[int]) -> int:
         table = self.plan.scan.table
@@ -731,7 +779,16 @@ class _LinkedRewriter(_Rewriter):
                 ranges.append((site.address, site.address + site.len))
             self.patches.append(SitePatch(d, site.code, after, already))
         self._neutralise_dynamic_relocs(sorted(ranges))
-        return _result(self.plan, self.output, self.patches, thunks.values(), False, 0)
+        neutralised = 0
+        table = self.plan.scan.table
+        for at, new in _neutral_edits(self.plan, _entries_to_silence(self.plan)):
+            assert table is not None
+            where = table.section.offset + at
+            if self.elf.data[where : where + len(new)] != new:
+                self.output.poke(where, new)
+                neutralised += 1
+        return _result(self.plan, self.output, self.patches, thunks.values(), False, 0,
+                       neutralised)
 
     def _neutralise_dynamic_relocs(self, ranges: list[tuple[int, int]]) -> None:
         """A load-time relocation inside a rewritten site would write into the new bytes.

@@ -1,127 +1,139 @@
-"""The scan stage: find the table, decode its entries into `Site`s, and check them.
+"""The scan stage: find the paravirt site table, decode its entries into `Site`s.
 
-Decoding is driven by a `TableLayout` (data); problems with individual
-entries become `Finding`s so that the rest of the table is still usable.
+Each table family is one module behind one seam, as BOLT's LinuxKernelRewriter
+has one reader per kernel table: `.parainstructions` (Linux 2.6.x to 6.7,
+`paravirt.py`) and `.altinstructions` DIRECT_CALL entries (6.8 and later,
+`altinstr.py`).  A family says which section it reads, which layouts it knows,
+whether a file's table is one of its own, how to decode it, and how an entry is
+made one the kernel skips (`entry_edit`).  The rest of pvpatch sees only `Site`s.
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
-import itertools
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from operator import attrgetter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
-from .arch import Arch
-from .elf import PT_LOAD, SHT_NOBITS, ElfFile, Relocation, Section
+from . import altinstr, paravirt
+from .elf import SHT_NOBITS, ElfFile, Section
 from .errors import TableError, UsageError
-from .layouts import AUTO_LAYOUTS, LAYOUTS, TableLayout
+from .layouts import AUTO_LAYOUTS, LAYOUTS
 from .ops import OpCatalog
-from .rules import Finding
+from .sites import (
+    CALL_FORMS,
+    MAX_PATCH_LEN,
+    ScanResult,
+    Site,
+    Table,
+    call_operand,
+    call_slot_rel,
+    site_finding,
+)
 
-DEFAULT_SECTION = ".parainstructions"
-MAX_PATCH_LEN = 254  # the kernel's apply_paravirt buffer: BUG_ON(len > MAX_PATCH_LEN)
+__all__ = [
+    "CALL_FORMS",
+    "DEFAULT_SECTION",
+    "FAMILIES",
+    "MAX_PATCH_LEN",
+    "ScanResult",
+    "Site",
+    "Table",
+    "TableFamily",
+    "call_operand",
+    "call_slot_rel",
+    "scan_elf",
+    "site_finding",
+]
 
-
-@dataclass(frozen=True)
-class Table:
-    section: Section
-    layout: TableLayout
-    count: int
-
-    @property
-    def entry_size(self) -> int:
-        return self.layout.stride
-
-
-@dataclass(frozen=True, slots=True)
-class Site:
-    """One paravirt call site, as its table entry describes it."""
-
-    index: int  # position of the entry in the table
-    section: str
-    section_index: int
-    offset: int  # of the site inside `section`
-    address: int | None  # virtual address (None in relocatable files)
-    type: int
-    len: int
-    clobbers: int
-    clobber_regs: tuple[str, ...]
-    op: str | None
-    code: bytes  # the site's bytes as they are in the file
-    file_offset: int
-    entry_offset: int  # of the entry inside the table section
-    slot: int | None = None  # ops slot named by the call at the site, when recognised
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.len
+DEFAULT_SECTION = "auto"  # each family's own section, the first family that claims the file
 
 
 @dataclass(frozen=True)
-class ScanResult:
-    elf: ElfFile = field(compare=False, repr=False)
-    path: str
-    arch: Arch
-    table: Table | None
-    sites: tuple[Site, ...]
-    findings: tuple[Finding, ...]
-    ops: OpCatalog | None
-    layout: TableLayout | None
-    # Sites with an error finding, and the partners of overlapping sites: their
-    # bytes or relocations are not what the table says, so nothing may rewrite them.
-    unsafe: frozenset[int] = frozenset()
+class TableFamily:
+    """One kind of site table, as data plus its reader (objtool's special.c rows)."""
 
-    @property
-    def elf_type(self) -> str:
-        return self.elf.elf_type
-
-
-class _RelocIndex:
-    """Relocations of one section, sorted by offset, for range queries."""
-
-    def __init__(self, relocs: Sequence[Relocation]) -> None:
-        self.relocs = sorted(relocs, key=lambda r: r.offset)
-        self.offsets = [r.offset for r in self.relocs]
-
-    def between(self, start: int, end: int) -> list[Relocation]:
-        lo = bisect.bisect_left(self.offsets, start)
-        hi = bisect.bisect_left(self.offsets, end)
-        return self.relocs[lo:hi]
+    name: str
+    section: str  # the table section's name in kernels of this family
+    layouts: tuple[str, ...]  # names --layout accepts for it
+    kernels: str
+    # The file's table, decoded enough to say it is this family's (an opaque token for
+    # `scan`), or None; raises nothing for a table of another era.
+    claim: Callable[[ElfFile, Section, str], object | None]
+    scan: Callable[[ElfFile, Section, str, OpCatalog | None, object], ScanResult]
+    # (offset inside the entry, bytes) that make the kernel skip an entry at a rewritten
+    # site, or None when the family's entries may stay as they are.
+    entry_edit: Callable[[Table], tuple[int, bytes] | None]
+    must_neutralise: bool  # the kernel would undo or BUG() on a rewritten site
 
 
-def choose_layout(elf: ElfFile, table: Section, name: str = "auto") -> TableLayout:
-    if name != "auto":
-        layout = LAYOUTS.get(name)
-        if layout is None:
-            raise UsageError(f"unknown layout {name!r} (known: {', '.join(sorted(LAYOUTS))})")
-        if layout.arch != elf.arch.name:
-            raise UsageError(f"layout {name!r} is for {layout.arch}, the file is {elf.arch.name}")
-        return layout
-    reasons = []
-    for cand_name in AUTO_LAYOUTS[elf.arch.name]:
-        cand = LAYOUTS[cand_name]
-        why = _layout_misfit(elf, table, cand)
-        if why is None:
-            return cand
-        reasons.append(f"{cand_name}: {why}")
-    raise TableError(f"{table.name}: no layout fits ({'; '.join(reasons)})", elf.path)
+def _claim_paravirt(elf: ElfFile, sec: Section, layout: str) -> object | None:
+    return True
 
 
-def _layout_misfit(elf: ElfFile, table: Section, layout: TableLayout) -> str | None:
-    if layout.count_for(table.size) is None:
-        return (
-            f"size {table.size} is not a whole number of {layout.stride}-byte entries "
-            f"(a short last entry must hold {layout.entry_bytes} bytes)"
-        )
-    if table.addralign > layout.stride:
-        return f"section alignment {table.addralign} exceeds the {layout.stride}-byte stride"
-    if elf.is_relocatable:
-        for r in elf.relocations_for(table):
-            if (r.offset - layout.instr.offset) % layout.stride:
-                return f"a relocation at {r.offset:#x} is off the {layout.stride}-byte stride"
+def _scan_paravirt(elf: ElfFile, sec: Section, layout: str, ops: OpCatalog | None,
+                   token: object) -> ScanResult:
+    return paravirt.scan_paravirt(elf, sec, layout, ops)
+
+
+def _claim_alt(elf: ElfFile, sec: Section, layout: str) -> object | None:
+    found = altinstr.probe(elf, sec, layout)
+    if isinstance(found, str):
+        if layout != "auto":
+            raise TableError(f"{sec.name}: layout {layout} does not fit ({found})", elf.path)
+        return None
+    return found if found.paravirt else None
+
+
+def _scan_alt(elf: ElfFile, sec: Section, layout: str, ops: OpCatalog | None,
+              token: object) -> ScanResult:
+    decoded = token if isinstance(token, altinstr.Decoded) else None
+    return altinstr.scan_alternatives(elf, sec, layout, ops, decoded)
+
+
+def _alt_edit(table: Table) -> tuple[int, bytes] | None:
+    lay = altinstr.ALT_LAYOUTS.get(table.layout.name)
+    return lay.neutral if lay is not None else None
+
+
+FAMILIES: Mapping[str, TableFamily] = MappingProxyType({
+    f.name: f for f in (
+        TableFamily("paravirt", paravirt.SECTION, tuple(LAYOUTS), "Linux 2.6.x to 6.7",
+                    _claim_paravirt, _scan_paravirt, lambda table: None, False),
+        TableFamily("altinstructions", altinstr.SECTION, tuple(altinstr.ALT_LAYOUTS),
+                    "Linux 6.8 and later (DIRECT_CALL alternatives)",
+                    _claim_alt, _scan_alt, _alt_edit, True),
+    )
+})
+
+
+def family_of(table: Table) -> TableFamily:
+    return FAMILIES[table.family]
+
+
+def _candidates(section: str, layout: str) -> list[tuple[TableFamily, str]]:
+    """(family, section name) pairs to try, in order."""
+    if layout != "auto":
+        owners = [f for f in FAMILIES.values() if layout in f.layouts]
+        if not owners:
+            known = sorted(name for f in FAMILIES.values() for name in f.layouts)
+            raise UsageError(f"unknown layout {layout!r} (known: {', '.join(known)})")
+        fam = owners[0]
+        return [(fam, fam.section if section == "auto" else section)]
+    if section == "auto":
+        return [(f, f.section) for f in FAMILIES.values()]
+    named = [f for f in FAMILIES.values() if f.section == section]
+    # A table under another name is read as .parainstructions, as before families.
+    return [(named[0] if named else FAMILIES["paravirt"], section)]
+
+
+def table_section(elf: ElfFile, section: str = DEFAULT_SECTION, layout: str = "auto"
+                  ) -> Section | None:
+    """The first table section a family would read in `elf` (for reporting a table that
+    cannot be decoded)."""
+    for _family, name in _candidates(section, layout):
+        sec = elf.section(name)
+        if sec is not None and sec.type != SHT_NOBITS:
+            return sec
     return None
 
 
@@ -132,422 +144,13 @@ def scan_elf(
     section: str = DEFAULT_SECTION,
     ops: OpCatalog | None = None,
 ) -> ScanResult:
-    """Decode every entry of the table in `elf` into sites, with findings."""
-    table_sec = elf.section(section)
-    if table_sec is None or table_sec.type == SHT_NOBITS:
-        lay = LAYOUTS[AUTO_LAYOUTS[elf.arch.name][0]] if layout == "auto" else None
-        return ScanResult(elf, elf.path, elf.arch, None, (), (), ops, lay)
-    return _Scanner(elf, table_sec, choose_layout(elf, table_sec, layout), ops).run()
-
-
-class _Scanner:
-    def __init__(
-        self, elf: ElfFile, table: Section, layout: TableLayout, ops: OpCatalog | None
-    ) -> None:
-        self.elf = elf
-        self.relocatable = elf.is_relocatable
-        self.table = table
-        self.layout = layout
-        self.ops = ops
-        self.findings: list[Finding] = []
-        self._reloc_index: dict[int, _RelocIndex] = {}
-        self._overlapped: set[int] = set()
-        self._regs_cache: dict[int, tuple[str, ...]] = {}
-        self._entry_targets: dict[int, tuple[Section, int] | str] = {}
-        self._loaded_sections: dict[int, bool] = {}
-        self._widths: dict[int, int] = {}  # relocation type -> bytes it patches
-        self._slots: dict[tuple[int, int, int, bytes], int | None] = {}  # see _check_relocs
-
-    def run(self) -> ScanResult:
-        elf, lay, table = self.elf, self.layout, self.table
-        count = lay.count_for(table.size)
-        if count is None:  # only reachable with an explicit --layout
-            raise TableError(
-                f"{table.name}: size {table.size} is not a whole number of "
-                f"{lay.stride}-byte entries of layout {lay.name}",
-                elf.path,
-            )
-        data = elf.section_data(table)
-        # The last entry may be short; pad it so field reads stay in bounds.
-        data = data + bytes(count * lay.stride - len(data))
-        found: list[tuple[int, int, Section, int, int, int, int]] = []
-        if elf.is_relocatable:
-            entry_relocs = self._entry_relocations()
-            for i, (stype, slen, clob) in enumerate(lay.entries(data)):
-                base = i * lay.stride
-                where = self._locate_rel(i, base, entry_relocs)
-                if where is not None:
-                    found.append((i, base, *where, stype, slen, clob))
-        else:
-            self._locate_linked(data, found)
-        # Linked files: the slot each call reads is known only once the table base is
-        # inferred from all of them.
-        slots = {} if elf.is_relocatable else self._exec_slots(found)
-        sites: list[Site] = []
-        for i, base, sec, off, stype, slen, clob in found:
-            site = self._make_site(i, base, sec, off, stype, slen, clob, slots.get(i))
-            if site is not None:
-                sites.append(site)
-        self._check_overlaps(sites)
-        unsafe = {f.site_index for f in self.findings
-                  if f.severity == "error" and f.site_index is not None}
-        return ScanResult(
-            elf,
-            elf.path,
-            elf.arch,
-            Table(table, lay, count),
-            tuple(sites),
-            tuple(self.findings),
-            self.ops,
-            lay,
-            frozenset(unsafe | self._overlapped),
-        )
-
-    # -- entries -> (section, offset) -----------------------------------
-
-    def _entry_relocations(self) -> dict[int, Relocation]:
-        out: dict[int, Relocation] = {}
-        for r in self.elf.relocations_for(self.table):
-            out[r.offset] = r
-        return out
-
-    def _entry_finding(self, index: int, base: int, message: str, rule: str = "PV102") -> None:
-        self.findings.append(
-            Finding(
-                rule,
-                f"entry {index}: {message}",
-                section=self.table.name,
-                offset=base,
-                site_index=index,
-                file_offset=self.table.offset + base,
-                length=self.layout.stride,
-            )
-        )
-
-    def _locate_rel(
-        self, index: int, base: int, entry_relocs: dict[int, Relocation]
-    ) -> tuple[Section, int] | None:
-        """Relocatable file: the site pointer is the relocation's symbol plus addend."""
-        elf, lay = self.elf, self.layout
-        r = entry_relocs.get(base + lay.instr.offset)
-        if r is None:
-            self._entry_finding(index, base, "no relocation for the site pointer", "PV108")
-            return None
-        if r.type != elf.arch.r_abs_ptr:
-            self._entry_finding(
-                index, base, f"pointer relocated by {elf.arch.reloc_name(r.type)}", "PV108"
-            )
-            return None
-        # Entries point through a few symbols (usually .text's section symbol): what each
-        # one resolves to is worked out once.
-        target = self._entry_targets.get(r.sym)
-        if target is None:
-            target = self._entry_targets[r.sym] = self._entry_target(r.sym)
-        if isinstance(target, str):
-            self._entry_finding(index, base, target)
-            return None
-        sec, value = target
-        return sec, value + r.addend
-
-    def _entry_target(self, sym_index: int) -> tuple[Section, int] | str:
-        """The executable section and value a symbol gives a site pointer, or why not."""
-        elf = self.elf
-        sym = elf.symbol(sym_index)
-        if not sym.defined:
-            return (f"points at symbol {sym.name or sym_index!r}, "
-                    "which is not in a section of this file")
-        sec = elf.section_at(sym.section_index)
-        if not sec.is_exec:
-            return f"points into non-executable section {sec.name}"
-        return sec, sym.value
-
-    def _locate_linked(
-        self, data: bytes, found: list[tuple[int, int, Section, int, int, int, int]]
-    ) -> None:
-        """Linked file: the site pointer is an address (or a RELATIVE relocation's value).
-        Thousands of entries point into one or two sections: the last one found is
-        tried first."""
-        elf, lay = self.elf, self.layout
-        relative = elf.relative_relocations
-        stride, ptr_at = lay.stride, self.table.addr + lay.instr.offset
-        last: Section | None = None
-        for i, (ptr, (stype, slen, clob)) in enumerate(
-                zip(lay.pointers(data), lay.entries(data), strict=True)):
-            base = i * stride
-            if relative:
-                ptr = relative.get(ptr_at + base, ptr)
-            if last is None or not last.contains_addr(ptr):
-                last = elf.section_for_addr(ptr, exec_only=True)
-                if last is None:
-                    self._entry_finding(i, base, f"points at {ptr:#x}, outside every "
-                                        "executable section")
-                    continue
-            if not self._loaded(last):
-                self._entry_finding(i, base, f"points into {last.name}, which no PT_LOAD "
-                                    "segment loads")
-                continue
-            found.append((i, base, last, ptr - last.addr, stype, slen, clob))
-
-    def _loaded(self, sec: Section) -> bool:
-        """A PT_LOAD segment covers the whole section: it is in memory at run time."""
-        found = self._loaded_sections.get(sec.index)
-        if found is None:
-            end = sec.addr + sec.size
-            found = self._loaded_sections[sec.index] = any(
-                s.type == PT_LOAD and s.vaddr <= sec.addr and end <= s.vaddr + s.memsz
-                for s in self.elf.segments)
-        return found
-
-    def _make_site(
-        self, index: int, base: int, sec: Section, off: int, stype: int, slen: int, clob: int,
-        exec_slot: int | None = None,
-    ) -> Site | None:
-        elf = self.elf
-        relocatable = self.relocatable
-        address = None if relocatable else sec.addr + off
-        op = self.ops.name_of(stype) if self.ops is not None else None
-        problem = None
-        if off < 0 or off + slen > sec.size:
-            problem = ("PV103", f"site of {slen} bytes at {sec.name}+{off:#x} runs past the end "
-                       f"of {sec.name} ({sec.size:#x} bytes)")
-        elif slen == 0 or slen > MAX_PATCH_LEN:
-            problem = ("PV109", f"site length {slen} (must be 1..{MAX_PATCH_LEN})")
-        if problem is not None:
-            self.findings.append(Finding(
-                problem[0], problem[1], section=sec.name, offset=off, address=address,
-                site_index=index, op=op, file_offset=sec.offset + off, length=slen))
-            return None
-        regs = self._regs_cache.get(clob)
-        if regs is None:
-            regs = self._regs_cache[clob] = self.layout.regs(clob)
-        start = sec.offset + off
-        code = elf.data[start : start + slen]
-        if relocatable:
-            slot, crossings = self._check_relocs(sec.index, off, slen, code)
-        else:
-            slot, crossings = exec_slot, []
-        # Positional, in field order: thousands of these are made per file.
-        site = Site(index, sec.name, sec.index, off, address, stype, slen, clob, regs, op, code,
-                    start, base, slot)
-        for message in crossings:
-            self._site_finding("PV107", site, message)
-        if slot is not None and slot != stype:
-            self._slot_mismatch(site, slot)
-        return site
-
-    # -- checks ------------------------------------------------------------
-
-    def _site_finding(self, rule: str, site: Site, message: str) -> None:
-        self.findings.append(site_finding(rule, site, message))
-
-    def _check_overlaps(self, sites: list[Site]) -> None:
-        # attrgetter keys: this runs over every site, so no Python-level lambda per site
-        seen = Counter(map(attrgetter("section_index", "offset", "len"), sites))
-        reported: set[tuple[int, int, int]] = set()
-        ordered = sorted(sites, key=attrgetter("section_index", "offset", "index"))
-        for prev, cur in itertools.pairwise(ordered):
-            if prev.section_index != cur.section_index:
-                continue
-            key = (cur.section_index, cur.offset, cur.len)
-            if (prev.offset, prev.len) == (cur.offset, cur.len):
-                if key not in reported and seen[key] > 1:
-                    reported.add(key)
-                    self._site_finding(
-                        "PV204", cur, f"{seen[key]} entries name the site at "
-                        f"{cur.section}+{cur.offset:#x}")
-                continue
-            if cur.offset < prev.end:
-                self._overlapped.add(prev.index)
-                self._site_finding(
-                    "PV104", cur, f"site {cur.index} at {cur.section}+{cur.offset:#x} overlaps "
-                    f"site {prev.index} ({prev.section}+{prev.offset:#x}, {prev.len} bytes)")
-
-    def _relocs_of(self, sec_index: int) -> _RelocIndex:
-        idx = self._reloc_index.get(sec_index)
-        if idx is None:
-            sec = self.elf.section_at(sec_index)
-            idx = self._reloc_index[sec_index] = _RelocIndex(list(self.elf.relocations_for(sec)))
-        return idx
-
-    def _check_relocs(
-        self, sec_index: int, off: int, slen: int, code: bytes
-    ) -> tuple[int | None, list[str]]:
-        """The ops slot the site's call names, and relocations crossing its edges."""
-        elf = self.elf
-        arch = elf.arch
-        slot = None
-        crossings = []
-        end = off + slen
-        widths, slots = self._widths, self._slots
-        for r in self._relocs_of(sec_index).between(off - 8, end):
-            width = widths.get(r.type)
-            if width is None:
-                width = widths[r.type] = arch.reloc(r.type).width
-            if r.offset + width <= off:
-                continue
-            if r.offset < off or r.offset + width > end:
-                name = elf.sections[sec_index].name
-                crossings.append(
-                    f"{arch.reloc_name(r.type)} at {name}+{r.offset:#x} crosses the edge of "
-                    f"the site at {name}+{off:#x} ({slen} bytes)")
-                continue
-            # The slot a call names depends only on the relocation and the opcode bytes
-            # before its field; thousands of sites share a handful of these.
-            field_at = r.offset - off
-            key = (r.sym, r.type, r.addend, code[max(0, field_at - 3) : field_at])
-            found = slots.get(key, -1)
-            if found == -1:
-                found = slots[key] = call_slot_rel(elf, code, field_at, r, self.ops)
-            if found is not None:
-                slot = found
-        return slot, crossings
-
-    def _slot_mismatch(self, site: Site, slot: int) -> None:
-        name = self.ops.name_of(slot) if self.ops is not None else None
-        self._site_finding(
-            "PV106", site, f"the call at the site uses ops slot {slot}"
-            f"{f' ({name})' if name else ''}, the entry says type {site.type}"
-            f"{f' ({site.op})' if site.op else ''}")
-
-    def _exec_slots(self, found: list[tuple[int, int, Section, int, int, int, int]]
-                    ) -> dict[int, int]:
-        """In a linked file, the ops slot each site's call reads: from `pv_ops` when the
-        file names it, else from the table base most calls agree on."""
-        elf = self.elf
-        arch = elf.arch
-        ptr = arch.ptr_size
-        targets: dict[int, tuple[int | None, int, int, int]] = {}
-        for i, _base, sec, off, stype, slen, _clob in found:
-            if off >= 0 and off + slen <= sec.size:
-                start = sec.offset + off
-                addr = sec.addr + off
-                code = elf.data[start : start + slen]
-                targets[i] = (call_operand(arch, code, addr), stype, addr, slen)
-        sym = elf.symbols_by_name.get("pv_ops") if elf.symtab is not None else None
-        if sym is not None and sym.defined:
-            table: int | None = sym.value
-        else:
-            votes = Counter(t - stype * ptr for t, stype, _a, _n in targets.values()
-                            if t is not None)
-            table = votes.most_common(1)[0][0] if votes else None
-        dyn = elf.symbolic_dynamic_relocations
-        slots = {}
-        for i, (t, _stype, addr, length) in targets.items():
-            bound = _dynamic_slot(elf, addr, length, dyn) if dyn else None
-            if bound is not None:
-                slots[i] = bound
-            elif table is not None and t is not None and (t - table) % ptr == 0:
-                slots[i] = (t - table) // ptr
-        return slots
-
-
-def _dynamic_slot(elf: ElfFile, address: int, length: int,
-                  dyn: dict[int, tuple[int, str, int]]) -> int | None:
-    """The slot of a call whose operand the loader fills against `pv_ops` (i386 .so)."""
-    for k in range(length):
-        found = dyn.get(address + k)
-        if found is None:
+    """Find the file's site table and decode every entry into sites, with findings."""
+    for family, name in _candidates(section, layout):
+        sec = elf.section(name)
+        if sec is None or sec.type == SHT_NOBITS:
             continue
-        rtype, name, addend = found
-        if name == "pv_ops" and rtype == elf.arch.r_abs_ptr and addend % elf.arch.ptr_size == 0:
-            return addend // elf.arch.ptr_size
-    return None
-
-
-def site_finding(rule: str, site: Site, message: str) -> Finding:
-    return Finding(
-        rule,
-        message,
-        section=site.section,
-        offset=site.offset,
-        address=site.address,
-        site_index=site.index,
-        op=site.op,
-        file_offset=site.file_offset,
-        length=site.len,
-    )
-
-
-# Indirect-call encodings the kernel emits at a site, as data:
-# (opcode bytes before the 32-bit field, architecture, the field is rip-relative).
-CALL_FORMS: tuple[tuple[bytes, str, bool], ...] = (
-    (b"\xff\x15", "x86_64", True),  # 2.6.29, 5.19 .. 6.x: call *pv_ops+off(%rip)
-    (b"\xff\x14\x25", "x86_64", False),  # 2.6.30 .. 5.17: call *pv_ops+off (abs32)
-    (b"\xff\x15", "i386", False),  # call *pv_ops+off
-    (b"\x2e\xff\x15", "i386", False),  # asm sites: call *%cs:pv_ops+off
-)
-
-
-_RIP_TYPES = {"x86_64": frozenset({2, 4}), "i386": frozenset()}  # PC32, PLT32
-_ABS_TYPES = {"x86_64": frozenset({10, 11}), "i386": frozenset({1})}  # 32, 32S; R_386_32
-
-
-@functools.cache
-def _is_ops_table(name: str) -> bool:
-    # pv_ops (4.20 on) or the per-group tables of older kernels (pv_irq_ops, ...)
-    return name.startswith("pv_") and name.endswith("ops")
-
-
-@functools.cache
-def _forms_of(arch: str) -> tuple[tuple[bytes, bool], ...]:
-    return tuple((opcode, rip) for opcode, form_arch, rip in CALL_FORMS if form_arch == arch)
-
-
-def _call_form_at(arch: str, code: bytes, field_at: int) -> tuple[bytes, bool] | None:
-    for opcode, rip in _forms_of(arch):
-        start = field_at - len(opcode)
-        if start >= 0 and code[start:field_at] == opcode:
-            return opcode, rip
-    return None
-
-
-def call_slot_rel(
-    elf: ElfFile, code: bytes, field_at: int, r: Relocation, ops: OpCatalog | None
-) -> int | None:
-    """The ops slot a relocated indirect call in `code` uses, if it is one.
-
-    `field_at` is where the relocated field starts inside `code`.
-    """
-    sym = elf.symbol(r.sym)
-    if not _is_ops_table(sym.name):
-        return None
-    form = _call_form_at(elf.arch.name, code, field_at)
-    if form is None:
-        return None
-    _opcode, rip = form
-    # The field's relocation must compute what the encoding reads: pc-relative for a
-    # rip-relative operand, absolute otherwise (a GOT-relative one names no slot).
-    if r.type not in (_RIP_TYPES if rip else _ABS_TYPES)[elf.arch.name]:
-        return None
-    # A rip-relative field ends the instruction: memory = S + A + 4 - 4 (P is the field).
-    offset = r.addend + 4 if rip else r.addend
-    ptr = elf.arch.ptr_size
-    if offset % ptr:
-        return None
-    slot = offset // ptr
-    if sym.name == "pv_ops":
-        return slot
-    # 2.6.30-era kernels call through per-group tables (pv_irq_ops, ...): the
-    # template index is the group's first slot plus the slot inside the group.
-    if ops is not None:
-        group = [t for t, name in ops.slots.items() if name.startswith(sym.name + ".")]
-        if group:
-            return min(group) + slot
-    return None
-
-
-def call_operand(arch: Arch, code: bytes, address: int) -> int | None:
-    """The memory operand of the first known indirect-call form in `code` at `address`."""
-    for opcode, form_arch, rip in CALL_FORMS:
-        if form_arch != arch.name:
-            continue
-        pos = code.find(opcode)
-        while pos >= 0:
-            field_at = pos + len(opcode)
-            if field_at + 4 <= len(code):
-                disp = int.from_bytes(code[field_at : field_at + 4], "little", signed=True)
-                if rip:
-                    return address + field_at + 4 + disp
-                return arch.wrap(disp)  # an absolute operand, sign-extended on x86-64
-            pos = code.find(opcode, pos + 1)
-    return None
+        token = family.claim(elf, sec, layout)
+        if token is not None:
+            return family.scan(elf, sec, layout, ops, token)
+    lay = LAYOUTS[AUTO_LAYOUTS[elf.arch.name][0]] if layout == "auto" else None
+    return ScanResult(elf, elf.path, elf.arch, None, (), (), ops, lay)

@@ -77,10 +77,13 @@ def test_json_shape_exact() -> None:
     assert set(doc) == {"files"}
     rec = doc["files"][0]
     assert set(rec) == {"path", "arch", "elf_type", "table", "sites"}
-    assert set(rec["table"]) == {"section", "layout", "entry_size", "count"}
+    assert set(rec["table"]) == {"section", "family", "layout", "entry_size", "count"}
+    assert rec["table"]["family"] == "paravirt"
     site = rec["sites"][0]
     assert set(site) == {"index", "section", "offset", "address", "type", "op", "len",
-                         "clobbers", "clobber_regs", "bytes", "insns"}
+                         "clobbers", "clobber_regs", "bytes", "insns", "native", "entries"}
+    # .parainstructions carries no native bytes: one entry per site
+    assert site["native"] is None and site["entries"] == [site["index"]]
     ops = {s["type"]: s["op"] for s in rec["sites"]}
     assert ops[30] == "irq.save_fl" and ops[31] == "irq.irq_disable"
     assert ops[32] == "irq.irq_enable"
