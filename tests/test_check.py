@@ -159,6 +159,7 @@ def test_library_call() -> None:
     assert hit.file_offset is not None and hit.length == 5
 
 
+@pytest.mark.corpus
 def test_real_modules_have_no_errors(tmp_path: Path) -> None:
     root = corpus.x86_64_modules()[0].parents[0]
     while root.parent.name != "modules":

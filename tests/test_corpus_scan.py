@@ -14,6 +14,9 @@ from typing import Any
 
 import corpus
 import independent
+import pytest
+
+pytestmark = pytest.mark.corpus
 
 BATCH = 64
 

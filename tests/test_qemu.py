@@ -22,6 +22,9 @@ from qemu import harness
 import pvpatch
 from pvpatch.errors import RewriteError
 
+# Every test here reads the corpus; those that boot a kernel are marked qemu too.
+pytestmark = pytest.mark.corpus
+
 Booter = Callable[[str], harness.BootResult]
 
 
@@ -52,6 +55,7 @@ def _changed(kind: str) -> list[tuple[str, pvpatch.rewrite.Rewrite]]:
     return [(n, rw) for n, _p, _d, rw in harness.variant(kind) if rw is not None and rw.changed]
 
 
+@pytest.mark.qemu
 def test_baseline_unpatched_modules_load(boot: Booter) -> None:
     result = boot("baseline")
     _passed(result)
@@ -61,6 +65,7 @@ def test_baseline_unpatched_modules_load(boot: Booter) -> None:
     assert result.tainted == 0
 
 
+@pytest.mark.qemu
 def test_native_patched_modules_load_with_table_kept(boot: Booter) -> None:
     changed = _changed("native")
     assert len(changed) >= 15
@@ -73,6 +78,7 @@ def test_native_patched_modules_load_with_table_kept(boot: Booter) -> None:
     assert result.tainted is not None and result.tainted & (1 << 13)
 
 
+@pytest.mark.qemu
 def test_native_drop_patched_modules_load(boot: Booter) -> None:
     changed = _changed("native-drop")
     assert sum(rw.dropped_entries for _n, rw in changed) >= 40
@@ -92,6 +98,7 @@ def test_thunk_spec_injects_thunks_into_modules() -> None:
         assert "native_save_fl" in undefined
 
 
+@pytest.mark.qemu
 def test_thunk_spec_modules_load(boot: Booter) -> None:
     """Thunk-patched modules, with the __versions entry pvpatch adds, load and run."""
     _passed(boot("thunk"))
@@ -112,6 +119,7 @@ def test_added_symbol_versions_match_the_kernel() -> None:
         assert "native_save_fl" not in harness.missing_versions(rw.data)
 
 
+@pytest.mark.qemu
 def test_resigned_modules_load_as_unknown_key(boot: Booter) -> None:
     _key_pem, cert_pem = harness.throwaway_key()
     from cryptography import x509
@@ -133,6 +141,7 @@ def test_resigned_modules_load_as_unknown_key(boot: Booter) -> None:
     assert all(result.loads[m.label].startswith("fail 74") for m in corrupt)  # EBADMSG
 
 
+@pytest.mark.qemu
 def test_native_patched_vmlinux_boots(boot: Booter) -> None:
     rw = harness.patch(harness.vmlinux(), "native")
     counts = rw.plan.counts()

@@ -320,6 +320,7 @@ def test_clobber_mask_refuses_inline(tmp_path: Path) -> None:
 # -- linked files -------------------------------------------------------------------
 
 
+@pytest.mark.corpus
 def test_vmlinux(tmp_path: Path) -> None:
     vmlinux = corpus.x86_64_vmlinux()
     assert vmlinux is not None
@@ -348,6 +349,7 @@ def test_vmlinux(tmp_path: Path) -> None:
 # -- the real modules ---------------------------------------------------------------
 
 
+@pytest.mark.corpus
 def test_corpus_modules(tmp_path: Path) -> None:
     vmlinux = corpus.x86_64_vmlinux()
     assert vmlinux is not None
@@ -548,6 +550,7 @@ def test_crcs_from_every_ksymtab_shape(shape: str, tmp_path: Path) -> None:
     assert modversions.read_crcs(image) == names
 
 
+@pytest.mark.corpus
 @pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_crcs_from_vmlinux_match_the_modules(arch: str) -> None:
     """Debian's kernel against its own modules: every symbol a module imports has, in its
@@ -574,6 +577,7 @@ def test_crcs_from_vmlinux_match_the_modules(arch: str) -> None:
     assert compared > 10000
 
 
+@pytest.mark.corpus
 def test_i386_modules_call_native_io_delay(tmp_path: Path) -> None:
     """Every i386 6.1 module site is cpu.io_delay (no native inline form). A spec sends it
     to the exported native_io_delay: each site gets what GNU as writes for the call, the

@@ -193,6 +193,7 @@ def test_strip_and_resign(rsa_pair: tuple[bytes, bytes]) -> None:
     assert sign_module(signed, *rsa_pair) == signed  # an old signature is replaced, not stacked
 
 
+@pytest.mark.corpus
 def test_debian_module_signature_is_read_stripped_and_replaced(
     tmp_path: Path, rsa_pair: tuple[bytes, bytes]
 ) -> None:
@@ -287,6 +288,7 @@ def test_openssl_is_installed() -> None:
     assert shutil.which("openssl"), "the openssl CLI (Debian package openssl) is needed"
 
 
+@pytest.mark.corpus
 def test_patch_cli_signs_the_output(tmp_path: Path, rsa_pair: tuple[bytes, bytes]) -> None:
     """`patch --sign-key/--sign-cert` on a signed Debian module: a new, valid signature."""
     import json

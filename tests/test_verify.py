@@ -436,6 +436,7 @@ def test_sites_spread_over_processes_give_the_same_report(arch: str, name: str) 
 # -- the real corpus ------------------------------------------------------------------
 
 
+@pytest.mark.corpus
 def test_corpus_modules_pass() -> None:
     vmlinux = corpus.x86_64_vmlinux()
     assert vmlinux is not None
@@ -449,6 +450,7 @@ def test_corpus_modules_pass() -> None:
     assert total > 0
 
 
+@pytest.mark.corpus
 def test_corpus_vmlinux_passes() -> None:
     """A real kernel: segments at 0xffffffff81000000 (which Unicorn cannot map as
     they are), sites calling pv_ops slots in .data with no pv_ops symbol."""
