@@ -1,8 +1,11 @@
 """Locate (and fetch on demand) the real Debian kernel corpus used by the corpus tests.
 
 The corpus lives outside the repository, in ``$PVPATCH_CORPUS`` or
-``~/.cache/pvpatch-corpus``; ``scripts/fetch-corpus`` fills it. Tests call :func:`ensure`
-instead of skipping, so a missing corpus is fetched rather than silently ignored.
+``~/.cache/pvpatch-corpus``, one folder per kind; ``scripts/fetch-corpus`` fills it with the
+exact packages pinned in ``scripts/corpus-pins``. Tests call :func:`ensure` instead of
+skipping, so a missing corpus is fetched rather than silently ignored. No test names a kernel
+version: :func:`release` reads it from what is unpacked, :func:`expected` gives the figures
+measured on the pinned package (``None`` when fetch-corpus had to fall back to another one).
 """
 
 from __future__ import annotations
@@ -11,14 +14,72 @@ import functools
 import os
 import struct
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["x86_64", "i386"]
+Kind = Literal["x86_64", "i386", "x86_64-6.12"]
 
 REPO = Path(__file__).resolve().parent.parent
 FETCH_SCRIPT = REPO / "scripts" / "fetch-corpus"
+PINS_FILE = REPO / "scripts" / "corpus-pins"
 PV_SECTION = b".parainstructions"
+
+# Kind -> the prefix of its keys in scripts/corpus-pins, and the fetch-corpus option for it.
+_PREFIX: dict[str, str] = {"x86_64": "X86_64", "i386": "I386", "x86_64-6.12": "X86_64_612"}
+_OPTION: dict[str, list[str]] = {"x86_64": [], "i386": ["--i386"], "x86_64-6.12": ["--612"]}
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One kind's pinned Debian package and the figures measured on it."""
+
+    package: str
+    version: str
+    arch: str
+    expect: dict[str, int]
+
+    @property
+    def deb(self) -> str:
+        """The .deb file name apt-get download gives it (as fetch-corpus records it)."""
+        return f"{self.package}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
+
+
+def parse_pins(text: str) -> dict[str, str]:
+    """KEY=VALUE lines as bash reads them here: bare or single-quoted values, ``#`` comments."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{PINS_FILE}:{number}: not a KEY=VALUE line: {raw!r}")
+        if len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1]
+        elif any(c in value for c in " \t'\"$`\\;#"):
+            raise ValueError(f"{PINS_FILE}:{number}: quote the value in single quotes: {raw!r}")
+        values[key] = value
+    return values
+
+
+@functools.cache
+def _pins() -> dict[str, str]:
+    return parse_pins(PINS_FILE.read_text())
+
+
+def pin(kind: Kind) -> Pin:
+    """The package scripts/corpus-pins pins for ``kind``."""
+    prefix = _PREFIX[kind] + "_"
+    values = _pins()
+    expect = {
+        key.removeprefix(prefix + "EXPECT_"): int(value)
+        for key, value in values.items()
+        if key.startswith(prefix + "EXPECT_")
+    }
+    return Pin(
+        values[prefix + "PACKAGE"], values[prefix + "VERSION"], values[prefix + "ARCH"], expect
+    )
 
 
 def corpus_root() -> Path:
@@ -26,23 +87,49 @@ def corpus_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "pvpatch-corpus"
 
 
+def unpacked(kind: Kind) -> str | None:
+    """The .deb file name fetch-corpus unpacked for ``kind`` (None when nothing is)."""
+    marker = corpus_root() / kind / ".complete"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def is_pinned(kind: Kind) -> bool:
+    """True when the unpacked package is exactly the pinned one (no fallback happened)."""
+    return unpacked(kind) == pin(kind).deb
+
+
 def _ready(kind: Kind) -> bool:
     root = corpus_root() / kind
-    if not (root / "lib" / "modules").is_dir():
+    if unpacked(kind) is None or not (root / "lib" / "modules").is_dir():
         return False
     return (root / "vmlinux").is_file()
 
 
+# Kinds checked in this process: a fallback corpus asks fetch-corpus once, not per test.
+_ensured: set[str] = set()
+
+
 def ensure(kind: Kind) -> Path:
-    """Return ``corpus_root()/kind``, running scripts/fetch-corpus first if it is missing."""
-    if not _ready(kind):
-        args = [str(FETCH_SCRIPT)] + (["--i386"] if kind == "i386" else [])
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-        _modules.cache_clear()
-        _pv_modules.cache_clear()
-        if not _ready(kind):
-            raise RuntimeError(f"{FETCH_SCRIPT} ran but {corpus_root() / kind} is incomplete")
+    """Return ``corpus_root()/kind``, running scripts/fetch-corpus first unless the pinned
+    package is there (it replaces another version, or keeps a fallback with a warning)."""
+    if kind not in _ensured:
+        if not (_ready(kind) and is_pinned(kind)):
+            subprocess.run(
+                [str(FETCH_SCRIPT), *_OPTION[kind]], check=True, stdout=subprocess.DEVNULL
+            )
+            _modules.cache_clear()
+            _pv_modules.cache_clear()
+            if not _ready(kind):
+                raise RuntimeError(f"{FETCH_SCRIPT} ran but {corpus_root() / kind} is incomplete")
+        _ensured.add(kind)
     return corpus_root() / kind
+
+
+def expected(kind: Kind, what: str) -> int | None:
+    """A figure measured on the pinned package (``EXPECT_<what>`` in scripts/corpus-pins),
+    or None when the unpacked package is another one (after a fallback)."""
+    ensure(kind)
+    return pin(kind).expect[what] if is_pinned(kind) else None
 
 
 def has_section(path: Path, name: bytes = PV_SECTION) -> bool:
@@ -77,15 +164,15 @@ def has_section(path: Path, name: bytes = PV_SECTION) -> bool:
 
 
 def release(kind: Kind) -> str:
-    """Kernel release of the unpacked package, e.g. ``6.1.0-56-cloud-amd64``."""
+    """Kernel release of the unpacked package, e.g. ``6.1.0-57-cloud-amd64``."""
     ensure(kind)
     dirs = sorted((corpus_root() / kind / "lib" / "modules").iterdir())
     return dirs[-1].name
 
 
 @functools.cache
-def _modules(kind: Kind) -> tuple[Path, ...]:
-    return tuple(sorted((corpus_root() / kind / "lib" / "modules").rglob("*.ko")))
+def _modules(kind: Kind, suffix: str = ".ko") -> tuple[Path, ...]:
+    return tuple(sorted((corpus_root() / kind / "lib" / "modules").rglob("*" + suffix)))
 
 
 @functools.cache
@@ -123,3 +210,14 @@ def i386_modules() -> list[Path]:
 def i386_pv_modules() -> list[Path]:
     ensure("i386")
     return list(_pv_modules("i386"))
+
+
+def x86_64_612_vmlinux() -> Path:
+    """The 6.12 vmlinux (extracted from the zstd bzImage)."""
+    return ensure("x86_64-6.12") / "vmlinux"
+
+
+def x86_64_612_modules() -> list[Path]:
+    """Every 6.12 module, as shipped: ``*.ko.xz``, sorted."""
+    ensure("x86_64-6.12")
+    return list(_modules("x86_64-6.12", ".ko.xz"))

@@ -1,14 +1,14 @@
 """Tests for pvpatch.btf and pvpatch.ops.
 
-Real-kernel checks use the corpus in ~/.cache/pvpatch-corpus/x86_64 (Debian
-6.1.0-56-cloud-amd64) and cross-check against bpftool, an independent BTF parser.
+Real-kernel checks (marked ``corpus``) use the x86_64 corpus (Debian's 6.1 cloud kernel
+pinned in scripts/corpus-pins, see tests/corpus.py) and cross-check against bpftool, an
+independent BTF parser.
 DWARF checks compare against offsetof() printed by a program gcc compiles here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import struct
@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import corpus
 import pytest
 
 from pvpatch.btf import KIND_NAMES, KIND_STRUCT, KIND_UNION, Btf, read_elf_btf
@@ -31,10 +32,8 @@ from pvpatch.ops import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS_ROOT = os.environ.get("PVPATCH_CORPUS", str(Path.home() / ".cache" / "pvpatch-corpus"))
-CORPUS = Path(CORPUS_ROOT) / "x86_64"
-VMLINUX = CORPUS / "vmlinux"
-MODULE = CORPUS / "lib/modules/6.1.0-56-cloud-amd64/kernel/net/vmw_vsock/vsock.ko"
+# Where the corpus keeps it (the fixture below fetches it when missing).
+VMLINUX = corpus.corpus_root() / "x86_64" / "vmlinux"
 FIXTURE_SRC = REPO / "fixtures" / "src" / "ops_dwarf.c"
 FIXTURE_OBJ = REPO / "fixtures" / "x86_64" / "ops_dwarf.o"
 
@@ -47,16 +46,12 @@ CALLEE_SAVE_61 = {
 }  # fmt: skip
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        fetch = REPO / "scripts" / "fetch-corpus"
-        if fetch.exists():
-            subprocess.run(["bash", str(fetch)], check=True, cwd=REPO)
-    if not path.exists():
-        pytest.fail(
-            f"corpus file {path} is missing: put the Debian 6.1.0-56-cloud-amd64 vmlinux and"
-            f" modules under {CORPUS} (no scripts/fetch-corpus to do it)"
-        )
+def _module() -> Path:
+    """vsock.ko of the unpacked x86_64 corpus: its release is read, never named here."""
+    root = corpus.ensure("x86_64") / "lib" / "modules" / corpus.release("x86_64")
+    path = root / "kernel" / "net" / "vmw_vsock" / "vsock.ko"
+    if not path.is_file():
+        pytest.fail(f"the corpus has no {path}")
     return path
 
 
@@ -69,7 +64,9 @@ def _tool(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def vmlinux_btf() -> bytes:
-    data = read_elf_btf(_need(VMLINUX))
+    vmlinux = corpus.x86_64_vmlinux()
+    assert vmlinux == VMLINUX
+    data = read_elf_btf(vmlinux)
     assert data is not None
     return data
 
@@ -82,6 +79,7 @@ def btf_catalog(vmlinux_btf: bytes) -> OpCatalog:
 # -- the real vmlinux ----------------------------------------------------------------
 
 
+@pytest.mark.corpus
 def test_btf_catalog_key_slots(btf_catalog: OpCatalog) -> None:
     c = btf_catalog
     assert c.name == f"btf:{VMLINUX}"
@@ -100,6 +98,7 @@ def test_btf_catalog_key_slots(btf_catalog: OpCatalog) -> None:
     assert c.is_callee_save(30) and not c.is_callee_save(44)
 
 
+@pytest.mark.corpus
 def test_btf_catalog_is_fast(vmlinux_btf: bytes) -> None:
     start = time.perf_counter()
     catalog_from_btf(vmlinux_btf, 8)
@@ -138,6 +137,7 @@ OUTER = (
 )
 
 
+@pytest.mark.corpus
 def test_btf_catalog_matches_bpftool_c_dump(btf_catalog: OpCatalog) -> None:
     out = subprocess.run(
         [_tool("bpftool"), "btf", "dump", "file", str(VMLINUX), "format", "c"],
@@ -187,6 +187,7 @@ def _check_against_bpftool(btf: Btf, raw: dict[int, tuple[str, str, str, list[st
             assert got == lines, type_id
 
 
+@pytest.mark.corpus
 def test_btf_reader_matches_bpftool_raw_dump(vmlinux_btf: bytes) -> None:
     btf = Btf(vmlinux_btf)
     raw = _bpftool_raw(["btf", "dump", "file", str(VMLINUX)])
@@ -195,6 +196,7 @@ def test_btf_reader_matches_bpftool_raw_dump(vmlinux_btf: bytes) -> None:
     _check_against_bpftool(btf, raw)
 
 
+@pytest.mark.corpus
 def test_btf_struct_lookup_is_lazy_and_matches_bpftool(vmlinux_btf: bytes) -> None:
     """Finding a struct by name walks only the records before it, and finds exactly
     the ids bpftool lists under that name."""
@@ -213,13 +215,15 @@ def test_btf_struct_lookup_is_lazy_and_matches_bpftool(vmlinux_btf: bytes) -> No
     assert btf.find_aggregates("no_such_struct_anywhere") == []
 
 
+@pytest.mark.corpus
 def test_split_btf_module(vmlinux_btf: bytes) -> None:
-    mod = read_elf_btf(_need(MODULE))
+    module = _module()
+    mod = read_elf_btf(module)
     assert mod is not None
     base = Btf(vmlinux_btf)
-    split = Btf(mod, base=base, path=str(MODULE))
+    split = Btf(mod, base=base, path=str(module))
     assert split.start_id == base.type_count
-    raw = _bpftool_raw(["-B", str(VMLINUX), "btf", "dump", "file", str(MODULE)])
+    raw = _bpftool_raw(["-B", str(VMLINUX), "btf", "dump", "file", str(module)])
     assert min(raw) == split.start_id and max(raw) + 1 == split.type_count
     _check_against_bpftool(split, raw)
     svm = split.find_struct("sockaddr_vm")
@@ -227,7 +231,7 @@ def test_split_btf_module(vmlinux_btf: bytes) -> None:
     # A member of a module struct whose type lives in the base.
     assert split.resolve(svm.members[1].type_id).name == "short unsigned int"
     # The template is in the base; a split BTF finds it there.
-    from_module = catalog_from_btf(mod, 8, base=vmlinux_btf, origin=str(MODULE))
+    from_module = catalog_from_btf(mod, 8, base=vmlinux_btf, origin=str(module))
     assert from_module.slots == catalog_from_btf(vmlinux_btf, 8).slots
     # Without its base the module's string offsets point nowhere.
     with pytest.raises(OpsError):
@@ -237,6 +241,7 @@ def test_split_btf_module(vmlinux_btf: bytes) -> None:
 # -- built-in catalogs ---------------------------------------------------------------
 
 
+@pytest.mark.corpus
 def test_builtin_61_equals_btf(btf_catalog: OpCatalog) -> None:
     builtin = builtin_catalog("linux-6.1-x86_64")
     assert builtin.name == "catalog:linux-6.1-x86_64"
@@ -244,6 +249,7 @@ def test_builtin_61_equals_btf(btf_catalog: OpCatalog) -> None:
     assert builtin.template_size == btf_catalog.template_size == 672
 
 
+@pytest.mark.corpus
 def test_builtin_61_i386_is_the_non_xxl_subsequence(btf_catalog: OpCatalog) -> None:
     c = builtin_catalog("linux-6.1-i386")
     assert (c.ptr_size, c.template_size, c.complete) == (4, 52, True)
@@ -555,6 +561,7 @@ def test_corrupted_btf_only_raises_opserror() -> None:
             catalog_from_btf(blob, 8)
 
 
+@pytest.mark.corpus
 def test_truncated_vmlinux_btf(vmlinux_btf: bytes) -> None:
     for cut in (23, 24, 1000, len(vmlinux_btf) // 2, len(vmlinux_btf) - 1):
         with pytest.raises(OpsError):
