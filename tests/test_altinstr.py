@@ -1,0 +1,224 @@
+"""The `.altinstructions` family (Linux 6.8+ DIRECT_CALL sites), checked against an
+independent readelf-based decoder, GNU as, GNU ld and runs of patched programs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import independent_alt as ialt
+import pytest
+from clirun import pvpatch_cli
+from test_rewrite import check_links, gas, readelf_relocs
+
+import pvpatch
+from pvpatch.arch import ARCHES
+from pvpatch.rewrite import Rewrite
+
+REPO = Path(__file__).resolve().parent.parent
+FIX = REPO / "fixtures"
+CAT612 = {"x86_64": "catalog:linux-6.12-x86_64", "i386": "catalog:linux-6.12-i386"}
+NEUTRAL = (117, 1)  # NOT(X86_FEATURE_ALWAYS): an entry the kernel always skips
+ARCH_NAMES = ["x86_64", "i386"]
+
+
+def prog_catalog(arch: str) -> str:
+    return f"catalog:{FIX / 'catalogs' / f'prog68-{arch}.toml'}"
+
+
+def site_rows(result: pvpatch.ScanResult) -> list[tuple[object, ...]]:
+    return [(s.index, s.section, s.offset, s.address, s.len, s.type, s.code.hex(),
+             s.native.hex() if s.native is not None else None, s.entry_indices)
+            for s in result.sites]
+
+
+def independent_rows(path: Path) -> list[tuple[object, ...]]:
+    return [(s.index, s.section, s.offset, s.address, s.len, s.slot, s.bytes, s.native,
+             s.entries) for s in ialt.decode(path).sites]
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("name", ["kernel612.o", "prog68"])
+def test_scan_matches_independent_decoder(arch: str, name: str) -> None:
+    path = FIX / arch / name
+    result = pvpatch.load(path, ops="none")
+    assert result.table is not None
+    assert (result.table.section.name, result.table.family, result.table.layout.name) == \
+        (".altinstructions", "altinstructions", "linux-alt-6.3")
+    want = independent_rows(path)
+    assert len(want) >= 5
+    assert site_rows(result) == want
+    assert not [f for f in result.findings if f.severity == "error"], result.findings
+
+
+def test_fixture_has_every_native_form() -> None:
+    """kernel612.o carries the kernel's native replacements, as GNU as encodes them."""
+    result = pvpatch.load(FIX / "x86_64" / "kernel612.o", ops=CAT612["x86_64"])
+    natives = {s.op: s.native for s in result.sites if s.native is not None}
+    asm = {"irq.save_fl": "pushfq; popq %rax", "irq.irq_disable": "cli",
+           "irq.irq_enable": "sti", "mmu.read_cr2": "mov %cr2, %rax",
+           "mmu.read_cr3": "mov %cr3, %rax", "mmu.write_cr3": "mov %rdi, %cr3",
+           "cpu.wbinvd": "wbinvd", "mmu.pte_val": "mov %rdi, %rax",
+           "mmu.make_pte": "mov %rdi, %rax", "lock.queued_spin_unlock": "movb $0, (%rdi)",
+           "lock.vcpu_is_preempted": "xor %rax, %rax"}
+    assert natives == {op: gas("x86_64", text) for op, text in asm.items()}
+    # ops without an ALTERNATIVE_2 have a single DIRECT_CALL entry
+    plain = {s.op for s in result.sites if s.native is None}
+    assert plain == {"cpu.io_delay", "mmu.flush_tlb_user", "irq.safe_halt"}
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_contract_comes_from_the_op_type(arch: str) -> None:
+    """No mask in the table: callee-save ops allow only the return register(s)."""
+    result = pvpatch.load(FIX / arch / "kernel612.o", ops=CAT612[arch])
+    regs = {s.op: s.clobber_regs for s in result.sites}
+    a = ARCHES[arch]
+    c_convention = {*a.return_regs, *a.caller_saved}
+    if arch == "x86_64":
+        assert regs["irq.save_fl"] == ("rax",)
+        assert regs["mmu.pte_val"] == ("rax",)
+        assert set(regs["mmu.write_cr3"]) == c_convention
+    else:
+        assert regs["lock.queued_spin_unlock"] == ("eax", "edx")
+    assert set(regs["cpu.io_delay"]) == c_convention
+    # without op names every site is held to the strictest contract
+    bare = pvpatch.load(FIX / arch / "kernel612.o", ops="none")
+    assert {s.clobber_regs for s in bare.sites} == {regs["lock.queued_spin_unlock"]}
+
+
+def table_entries(path: Path) -> list[ialt.Entry]:
+    return ialt.decode(path).entries
+
+
+def check_alt_rewrite(src: Path, rw: Rewrite, out: Path, tmp: Path) -> None:
+    """Each rewritten site holds the file's native bytes then GNU as's NOPs, no relocation is
+    left inside it, every entry at it is one the kernel skips, and nothing else changed."""
+    arch = rw.plan.arch
+    out.write_bytes(rw.data)
+    check_links(out, arch, tmp, src)
+    before, after = table_entries(src), table_entries(out)
+    assert len(before) == len(after)
+    rewritten = {d.site.index: d for d in rw.plan.decisions if d.rewrites}
+    silenced = {j for d in rewritten.values() for j in d.site.entry_indices}
+    for e0, e1 in zip(before, after, strict=True):
+        if e0.index in silenced:
+            assert (e1.cpuid, e1.flags) == NEUTRAL, e1
+            assert (e1.section, e1.offset, e1.instrlen, e1.repllen) == \
+                (e0.section, e0.offset, e0.instrlen, e0.repllen)
+        else:
+            assert e1 == e0
+    orig = {s.index: s for s in ialt.decode(src).sites}
+    rel_after = readelf_relocs(out)
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for index, d in rewritten.items():
+        s = d.site
+        spans.setdefault(s.section, []).append((s.offset, s.end))
+        want_native = orig[index].native
+        if d.action == "inline" and want_native is not None:
+            native = bytes.fromhex(want_native)
+            pad = s.len - len(native)
+            want = native + (gas(arch.name, f".nops {pad}") if pad else b"")
+            got = next(p.after for p in rw.patches if p.decision.site.index == index)
+            assert got == want, (s.section, hex(s.offset), got.hex(), want.hex())
+        assert not any(s.offset <= r[0] < s.end for r in rel_after.get(s.section, ())), \
+            f"relocation left inside {s.section}+{s.offset:#x}"
+    # every other byte of every section is as it was (the table checked above)
+    from elftools.elf.elffile import ELFFile
+
+    with src.open("rb") as f1, out.open("rb") as f2:
+        e1, e2 = ELFFile(f1), ELFFile(f2)
+        for sec in e1.iter_sections():
+            if sec.name.startswith((".rel", ".altinstructions")) or sec.header.sh_type == \
+                    "SHT_NOBITS":
+                continue
+            a = bytes(sec.data())
+            other = e2.get_section_by_name(sec.name)
+            assert other is not None
+            b = bytes(other.data())
+            for lo, hi in spans.get(sec.name, []):
+                a, b = a[:lo] + bytes(hi - lo) + a[hi:], b[:lo] + bytes(hi - lo) + b[hi:]
+            assert a == b, f"section {sec.name} changed outside the sites"
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_native_patch(arch: str, tmp_path: Path) -> None:
+    src = FIX / arch / "kernel612.o"
+    result = pvpatch.load(src, ops=CAT612[arch])
+    rw = pvpatch.apply_plan(pvpatch.make_plan(result))
+    counts = rw.plan.counts()
+    with_native = sum(1 for s in result.sites if s.native is not None)
+    assert counts["inline"] == with_native >= 2
+    assert rw.neutralised_entries == 2 * with_native
+    out = tmp_path / "k.o"
+    check_alt_rewrite(src, rw, out, tmp_path)
+    report = pvpatch.verify_rewrite(rw)
+    assert report.ok and report.summary["pass"] == with_native, report.failures
+    # the same run again gives the same bytes; the output has nothing left to do
+    assert pvpatch.apply_plan(pvpatch.make_plan(pvpatch.load(src, ops=CAT612[arch]))).data \
+        == rw.data
+    again = pvpatch.load(out, ops=CAT612[arch])
+    assert again.table is not None and again.table.family == "altinstructions"
+    assert {s.index for s in again.sites} == {s.index for s in result.sites
+                                             if s.native is None}
+    assert not pvpatch.apply_plan(pvpatch.make_plan(again)).changed
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_drop_patched_removes_entries_and_their_relocations(arch: str, tmp_path: Path) -> None:
+    src = FIX / arch / "kernel612.o"
+    plan = pvpatch.make_plan(pvpatch.load(src, ops=CAT612[arch]), drop_patched=True)
+    rw = pvpatch.apply_plan(plan)
+    silenced = {j for d in plan.decisions if d.rewrites for j in d.site.entry_indices}
+    assert rw.dropped_entries == len(silenced) > 0 and rw.neutralised_entries == 0
+    out = tmp_path / "k.o"
+    out.write_bytes(rw.data)
+    check_links(out, plan.arch, tmp_path, src)
+    before, after = ialt.decode(src), ialt.decode(out)
+    kept = [e for e in before.entries if e.index not in silenced]
+    assert [(e.section, e.offset, e.cpuid, e.flags, e.instrlen, e.repllen)
+            for e in after.entries] == \
+        [(e.section, e.offset, e.cpuid, e.flags, e.instrlen, e.repllen) for e in kept]
+    rels = readelf_relocs(out)[".altinstructions"]  # keyed by the name after ".rel[a]"
+    assert len(rels) == 2 * len(kept)
+    assert [s.offset for s in after.sites] == [s.offset for s in before.sites
+                                               if s.index not in silenced]
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_prog68_runs_patched(arch: str, tmp_path: Path) -> None:
+    """A 6.8+-style program: callee-save sites reach C functions only through thunks."""
+    src = FIX / arch / "prog68"
+    assert subprocess.run([str(src)], capture_output=True).returncode == 1
+    out = tmp_path / "prog68"
+    proc = pvpatch_cli("patch", str(src), "-o", str(out), "--ops", prog_catalog(arch),
+                       "--backend", str(FIX / "specs" / "prog.toml"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    run = subprocess.run([str(out)], capture_output=True, text=True)
+    assert (run.returncode, run.stdout.strip()) == (0, "ok"), run.stdout + run.stderr
+    entries = table_entries(out)
+    assert entries and all((e.cpuid, e.flags) == NEUTRAL for e in entries)
+
+
+def test_keep_everything_changes_nothing(tmp_path: Path) -> None:
+    spec = tmp_path / "keep.toml"
+    spec.write_text('[defaults]\naction = "keep"\nreason = "test"\n')
+    src = FIX / "x86_64" / "kernel612.o"
+    backend = pvpatch.load_backend(str(spec), pvpatch.open_elf(src))
+    rw = pvpatch.apply_plan(pvpatch.make_plan(pvpatch.load(src, ops="none"), backend))
+    assert not rw.changed and rw.data == src.read_bytes()
+
+
+def test_scan_cli_json_names_the_family() -> None:
+    import json
+
+    proc = pvpatch_cli("scan", "--json", "--ops", CAT612["x86_64"],
+                       str(FIX / "x86_64" / "kernel612.o"))
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)["files"][0]
+    assert rec["table"] == {"section": ".altinstructions", "family": "altinstructions",
+                           "layout": "linux-alt-6.3", "entry_size": 14,
+                           "count": len(table_entries(FIX / "x86_64" / "kernel612.o"))}
+    save_fl = next(s for s in rec["sites"] if s["op"] == "irq.save_fl")
+    assert save_fl["native"] == "9c58" and save_fl["type"] == 30 and save_fl["len"] == 6
+    assert save_fl["clobbers"] == 1 and save_fl["clobber_regs"] == ["rax"]
+    assert len(save_fl["entries"]) == 2
