@@ -44,6 +44,18 @@ RULES: Mapping[str, Rule] = MappingProxyType(
                  "A table entry of a relocatable file has no relocation for its pointer."),
             Rule("PV109", "site-length", "error",
                  "A site's length is zero or larger than the kernel's patch buffer (254)."),
+            Rule("PV110", "alt-call-form", "error",
+                 "An .altinstructions DIRECT_CALL entry does not describe a 6-byte "
+                 "`call *pv_ops+off` with a 5-byte `call` placeholder as its replacement "
+                 "(the kernel BUG()s on it)."),
+            Rule("PV111", "alt-slot", "error",
+                 "A DIRECT_CALL site's call does not read a slot inside pv_ops."),
+            Rule("PV112", "alt-entries-disagree", "error",
+                 "The .altinstructions entries at one site disagree: different lengths, "
+                 "a replacement longer than the site, or several native forms."),
+            Rule("PV113", "alt-replacement", "error",
+                 "An entry at a paravirt site has its replacement outside "
+                 ".altinstr_replacement."),
             Rule("PV201", "site-too-short", "warning",
                  "A site is too short for a direct call (under 5 bytes)."),
             Rule("PV202", "no-thunk", "warning",

@@ -37,6 +37,10 @@ PLANTED: dict[str, tuple[str, str | None, int | None]] = {
     "short-site.o": ("PV201", ".text", 0x54),
     "op-unknown.o": ("PV203", ".text", 0xC6),
     "duplicate-entry.o": ("PV204", ".text", 0x9),
+    "alt-call-form.o": ("PV110", ".altinstructions", 20 * 14),
+    "alt-slot.o": ("PV111", ".text", 0x110),
+    "alt-entries-disagree.o": ("PV112", ".text", 0x6),
+    "alt-replacement.o": ("PV113", ".text", 0x20),
 }
 
 
