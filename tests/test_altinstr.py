@@ -222,3 +222,71 @@ def test_scan_cli_json_names_the_family() -> None:
     assert save_fl["native"] == "9c58" and save_fl["type"] == 30 and save_fl["len"] == 6
     assert save_fl["clobbers"] == 1 and save_fl["clobber_regs"] == ["rax"]
     assert len(save_fl["entries"]) == 2
+
+
+# -- the real 6.12 corpus ------------------------------------------------------------
+
+
+def _differences(a: bytes, b: bytes) -> list[int]:
+    """File offsets where `a` and `b` differ (same length)."""
+    assert len(a) == len(b)
+    out: list[int] = []
+    block = 1 << 16
+    for base in range(0, len(a), block):
+        x, y = a[base : base + block], b[base : base + block]
+        if x != y:
+            out += [base + i for i in range(len(x)) if x[i] != y[i]]
+    return out
+
+
+@pytest.mark.corpus
+def test_612_vmlinux_scan_matches_independent_decoder() -> None:
+    import corpus
+
+    path = corpus.x86_64_612_vmlinux()
+    result = pvpatch.load(path)  # auto: the image's own BTF names the ops
+    assert result.ops is not None and result.ops.name == f"btf:{path}"
+    assert result.table is not None and result.table.family == "altinstructions"
+    assert site_rows(result) == independent_rows(path)
+    assert all(s.op is not None for s in result.sites)
+    assert not result.findings
+    want = corpus.expected("x86_64-6.12", "VMLINUX_SITES")
+    if want is not None:
+        assert len(result.sites) == want
+
+
+@pytest.mark.corpus
+def test_612_vmlinux_native_patch_changes_only_sites_and_entries(tmp_path: Path) -> None:
+    """Every site with a native form holds exactly the kernel's bytes then NOPs, every entry
+    at it tests NOT(X86_FEATURE_ALWAYS), and no other byte of the image changed."""
+    import corpus
+
+    path = corpus.x86_64_612_vmlinux()
+    rw = pvpatch.apply_plan(pvpatch.make_plan(pvpatch.load(path)))
+    out = tmp_path / "vmlinux"
+    pvpatch.write_output(rw, out)
+    original, patched = path.read_bytes(), out.read_bytes()
+    decoded = ialt.decode(path)
+    table = decoded.table
+    assert table is not None
+    offsets = {x.name: x.offset for x in ialt.ind.sections(path)}
+    allowed: set[int] = set()
+    rewritten = 0
+    for s in decoded.sites:
+        at = offsets[s.section] + s.offset
+        got = patched[at : at + s.len]
+        if s.native is None:
+            assert got == original[at : at + s.len]  # no native form: the call stays
+            continue
+        native = bytes.fromhex(s.native)
+        pad = s.len - len(native)
+        assert got == native + (gas("x86_64", f".nops {pad}") if pad else b""), hex(at)
+        allowed.update(range(at, at + s.len))
+        for j in s.entries:
+            ft = table.offset + j * ialt.STRIDE + 8
+            assert patched[ft : ft + 4] == (117 | 1 << 16).to_bytes(4, "little")
+            allowed.update(range(ft, ft + 4))
+        rewritten += 1
+    assert rewritten == rw.plan.counts()["inline"] >= 2500
+    stray = [hex(o) for o in _differences(original, patched) if o not in allowed]
+    assert not stray, stray[:20]
