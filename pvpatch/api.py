@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .compress import MAX_DECOMPRESSED
 from .elf import ElfFile
 from .errors import InputError, UsageError
 from .opsource import resolve_ops
@@ -25,9 +26,11 @@ if TYPE_CHECKING:
     from .rewrite import Rewrite
 
 
-def open_elf(path: str | os.PathLike[str]) -> ElfFile:
-    """Read an ELF file (never for writing) and parse its headers."""
-    return ElfFile.open(path)
+def open_elf(path: str | os.PathLike[str], *,
+             max_decompressed: int = MAX_DECOMPRESSED) -> ElfFile:
+    """Read an ELF file (never for writing) and parse its headers.  A compressed one
+    (xz, zstd, gzip) is decompressed, refused past `max_decompressed` bytes."""
+    return ElfFile.open(path, max_decompressed=max_decompressed)
 
 
 def load(
@@ -36,13 +39,15 @@ def load(
     layout: str = "auto",
     section: str = DEFAULT_SECTION,
     ops: str = "auto",
+    max_decompressed: int = MAX_DECOMPRESSED,
 ) -> ScanResult:
     """Load `path` and scan its paravirt table: sites, op names and findings.
 
     `layout` is a layout name or "auto"; `ops` an op-name source ("auto",
-    "none", "btf:FILE", "dwarf:FILE", "catalog:NAME").
+    "none", "btf:FILE", "dwarf:FILE", "catalog:NAME").  A compressed file is
+    decompressed (see `open_elf`).
     """
-    elf = ElfFile.open(path)
+    elf = ElfFile.open(path, max_decompressed=max_decompressed)
     return scan_file(elf, layout=layout, section=section, ops=ops)
 
 
@@ -138,7 +143,8 @@ def prepare_output(
     check_output_path(input, output, in_place)
     # Only linked files are copied ahead: they are the large ones (a vmlinux) and are
     # patched in place.  A relocatable object often gets a new layout (its relocation
-    # and symbol tables change), where a copy made ahead would be wasted work.
+    # and symbol tables change), where a copy made ahead would be wasted work.  A
+    # compressed file is never one: `linked_elf` reads the raw header, the container's.
     src = os.fspath(input)
     return OutputFile(output, prefetch=src if linked_elf(src) else None)
 
@@ -158,9 +164,12 @@ def write_output(
         check_output_path(src, output, in_place)
         out = OutputFile(output)
     with out:
-        if result.image is None:
+        elf = result.plan.scan.elf
+        if elf.compression is not None:
+            # Compressed the way the input was; the signature, if any, is inside.
+            out.commit_compressed(src, result.data, elf.compression, elf.identity)
+        elif result.image is None:
             # Same layout as the input: the input's bytes with the edits over them.
-            elf = result.plan.scan.elf
             out.commit_edits(src, elf.data, result.edits, elf.identity)
         else:
             out.commit_image(result.image, mode_from=src)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .arch import BY_MACHINE, Arch
+from .compress import MAX_DECOMPRESSED, unpack
 from .errors import ElfFormatError, InputError
 
 # What `ElfFile.data` holds: the bytes given, or a read-only map of the opened file.
@@ -256,11 +257,17 @@ class ElfFile:
     e_shstrndx: int
 
     def __init__(self, data: Buffer, path: str = "<memory>",
-                 identity: FileIdentity | None = None) -> None:
+                 identity: FileIdentity | None = None, *,
+                 compression: str | None = None) -> None:
         self.path = path
         self.data: Buffer = data
-        # Which file `data` maps, so a writer can copy it in the kernel (None: in memory).
+        # Which file, and which version of it, `data` was loaded from (None: given in
+        # memory).  Uncompressed, `data` maps that file, so a writer may copy it in the
+        # kernel; compressed, it may only check that the file did not change.
         self.identity = identity
+        # The container `data` was decompressed from ("xz", "zstd", "gzip"; see
+        # compress.py), None for a plain file: the output is written in the same one.
+        self.compression = compression
         self._parse_header()
         self.sections: tuple[Section, ...] = self._parse_sections()
         self.segments: tuple[Segment, ...] = self._parse_segments()
@@ -270,21 +277,24 @@ class ElfFile:
     # -- construction ----------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> ElfFile:
+    def open(cls, path: str | os.PathLike[str], *,
+             max_decompressed: int = MAX_DECOMPRESSED) -> ElfFile:
         """Open a file read-only.  A regular file is mapped rather than read: a
         53 MB vmlinux costs nothing up front, and only the pages pvpatch reads
-        are touched."""
+        are touched.  A compressed file (`.ko.xz`, `.ko.zst`, `.ko.gz`, known by its
+        magic) is decompressed into memory, refused past `max_decompressed` bytes."""
         p = Path(path)
         try:
             with p.open("rb") as fh:  # read-only: the input is never opened for writing
                 st = os.fstat(fh.fileno())
                 if stat.S_ISREG(st.st_mode) and st.st_size > 0:
                     try:
-                        data: Buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
                     except (OSError, ValueError):
                         pass  # a filesystem that cannot map files: read it instead
                     else:
-                        return cls(data, str(p), FileIdentity.of(st))
+                        return cls._from_map(mapped, fh.fileno(), str(p), FileIdentity.of(st),
+                                             max_decompressed)
                 data = fh.read()
         except FileNotFoundError:
             raise InputError("no such file", str(p)) from None
@@ -292,7 +302,26 @@ class ElfFile:
             raise InputError("is a directory", str(p)) from None
         except OSError as exc:
             raise InputError(f"cannot read: {exc.strerror or exc}", str(p)) from None
-        return cls(data, str(p))
+        payload, compression = unpack(data, str(p), max_decompressed)
+        return cls(payload, str(p), compression=compression)
+
+    @classmethod
+    def _from_map(cls, data: mmap.mmap, fd: int, path: str, identity: FileIdentity,
+                  max_decompressed: int) -> ElfFile:
+        """`open` of a mapped file."""
+        try:
+            payload, compression = unpack(data, path, max_decompressed)
+        except BaseException:
+            data.close()
+            raise
+        if compression is None:
+            return cls(data, path, identity)
+        data.close()  # the payload is a copy in memory
+        # Rewritten in place while it was read, the stream may mix two versions (one
+        # replaced by rename is still the file opened, and intact).
+        if FileIdentity.of(os.fstat(fd)) != identity:
+            raise InputError("changed while it was being read", path)
+        return cls(payload, path, identity, compression=compression)
 
     def _fail(self, message: str) -> ElfFormatError:
         return ElfFormatError(message, self.path)

@@ -165,6 +165,19 @@ class OutputFile:
         except OSError as exc:
             raise OutputError(f"cannot write: {exc.strerror or exc}", str(self.dst)) from None
 
+    def commit_compressed(self, src: str, data: bytes, compression: str,
+                          identity: FileIdentity | None) -> None:
+        """`data`, the output of an input decompressed from `src` (which `identity`
+        names), compressed the way the input was ("xz", "zstd", "gzip").  Never a copy
+        of `src`: its bytes are the container's, not the ELF file's."""
+        from .compress import compress
+
+        packed = compress(data, compression)
+        # The payload was read into memory whole, so it cannot have changed under the
+        # plan; the file can have, and is not overwritten then (with --in-place).
+        _check_unchanged(src, identity)
+        self.commit_image(packed, mode_from=src)
+
     def _finish(self, mode_from: str | None) -> None:
         mode = 0o644
         if mode_from is not None:
