@@ -10,12 +10,22 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .check import FATAL_ERRORS, CheckOptions, FileCheck, check_path, elf_kind, read_input
+from .check import (
+    FATAL_ERRORS,
+    CheckOptions,
+    FileCheck,
+    check_elf,
+    check_path,
+    elf_kind,
+    read_input,
+)
+from .compress import MAGIC_MAX, MAX_DECOMPRESSED, detect, named_like, unpack
 from .errors import InputError, PvpatchError, UsageError
 from .rules import Finding
 from .scan import DEFAULT_SECTION
@@ -76,12 +86,27 @@ def _walk(top: str, problems: list[str]) -> Iterator[InputFile]:
             yield InputFile(path, walked=True, rel=os.path.relpath(path, top))
 
 
-def _looks_elf(path: str) -> bool:
+def _head(path: str) -> bytes:
+    """A regular file's first bytes (a pipe's would be taken from its reader)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return b""
         with open(path, "rb") as fh:
-            return fh.read(4) == b"\x7fELF"
+            return fh.read(MAGIC_MAX)
     except OSError:
-        return False
+        return b""
+
+
+def _looks_elf(path: str) -> bool:
+    """ELF, or a compressed container (a tree of `.ko.xz` is a tree of modules)."""
+    head = _head(path)
+    return head.startswith(b"\x7fELF") or detect(head) is not None
+
+
+def read_payload(path: str, limit: int = MAX_DECOMPRESSED) -> tuple[bytes, str | None]:
+    """A whole file, decompressed when it is a compressed container, and the container's
+    name (None for a plain file).  Errors are `InputError`s naming the file."""
+    return unpack(read_input(path), path, limit)
 
 
 def default_jobs() -> int:
@@ -156,8 +181,24 @@ def run_ordered(
 # -- per-file jobs ----------------------------------------------------------------------
 
 
-def check_input(options: CheckOptions, item: InputFile) -> FileCheck:
-    return check_path(item.path, options, walked=item.walked)
+def check_input(options: CheckOptions, item: InputFile, *,
+                max_decompressed: int = MAX_DECOMPRESSED) -> FileCheck:
+    """`check_path`, which reads plain files; a compressed one (or one named like it) is
+    read here."""
+    if detect(_head(item.path)) is None and named_like(item.path) is None:
+        return check_path(item.path, options, walked=item.walked)
+    from .elf import ElfFile
+
+    try:
+        data, compression = read_payload(item.path, max_decompressed)
+        if item.walked and elf_kind(data) != "x86":
+            return FileCheck(item.path, "skipped", size=len(data))
+        # An ELF file inside that does not parse is bad input here, where a plain one is
+        # a PV100 finding: check_path takes a path, not the decompressed bytes.
+        elf = ElfFile(data, item.path, compression=compression)
+    except InputError as exc:
+        return FileCheck(item.path, "bad", error=str(exc))
+    return check_elf(elf, options)
 
 
 @dataclass(frozen=True)
@@ -166,6 +207,7 @@ class ScanOptions:
     section: str = DEFAULT_SECTION
     ops: str = "auto"
     json: bool = False
+    max_decompressed: int = MAX_DECOMPRESSED  # compressed inputs are refused past this
 
 
 @dataclass(frozen=True)
@@ -185,10 +227,11 @@ def scan_input(options: ScanOptions, item: InputFile) -> ScanOutcome:
     from .report import scan_json, scan_text
 
     try:
-        data = read_input(item.path)
+        data, compression = read_payload(item.path, options.max_decompressed)
         if item.walked and elf_kind(data) != "x86":
             return ScanOutcome(item.path, "skipped")
-        result = scan_for(ElfFile(data, item.path), layout=options.layout,
+        result = scan_for(ElfFile(data, item.path, compression=compression),
+                          layout=options.layout,
                           section=options.section, ops=options.ops)
     except UsageError:
         raise
@@ -216,6 +259,7 @@ class PatchOptions:
     json: bool = False
     symvers: str | None = None
     signing: SigningKey | None = None  # signs relocatable outputs (modules)
+    max_decompressed: int = MAX_DECOMPRESSED  # compressed inputs are refused past this
 
 
 @dataclass(frozen=True)
@@ -242,10 +286,12 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
 
     out = os.path.join(options.outdir, item.rel)
     try:
-        data = read_input(item.path)
+        data, compression = read_payload(item.path, options.max_decompressed)
         if item.walked and elf_kind(data) != "x86":
             return PatchOutcome(item.path, "skipped")
-        elf = ElfFile(data, item.path)
+        # A compressed input is written back in its container (write_output), under
+        # the same name.
+        elf = ElfFile(data, item.path, compression=compression)
         result = scan_for(elf, layout=options.layout, section=options.section,
                           ops=options.ops)
         plan = make_plan(result, backend_for(options.backend, elf.arch.name),
@@ -285,6 +331,6 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
                         record, result.findings, len(result.sites), plan.counts(), len(data))
 
 
-def job(func: Callable[[Any, InputFile], R], options: Any) -> Callable[[InputFile], R]:
+def job(func: Callable[..., R], options: Any, **kwargs: Any) -> Callable[[InputFile], R]:
     """A picklable one-argument job for `run_ordered`."""
-    return functools.partial(func, options)
+    return functools.partial(func, options, **kwargs)

@@ -32,6 +32,25 @@ def _common_scan_options(p: argparse.ArgumentParser) -> None:
                    help="table section name (default: .parainstructions)")
     p.add_argument("--ops", default="auto", metavar="SOURCE",
                    help="op names from: auto, none, btf:FILE, dwarf:FILE, catalog:NAME")
+    p.add_argument("--max-decompressed", type=_size, default=None, metavar="SIZE",
+                   help="refuse a compressed input (.ko.xz, .ko.zst, .ko.gz) that "
+                   "decompresses to more than SIZE (default 1GiB)")
+
+
+def _size(text: str) -> int:
+    from .compress import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _limit(args: argparse.Namespace) -> int:
+    """--max-decompressed, or the library's default."""
+    from .compress import MAX_DECOMPRESSED
+
+    return int(args.max_decompressed or MAX_DECOMPRESSED)
 
 
 def _positive(text: str) -> int:
@@ -194,7 +213,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     inputs, problems = _expand(args.paths)
     status = EXIT_BAD if problems else EXIT_OK
     options = ScanOptions(layout=args.layout, section=args.section, ops=args.ops,
-                          json=args.json)
+                          json=args.json, max_decompressed=_limit(args))
     bar = open_progress(args.progress, len(inputs.files), "scan", sys.stderr)
     files: list[dict[str, Any]] = []
     scanned = skipped = sites = findings = 0
@@ -242,7 +261,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     bar = open_progress(args.progress, len(inputs.files), "check", sys.stderr)
     checked: list[FileCheck] = []
     try:
-        for fc in run_ordered(job(check_input, options), inputs.files, jobs=_jobs(args),
+        for fc in run_ordered(job(check_input, options, max_decompressed=_limit(args)),
+                              inputs.files, jobs=_jobs(args),
                               on_done=lambda n, item: bar.advance(n, item.path)):
             if fc.status == "bad":
                 bar.write(f"pvpatch: error: {fc.error}", sys.stderr)
@@ -328,7 +348,8 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
     from .api import apply_plan, load, make_plan, sign_output, write_output
     from .report import findings_text, patch_json, patch_text
 
-    result = load(args.input, layout=args.layout, section=args.section, ops=args.ops)
+    result = load(args.input, layout=args.layout, section=args.section, ops=args.ops,
+                  max_decompressed=_limit(args))
     if signing is not None and not result.elf.is_relocatable:
         raise UsageError("--sign-key applies to kernel modules (relocatable files)")
     for line in findings_text(result.path, result.findings):
@@ -408,7 +429,7 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
         outdir=args.output, backend=args.backend, layout=args.layout, section=args.section,
         ops=args.ops, drop_patched=args.drop_patched, verify=not args.no_verify,
         trials=args.trials, seed=args.seed, dry_run=args.dry_run, json=args.json,
-        symvers=args.symvers, signing=signing)
+        symvers=args.symvers, signing=signing, max_decompressed=_limit(args))
     bar = open_progress(args.progress, len(inputs.files), "patch", sys.stderr)
     from .batch import PatchOutcome
     from .report import findings_text
@@ -460,8 +481,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .api import load, make_plan, open_elf
     from .verify import verify_files, verify_json, verify_text
 
-    original = load(args.original, layout=args.layout, section=args.section, ops=args.ops)
-    patched = open_elf(args.patched)
+    original = load(args.original, layout=args.layout, section=args.section, ops=args.ops,
+                    max_decompressed=_limit(args))
+    patched = open_elf(args.patched, max_decompressed=_limit(args))
     the_plan = make_plan(original, args.backend)
     report = verify_files(original, patched, the_plan, trials=args.trials, seed=args.seed)
     if args.json:
