@@ -28,8 +28,9 @@ EXIT_OK, EXIT_FAIL, EXIT_BAD = 0, 1, 2
 def _common_scan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default="auto", metavar="NAME",
                    help="table layout (default: auto; see `pvpatch layouts`)")
-    p.add_argument("--section", default=".parainstructions", metavar="NAME",
-                   help="table section name (default: .parainstructions)")
+    p.add_argument("--section", default="auto", metavar="NAME",
+                   help="table section name (default: auto: .parainstructions, else "
+                   ".altinstructions DIRECT_CALL entries)")
     p.add_argument("--ops", default="auto", metavar="SOURCE",
                    help="op names from: auto, none, btf:FILE, dwarf:FILE, catalog:NAME")
     p.add_argument("--max-decompressed", type=_size, default=None, metavar="SIZE",
@@ -82,8 +83,9 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pvpatch",
-        description="Static patcher for x86 paravirt call sites (.parainstructions) in ELF "
-        "files, with emulation proof.",
+        description="Static patcher for x86 paravirt call sites (.parainstructions, and "
+        ".altinstructions DIRECT_CALL entries since Linux 6.8) in ELF files, with emulation "
+        "proof.",
     )
     parser.add_argument("--version", action="version", version=f"pvpatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
