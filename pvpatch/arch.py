@@ -30,6 +30,26 @@ P6_NOPS: tuple[bytes, ...] = (
 )
 
 
+def _hexes(*forms: str) -> frozenset[bytes]:
+    return frozenset(bytes.fromhex(f.replace(" ", "")) for f in forms)
+
+
+# Every NOP instruction a site may be padded with: the kernel's NOP tables of every era
+# (P6, K8, and on i386 GENERIC, K7 and 6.1's x86_nops), and the longer forms GNU as's
+# `.nops` writes.  Recognising padding is a table lookup, not a disassembly.
+_COMMON_NOPS = (
+    "90", "6690", "0f1f00", "0f1f4000", "0f1f440000", "660f1f440000", "0f1f8000000000",
+    "0f1f840000000000", "660f1f840000000000", "662e0f1f840000000000",
+    "66662e0f1f840000000000", "666690", "66666690",
+)
+X86_64_NOP_FORMS = _hexes(*_COMMON_NOPS)
+I386_NOP_FORMS = _hexes(
+    *_COMMON_NOPS,
+    "89f6", "8d7600", "8d742600", "3e8d742600", "8db600000000", "8db42600000000",
+    "3e8db42600000000", "8bc0", "8d0420", "8d442000", "8d8000000000", "8d040500000000",
+)
+
+
 @dataclass(frozen=True)
 class RelocType:
     """One relocation type: its name, how many bytes it patches, how it is computed."""
@@ -69,6 +89,7 @@ class Arch:
     # x86-64 a distance past +/-2 GiB is refused rather than wrapped through the top.
     rel32_wraps: bool
     nops: tuple[bytes, ...] = P6_NOPS
+    nop_forms: frozenset[bytes] = X86_64_NOP_FORMS  # what counts as padding when read
     stack_align: int = 16  # alignment the psABI wants at a call instruction
 
     def push(self, reg: str) -> bytes:
@@ -100,6 +121,19 @@ class Arch:
         """`value` modulo the address width, as a signed offset (addresses wrap around)."""
         half = 1 << (8 * self.ptr_size - 1)
         return self.wrap(value + half) - half
+
+    def is_nop_fill(self, code: bytes) -> bool:
+        """`code` is nothing but NOP instructions (empty included)."""
+        forms, pos = self.nop_forms, 0
+        longest = 11
+        while pos < len(code):
+            for n in range(min(longest, len(code) - pos), 0, -1):
+                if code[pos : pos + n] in forms:
+                    pos += n
+                    break
+            else:
+                return False
+        return True
 
     def nop_fill(self, length: int) -> bytes:
         """The fewest recommended NOP instructions covering exactly `length` bytes."""
@@ -249,6 +283,7 @@ I386 = Arch(
     preserved=("ebx", "ebp", "esi", "edi"),
     word=struct.Struct("<I"),
     rel32_wraps=True,
+    nop_forms=I386_NOP_FORMS,
 )
 
 ARCHES: Mapping[str, Arch] = MappingProxyType({a.name: a for a in (X86_64, I386)})

@@ -8,19 +8,16 @@ asks the planner what it could not do (PV201..PV203).  Nothing is written.
 
 from __future__ import annotations
 
-import bisect
 import functools
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .arch import ARCHES, BY_MACHINE, Arch
-from .disasm import insn_starts
-from .elf import ELF_MAGIC, STT_FUNC, ElfFile
+from .arch import ARCHES, BY_MACHINE
+from .elf import ELF_MAGIC, ElfFile
 from .errors import InputError, OpsError, SpecError, TableError, UsageError
 from .rules import Finding
-from .scan import DEFAULT_SECTION, ScanResult, Site, site_finding
+from .scan import DEFAULT_SECTION, ScanResult
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -128,8 +125,7 @@ def check_elf(elf: ElfFile, options: CheckOptions) -> FileCheck:
 
             plan = make_plan(result, backend_for(options.backend, elf.arch.name))
             actions = plan.counts()
-            findings.extend(boundary_findings(result))
-            findings.extend(plan_findings(plan))
+            findings.extend(plan.findings)
     except FATAL_ERRORS:
         raise
     except InputError as exc:  # symbols or relocations found broken on the way
@@ -209,136 +205,6 @@ def backend_for(spec: str, arch_name: str) -> Backend:
     from .backend import load_backend
 
     return load_backend(spec, ARCHES[arch_name])
-
-
-# -- PV105: instruction boundaries ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Func:
-    start: int  # section offsets
-    end: int
-    name: str
-
-
-def _functions(elf: ElfFile) -> dict[int, tuple[list[int], list[_Func]]]:
-    """Sized function symbols by section index, sorted by start (section offsets)."""
-    by_sec: dict[int, list[_Func]] = defaultdict(list)
-    for sym in elf.symbols:
-        if sym.type != STT_FUNC or sym.size == 0 or not sym.defined \
-                or not 0 < sym.section_index < len(elf.sections):
-            continue
-        sec = elf.sections[sym.section_index]
-        start = sym.value if elf.is_relocatable else sym.value - sec.addr
-        if start >= 0 and start + sym.size <= sec.size:
-            by_sec[sym.section_index].append(_Func(start, start + sym.size, sym.name))
-    out = {}
-    for index, funcs in by_sec.items():
-        funcs.sort(key=lambda f: (f.start, -f.end))
-        out[index] = ([f.start for f in funcs], funcs)
-    return out
-
-
-def _containing(funcs: tuple[list[int], list[_Func]] | None, site: Site) -> _Func | None:
-    if funcs is None:
-        return None
-    starts, items = funcs
-    # The nearest start at or before the site that also covers its end; aliases and
-    # nested symbols share starts, so look back a few entries, not just one.
-    hi = bisect.bisect_right(starts, site.offset)
-    for f in reversed(items[max(0, hi - 8) : hi]):
-        if f.end >= site.end:
-            return f
-    return None
-
-
-def boundary_findings(result: ScanResult) -> list[Finding]:
-    """PV105: a site must start on an instruction boundary of its function (decoded
-    from the function symbol's start; without a covering symbol the start is not
-    checked, since padding between functions can desynchronise a decoder) and its own
-    bytes must decode into whole instructions that end exactly at the site's end."""
-    elf, arch = result.elf, result.arch
-    funcs = _functions(elf) if elf.symtab is not None else {}
-    groups: dict[tuple[int, _Func], list[Site]] = defaultdict(list)
-    for site in result.sites:
-        fn = _containing(funcs.get(site.section_index), site)
-        if fn is not None:
-            groups[(site.section_index, fn)].append(site)
-    bad_start: dict[int, str] = {}
-    for (sec_index, fn), sites in groups.items():
-        sec = elf.sections[sec_index]
-        upto = max(s.end for s in sites)
-        code = elf.data[sec.offset + fn.start : sec.offset + upto]
-        starts, stop = insn_starts(arch, code)
-        for s in sites:
-            rel = s.offset - fn.start
-            if rel >= stop:
-                continue  # the decoder stopped before the site: nothing certain to say
-            i = bisect.bisect_right(starts, rel) - 1
-            if starts[i] != rel:
-                nxt = starts[i + 1] if i + 1 < len(starts) else stop
-                bad_start[s.index] = (
-                    f"site starts inside an instruction: {sec.name}+{fn.start + starts[i]:#x} "
-                    f"({nxt - starts[i]} bytes, decoded from {fn.name} at "
-                    f"{sec.name}+{fn.start:#x}) covers {sec.name}+{s.offset:#x}")
-    out = []
-    for site in result.sites:
-        why = bad_start.get(site.index) or _end_problem(elf, arch, site)
-        if why is not None:
-            out.append(site_finding("PV105", site, why))
-    return out
-
-
-def _end_problem(elf: ElfFile, arch: Arch, site: Site) -> str | None:
-    sec = elf.sections[site.section_index]
-    # A few bytes past the site show whether its last instruction runs over the end.
-    ahead = min(MAX_INSN, sec.size - site.end)
-    code = elf.data[site.file_offset : site.file_offset + site.len + max(ahead, 0)]
-    starts, stop = insn_starts(arch, code)
-    if site.len in starts or stop == site.len:
-        return None
-    if stop < site.len:
-        return (f"byte {code[stop]:#04x} at site+{stop:#x} does not decode "
-                f"({site.len}-byte site)")
-    last = max(s for s in starts if s < site.len)
-    nxt = min([s for s in starts if s > last] + [stop])
-    return (f"the instruction at site+{last:#x} ({nxt - last} bytes) runs "
-            f"{nxt - site.len} byte(s) past the end of the {site.len}-byte site")
-
-
-# -- PV201..PV203: what the planner cannot do -----------------------------------------
-
-
-def _needs_thunk(arch: Arch, site: Site) -> bool:
-    changes = set(arch.return_regs) | set(arch.caller_saved)
-    return bool(changes - set(site.clobber_regs))
-
-
-def plan_findings(plan: Plan) -> list[Finding]:
-    """PV201 (shorter than a direct call), PV202 (a C target at a callee-save site that
-    stays unpatched: too short for the call to a thunk, or a linked file where the
-    target is not defined), PV203 (the backend has no rule for the op)."""
-    out = []
-    backend = plan.backend
-    for d in plan.decisions:
-        s = d.site
-        if s.len < CALL_LEN:
-            out.append(site_finding(
-                "PV201", s, f"site of {s.len} bytes is too short for a direct call "
-                f"({CALL_LEN} bytes): only an inline form fits"))
-        rule = backend.rule_for(s.op, s.type)
-        if rule is None:
-            what = f"op {s.op}" if s.op else f"unnamed op (type {s.type})"
-            out.append(site_finding(
-                "PV203", s, f"backend {backend.name} has no rule for {what}; the site "
-                f"becomes {d.action}" + (f" ({d.reason})" if d.reason else "")))
-        elif (d.action == "keep" and rule.action == "call" and rule.convention == "c"
-              and _needs_thunk(plan.arch, s)):
-            out.append(site_finding(
-                "PV202", s, f"C-convention target {rule.target} needs a register-saving "
-                f"thunk at this site (it allows {', '.join(s.clobber_regs) or 'no register'}"
-                f"), and none can be used: {d.reason}"))
-    return out
 
 
 # -- PV301: verification failures as findings ----------------------------------------

@@ -503,10 +503,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_layouts(args: argparse.Namespace) -> int:
+    from .altinstr import ALT_LAYOUTS
     from .layouts import LAYOUTS
 
-    for lay in LAYOUTS.values():
-        print(f"{lay.name:22} {lay.description}")
+    rows = [(lay.name, lay.description) for lay in LAYOUTS.values()]
+    rows += [(lay.name, lay.description) for lay in ALT_LAYOUTS.values()]
+    for name, description in rows:
+        print(f"{name:22} {description}")
     return EXIT_OK
 
 

@@ -24,7 +24,8 @@ def capstone_mode(arch_name: str) -> int:
 
 
 @cache
-def _engine(arch_name: str) -> Any:
+def engine(arch_name: str) -> Any:
+    """capstone's x86 decoder for an architecture (AT&T syntax), made once."""
     import capstone  # heavy: only when something is disassembled
 
     cs = capstone.Cs(capstone.CS_ARCH_X86, capstone_mode(arch_name))
@@ -36,7 +37,7 @@ def disassemble(arch: Arch, code: bytes, address: int = 0) -> list[Insn]:
     """Decode `code`; bytes that do not decode come out as `.byte` lines."""
     out: list[Insn] = []
     pos = 0
-    cs = _engine(arch.name)
+    cs = engine(arch.name)
     while pos < len(code):
         # disasm_lite stops at the first byte it cannot decode.
         for _addr, size, mnemonic, op_str in cs.disasm_lite(code[pos:], address + pos):
@@ -55,7 +56,7 @@ def insn_starts(arch: Arch, code: bytes) -> tuple[list[int], int]:
     starts: list[int] = []
     pos = 0
     # disasm_lite skips formatting nothing we need, so it is the cheap path for lengths.
-    for _addr, size, _mnemonic, _op_str in _engine(arch.name).disasm_lite(code, 0):
+    for _addr, size, _mnemonic, _op_str in engine(arch.name).disasm_lite(code, 0):
         starts.append(pos)
         pos += size
     return starts, pos

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from .arch import Arch, convention_changes
 from .backend import Action, Backend, OpRule, returns_to_site
-from .scan import ScanResult, Site
+from .rules import Finding
+from .scan import ScanResult, Site, site_finding
 
 CALL_LEN = 5  # e8/e9 rel32
 UD2 = b"\x0f\x0b"
@@ -55,6 +56,10 @@ class Plan:
     decisions: tuple[Decision, ...]
     thunks: tuple[ThunkSpec, ...]
     drop_patched: bool = False
+    # What planning found beyond the scan: sites whose bytes are not what their entry
+    # claims (PV105, PV114-PV116; never rewritten) and what the backend cannot do
+    # (PV201-PV203).  `check` and `patch` report the same list.
+    findings: tuple[Finding, ...] = ()
 
     @property
     def arch(self) -> Arch:
@@ -80,12 +85,33 @@ class Planner:
         self._inline_cache: dict[tuple[str, int, int], tuple[Action, str | None, bytes | None]] = {}
 
     def plan(self, drop_patched: bool = False) -> Plan:
+        from .integrity import site_problems
+
+        problems = site_problems(self.scan)
+        self.integrity: dict[int, list[Finding]] = {}
+        for f in problems:
+            if f.site_index is not None:
+                self.integrity.setdefault(f.site_index, []).append(f)
         decisions = tuple(self.decide(s) for s in self.scan.sites)
-        return Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()), drop_patched)
+        # A site pvpatch cannot name the shape of but already holds exactly the planned
+        # bytes (a spec's own inline code, patched before) is not a lie.
+        already = {d.site.index for d in decisions if d.rewrites and d.code == d.site.code}
+        kept = [f for f in problems if not (f.rule == "PV114" and f.site_index in already)]
+        findings = tuple(kept) + tuple(plan_findings(self.backend, self.arch, decisions))
+        return Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()),
+                    drop_patched, findings)
 
     def decide(self, site: Site) -> Decision:
         if site.index in self.scan.unsafe:
             return Decision(site, "keep", self._unsafe_reason(site))
+        d = self._decide(site)
+        bad = self.integrity.get(site.index)
+        if bad and d.rewrites and not (all(f.rule == "PV114" for f in bad)
+                                       and d.code == site.code):
+            return Decision(site, "keep", self._unsafe_reason(site), rule=d.rule)
+        return d
+
+    def _decide(self, site: Site) -> Decision:
         rule = self.backend.rule_for(site.op, site.type)
         if site.native is not None and self.backend.builtin and \
                 (rule is None or rule.action == "inline"):
@@ -118,7 +144,8 @@ class Planner:
         return self._call(site, rule)
 
     def _unsafe_reason(self, site: Site) -> str:
-        rules = sorted({f"{f.rule} {f.name}" for f in self.scan.findings
+        found = [*self.scan.findings, *self.integrity.get(site.index, ())]
+        rules = sorted({f"{f.rule} {f.name}" for f in found
                         if f.site_index == site.index and f.severity == "error"})
         return "unsafe to rewrite: " + (", ".join(rules) if rules else "PV104 site-overlap")
 
@@ -217,6 +244,37 @@ def _allows(site: Site) -> str:
     if not site.clobber_regs:
         return "site allows none"
     return f"site allows {_regs(site.clobber_regs)}"
+
+
+def _needs_thunk(arch: Arch, site: Site) -> bool:
+    changes = set(arch.return_regs) | set(arch.caller_saved)
+    return bool(changes - set(site.clobber_regs))
+
+
+def plan_findings(backend: Backend, arch: Arch, decisions: Iterable[Decision]) -> list[Finding]:
+    """PV201 (shorter than a direct call), PV202 (a C target at a callee-save site that
+    stays unpatched: too short for the call to a thunk, or a linked file where the
+    target is not defined), PV203 (the backend has no rule for the op)."""
+    out = []
+    for d in decisions:
+        s = d.site
+        if s.len < CALL_LEN:
+            out.append(site_finding(
+                "PV201", s, f"site of {s.len} bytes is too short for a direct call "
+                f"({CALL_LEN} bytes): only an inline form fits"))
+        rule = backend.rule_for(s.op, s.type)
+        if rule is None:
+            what = f"op {s.op}" if s.op else f"unnamed op (type {s.type})"
+            out.append(site_finding(
+                "PV203", s, f"backend {backend.name} has no rule for {what}; the site "
+                f"becomes {d.action}" + (f" ({d.reason})" if d.reason else "")))
+        elif (d.action == "keep" and rule.action == "call" and rule.convention == "c"
+              and _needs_thunk(arch, s)):
+            out.append(site_finding(
+                "PV202", s, f"C-convention target {rule.target} needs a register-saving "
+                f"thunk at this site (it allows {', '.join(s.clobber_regs) or 'no register'}"
+                f"), and none can be used: {d.reason}"))
+    return out
 
 
 def make_plan(scan: ScanResult, backend: Backend, *, drop_patched: bool = False) -> Plan:

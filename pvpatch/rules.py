@@ -56,6 +56,13 @@ RULES: Mapping[str, Rule] = MappingProxyType(
             Rule("PV113", "alt-replacement", "error",
                  "An entry at a paravirt site has its replacement outside "
                  ".altinstr_replacement."),
+            Rule("PV114", "site-shape", "error",
+                 "A site's bytes are not a paravirt call followed only by NOPs (nor a form "
+                 "pvpatch writes): the entry's length or address lies."),
+            Rule("PV115", "foreign-reloc", "error",
+                 "A relocation inside a site is not its call's own."),
+            Rule("PV116", "branch-into-site", "error",
+                 "A branch from outside a site lands inside it."),
             Rule("PV201", "site-too-short", "warning",
                  "A site is too short for a direct call (under 5 bytes)."),
             Rule("PV202", "no-thunk", "warning",

@@ -251,8 +251,10 @@ def test_612_vmlinux_scan_matches_independent_decoder() -> None:
     assert all(s.op is not None for s in result.sites)
     assert not result.findings
     want = corpus.expected("x86_64-6.12", "VMLINUX_SITES")
+    native = corpus.expected("x86_64-6.12", "VMLINUX_NATIVE_SITES")
     if want is not None:
         assert len(result.sites) == want
+        assert sum(1 for s in result.sites if s.native is not None) == native
 
 
 @pytest.mark.corpus
@@ -290,3 +292,44 @@ def test_612_vmlinux_native_patch_changes_only_sites_and_entries(tmp_path: Path)
     assert rewritten == rw.plan.counts()["inline"] >= 2500
     stray = [hex(o) for o in _differences(original, patched) if o not in allowed]
     assert not stray, stray[:20]
+
+
+@pytest.mark.corpus
+def test_612_modules_read_from_ko_xz_match_independent_decoder(tmp_path: Path) -> None:
+    """Every 6.12 module, read straight from its .ko.xz, against the independent decoder
+    run on the payload that Python's lzma (not pvpatch) gives."""
+    import lzma
+
+    import corpus
+
+    modules = sites = natives = 0
+    for path in corpus.x86_64_612_modules():
+        payload = lzma.decompress(path.read_bytes())
+        plain = tmp_path / path.name.removesuffix(".xz")
+        plain.write_bytes(payload)
+        want = independent_rows(plain) if b".altinstructions" in payload else []
+        plain.unlink()
+        result = pvpatch.load(path, ops="none")
+        assert site_rows(result) == want, path
+        assert not [f for f in result.findings if f.severity == "error"], (path, result.findings)
+        if want:
+            modules += 1
+            sites += len(want)
+            natives += sum(1 for row in want if row[7] is not None)
+    expect = [corpus.expected("x86_64-6.12", k) for k in ("MODULES", "SITES", "NATIVE_SITES")]
+    if None not in expect:
+        assert [modules, sites, natives] == expect
+    assert modules >= 50 and sites >= 500
+
+
+@pytest.mark.corpus
+def test_612_modules_are_named_by_their_vermagic() -> None:
+    import corpus
+
+    kvm = next(p for p in corpus.x86_64_612_modules() if p.name == "kvm.ko.xz")
+    result = pvpatch.load(kvm)  # auto: vermagic 6.12.x -> the shipped linux-6.12 catalog
+    assert result.ops is not None and result.ops.name == "catalog:linux-6.12-x86_64"
+    assert all(s.op is not None for s in result.sites)
+    # the shipped catalog is the vmlinux's own BTF, slot for slot
+    btf = pvpatch.load(corpus.x86_64_612_vmlinux()).ops
+    assert btf is not None and btf.same_layout(result.ops)
