@@ -373,7 +373,11 @@ class _AltScanner:
             self._entry_finding(i, f"site length {e.instrlen} (must be 1..{MAX_PATCH_LEN})",
                                 "PV109")
             return None
-        if off + e.instrlen > sec.size or sec.file_size == 0:
+        if sec.file_size == 0:
+            self._entry_finding(i, f"site at {sec.name}+{off:#x} is in a section with no bytes "
+                                "in the file (SHT_NOBITS)", "PV102")
+            return None
+        if off + e.instrlen > sec.size:
             self._entry_finding(i, f"site of {e.instrlen} bytes at {sec.name}+{off:#x} runs "
                                 f"past the end of {sec.name} ({sec.size:#x} bytes)", "PV103")
             return None

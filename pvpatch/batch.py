@@ -269,7 +269,7 @@ class PatchOutcome:
     output: str | None = None
     lines: tuple[str, ...] = ()  # the text report, or what failed
     record: dict[str, Any] | None = None
-    findings: tuple[Finding, ...] = ()  # scan findings, and PV301 for failed verification
+    findings: tuple[Finding, ...] = ()  # scan and plan findings, PV301 for failed verification
     sites: int = 0
     actions: dict[str, int] = field(default_factory=dict)
     size: int = 0
@@ -312,8 +312,8 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
                 return PatchOutcome(item.path, "failed", None,
                                     (*verify_text(report, item.path),
                                      f"{item.path}: verification failed; nothing written"),
-                                    record, (*result.findings, *failed), len(result.sites),
-                                    plan.counts(), len(data))
+                                    record, (*result.findings, *plan.findings, *failed),
+                                    len(result.sites), plan.counts(), len(data))
             s = verify_doc["summary"]
             lines.append(f"  verify: sites {s['pass']} pass, {s['fail']} fail, {s['skip']} skip")
         output = None if options.dry_run else out
@@ -327,8 +327,10 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
     except PvpatchError as exc:
         return PatchOutcome(item.path, "bad", error=str(exc))
     record = patch_json(rw, output, verify_doc) if options.json else None
+    # The same findings `check` reports for the file: the scan's and the plan's.
     return PatchOutcome(item.path, "patched", output, (*patch_text(rw, output), *lines),
-                        record, result.findings, len(result.sites), plan.counts(), len(data))
+                        record, (*result.findings, *plan.findings), len(result.sites),
+                        plan.counts(), len(data))
 
 
 def job(func: Callable[..., R], options: Any, **kwargs: Any) -> Callable[[InputFile], R]:

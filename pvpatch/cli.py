@@ -354,9 +354,12 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
                   max_decompressed=_limit(args))
     if signing is not None and not result.elf.is_relocatable:
         raise UsageError("--sign-key applies to kernel modules (relocatable files)")
-    for line in findings_text(result.path, result.findings):
-        print(line, file=sys.stderr)
     the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched)
+    # What check would report: the scan's findings and the plan's (sites never rewritten
+    # because their bytes are not what the entry claims; what the backend cannot do).
+    findings = (*result.findings, *the_plan.findings)
+    for line in findings_text(result.path, findings):
+        print(line, file=sys.stderr)
     rw = apply_plan(the_plan, symvers=args.symvers)
     verify_doc = None
     failed = []
@@ -376,7 +379,7 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
             _err(f"error: {report_failures(report)}; nothing written")
             if args.json:
                 _emit_json(patch_json(rw, None, verify_doc))
-            _patch_sarif(args, result.path, (*result.findings, *failed), len(result.elf.data),
+            _patch_sarif(args, result.path, (*findings, *failed), len(result.elf.data),
                          EXIT_FAIL)
             return EXIT_FAIL
     if signing is not None and out is not None:
@@ -393,7 +396,7 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
             print(f"  verify: sites {summary['pass']} pass, {summary['fail']} fail, "
                   f"{summary['skip']} skip; thunks {thunks['pass']} pass, {thunks['fail']} fail "
                   f"({args.trials} trials each, seed {args.seed})")
-    _patch_sarif(args, result.path, result.findings, len(result.elf.data), EXIT_OK)
+    _patch_sarif(args, result.path, findings, len(result.elf.data), EXIT_OK)
     return EXIT_OK
 
 

@@ -120,7 +120,11 @@ class _Scanner:
                 sites.append(site)
         self._check_overlaps(sites)
         unsafe = {f.site_index for f in self.findings
-                  if f.severity == "error" and f.site_index is not None}
+                  if f.severity == "error" and f.site_index is not None} | self._overlapped
+        # Entries naming the same bytes stand or fall together: rewriting them through a
+        # duplicate would bypass what was found about the site.
+        bad = {(s.section_index, s.offset, s.len) for s in sites if s.index in unsafe}
+        unsafe |= {s.index for s in sites if (s.section_index, s.offset, s.len) in bad}
         return ScanResult(
             elf,
             elf.path,
@@ -130,7 +134,7 @@ class _Scanner:
             tuple(self.findings),
             self.ops,
             lay,
-            frozenset(unsafe | self._overlapped),
+            frozenset(unsafe),
         )
 
     # -- entries -> (section, offset) -----------------------------------
@@ -237,7 +241,10 @@ class _Scanner:
         address = None if relocatable else sec.addr + off
         op = self.ops.name_of(stype) if self.ops is not None else None
         problem = None
-        if off < 0 or off + slen > sec.size:
+        if sec.file_size == 0:
+            problem = ("PV102", f"site at {sec.name}+{off:#x} is in a section with no bytes in "
+                       "the file (SHT_NOBITS)")
+        elif off < 0 or off + slen > sec.size:
             problem = ("PV103", f"site of {slen} bytes at {sec.name}+{off:#x} runs past the end "
                        f"of {sec.name} ({sec.size:#x} bytes)")
         elif slen == 0 or slen > MAX_PATCH_LEN:
@@ -271,26 +278,43 @@ class _Scanner:
         self.findings.append(site_finding(rule, site, message))
 
     def _check_overlaps(self, sites: list[Site]) -> None:
+        """Every pair of overlapping sites, not just neighbours: a site nested in a longer
+        one overlaps it even when a third lies between them.  Entries naming one site
+        twice are a warning when they agree and an error when they do not."""
         # attrgetter keys: this runs over every site, so no Python-level lambda per site
         seen = Counter(map(attrgetter("section_index", "offset", "len"), sites))
         reported: set[tuple[int, int, int]] = set()
         ordered = sorted(sites, key=attrgetter("section_index", "offset", "index"))
+        reach: Site | None = None  # the site reaching furthest so far in this section
         for prev, cur in itertools.pairwise(ordered):
             if prev.section_index != cur.section_index:
+                reach = None
                 continue
+            if reach is None or prev.end > reach.end or reach.section_index != prev.section_index:
+                reach = prev
             key = (cur.section_index, cur.offset, cur.len)
             if (prev.offset, prev.len) == (cur.offset, cur.len):
                 if key not in reported and seen[key] > 1:
                     reported.add(key)
-                    self._site_finding(
-                        "PV204", cur, f"{seen[key]} entries name the site at "
-                        f"{cur.section}+{cur.offset:#x}")
+                    self._duplicates(cur, [s for s in ordered if (s.section_index, s.offset,
+                                                                  s.len) == key])
                 continue
-            if cur.offset < prev.end:
-                self._overlapped.add(prev.index)
+            if cur.offset < reach.end:
+                self._overlapped.add(reach.index)
                 self._site_finding(
                     "PV104", cur, f"site {cur.index} at {cur.section}+{cur.offset:#x} overlaps "
-                    f"site {prev.index} ({prev.section}+{prev.offset:#x}, {prev.len} bytes)")
+                    f"site {reach.index} ({reach.section}+{reach.offset:#x}, {reach.len} bytes)")
+
+    def _duplicates(self, site: Site, same: list[Site]) -> None:
+        if len({(s.type, s.clobbers) for s in same}) == 1:
+            self._site_finding("PV204", site, f"{len(same)} entries name the site at "
+                               f"{site.section}+{site.offset:#x}")
+            return
+        what = ", ".join(f"entry {s.index}: type {s.type}, clobbers {s.clobbers:#x}"
+                         for s in same)
+        for s in same:
+            self._site_finding("PV112", s, f"the entries naming the site at "
+                               f"{s.section}+{s.offset:#x} disagree ({what})")
 
     def _relocs_of(self, sec_index: int) -> RelocIndex:
         idx = self._reloc_index.get(sec_index)

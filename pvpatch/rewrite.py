@@ -808,7 +808,10 @@ class _LinkedRewriter(_Rewriter):
             if not sec.is_alloc or sec.type not in (SHT_REL, SHT_RELA):
                 continue
             fmt = elf.cls.rela if sec.type == SHT_RELA else elf.cls.rel
-            rows = [list(rec) for rec in fmt.iter_unpack(elf.section_data(sec))]
+            raw = elf.section_data(sec)
+            # A malformed section may end in a partial entry: it is kept as it is.
+            whole = len(raw) - len(raw) % fmt.size
+            rows = [list(rec) for rec in fmt.iter_unpack(raw[:whole])]
             hits = []
             for k, rec in enumerate(rows):
                 pos = bisect.bisect_right(starts, rec[0]) - 1
@@ -824,7 +827,7 @@ class _LinkedRewriter(_Rewriter):
                     k = count - 1
                     count -= 1
                 rows[k][1] = 0  # r_info: R_*_NONE against no symbol
-            self.output.set_data(sec.index, b"".join(fmt.pack(*r) for r in rows))
+            self.output.set_data(sec.index, b"".join(fmt.pack(*r) for r in rows) + raw[whole:])
             if count_at is not None:
                 self._set_dynamic(count_at[0], count)
 

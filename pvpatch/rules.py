@@ -31,8 +31,9 @@ RULES: Mapping[str, Rule] = MappingProxyType(
             Rule("PV101", "table-size", "error",
                  "The table is not a whole number of entries of its layout."),
             Rule("PV102", "entry-target", "error",
-                 "A table entry points outside every executable section, or (in a linked "
-                 "file) into one that no PT_LOAD segment loads."),
+                 "A table entry points outside every executable section, into one with no "
+                 "bytes in the file (SHT_NOBITS), or (in a linked file) into one that no "
+                 "PT_LOAD segment loads."),
             Rule("PV103", "site-overrun", "error", "A site runs past the end of its section."),
             Rule("PV104", "site-overlap", "error", "Two sites overlap."),
             Rule("PV105", "insn-boundary", "error",
@@ -50,9 +51,9 @@ RULES: Mapping[str, Rule] = MappingProxyType(
                  "(the kernel BUG()s on it)."),
             Rule("PV111", "alt-slot", "error",
                  "A DIRECT_CALL site's call does not read a slot inside pv_ops."),
-            Rule("PV112", "alt-entries-disagree", "error",
-                 "The .altinstructions entries at one site disagree: different lengths, "
-                 "a replacement longer than the site, or several native forms."),
+            Rule("PV112", "entries-disagree", "error",
+                 "The table entries at one site disagree: different types, clobbers or "
+                 "lengths, a replacement longer than the site, or several native forms."),
             Rule("PV113", "alt-replacement", "error",
                  "An entry at a paravirt site has its replacement outside "
                  ".altinstr_replacement."),

@@ -30,6 +30,9 @@ SEEDS = [
     FIX / "i386" / "kernel61.o",
     FIX / "i386" / "prog.o",
     FIX / "i386" / "prog-pie",
+    FIX / "x86_64" / "kernel612.o",
+    FIX / "x86_64" / "prog68",
+    FIX / "i386" / "kernel612.o",
 ]
 SPEC = FIX / "specs" / "prog.toml"
 
@@ -65,9 +68,10 @@ def fields_of(data: bytes) -> list[Field]:
         step = 8 if wide else 4
         out += [Field(at + o, step if o else 4, f"phdr[{i}]")
                 for o in range(0, cls.phdr.size, step)]
-    table = elf.section(".parainstructions")
-    if table is not None:
-        out += [Field(table.offset + k, 1, "table") for k in range(table.size)]
+    for name in (".parainstructions", ".altinstructions"):
+        table = elf.section(name)
+        if table is not None:
+            out += [Field(table.offset + k, 1, "table") for k in range(table.size)]
     for sec in elf.sections:
         if sec.type in (SHT_REL, SHT_RELA):
             fmt = cls.rela if sec.type == SHT_RELA else cls.rel
@@ -128,6 +132,116 @@ def mutate(data: bytes, draw: Draw, fields: list[Field], cuts: list[int]) -> byt
                 pos = draw(0, len(buf) - 1)
                 buf[pos] = draw(0, 255)
     return bytes(buf)
+
+
+# -- entry lies: lengths, places and overlaps ------------------------------------------
+
+# (table section, entry size, where `len` is, where the site pointer is or None when a
+# relocation carries it, how wide that pointer is) per family and pointer size.
+ENTRY_LAYOUTS = {
+    (".parainstructions", 8): (16, 9, 0, 8),
+    (".parainstructions", 4): (8, 5, 0, 4),
+    (".altinstructions", 8): (14, 12, 0, 4),
+    (".altinstructions", 4): (14, 12, 0, 4),
+}
+
+
+def mutate_entries(data: bytes, draw: Draw) -> bytes:
+    """Make one to three table entries lie, the way a toolchain bug or a hostile file
+    would: a length a little off or covering what follows, a site pointer moved into
+    the middle of an instruction or onto a neighbour, one entry copied over another
+    (duplicates, nested and overlapping sites).  In relocatable files the pointer is a
+    relocation's addend, which moves instead."""
+    elf = ElfFile(data)
+    buf = bytearray(data)
+    for name in (".parainstructions", ".altinstructions"):
+        sec = elf.section(name)
+        if sec is None or sec.size == 0:
+            continue
+        stride, len_at, ptr_at, width = ENTRY_LAYOUTS[(name, elf.arch.ptr_size)]
+        count = sec.size // stride
+        if count == 0:
+            continue
+        addends = _addend_fields(elf, sec, stride, ptr_at)
+        for _ in range(draw(1, 3)):
+            i = draw(0, count - 1)
+            base = sec.offset + i * stride
+            kind = draw(0, 3)
+            if kind == 0:  # the length, near its value or anywhere
+                old = buf[base + len_at]
+                buf[base + len_at] = (old + draw(-8, 16)) & 0xFF if draw(0, 3) else draw(0, 255)
+            elif kind in (1, 2):  # the site pointer, a few bytes either way
+                at, size = addends.get(i, (base + ptr_at, width))
+                value = int.from_bytes(buf[at : at + size], "little", signed=True)
+                value += draw(-12, 12) or 1
+                buf[at : at + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            else:  # another entry's fields over this one's (duplicates, nesting)
+                j = draw(0, count - 1)
+                src = sec.offset + j * stride
+                buf[base : base + stride] = buf[src : src + stride]
+                if i in addends and j in addends:
+                    (a, size), (b, _) = addends[i], addends[j]
+                    buf[a : a + size] = buf[b : b + size]
+    return bytes(buf)
+
+
+def _addend_fields(elf: ElfFile, sec: object, stride: int, ptr_at: int
+                   ) -> dict[int, tuple[int, int]]:
+    """Entry index -> (file offset, size) of the addend that places its site (RELA files:
+    the relocation's r_addend; REL files: the implicit addend in the entry itself)."""
+    from pvpatch.elf import Section
+
+    assert isinstance(sec, Section)
+    out: dict[int, tuple[int, int]] = {}
+    if not elf.is_relocatable:
+        return out
+    for relsec in elf.relocation_sections(sec):
+        if relsec.type != SHT_RELA:
+            continue
+        fmt = elf.cls.rela
+        for k in range(relsec.size // fmt.size):
+            at = relsec.offset + k * fmt.size
+            r_offset = int.from_bytes(elf.data[at : at + (fmt.size // 3)], "little")
+            if r_offset % stride == ptr_at:
+                out[r_offset // stride] = (at + 2 * (fmt.size // 3), fmt.size // 3)
+    return out
+
+
+def rewrites_only_honest_sites(data: bytes, spec: Path | None = None) -> str:
+    """The oracle for lying entries: whatever the table says, every site a plan rewrites
+    holds a paravirt call (or a form pvpatch writes) padded with NOPs, overlaps no other
+    site, and the patch gives bytes.  Returns the outcome like `exercise`."""
+    from pvpatch.integrity import site_form
+
+    try:
+        elf = ElfFile(data, "<fuzz>")
+        res = pvpatch.scan_file(elf, ops="catalog:linux-6.1-x86_64" if elf.arch.ptr_size == 8
+                                else f"catalog:{FIX / 'catalogs' / 'fixtures-i386.toml'}")
+        backend = str(spec) if spec is not None else "native"
+        plan = pvpatch.make_plan(res, backend)
+        spans = sorted((d.site.section_index, d.site.offset, d.site.end) for d in plan.decisions)
+        for d in plan.decisions:
+            if not d.rewrites:
+                continue
+            s = d.site
+            if site_form(elf.arch, s.code) is None and d.code != s.code:
+                native = d.code if d.action == "inline" else None
+                if native is None or not s.code.startswith(native[: len(native)]):
+                    raise Unexpected(f"rewrote site {s.index} at {s.section}+{s.offset:#x} "
+                                     f"whose bytes {s.code.hex()} are no call and NOPs")
+            for sec_index, start, end in spans:
+                if sec_index == s.section_index and start < s.end and s.offset < end \
+                        and (start, end) != (s.offset, s.end):
+                    raise Unexpected(f"rewrote site {s.index} at {s.section}+{s.offset:#x}, "
+                                     f"which overlaps another site ({start:#x}..{end:#x})")
+        _ = pvpatch.apply_plan(plan).data
+        return "ok"
+    except pvpatch.PvpatchError as exc:
+        return type(exc).__name__
+    except Unexpected:
+        raise
+    except Exception as exc:
+        raise Unexpected(f"{type(exc).__name__}: {exc}") from exc
 
 
 class Unexpected(AssertionError):
