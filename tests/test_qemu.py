@@ -1,8 +1,11 @@
-"""The kernel judges pvpatch's output: boot Debian's 6.1 cloud vmlinux under QEMU and insmod.
+"""The kernel judges pvpatch's output: boot Debian's 6.1 and 6.12 cloud kernels under QEMU.
 
 One boot per scenario (tests/qemu/harness.py): the same Debian modules with paravirt sites
 (and their dependencies) unpatched, native-patched (table kept, and --drop-patched),
-thunk-patched, re-signed with a throw-away key, and unpatched on a native-patched vmlinux.
+thunk-patched, re-signed with a throw-away key, and unpatched on a native-patched vmlinux;
+for 6.12 the modules as shipped (.ko.xz) and native-patched written back as .ko.xz, each
+loaded with finit_module(MODULE_INIT_COMPRESSED_FILE) so the kernel's own XZ decoder reads
+pvpatch's output, and the native-patched 6.12 vmlinux booted on two CPUs.
 Each boot takes about 3-5 s of software emulation (TCG); the serial log must show every
 module loaded, /init's end marker, and no oops, BUG, relocation or symbol complaint.
 QEMU and busybox-static are installed when missing, the corpus is fetched when missing.
@@ -166,3 +169,53 @@ def test_vmlinux_drop_patched_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "--drop-patched is refused for linked files" in proc.stderr
     assert not out.exists()
+
+
+# -- Linux 6.12: .altinstructions DIRECT_CALL sites, modules as .ko.xz ------------------
+
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+@pytest.mark.qemu
+def test_612_shipped_compressed_modules_load(boot: Booter) -> None:
+    """The control: Debian's own .ko.xz files, loaded through the kernel's XZ decoder."""
+    result = boot("612-baseline")
+    _passed(result)
+    assert all(m.data.startswith(XZ_MAGIC) for m in result.boot.modules)
+    assert len(result.loads) == len(harness.load_order(harness.PV_MODULES, "6.12")) >= 20
+
+
+@pytest.mark.qemu
+def test_612_native_patched_modules_load_as_ko_xz(boot: Booter) -> None:
+    changed = [(n, data, rw) for n, _p, data, rw in harness.variant("native", "6.12")
+               if rw is not None and rw.changed]
+    assert len(changed) >= 15
+    for _name, data, rw in changed:
+        assert data.startswith(XZ_MAGIC)  # written back compressed, as shipped
+        assert rw.neutralised_entries == sum(len(p.decision.site.entry_indices)
+                                             for p in rw.patches if p.decision.rewrites)
+    assert sum(p.after != p.before for _n, _d, rw in changed for p in rw.patches) >= 40
+    result = boot("612-native")
+    _passed(result)
+    assert result.lines(rf"{harness.SIG_TAINT}: signature and/or required key missing")
+
+
+@pytest.mark.qemu
+def test_612_native_drop_patched_modules_load(boot: Booter) -> None:
+    changed = [rw for _n, _p, _d, rw in harness.variant("native-drop", "6.12")
+               if rw is not None and rw.changed]
+    assert sum(rw.dropped_entries for rw in changed) >= 40
+    _passed(boot("612-native-drop"))
+
+
+@pytest.mark.qemu
+def test_612_native_patched_vmlinux_boots(boot: Booter) -> None:
+    rw = harness.patch(harness.vmlinux("6.12"), "native", kernel="6.12")
+    counts = rw.plan.counts()
+    with_native = sum(1 for d in rw.plan.decisions if d.site.native is not None)
+    assert counts.get("inline", 0) == with_native >= 2500
+    assert rw.neutralised_entries == 2 * with_native
+    result = boot("612-vmlinux-native")
+    _passed(result)
+    assert result.boot.kernel != harness.vmlinux("6.12")
+    assert result.lines(r"smp: Brought up 1 node, 2 CPUs")

@@ -1,4 +1,5 @@
-"""Boot Debian's 6.1 cloud kernel under QEMU and load (patched) modules: the kernel judges.
+"""Boot Debian's 6.1 and 6.12 cloud kernels under QEMU and load (patched) modules: the kernel
+judges.
 
 A boot is a kernel image plus an initramfs holding a static busybox, an /init script and a
 list of modules. /init mounts proc, sys and dev, insmods every module in order, runs a few
@@ -166,11 +167,19 @@ def cpio_newc(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
 
 @dataclass(frozen=True)
 class GuestModule:
-    """One module file for the guest: `label` names it in the markers (e.g. native/aes_ti)."""
+    """One module file for the guest: `label` names it in the markers (e.g. native/aes_ti).
+
+    A compressed module (`.ko.xz`, as 6.12 ships them) is handed to the kernel as it is,
+    through finit_module(MODULE_INIT_COMPRESSED_FILE): the kernel's own XZ decoder reads
+    what pvpatch wrote, as kmod 31+ does it."""
 
     label: str
     data: bytes = field(repr=False)
     expect: Expect = "load"
+
+    @property
+    def suffix(self) -> str:
+        return ".ko.xz" if self.data[:6] == b"\xfd7zXZ\x00" else ".ko"
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,7 @@ class Boot:
     modules: tuple[GuestModule, ...]
     exercises: tuple[tuple[str, str], ...] = EXERCISES
     append: str = ""  # extra kernel command line
+    qemu_args: tuple[str, ...] = ()  # e.g. -cpu max, which 6.12 needs under TCG
 
 
 def init_script(boot: Boot) -> str:
@@ -193,7 +203,8 @@ def init_script(boot: Boot) -> str:
         "/bin/busybox --install -s /bin",
         'mark() { echo "PVQ-$*" > /dev/kmsg; }',
         "load() {",
-        '  out=$(insmod "$2" 2>&1); rc=$?',
+        '  case "$2" in *.xz) out=$(/bin/finit "$2" 2>&1); rc=$? ;;',
+        '  *) out=$(insmod "$2" 2>&1); rc=$? ;; esac',
         '  if [ $rc -eq 0 ]; then mark "LOAD $1 ok"; else mark "LOAD $1 fail $rc" $out; fi',
         "}",
         "run() {",
@@ -203,7 +214,7 @@ def init_script(boot: Boot) -> str:
         "mark USERSPACE",
     ]
     for i, m in enumerate(boot.modules):
-        lines.append(f"load {shlex.quote(m.label)} /m/{i:03d}.ko")
+        lines.append(f"load {shlex.quote(m.label)} /m/{i:03d}{m.suffix}")
     for name, command in boot.exercises:
         lines.append(f"run {shlex.quote(name)} {shlex.quote(command)}")
     lines += [
@@ -221,8 +232,48 @@ def initramfs(boot: Boot, busybox: str) -> bytes:
     ]
     entries.append(("bin/busybox", 0o100755, Path(busybox).read_bytes()))
     entries.append(("init", 0o100755, init_script(boot).encode()))
-    entries += [(f"m/{i:03d}.ko", 0o100644, m.data) for i, m in enumerate(boot.modules)]
+    if any(m.suffix != ".ko" for m in boot.modules):
+        entries.append(("bin/finit", 0o100755, finit_binary().read_bytes()))
+    entries += [(f"m/{i:03d}{m.suffix}", 0o100644, m.data) for i, m in enumerate(boot.modules)]
     return cpio_newc(entries)
+
+
+FINIT_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MODULE_INIT_COMPRESSED_FILE 4	/* include/uapi/linux/module.h, 6.2+ */
+int main(int argc, char **argv)
+{
+	int fd;
+
+	if (argc != 2) {
+		fputs("usage: finit MODULE.ko.xz\n", stderr);
+		return 2;
+	}
+	fd = open(argv[1], O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || syscall(SYS_finit_module, fd, "", MODULE_INIT_COMPRESSED_FILE)) {
+		int e = errno;
+		fprintf(stderr, "%s: %s\n", argv[1], strerror(e));
+		return e;
+	}
+	return 0;
+}
+"""
+
+
+@functools.cache
+def finit_binary() -> Path:
+    """A static helper that loads a compressed module the way kmod 31+ does."""
+    out = Path(tempfile.mkdtemp(prefix="pvq-finit-")) / "finit"
+    src = out.with_suffix(".c")
+    src.write_text(FINIT_C)
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(src)], check=True)
+    return out
 
 
 # ---------------------------------------------------------------------------- boot
@@ -316,7 +367,7 @@ def run_boot(
         cmd = [
             QEMU, "-accel", "tcg", "-m", "768", "-smp", "1", "-nographic", "-no-reboot",
             "-no-user-config", "-kernel", str(boot.kernel), "-initrd", str(initrd),
-            "-append", f"{APPEND} {boot.append}".strip(),
+            "-append", f"{APPEND} {boot.append}".strip(), *boot.qemu_args,
         ]  # fmt: skip
         start = time.monotonic()
         try:
@@ -341,15 +392,24 @@ def _norm(name: str) -> str:
     return name.replace("-", "_")
 
 
+# The kernels booted: Debian's 6.1 (.parainstructions, plain .ko) and 6.12 (.altinstructions
+# DIRECT_CALL sites, .ko.xz).  QEMU's default CPU model makes 6.12 oops in text patching
+# with two CPUs (patched or not); -cpu max does not, and two CPUs exercise the lock ops.
+Kernel = Literal["6.1", "6.12"]
+QEMU_ARGS: dict[str, tuple[str, ...]] = {"6.1": (), "6.12": ("-cpu", "max", "-smp", "2")}
+
+
 @functools.cache
-def module_paths() -> dict[str, Path]:
+def module_paths(kernel: Kernel = "6.1") -> dict[str, Path]:
     """Module name (dashes as underscores) -> its file in the corpus."""
+    if kernel == "6.12":
+        return {_norm(p.name.removesuffix(".ko.xz")): p for p in corpus.x86_64_612_modules()}
     return {_norm(p.name.removesuffix(".ko")): p for p in corpus.x86_64_modules()}
 
 
-def load_order(names: Sequence[str]) -> list[str]:
+def load_order(names: Sequence[str], kernel: Kernel = "6.1") -> list[str]:
     """`names` with their dependencies (from .modinfo `depends=`), dependencies first."""
-    paths = module_paths()
+    paths = module_paths(kernel)
     order: list[str] = []
 
     def visit(name: str, stack: tuple[str, ...]) -> None:
@@ -370,15 +430,15 @@ def load_order(names: Sequence[str]) -> list[str]:
     return order
 
 
-def vmlinux() -> Path:
-    path = corpus.x86_64_vmlinux()
+def vmlinux(kernel: Kernel = "6.1") -> Path:
+    path = corpus.x86_64_612_vmlinux() if kernel == "6.12" else corpus.x86_64_vmlinux()
     if path is None:
         raise RuntimeError("the corpus has no vmlinux")
     return path
 
 
-def ops_source() -> str:
-    return f"btf:{vmlinux()}"
+def ops_source(kernel: Kernel = "6.1") -> str:
+    return f"btf:{vmlinux(kernel)}"
 
 
 THUNK_SPEC = """\
@@ -395,13 +455,22 @@ reason = "only irq.save_fl is sent to native_save_fl"
 """
 
 
-def patch(path: Path, backend: str, *, drop_patched: bool = False) -> Rewrite:
+def patch(path: Path, backend: str, *, drop_patched: bool = False,
+          kernel: Kernel = "6.1") -> Rewrite:
     """Patch one file with the library API (`backend`: "native" or "thunk")."""
-    scan = pvpatch.load(path, ops=ops_source())
+    scan = pvpatch.load(path, ops=ops_source(kernel))
     be = parse_spec_text(THUNK_SPEC, scan.arch, "<thunk spec>") if backend == "thunk" else backend
     # The CRCs of newly imported kernel functions come from the kernel image itself.
     return pvpatch.apply_plan(pvpatch.make_plan(scan, be, drop_patched=drop_patched),
-                              symvers=vmlinux())
+                              symvers=vmlinux(kernel))
+
+
+def output_bytes(rw: Rewrite, name: str) -> bytes:
+    """What `pvpatch patch` writes for `rw`: compressed again when its input was."""
+    with tempfile.TemporaryDirectory(prefix="pvq-out-") as tmp:
+        out = Path(tmp) / name
+        pvpatch.write_output(rw, out)
+        return out.read_bytes()
 
 
 @functools.cache
@@ -426,41 +495,48 @@ def corrupt_signature(signed: bytes) -> bytes:
 
 
 @functools.cache
-def variant(kind: str) -> tuple[tuple[str, Path, bytes, Rewrite | None], ...]:
-    """(name, path, bytes, rewrite) per module in load order, for one way of patching.
+def variant(kind: str, kernel: Kernel = "6.1"
+            ) -> tuple[tuple[str, Path, bytes, Rewrite | None], ...]:
+    """(name, path, bytes, rewrite) per module in load order, for one way of patching;
+    the bytes are the module file as written (`.ko.xz` for 6.12).
 
     kind: baseline | native | native-drop | thunk.
     """
     out: list[tuple[str, Path, bytes, Rewrite | None]] = []
-    for name in load_order(PV_MODULES):
-        path = module_paths()[name]
+    for name in load_order(PV_MODULES, kernel):
+        path = module_paths(kernel)[name]
         if kind == "baseline":
             out.append((name, path, path.read_bytes(), None))
             continue
         backend = "thunk" if kind == "thunk" else "native"
-        rw = patch(path, backend, drop_patched=kind == "native-drop")
-        out.append((name, path, rw.data, rw))
+        rw = patch(path, backend, drop_patched=kind == "native-drop", kernel=kernel)
+        data = output_bytes(rw, path.name) if rw.changed else path.read_bytes()
+        out.append((name, path, data, rw))
     return tuple(out)
 
 
-def _guest(kind: str, data_of: Callable[[str, bytes], bytes] | None = None) -> list[GuestModule]:
+def _guest(kind: str, data_of: Callable[[str, bytes], bytes] | None = None,
+           kernel: Kernel = "6.1") -> list[GuestModule]:
+    prefix = "612-" if kernel == "6.12" else ""
     return [
-        GuestModule(f"{kind}/{name}", data_of(name, data) if data_of else data)
-        for name, _path, data, _rw in variant(kind)
+        GuestModule(f"{prefix}{kind}/{name}", data_of(name, data) if data_of else data)
+        for name, _path, data, _rw in variant(kind, kernel)
     ]
 
 
 @functools.cache
-def patched_vmlinux(workdir: Path) -> Path:
+def patched_vmlinux(workdir: Path, kernel: Kernel = "6.1") -> Path:
     """vmlinux patched with the native backend (table kept), written under `workdir`."""
-    rw = patch(vmlinux(), "native")
-    out = workdir / "vmlinux.native"
+    rw = patch(vmlinux(kernel), "native", kernel=kernel)
+    out = workdir / f"vmlinux-{kernel}.native"
     out.write_bytes(rw.data)
     return out
 
 
 def scenario(name: str, workdir: Path) -> Boot:
     """The Boot of one scenario (`workdir` holds generated kernels)."""
+    if name.startswith("612-"):
+        return _scenario_612(name.removeprefix("612-"), workdir)
     kernel = vmlinux()
     if name in ("baseline", "native", "native-drop", "thunk"):
         return Boot(name, kernel, tuple(_guest(name)))
@@ -486,9 +562,24 @@ def scenario(name: str, workdir: Path) -> Boot:
     raise KeyError(name)
 
 
+def _scenario_612(name: str, workdir: Path) -> Boot:
+    """6.12: the modules as shipped (.ko.xz), native-patched (.ko.xz again, the entries at
+    rewritten sites neutralised) and native-patched with --drop-patched, and the unpatched
+    modules on a native-patched vmlinux."""
+    args = QEMU_ARGS["6.12"]
+    if name in ("baseline", "native", "native-drop"):
+        return Boot(f"612-{name}", vmlinux("6.12"), tuple(_guest(name, kernel="6.12")),
+                    qemu_args=args)
+    if name == "vmlinux-native":
+        return Boot("612-vmlinux-native", patched_vmlinux(workdir, "6.12"),
+                    tuple(_guest("baseline", kernel="6.12")), qemu_args=args)
+    raise KeyError(f"612-{name}")
+
+
 SCENARIOS = (
     "baseline", "native", "native-drop", "thunk", "resigned",
-    "vmlinux-native",
+    "vmlinux-native", "612-baseline", "612-native", "612-native-drop",
+    "612-vmlinux-native",
 )  # fmt: skip
 
 
