@@ -20,7 +20,6 @@ from .check import (
     FATAL_ERRORS,
     CheckOptions,
     FileCheck,
-    check_elf,
     check_path,
     elf_kind,
     read_input,
@@ -183,22 +182,17 @@ def run_ordered(
 
 def check_input(options: CheckOptions, item: InputFile, *,
                 max_decompressed: int = MAX_DECOMPRESSED) -> FileCheck:
-    """`check_path`, which reads plain files; a compressed one (or one named like it) is
-    read here."""
+    """`check_path`; a compressed file (or one named like it) is decompressed first, then
+    checked like a plain one (a broken ELF payload is a PV100 finding either way)."""
     if detect(_head(item.path)) is None and named_like(item.path) is None:
         return check_path(item.path, options, walked=item.walked)
-    from .elf import ElfFile
+    from .check import check_data
 
     try:
         data, compression = read_payload(item.path, max_decompressed)
-        if item.walked and elf_kind(data) != "x86":
-            return FileCheck(item.path, "skipped", size=len(data))
-        # An ELF file inside that does not parse is bad input here, where a plain one is
-        # a PV100 finding: check_path takes a path, not the decompressed bytes.
-        elf = ElfFile(data, item.path, compression=compression)
     except InputError as exc:
         return FileCheck(item.path, "bad", error=str(exc))
-    return check_elf(elf, options)
+    return check_data(item.path, data, options, walked=item.walked, compression=compression)
 
 
 @dataclass(frozen=True)

@@ -94,11 +94,18 @@ def check_path(path: str, options: CheckOptions, *, walked: bool = False) -> Fil
         data = read_input(path)
     except InputError as exc:
         return FileCheck(path, "bad", error=str(exc))
+    return check_data(path, data, options, walked=walked)
+
+
+def check_data(path: str, data: bytes, options: CheckOptions, *, walked: bool = False,
+               compression: str | None = None) -> FileCheck:
+    """`check_path` on bytes already read (and decompressed: `compression` names the
+    container they came from), so a compressed module gets the same findings."""
     kind = elf_kind(data)
     if kind != "x86" and walked:
         return FileCheck(path, "skipped", size=len(data))
     try:
-        elf = ElfFile(data, path)
+        elf = ElfFile(data, path, compression=compression)
     except InputError as exc:
         if kind != "x86":
             return FileCheck(path, "bad", size=len(data), error=str(exc))

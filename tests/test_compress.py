@@ -469,3 +469,17 @@ def test_debian_612_modules(tmp_path: Path) -> None:
         tool_test(out, "xz")
         assert unpacked(out, "xz") == ref.read_bytes()
         assert digest(src) == digest(shipped)
+
+
+def test_check_reports_a_broken_compressed_module_like_a_plain_one(tmp_path: Path) -> None:
+    """A .ko.xz whose ELF payload is cut short is a PV100 finding, as the plain file is."""
+    cut = tmp_path / "cut.ko"
+    cut.write_bytes((FIX / "kernel61.o").read_bytes()[:0x200])
+    packed_cut = packed(tmp_path, cut, "xz", "cut.ko.xz")
+    docs = []
+    for path in (cut, packed_cut):
+        proc = run("check", "--json", str(path))
+        assert proc.returncode == 1, proc.stderr
+        (record,) = json.loads(proc.stdout)["files"]
+        docs.append([(f["rule"], f["message"]) for f in record["findings"]])
+    assert docs[0] == docs[1] and docs[0][0][0] == "PV100"
