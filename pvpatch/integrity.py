@@ -65,6 +65,7 @@ def site_form(arch: Arch, code: bytes) -> Head | None:
 
 
 NativeCode = Callable[[Site], bytes | None]
+_UNSEEN = Head(b"", -1, "unseen", None)  # a cache miss, distinct from None (no form)
 
 
 def _native_lookup(arch: Arch) -> NativeCode:
@@ -103,18 +104,26 @@ class _Checker:
         return self._native(site)
 
     def run(self) -> list[Finding]:
-        relocatable = self.elf.is_relocatable
+        # Thousands of sites share a handful of byte patterns (in relocatable files every
+        # call's operand is zero): each pattern is recognised once.
+        forms: dict[bytes, Head | None] = {}
+        heads_of: list[tuple[Site, Head]] = []
         for site in self.result.sites:
-            head = site_form(self.arch, site.code)
+            code = site.code
+            head = forms.get(code, _UNSEEN)
+            if head is _UNSEEN:
+                head = forms[code] = site_form(self.arch, code)
             if head is None:
                 native = self.native(site)
-                if native is not None and site.code.startswith(native) and \
-                        self.arch.is_nop_fill(site.code[len(native) :]):
+                if native is not None and code.startswith(native) and \
+                        self.arch.is_nop_fill(code[len(native) :]):
                     head = Head(native, len(native), "inline", None)
             if head is None:
                 self._shape(site)
-            elif relocatable:
-                self._relocations(site, head)
+            else:
+                heads_of.append((site, head))
+        if self.elf.is_relocatable:
+            self._relocations(heads_of)
         self._functions()
         return self.out
 
@@ -128,17 +137,31 @@ class _Checker:
         if why is not None:
             self.out.append(site_finding("PV105", site, why))
 
-    def _relocations(self, site: Site, head: Head) -> None:
-        """Relocations inside the site: only the call's own operand may carry one."""
+    def _relocations(self, heads_of: list[tuple[Site, Head]]) -> None:
+        """Relocations inside a site: only the call's own operand may carry one."""
+        by_sec: dict[int, list[tuple[int, int, Site, Head]]] = defaultdict(list)
+        for site, head in heads_of:
+            by_sec[site.section_index].append((site.offset, site.index, site, head))
+        left, right = bisect.bisect_left, bisect.bisect_left
+        for sec_index, rows in by_sec.items():
+            offsets = self._reloc_offsets(sec_index)
+            for start, _index, site, head in rows:
+                lo = left(offsets, start)
+                hi = right(offsets, site.end, lo)
+                if lo == hi:
+                    continue
+                allowed = start + head.operand if head.operand is not None else -1
+                if hi - lo == 1 and offsets[lo] == allowed:
+                    continue  # the common case: the call's own relocation, alone
+                for r in offsets[lo:hi]:
+                    if r != allowed:
+                        self._foreign(site, head, r)
+
+    def _foreign(self, site: Site, head: Head, r: int) -> None:
         sec = self.elf.sections[site.section_index]
-        allowed = site.offset + head.operand if head.operand is not None else None
-        offsets = self._reloc_offsets(site.section_index)
-        lo = bisect.bisect_left(offsets, site.offset)
-        for r in offsets[lo : bisect.bisect_left(offsets, site.end, lo)]:
-            if r != allowed:
-                self.out.append(site_finding(
-                    "PV115", site, f"a relocation at {sec.name}+{r:#x} inside the site is not "
-                    f"its call's own ({head.kind} at {sec.name}+{site.offset:#x})"))
+        self.out.append(site_finding(
+            "PV115", site, f"a relocation at {sec.name}+{r:#x} inside the site is not "
+            f"its call's own ({head.kind} at {sec.name}+{site.offset:#x})"))
 
     def _reloc_offsets(self, sec_index: int) -> list[int]:
         offsets = self._relocs.get(sec_index)

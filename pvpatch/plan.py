@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 from .arch import Arch, convention_changes
 from .backend import Action, Backend, OpRule, returns_to_site
+from .elf import Symbol
 from .rules import Finding
 from .scan import ScanResult, Site, site_finding
+from .targets import resolve_target
 
 CALL_LEN = 5  # e8/e9 rel32
 UD2 = b"\x0f\x0b"
@@ -83,6 +85,7 @@ class Planner:
         self.endbr = backend.endbr if backend.endbr is not None else elf.has_ibt_property()
         self.linked = not elf.is_relocatable
         self._inline_cache: dict[tuple[str, int, int], tuple[Action, str | None, bytes | None]] = {}
+        self._targets: dict[str, Symbol | None] = {}
 
     def plan(self, drop_patched: bool = False) -> Plan:
         from .integrity import site_problems
@@ -105,6 +108,8 @@ class Planner:
         if site.index in self.scan.unsafe:
             return Decision(site, "keep", self._unsafe_reason(site))
         d = self._decide(site)
+        if not self.integrity:
+            return d
         bad = self.integrity.get(site.index)
         if bad and d.rewrites and not (all(f.rule == "PV114" for f in bad)
                                        and d.code == site.code):
@@ -177,11 +182,12 @@ class Planner:
         return "inline", None, rule.code + self.arch.nop_fill(site.len - len(rule.code))
 
     def _target_problem(self, target: str) -> str | None:
-        """A linked file has no linker left to resolve a missing target."""
-        if not self.linked:
-            return None
-        sym = self.scan.elf.symbols_by_name.get(target)
-        if sym is None or not sym.defined:
+        """A linked file has no linker left to resolve a missing target.  An ambiguous
+        name is refused (SpecError) in any file: the rewriter binds the same symbol."""
+        if target not in self._targets:
+            self._targets[target] = resolve_target(self.scan.elf, target)
+        found = self._targets[target]
+        if self.linked and (found is None or not found.defined):
             return f"target {target} is not defined in this linked file"
         return None
 
@@ -256,13 +262,17 @@ def plan_findings(backend: Backend, arch: Arch, decisions: Iterable[Decision]) -
     stays unpatched: too short for the call to a thunk, or a linked file where the
     target is not defined), PV203 (the backend has no rule for the op)."""
     out = []
+    rules: dict[tuple[str | None, int], OpRule | None] = {}  # a few ops, many sites
     for d in decisions:
         s = d.site
         if s.len < CALL_LEN:
             out.append(site_finding(
                 "PV201", s, f"site of {s.len} bytes is too short for a direct call "
                 f"({CALL_LEN} bytes): only an inline form fits"))
-        rule = backend.rule_for(s.op, s.type)
+        key = (s.op, s.type)
+        rule = rules.get(key, d.rule)
+        if key not in rules:
+            rule = rules[key] = backend.rule_for(s.op, s.type)
         if rule is None:
             what = f"op {s.op}" if s.op else f"unnamed op (type {s.type})"
             out.append(site_finding(
