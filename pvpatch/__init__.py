@@ -42,6 +42,7 @@ _EXPORTS = {
     "RULES": "rules",
     "PvpatchError": "errors",
     "InputError": "errors",
+    "ArchMismatch": "errors",
     "ElfFormatError": "errors",
     "TableError": "errors",
     "OpsError": "errors",
@@ -54,6 +55,7 @@ _EXPORTS = {
 
 __all__ = [
     "RULES",
+    "ArchMismatch",
     "Backend",
     "Decision",
     "ElfFormatError",
@@ -105,6 +107,7 @@ if TYPE_CHECKING:
     )
     from .backend import Backend
     from .errors import (
+        ArchMismatch,
         ElfFormatError,
         InputError,
         OpsError,
@@ -129,6 +132,12 @@ if TYPE_CHECKING:
         verify_json,
         verify_rewrite,
     )
+
+
+def __dir__() -> list[str]:
+    # help(pvpatch) and tab completion list the public API, loaded on demand, rather than
+    # only what has been imported so far.
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str) -> Any:

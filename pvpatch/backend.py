@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from .arch import ARCHES, Arch
-from .errors import SpecError
+from .errors import ArchMismatch, SpecError
 
 Action = Literal["inline", "call", "thunk", "jmp", "nop", "ud2", "keep"]
 SPEC_ACTIONS: tuple[str, ...] = ("inline", "call", "jmp", "nop", "ud2", "keep")
@@ -82,7 +82,7 @@ class Backend:
 
     def check_arch(self, arch: Arch, path: str) -> None:
         if self.arch is not None and self.arch != arch.name:
-            raise SpecError(
+            raise ArchMismatch(
                 f"backend {self.source} is for {self.arch}, but the file is {arch.name}", path
             )
 
@@ -152,8 +152,11 @@ class _SpecReader:
                             _line_of_key(self.text, "arch"))
         if arch_name is not None and self.file_arch is not None \
                 and arch_name != self.file_arch.name:
-            raise self.fail(f"the spec is for {arch_name}, the file is {self.file_arch.name}",
-                            _line_of_key(self.text, "arch"))
+            line = _line_of_key(self.text, "arch")
+            where = f"{self.source}:{line}" if line else self.source
+            # Not the spec's fault, nor the run's: over a mixed tree only this file fails.
+            raise ArchMismatch(f"{where}: the spec is for {arch_name}, the file is "
+                               f"{self.file_arch.name}")
         # Registers and asm are checked against the spec's arch, else the file's.
         arch = ARCHES[arch_name] if arch_name else self.file_arch
         ops = doc.get("ops", {})

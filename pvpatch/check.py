@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .arch import ARCHES, BY_MACHINE
 from .elf import ELF_MAGIC, ElfFile
-from .errors import InputError, OpsError, SpecError, TableError, UsageError
+from .errors import ArchMismatch, InputError, OpsError, SpecError, TableError, UsageError
 from .rules import Finding
 from .scan import DEFAULT_SECTION, ScanResult
 
@@ -120,6 +120,8 @@ def check_elf(elf: ElfFile, options: CheckOptions) -> FileCheck:
         result = _scan(elf, options)
     except TableError as exc:
         return _table_broken(elf, exc, options)
+    except ArchMismatch as exc:  # an option for the other architecture: this file only
+        return _mismatch(elf, exc)
     except FATAL_ERRORS:
         raise
     except InputError as exc:
@@ -133,6 +135,8 @@ def check_elf(elf: ElfFile, options: CheckOptions) -> FileCheck:
             plan = make_plan(result, backend_for(options.backend, elf.arch.name))
             actions = plan.counts()
             findings.extend(plan.findings)
+    except ArchMismatch as exc:
+        return _mismatch(elf, exc)
     except FATAL_ERRORS:
         raise
     except InputError as exc:  # symbols or relocations found broken on the way
@@ -146,6 +150,10 @@ def check_elf(elf: ElfFile, options: CheckOptions) -> FileCheck:
         record["findings"] = [finding_json(f) for f in findings]
     return FileCheck(elf.path, "checked", tuple(findings), len(result.sites), actions,
                      len(elf.data), record)
+
+
+def _mismatch(elf: ElfFile, exc: ArchMismatch) -> FileCheck:
+    return FileCheck(elf.path, "bad", size=len(elf.data), error=f"{elf.path}: {exc.message}")
 
 
 def _scan(elf: ElfFile, options: CheckOptions) -> ScanResult:

@@ -36,6 +36,11 @@ class TableError(InputError):
     """The `.parainstructions` table cannot be decoded with any known layout."""
 
 
+class ArchMismatch(InputError):
+    """An option (an op catalog, a backend spec) is for another architecture than this
+    file: over a mixed tree only that file fails, the others are still processed."""
+
+
 class OpsError(InputError):
     """An op-name source (BTF, DWARF, catalog) cannot be read or does not fit."""
 

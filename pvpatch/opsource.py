@@ -12,7 +12,7 @@ import os
 from functools import lru_cache
 
 from .elf import ElfFile
-from .errors import OpsError, UsageError
+from .errors import ArchMismatch, OpsError, UsageError
 from .ops import (
     OpCatalog,
     builtin_catalog,
@@ -43,8 +43,8 @@ def resolve_ops(source: str, elf: ElfFile) -> OpCatalog | None:
         is_file = arg.endswith(".toml") or os.sep in arg
         cat = catalog_from_file(arg) if is_file else builtin_catalog(arg)
         if cat.ptr_size != ptr:
-            raise UsageError(f"catalog {arg!r} is for {cat.ptr_size}-byte pointers, "
-                             f"{elf.path} has {ptr}-byte pointers")
+            raise ArchMismatch(f"catalog {arg!r} is for {cat.ptr_size}-byte pointers, "
+                               f"this file has {ptr}-byte pointers", elf.path)
         return cat
     raise UsageError(f"bad --ops {source!r}: expected one of {', '.join(SOURCE_KINDS)}")
 

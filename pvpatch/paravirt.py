@@ -270,6 +270,11 @@ class _Scanner:
             self._site_finding("PV107", site, message)
         if slot is not None and slot != stype:
             self._slot_mismatch(site, slot)
+        if clob & ~self.layout.any_mask:
+            self._site_finding(
+                "PV205", site, f"clobbers {clob:#x} has bits no register of layout "
+                f"{self.layout.name} stands for ({clob & ~self.layout.any_mask:#x}); they are "
+                "ignored")
         return site
 
     # -- checks ------------------------------------------------------------

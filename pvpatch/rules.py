@@ -70,6 +70,8 @@ RULES: Mapping[str, Rule] = MappingProxyType(
                  "A C-convention target for a callee-save site where no thunk can be injected."),
             Rule("PV203", "op-unknown", "warning", "The backend does not know the site's op."),
             Rule("PV204", "duplicate-entry", "warning", "Several table entries name one site."),
+            Rule("PV205", "clobber-bits", "warning",
+                 "A site's clobber mask has bits no register of the layout stands for."),
             Rule("PV301", "verify-failed", "error",
                  "Emulation showed a rewritten site breaking its contract."),
         )

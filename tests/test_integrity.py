@@ -144,3 +144,17 @@ def test_honest_real_kernels_have_no_integrity_errors() -> None:
             plan = pvpatch.make_plan(res)
             bad = [f for f in plan.findings if f.severity == "error"]
             assert not bad, (arch, name, bad)
+
+
+def test_undefined_clobber_bits_are_a_warning(tmp_path: Path) -> None:
+    """0xfe01: rax plus seven bits no x86-64 CLBR register stands for."""
+    src = FIX / "x86_64" / "kernel61.o"
+    table = next(s for s in independent.sections(src) if s.name == ".parainstructions")
+    data = bytearray(src.read_bytes())
+    data[table.offset + 10 : table.offset + 12] = (0xFE01).to_bytes(2, "little")
+    path = tmp_path / "bits.o"
+    path.write_bytes(bytes(data))
+    result = pvpatch.load(path, ops=OPS)
+    (hit,) = [f for f in result.findings if f.rule == "PV205"]
+    assert hit.severity == "warning" and hit.site_index == 0 and "0xfe00" in hit.message
+    assert result.sites[0].clobber_regs == ("rax",)
