@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -88,18 +88,25 @@ class AltLayout:
     def _struct(self) -> struct.Struct:
         return struct.Struct(self.fmt)
 
+    @cached_property
+    def _positions(self) -> tuple[int, int, int, int | None, int, int]:
+        f = self.fields
+        return (f.index("instr"), f.index("repl"), f.index("cpuid"),
+                f.index("flags") if "flags" in f else None, f.index("instrlen"),
+                f.index("repllen"))
+
     def entries(self, data: bytes) -> list[AltEntry]:
-        names = self.fields
+        i_at, r_at, c_at, f_at, il_at, rl_at = self._positions
+        not_bit = self.not_bit
         out = []
+        # Positional construction: a vmlinux has ten thousand entries.
         for raw in self._struct.iter_unpack(data):
-            v = dict(zip(names, raw, strict=True))
-            cpuid = v["cpuid"]
-            flags = v.get("flags", 0)
-            if self.not_bit and cpuid & self.not_bit:
-                cpuid &= ~self.not_bit
+            cpuid = raw[c_at]
+            flags = raw[f_at] if f_at is not None else 0
+            if not_bit and cpuid & not_bit:
+                cpuid &= ~not_bit
                 flags |= ALT_FLAG_NOT
-            out.append(AltEntry(v["instr"], v["repl"], cpuid, flags, v["instrlen"],
-                                v["repllen"]))
+            out.append(AltEntry(raw[i_at], raw[r_at], cpuid, flags, raw[il_at], raw[rl_at]))
         return out
 
     @property
@@ -174,6 +181,24 @@ class _Decoder:
             self._relocs = {r.offset: r for r in self.elf.relocations_for(self.table)}
         return self._relocs
 
+    def _linked_fast(self) -> Callable[[int, int], tuple[int, int] | str]:
+        """`linked`, trying the section of the last hit first: entries point into one or
+        two sections in long runs."""
+        table_addr, wrap = self.table.addr, self.elf.arch.wrap
+        last = [0, 0, -1]  # start, end, index
+
+        def find(field_at: int, value: int) -> tuple[int, int] | str:
+            addr = wrap(table_addr + field_at + value)
+            if last[0] <= addr < last[1]:
+                return last[2], addr - last[0]
+            found = self.linked(field_at, value)
+            if not isinstance(found, str):
+                sec = self.elf.sections[found[0]]
+                last[:] = [sec.addr, sec.addr + sec.size, sec.index]
+            return found
+
+        return find
+
     def linked(self, field_at: int, value: int) -> tuple[int, int] | str:
         addr = self.elf.arch.wrap(self.table.addr + field_at + value)
         k = bisect.bisect_right(self._starts, addr) - 1
@@ -230,10 +255,11 @@ class _Decoder:
                         out.append(where)
         else:
             misses = 0
+            linked = self._linked_fast()
             for i, e in enumerate(entries):
-                for field_at, value, out in ((i * stride, e.instr, instr),
-                                             (i * stride + 4, e.repl, repl)):
-                    where = self.linked(field_at, value)
+                base = i * stride
+                for field_at, value, out in ((base, e.instr, instr), (base + 4, e.repl, repl)):
+                    where = linked(field_at, value)
                     if isinstance(where, str):
                         problems.setdefault(i, where)
                         misses += 1
@@ -326,9 +352,9 @@ class _AltScanner:
         size = self.ops.template_size if self.ops is not None else None
         if sym is not None and sym.defined:
             return sym.value, sym.size or size
-        from .ksymtab import exported_symbols
+        from .ksymtab import export_address
 
-        return exported_symbols(elf).get("pv_ops"), size
+        return export_address(elf, "pv_ops"), size
 
     # -- the scan ------------------------------------------------------------------
 

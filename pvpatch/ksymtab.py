@@ -34,6 +34,57 @@ def exported_symbols(elf: ElfFile) -> dict[str, int]:
     return out
 
 
+def export_address(elf: ElfFile, name: str) -> int | None:
+    """The address of one exported symbol, without decoding the whole export table: the
+    name is found in `__ksymtab_strings` first, then the entry whose name field points at
+    it (a vmlinux exports some ten thousand symbols; pvpatch needs one or two)."""
+    if elf.is_relocatable:
+        return None
+    strings = elf.section("__ksymtab_strings")
+    if strings is None:
+        return None
+    sdata = elf.section_data(strings)
+    want = name.encode() + b"\0"
+    targets = set()
+    at = sdata.find(want)
+    while at >= 0:
+        if at == 0 or sdata[at - 1] == 0:
+            targets.add(strings.addr + at)
+        at = sdata.find(want, at + 1)
+    if not targets:
+        return None
+    for table in _TABLES:
+        sec = elf.section(table)
+        if sec is None or sec.size == 0:
+            continue
+        found = _find_entry(elf, sec, strings, targets)
+        if found is not None:
+            return found
+    return None
+
+
+def _find_entry(elf: ElfFile, sec: Section, strings: Section, targets: set[int]) -> int | None:
+    data = elf.section_data(sec)
+    wrap = elf.arch.wrap
+    for esize, prel in _shapes(elf.arch.ptr_size):
+        count, rest = divmod(len(data), esize)
+        if rest or not count:
+            continue
+        if prel:
+            fmt = struct.Struct("<ii" + "x" * (esize - 8))
+            for i, (value, name) in enumerate(fmt.iter_unpack(data)):
+                base = sec.addr + i * esize
+                if wrap(base + 4 + name) in targets:
+                    return wrap(base + value)
+        else:
+            w = "Q" if elf.arch.ptr_size == 8 else "I"
+            fmt = struct.Struct(f"<{w}{w}" + "x" * (esize - 2 * elf.arch.ptr_size))
+            for value, name in fmt.iter_unpack(data):
+                if name in targets:
+                    return int(value)
+    return None
+
+
 def _shapes(ptr: int) -> tuple[tuple[int, bool], ...]:
     """(entry size, self-relative) candidates, most recent first."""
     return ((12, True), (8, True), (3 * ptr, False), (2 * ptr, False))
