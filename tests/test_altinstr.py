@@ -333,3 +333,25 @@ def test_612_modules_are_named_by_their_vermagic() -> None:
     # the shipped catalog is the vmlinux's own BTF, slot for slot
     btf = pvpatch.load(corpus.x86_64_612_vmlinux()).ops
     assert btf is not None and btf.same_layout(result.ops)
+
+
+@pytest.mark.corpus
+def test_612_check_over_the_compressed_tree() -> None:
+    """`check` walks Debian's 6.12 module tree as shipped (.ko.xz), exits 0 and counts every
+    DIRECT_CALL site."""
+    import json
+
+    import corpus
+
+    kind = "x86_64-6.12"
+    tree = corpus.ensure(kind) / "lib" / "modules" / corpus.release(kind)
+    proc = pvpatch_cli("check", "--json", str(tree))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)["summary"]
+    assert summary["findings"]["error"] == 0
+    assert summary["files"] == len(corpus.x86_64_612_modules())
+    want = corpus.expected(kind, "SITES")
+    assert summary["sites"] == (want if want is not None else summary["sites"]) >= 500
+    native = corpus.expected(kind, "NATIVE_SITES")
+    if native is not None:
+        assert summary["actions"]["inline"] == native
