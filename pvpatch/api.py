@@ -55,7 +55,14 @@ def scan_file(
     elf: ElfFile, *, layout: str = "auto", section: str = DEFAULT_SECTION, ops: str = "auto"
 ) -> ScanResult:
     """Scan an already opened file."""
-    return scan_elf(elf, layout=layout, section=section, ops=resolve_ops(ops, elf))
+    from .opsource import catalog_fits
+
+    catalog = resolve_ops(ops, elf)
+    result = scan_elf(elf, layout=layout, section=section, ops=catalog)
+    if catalog is not None and "(release " in catalog.name and not catalog_fits(result):
+        # A guess from the release string that the sites contradict names nothing.
+        result = scan_elf(elf, layout=layout, section=section, ops=None)
+    return result
 
 
 def load_backend(spec: str, elf: ElfFile) -> Backend:

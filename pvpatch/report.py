@@ -23,6 +23,12 @@ def _disassemble(arch: Arch, code: bytes, address: int) -> list[Insn]:
     return disassemble(arch, code, address)
 
 
+# Said once per file, not per site: what would name the ops.
+UNNAMED = ("  ops unnamed: the file has no BTF, DWARF, module vermagic or kernel release "
+           "string a shipped catalog matches; give --ops catalog:NAME (`pvpatch catalogs`), "
+           "btf:VMLINUX or dwarf:FILE")
+
+
 def site_json(result: ScanResult, site: Site) -> dict[str, Any]:
     return {
         "index": site.index,
@@ -96,6 +102,8 @@ def scan_text(result: ScanResult) -> list[str]:
     ]
     if not result.sites:
         return lines
+    if result.ops is None:
+        lines.append(UNNAMED)
     rows = [("idx", "site", "op", "len", "clobbers", "code")]
     for s in result.sites:
         code = "; ".join(i.text for i in _disassemble(result.arch, s.code, s.address or 0))
@@ -205,7 +213,10 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     lines = [
         f"{plan.scan.path} -> {output or '(not written)'}: {len(rw.patches)} sites, "
         + ", ".join(f"{counts[a]} {a}" for a in ACTIONS if counts.get(a))
+        + (f", ops from {plan.scan.ops.name}" if plan.scan.ops is not None else "")
     ]
+    if plan.scan.ops is None and rw.patches:
+        lines.append(UNNAMED)
     for (action, op), n in sorted(by_op.items()):
         lines.append(f"  {action:6} {n:5}  {op}")
     for t in rw.thunks:
