@@ -7,8 +7,11 @@ run (inline and nop rewrites, no thunk), only the sections holding sites are
 laid out and only the relocations touching the sites applied (`only`).
 Undefined symbols are bound to stubs that stop the emulation (`hlt`), to a
 table the verifier fills (the ops table), or to a hostile C function (call
-targets left for the linker).  ET_EXEC and ET_DYN files have their PT_LOAD
-segments mapped, ET_DYN at a non-zero base with RELATIVE relocations applied;
+targets left for the linker), or to a plain `ret` (the kernel's return thunk).
+ET_EXEC and ET_DYN files have their PT_LOAD segments mapped, ET_DYN at a non-zero
+base with RELATIVE relocations applied, and load-time relocations against symbols
+the file defines applied as the dynamic loader would (i386 shared objects reach
+pv_ops so);
 an x86-64 kernel's top-of-memory segments (which Unicorn cannot map) are
 moved down as one block.
 
@@ -47,6 +50,7 @@ from .elf import (
     SHN_COMMON,
     SHN_UNDEF,
     SHN_XINDEX,
+    SHT_DYNSYM,
     SHT_NOBITS,
     SHT_REL,
     SHT_RELA,
@@ -56,7 +60,7 @@ from .elf import (
     Section,
     Symbol,
 )
-from .errors import VerifyError
+from .errors import ElfFormatError, VerifyError
 
 PAGE = 0x1000
 HLT = 0xF4
@@ -140,6 +144,9 @@ METADATA_SECTIONS = (".orc_unwind", ".return_sites", ".call_sites", ".retpoline_
 
 OPS_TABLE_SIZE = 0x1000
 STUB_SIZE = 16
+# Undefined symbols that are a plain return at run time: the kernel's return thunk
+# (CONFIG_RETHUNK code, and pvpatch's thunks in such objects, return through it).
+RETURN_STUBS = frozenset({"__x86_return_thunk"})
 
 # State words (from a block's STATE_OFF), n = number of GPRs:
 #   regs[n], flags, rip (unused), cr0, cr2, cr3
@@ -441,7 +448,7 @@ class Image:
     regions: list[tuple[int, bytearray]]
     section_addr: dict[int, int]  # section index -> address
     externals: dict[str, int]  # undefined symbols -> address
-    ext_kind: dict[str, str]  # "stub" | "table" | "hostile-c" | "hostile-callee-save" | ...
+    ext_kind: dict[str, str]  # "stub" | "table" | "return" | "hostile-c" | ...
     unsupported: list[tuple[int, str]]  # relocations not applied: (address, type name)
     base: int = 0  # ET_DYN load bias
     rel_keys: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
@@ -630,17 +637,19 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
             else:
                 old_ext = like.externals.get(sym.name) if like is not None else None
                 table = is_ops_table(sym.name)
+                ret = sym.name in RETURN_STUBS
+                kind = "table" if table else "return" if ret else "stub"
                 if old_ext is not None and like is not None \
-                        and like.ext_kind.get(sym.name) in ("stub", "table"):
+                        and like.ext_kind.get(sym.name) == kind:
                     value = old_ext
                 else:
                     size = OPS_TABLE_SIZE if table else STUB_SIZE
                     ext_cursor = _align(ext_cursor, 16)
                     value = ext_cursor
                     ext_cursor += size
-                kinds[sym.name] = "table" if table else "stub"
-                ext_blobs.append((value, bytes(OPS_TABLE_SIZE) if table
-                                  else bytes([HLT]) * STUB_SIZE))
+                kinds[sym.name] = kind
+                ext_blobs.append((value, bytes(OPS_TABLE_SIZE) if table else
+                                  (b"\xc3" if ret else b"") + bytes([HLT]) * (STUB_SIZE - ret)))
             externals[sym.name] = value
         elif sym.shndx == SHN_COMMON:
             ext_cursor = _align(ext_cursor, max(sym.value, 16))
@@ -856,12 +865,52 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
         arch = elf.arch
         for addr, value in elf.relative_relocations.items():
             img.write(base + addr, arch.word.pack(arch.wrap(base + value)))
+    _apply_symbolic(img)
     for sec in elf.sections:
         # Only sections a PT_LOAD covers are in memory at run time (and here).
         if sec.is_alloc and sec.addr and any(
                 s.vaddr <= sec.addr and sec.addr + sec.size <= s.vaddr + s.memsz for s in loads):
             img.section_addr[sec.index] = img.emu_addr(sec.addr)
     return img
+
+
+# Load-time relocations naming a symbol, as the dynamic loader applies them when the
+# symbol is the file's own: (width, pc-relative, adds the addend).
+_DYN_KINDS: dict[str, dict[int, tuple[int, bool, bool]]] = {
+    "x86_64": {1: (8, False, True), 2: (4, True, True), 6: (8, False, False),
+               7: (8, False, False), 10: (4, False, True), 11: (4, False, True)},
+    "i386": {1: (4, False, True), 2: (4, True, True), 6: (4, False, False),
+             7: (4, False, False)},
+}
+
+
+def _apply_symbolic(img: Image) -> None:
+    """Symbolic load-time relocations against symbols the file defines (i386 shared
+    objects reach pv_ops and their own globals through them); others stay as written."""
+    elf = img.elf
+    try:
+        relocs = elf.symbolic_dynamic_relocations
+    except ElfFormatError:
+        return  # unreadable: what depends on them stops, and says so
+    if not relocs:
+        return
+    defined: dict[str, int] = {}
+    for sec in elf.sections:
+        if sec.type == SHT_DYNSYM:
+            for sym in elf._dynamic_symbols(sec):
+                if sym.defined and sym.name:
+                    defined.setdefault(sym.name, sym.value)
+    kinds = _DYN_KINDS[elf.arch.name]
+    for addr, (rtype, name, addend) in relocs.items():
+        kind = kinds.get(rtype)
+        value = defined.get(name)
+        if kind is None or value is None:
+            continue
+        width, pc, add = kind
+        at = img.emu_addr(addr)
+        result = img.emu_addr(value) + (addend if add else 0) - (at if pc else 0)
+        with contextlib.suppress(VerifyError):  # outside every segment: not loaded
+            img.write(at, (result & ((1 << (8 * width)) - 1)).to_bytes(width, "little"))
 
 
 # -- the machine -------------------------------------------------------------------
@@ -897,7 +946,7 @@ class Machine:
 
         # Typed as Any: the binding's own annotations are partial.
         unicorn: Any = importlib.import_module("unicorn")
-        from unicorn.x86_const import UC_X86_REG_CR0
+        from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_EFLAGS
 
         rt = runtime.rt
         self.runtime = runtime
@@ -914,6 +963,7 @@ class Machine:
             uc.mem_map(start, size, unicorn.UC_PROT_ALL)
         uc.mem_write(RUNTIME, runtime.code)
         self.cr0 = int(uc.reg_read(UC_X86_REG_CR0))  # as the engine starts
+        self._eflags = UC_X86_REG_EFLAGS
         # Pointer arguments point here: fixed random bytes, restored after writes.
         scratch = bytearray(_scratch_bytes())
         uc.mem_write(rt.scratch, bytes(scratch))
@@ -1086,6 +1136,9 @@ class Machine:
         log = self._log
         log.clear()
         error = None
+        # A run that stopped on a trap (TF from a popf, say) leaves its flags in the
+        # CPU: the next entry's first instruction would trap too.
+        uc.reg_write(self._eflags, 2)
         try:
             uc.emu_start(entries[first], 0, 0, INSN_LIMIT * count)
         except self._UcError as exc:
