@@ -219,3 +219,24 @@ def test_612_native_patched_vmlinux_boots(boot: Booter) -> None:
     _passed(result)
     assert result.boot.kernel != harness.vmlinux("6.12")
     assert result.lines(r"smp: Brought up 1 node, 2 CPUs")
+
+
+# -- i386 6.1: a distribution image with no BTF, DWARF or .symtab -------------------------
+
+
+@pytest.mark.qemu
+def test_i386_image_boots(boot: Booter) -> None:
+    _passed(boot("i386-baseline"))
+
+
+@pytest.mark.qemu
+def test_i386_native_patched_image_boots(boot: Booter, tmp_path: Path) -> None:
+    """No --ops: the image's release string names its ops; the lock ops' native forms are
+    inlined and the image boots under qemu-system-i386."""
+    _kernel, rw = harness.patched_i386(tmp_path, "native")
+    assert rw.plan.scan.ops is not None and "(release " in rw.plan.scan.ops.name
+    counts = rw.plan.counts()
+    assert counts["inline"] == 53 and counts["inline"] + counts["keep"] == 265
+    result = boot("i386-vmlinux-native")
+    _passed(result)
+    assert result.boot.arch == "i386"

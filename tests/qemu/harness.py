@@ -49,6 +49,7 @@ from pvpatch.rewrite import Rewrite
 from pvpatch.sign import sign_module
 
 QEMU = "qemu-system-x86_64"
+QEMU_I386 = "qemu-system-i386"  # boots the i386 vmlinux through its PVH entry note
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 DEBIAN_PACKAGES = ("qemu-system-x86", "busybox-static")
 BOOT_TIMEOUT = 240.0  # seconds; a boot takes about 5 s under TCG on one host core
@@ -192,6 +193,9 @@ class Boot:
     exercises: tuple[tuple[str, str], ...] = EXERCISES
     append: str = ""  # extra kernel command line
     qemu_args: tuple[str, ...] = ()  # e.g. -cpu max, which 6.12 needs under TCG
+    # i386 guests run a static `gcc -m32` /init (no busybox for them here): it loads the
+    # modules and writes the same markers, and runs no exercises.
+    arch: Literal["x86_64", "i386"] = "x86_64"
 
 
 def init_script(boot: Boot) -> str:
@@ -227,6 +231,8 @@ def init_script(boot: Boot) -> str:
 
 
 def initramfs(boot: Boot, busybox: str) -> bytes:
+    if boot.arch == "i386":
+        return _initramfs_i386(boot)
     entries: list[tuple[str, int, bytes]] = [
         (d, 0o040755, b"") for d in ("bin", "dev", "m", "proc", "sys", "tmp")
     ]
@@ -238,41 +244,34 @@ def initramfs(boot: Boot, busybox: str) -> bytes:
     return cpio_newc(entries)
 
 
-FINIT_C = r"""
-#define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <stdio.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define MODULE_INIT_COMPRESSED_FILE 4	/* include/uapi/linux/module.h, 6.2+ */
-int main(int argc, char **argv)
-{
-	int fd;
+@functools.cache
+def init32_binary() -> Path:
+    """/init for i386 guests: a static 32-bit C program (Debian's busybox-static is 64-bit)."""
+    return _static_binary("init32.c", ["-m32"])
 
-	if (argc != 2) {
-		fputs("usage: finit MODULE.ko.xz\n", stderr);
-		return 2;
-	}
-	fd = open(argv[1], O_RDONLY | O_CLOEXEC);
-	if (fd < 0 || syscall(SYS_finit_module, fd, "", MODULE_INIT_COMPRESSED_FILE)) {
-		int e = errno;
-		fprintf(stderr, "%s: %s\n", argv[1], strerror(e));
-		return e;
-	}
-	return 0;
-}
-"""
+
+def _initramfs_i386(boot: Boot) -> bytes:
+    entries: list[tuple[str, int, bytes]] = [
+        (d, 0o040755, b"") for d in ("dev", "m", "proc", "sys")
+    ]
+    entries.append(("init", 0o100755, init32_binary().read_bytes()))
+    listing = "".join(f"{m.label} /m/{i:03d}.ko\n" for i, m in enumerate(boot.modules))
+    entries.append(("m/list", 0o100644, listing.encode()))
+    entries += [(f"m/{i:03d}.ko", 0o100644, m.data) for i, m in enumerate(boot.modules)]
+    return cpio_newc(entries)
 
 
 @functools.cache
 def finit_binary() -> Path:
     """A static helper that loads a compressed module the way kmod 31+ does."""
-    out = Path(tempfile.mkdtemp(prefix="pvq-finit-")) / "finit"
-    src = out.with_suffix(".c")
-    src.write_text(FINIT_C)
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(src)], check=True)
+    return _static_binary("finit.c", [])
+
+
+def _static_binary(source: str, flags: list[str]) -> Path:
+    """A guest helper from tests/qemu/, built static (the initramfs has no libc)."""
+    out = Path(tempfile.mkdtemp(prefix="pvq-bin-")) / source.removesuffix(".c")
+    subprocess.run(["gcc", *flags, "-static", "-O2", "-Wall", "-Werror", "-o", str(out),
+                    str(Path(__file__).with_name(source))], check=True)
     return out
 
 
@@ -364,8 +363,9 @@ def run_boot(
         work.mkdir(parents=True, exist_ok=True)
         initrd = work / f"{boot.name}.cpio"
         initrd.write_bytes(initramfs(boot, busybox))
+        qemu = QEMU_I386 if boot.arch == "i386" else QEMU
         cmd = [
-            QEMU, "-accel", "tcg", "-m", "768", "-smp", "1", "-nographic", "-no-reboot",
+            qemu, "-accel", "tcg", "-m", "768", "-smp", "1", "-nographic", "-no-reboot",
             "-no-user-config", "-kernel", str(boot.kernel), "-initrd", str(initrd),
             "-append", f"{APPEND} {boot.append}".strip(), *boot.qemu_args,
         ]  # fmt: skip
@@ -537,6 +537,8 @@ def scenario(name: str, workdir: Path) -> Boot:
     """The Boot of one scenario (`workdir` holds generated kernels)."""
     if name.startswith("612-"):
         return _scenario_612(name.removeprefix("612-"), workdir)
+    if name.startswith("i386-"):
+        return _scenario_i386(name.removeprefix("i386-"), workdir)
     kernel = vmlinux()
     if name in ("baseline", "native", "native-drop", "thunk"):
         return Boot(name, kernel, tuple(_guest(name)))
@@ -576,10 +578,46 @@ def _scenario_612(name: str, workdir: Path) -> Boot:
     raise KeyError(f"612-{name}")
 
 
+IO_DELAY_SPEC = """\
+[ops."cpu.io_delay"]
+action = "call"
+target = "native_io_delay"  # exported: its address comes from the image's own __ksymtab
+"""
+
+
+def i386_vmlinux() -> Path:
+    path = corpus.i386_vmlinux()
+    if path is None:
+        raise RuntimeError("the corpus has no i386 vmlinux")
+    return path
+
+
+@functools.cache
+def patched_i386(workdir: Path, kind: str) -> tuple[Path, Rewrite]:
+    """The i386 image patched natively or with io_delay sent to native_io_delay, with
+    no --ops and no symbol file: op names and the target come from the image itself."""
+    scan = pvpatch.load(i386_vmlinux())
+    backend = parse_spec_text(IO_DELAY_SPEC, scan.arch, "<io_delay spec>") \
+        if kind == "io-delay" else "native"
+    rw = pvpatch.apply_plan(pvpatch.make_plan(scan, backend))
+    out = workdir / f"vmlinux-i386.{kind}"
+    out.write_bytes(rw.data)
+    return out, rw
+
+
+def _scenario_i386(name: str, workdir: Path) -> Boot:
+    if name == "baseline":
+        return Boot("i386-baseline", i386_vmlinux(), (), (), arch="i386")
+    if name in ("vmlinux-native", "vmlinux-io-delay"):
+        kernel, _rw = patched_i386(workdir, name.removeprefix("vmlinux-"))
+        return Boot(f"i386-{name}", kernel, (), (), arch="i386")
+    raise KeyError(f"i386-{name}")
+
+
 SCENARIOS = (
     "baseline", "native", "native-drop", "thunk", "resigned",
     "vmlinux-native", "612-baseline", "612-native", "612-native-drop",
-    "612-vmlinux-native",
+    "612-vmlinux-native", "i386-baseline", "i386-vmlinux-native", "i386-vmlinux-io-delay",
 )  # fmt: skip
 
 
