@@ -4,7 +4,9 @@
 A container is recognised by its magic bytes, never by the file's name.  Decompression
 streams in bounded chunks and stops once the output passes a limit, so a decompression
 bomb costs at most the limit (plus one chunk and the decoder's window), never what the
-stream claims.  Output is compressed the way kbuild compresses modules, deterministically.
+stream claims.  It also stops once the output runs TRAILER_MAX past the end of the ELF
+file its headers describe, so the usual bomb (a small ELF file, then gigabytes of zeros)
+costs megabytes.  Output is compressed the way kbuild compresses modules, deterministically.
 
 The codecs (lzma, zlib, zstandard) are imported only when a container is met: a command
 on plain files, or `pvpatch --help`, loads none of them.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Protocol, TypeVar, cast
+from typing import Protocol, TypeVar
 
 from .errors import InputError
 
@@ -61,8 +63,9 @@ class Container:
     name: str  # "xz", "zstd", "gzip"
     magic: bytes  # the first bytes of every stream
     suffix: str  # what kbuild appends to a module's name
-    # (source, output limit) -> the payload in chunks of at most CHUNK bytes, or
-    # StreamError; the caller stops pulling once the limit is passed.
+    # (source, output limit) -> the payload in chunks (xz, gzip: at most CHUNK bytes;
+    # zstd: at most 16 MiB, see ZSTD_PIECE), or StreamError; the caller stops pulling once
+    # the limit is passed.
     decoder: Callable[[Source, int], Iterator[bytes]]
     # a whole payload -> the container's bytes as kbuild writes them (deterministic)
     encoder: Callable[[bytes], bytes]
@@ -135,80 +138,62 @@ def _xz_encode(data: bytes) -> bytes:
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def zstd_frame_end(src: Source) -> tuple[int, int | None]:
-    """Where the first zstd frame in `src` ends, and the content size its header declares.
-
-    Walked over the frame and block headers (RFC 8878) without decoding: zstandard's
-    reader says neither where a frame ended nor that one was cut short.
-    """
+def _zstd_content_size(src: Source) -> int | None:
+    """The content size the frame header at the start of `src` declares (RFC 8878 3.1.1.1),
+    None when it declares none."""
     head = src[:18]
     if len(head) < 6 or head[:4] != _ZSTD_MAGIC:
         raise StreamError("truncated zstd stream")
     fhd = head[4]
     if fhd & 0x08:
         raise StreamError("corrupt zstd stream: reserved bit set in the frame header")
-    fcs_flag, single, checksum, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+    fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
     at = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]  # window byte, dictionary id
     fcs_size = (single, 2, 4, 8)[fcs_flag]
     if at + fcs_size > len(head):
         raise StreamError("truncated zstd stream")
-    content: int | None = None
-    if fcs_size:
-        content = int.from_bytes(head[at : at + fcs_size], "little")
-        content += 256 if fcs_size == 2 else 0  # RFC 8878 3.1.1.1.4
-    at += fcs_size
-    while True:
-        block = src[at : at + 3]
-        if len(block) < 3:
-            raise StreamError("truncated zstd stream")
-        header = int.from_bytes(block, "little")
-        last, kind, length = header & 1, (header >> 1) & 3, header >> 3
-        if kind == 3:
-            raise StreamError("corrupt zstd stream: reserved block type")
-        at += 3 + (1 if kind == 1 else length)  # an RLE block stores its byte once
-        if last:
-            break
-    at += 4 if checksum else 0
-    if at > len(src):
-        raise StreamError("truncated zstd stream")
-    return at, content
+    if not fcs_size:
+        return None
+    content = int.from_bytes(head[at : at + fcs_size], "little")
+    return content + (256 if fcs_size == 2 else 0)  # RFC 8878 3.1.1.1.4
 
 
-class _Reader:
-    """src[:end] as the file object zstandard's stream reader pulls from."""
-
-    def __init__(self, src: Source, end: int) -> None:
-        self._src, self._end, self._at = src, end, 0
-
-    def read(self, n: int = -1) -> bytes:
-        stop = self._end if n < 0 else min(self._end, self._at + n)
-        data = self._src[self._at : stop]
-        self._at = max(self._at, stop)
-        return data
+# Compressed bytes per zstd decoder call.  zstandard's decompressobj returns everything a
+# call's input decodes to, and a 4-byte RLE block is 128 KiB of output: small pieces keep
+# one call's output (and the overshoot past the limit) to ZSTD_PIECE * 32768 = 16 MiB.
+ZSTD_PIECE = 512
 
 
 def _zstd_decode(src: Source, limit: int) -> Iterator[bytes]:
     import zstandard
 
-    end, content = zstd_frame_end(src)
-    # The decoder refuses windows over zstd's default ceiling (128 MiB, as the zstd tool
-    # without --long): its memory is bounded whatever a header claims.
-    reader = zstandard.ZstdDecompressor().stream_reader(
-        cast("IO[bytes]", _Reader(src, end)),  # it calls read() only
-        read_size=INPUT_CHUNK, read_across_frames=False)
-    total = 0
+    content = _zstd_content_size(src)
+    # One frame (read_across_frames=False): `eof` says where it ended, `unused_data` what
+    # followed, so the frame is never walked block by block in Python.  The decoder
+    # refuses windows over zstd's default ceiling (128 MiB, as the zstd tool without
+    # --long): its memory is bounded whatever a header claims.
+    dec = zstandard.ZstdDecompressor().decompressobj(read_across_frames=False)
+    consumed = total = 0
     try:
-        while chunk := reader.read(CHUNK):
-            total += len(chunk)
-            yield chunk
+        for at in range(0, len(src), ZSTD_PIECE):
+            piece = src[at : at + ZSTD_PIECE]
+            consumed += len(piece)
+            out = dec.decompress(piece)
+            total += len(out)
+            yield out
+            if dec.eof:
+                break
     except zstandard.ZstdError as exc:
-        message = str(exc).removeprefix("zstd decompress error: ")
+        message = re.sub(r"^zstd decompress(or)? error: ", "", str(exc))
         raise StreamError(f"corrupt zstd stream: {message}") from None
+    if not dec.eof:
+        raise StreamError("truncated zstd stream")
     if content is not None and total != content:
         raise StreamError(f"corrupt zstd stream: {total} bytes decoded, "
                           f"its header says {content}")
-    if end < len(src):
-        rest = src[end : end + 4]
+    rest = dec.unused_data
+    if rest or consumed < len(src):
+        rest = (rest + src[consumed : consumed + 4])[:4]
         if len(rest) == 4 and rest[1:] == b"\x2a\x4d\x18" and rest[0] & 0xF0 == 0x50:
             raise StreamError("a skippable frame after the zstd frame (refused: "
                               "the kernel would not read it)")
@@ -319,18 +304,70 @@ def unpack(src: S, path: str, limit: int = MAX_DECOMPRESSED) -> tuple[S | bytes,
     return decompress(src, container, path=path, limit=limit), container.name
 
 
+# How far a payload may go on past the end of the ELF file its headers describe: a module
+# signature (a few KB) lives there, nothing else real.  Decoding stops once a payload
+# passes it, so a module followed by gigabytes of padding costs milliseconds, not the
+# whole limit.
+TRAILER_MAX = 16 << 20
+
+_EHDR_MAX = 64  # an ELF64 header; an ELF32 one is 52 bytes
+
+
+def _elf_end(head: memoryview) -> tuple[int | None, int | None]:
+    """Where the ELF file starting `head` ends, from its headers: the furthest byte its
+    section and program headers (and the sections and segments they describe) reach.
+
+    Returns (end, None) once `head` holds every header; (None, n) when it needs n bytes
+    first; (None, None) when the headers are not plausible, or use extended numbering
+    (ElfFile judges those; only the limit applies to such a file).
+    """
+    import struct
+
+    if len(head) < _EHDR_MAX:
+        return None, _EHDR_MAX
+    if head[:4] != _ELF_MAGIC or head[5] != 1 or head[4] not in (1, 2):
+        return None, None
+    wide = head[4] == 2
+    if wide:
+        ehsize, shdr, phdr = 64, (64, "<4xI16xQQ24x"), (56, "<8xQ16xQ16x")
+        phoff, shoff = struct.unpack_from("<QQ", head, 32)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 54)
+    else:
+        ehsize, shdr, phdr = 52, (40, "<4xI8xII16x"), (32, "<4xI8xI12x")
+        phoff, shoff = struct.unpack_from("<II", head, 28)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 42)
+    if (shnum and shentsize != shdr[0]) or (phnum and phentsize != phdr[0]) \
+            or (shoff and not shnum) or phnum == 0xFFFF:
+        return None, None
+    shend = shoff + shnum * shentsize if shnum else 0
+    phend = phoff + phnum * phentsize if phnum else 0
+    end = max(ehsize, shend, phend)
+    if end > len(head):
+        return None, end
+    for kind, offset, size in struct.iter_unpack(shdr[1], head[shoff:shend]):
+        if kind not in (0, 8):  # SHT_NULL, SHT_NOBITS: no bytes in the file
+            end = max(end, offset + size)
+    for offset, size in struct.iter_unpack(phdr[1], head[phoff:phend]):
+        end = max(end, offset + size)
+    return end, None
+
+
 def decompress(src: Source, container: Container, *, path: str,
                limit: int = MAX_DECOMPRESSED) -> bytes:
     """The ELF file inside the `container` stream `src` (bytes, or a map of the file).
 
     Raises `InputError` naming `path`, one line, when the stream is broken, when the
-    payload passes `limit` bytes (decoding stops there), or when it is not ELF (seen in
-    the first chunk, so a large stream of something else is not decoded whole).
+    payload passes `limit` bytes (decoding stops there), when it is not ELF (seen in the
+    first chunk, so a large stream of something else is not decoded whole), or when it
+    goes on more than TRAILER_MAX bytes past the end of the ELF file its headers describe
+    (seen as soon as it does).
     """
     import io
 
     out = io.BytesIO()  # getvalue() hands its buffer over: no second copy of the payload
     total = 0
+    end: int | None = None  # where the ELF file ends, once its headers are in
+    need: int | None = _EHDR_MAX  # the bytes needed before asking again; None: never
     try:
         for chunk in container.decoder(src, limit):
             total += len(chunk)
@@ -343,6 +380,13 @@ def decompress(src: Source, container: Container, *, path: str,
                 if not _ELF_MAGIC.startswith(head):
                     break
             out.write(chunk)
+            if need is not None and total >= need:
+                with out.getbuffer() as view:  # released before the next write
+                    end, need = _elf_end(view)
+            if end is not None and total > end + TRAILER_MAX:
+                raise InputError(f"{container.name}-compressed data goes on more than "
+                                 f"{format_size(TRAILER_MAX)} past the end of the ELF file "
+                                 f"it holds (its headers end it at byte {end})", path)
     except StreamError as exc:
         raise InputError(str(exc), path) from None
     except MemoryError:

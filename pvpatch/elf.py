@@ -282,7 +282,8 @@ class ElfFile:
         """Open a file read-only.  A regular file is mapped rather than read: a
         53 MB vmlinux costs nothing up front, and only the pages pvpatch reads
         are touched.  A compressed file (`.ko.xz`, `.ko.zst`, `.ko.gz`, known by its
-        magic) is decompressed into memory, refused past `max_decompressed` bytes."""
+        magic) is decompressed into memory, refused past `max_decompressed` bytes or
+        16 MiB past the end of the ELF file its headers describe (compress.TRAILER_MAX)."""
         p = Path(path)
         try:
             with p.open("rb") as fh:  # read-only: the input is never opened for writing

@@ -134,9 +134,11 @@ def test_decompress_equals_the_tool(tmp_path: Path, fmt: str) -> None:
     path = packed(tmp_path, src, fmt)
     elf = ElfFile.open(path)
     assert elf.compression == fmt and elf.data == payload == unpacked(path, fmt)
-    if fmt == "zstd":  # the frame walker finds the end the tool wrote (from a pipe, the
-        # tool declares no content size)
-        assert compress.zstd_frame_end(path.read_bytes()) == (path.stat().st_size, None)
+    # The stream's end is found exactly: one byte more is data after it.
+    longer = tmp_path / ("longer" + TOOLS[fmt][0])
+    longer.write_bytes(path.read_bytes() + b"!")
+    with pytest.raises(InputError, match=f"data after the end of the {fmt} "):
+        ElfFile.open(longer)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -360,6 +362,97 @@ def test_broken_input_is_one_line(tmp_path: Path, name: str) -> None:
         one_error_line(proc, path, text)
     assert list(out.parent.iterdir()) == []  # nothing written, not even a temporary file
     assert digest(path) == before
+
+
+def _open(data: bytes, fmt: str, limit: int = compress.MAX_DECOMPRESSED) -> bytes:
+    """What pvpatch decompresses `data` to (an InputError when it refuses it)."""
+    container = compress.BY_NAME[fmt]
+    return compress.decompress(data, container, path="x.ko" + container.suffix, limit=limit)
+
+
+UNIT = {"xz": "stream", "zstd": "frame", "gzip": "member"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_cut_is_truncated(fmt: str) -> None:
+    """The tool's stream cut after any byte past its magic, a block boundary or not."""
+    good = TOOLS[fmt][1](MODULE.read_bytes())
+    assert _open(good, fmt) == MODULE.read_bytes()
+    for cut in range(len(compress.BY_NAME[fmt].magic), len(good)):
+        with pytest.raises(InputError, match=f"truncated {fmt} stream"):
+            _open(good[:cut], fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_flipped_byte_is_refused_or_harmless(fmt: str) -> None:
+    """One byte changed anywhere in the stream is a one-line error, or gives the very same
+    payload (gzip's unchecked header fields, unused bits of a bitstream): never another
+    payload, since every format here checks what it decodes."""
+    plain = MODULE.read_bytes()
+    good = TOOLS[fmt][1](plain)
+    harmless = []
+    for at in range(len(good)):
+        for mask in (0x01, 0x80):
+            bad = good[:at] + bytes([good[at] ^ mask]) + good[at + 1 :]
+            try:
+                got = _open(bad, fmt)
+            except InputError as exc:
+                assert "\n" not in str(exc) and str(exc).startswith("x.ko")
+                continue
+            assert got == plain, (at, mask)
+            harmless.append(at)
+    # xz checks every byte of its stream; gzip and zstd at least their checks (CRC32 and
+    # ISIZE, XXH64): unused bits of their headers and bitstreams may change freely.
+    checked = {"xz": 0, "gzip": len(good) - 8, "zstd": len(good) - 4}[fmt]
+    assert not [at for at in harmless if at >= checked], harmless
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_data_after_the_stream(fmt: str) -> None:
+    good = TOOLS[fmt][1](MODULE.read_bytes())
+    with pytest.raises(InputError, match=f"more than one {fmt} {UNIT[fmt]} .refused"):
+        _open(good + good, fmt)
+    with pytest.raises(InputError, match=f"data after the end of the {fmt} {UNIT[fmt]}"):
+        _open(good + b"garbage!", fmt)
+    if fmt == "zstd":  # a skippable frame: magic 0x184D2A5?, its length, its bytes
+        skippable = bytes.fromhex("502a4d18") + (4).to_bytes(4, "little") + b"skip"
+        with pytest.raises(InputError, match="a skippable frame after the zstd frame"):
+            _open(good + skippable, fmt)
+    if fmt == "xz":  # stream padding: NUL bytes in fours, and only those
+        assert _open(good + bytes(8), fmt) == MODULE.read_bytes()
+        with pytest.raises(InputError, match="data after the end of the xz stream"):
+            _open(good + bytes(3), fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_data_past_the_elf_file_stops_decoding(fmt: str) -> None:
+    """Up to 16 MiB may follow the ELF file its headers describe (a signature is a few
+    KB); one byte more is refused as soon as it is decoded, whatever the limit."""
+    plain = MODULE.read_bytes()
+    pack = TOOLS[fmt][1]
+    assert _open(pack(plain + bytes(compress.TRAILER_MAX)), fmt)[: len(plain)] == plain
+    with pytest.raises(InputError, match="goes on more than 16 MiB past the end of the ELF "
+                                         f"file it holds .its headers end it at byte "
+                                         f"{len(plain)}"):
+        _open(pack(plain + bytes(compress.TRAILER_MAX + 1)), fmt)
+
+
+def test_where_the_elf_file_ends() -> None:
+    """ELF32 too; headers that cannot be judged (here a wrong section header size) leave
+    only the limit, and headers that claim more than there is hold decoding to it."""
+    pack = TOOLS["zstd"][1]
+    i386 = (FIX.parent / "i386" / "kernel61.o").read_bytes()
+    with pytest.raises(InputError, match=f"its headers end it at byte {len(i386)}"):
+        _open(pack(i386 + bytes(17 << 20)), "zstd")
+    odd = bytearray(MODULE.read_bytes())
+    odd[58] = 40  # e_shentsize of ELF64: 64
+    assert len(_open(pack(bytes(odd) + bytes(20 << 20)), "zstd")) == len(odd) + (20 << 20)
+    far = ElfFile(MODULE.read_bytes())
+    at = far.e_shoff + far.cls.shdr.size + 32  # section 1's sh_size
+    claims = bytearray(far.data)
+    claims[at : at + 8] = (3 << 30).to_bytes(8, "little")
+    with pytest.raises(InputError, match="decompresses to more than 32 MiB"):
+        _open(pack(bytes(claims) + bytes(40 << 20)), "zstd", limit=32 << 20)
 
 
 def test_tree_of_compressed_modules(tmp_path: Path) -> None:
