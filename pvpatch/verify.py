@@ -1,32 +1,42 @@
-"""The verify stage: prove by emulation that every rewritten site keeps its contract.
+"""The verify stage: prove by emulation that PATCHED keeps ORIGINAL's site contracts,
+and account for every other byte that differs.
 
-For each rewritten site and each of N random trials (registers, arithmetic
-flags, IF, AC, DF, stack contents, CR2/CR3 for control-register ops), the
-*reference* run executes the original site with the op's slot pointing at a
-reference implementation: for inline and nop rewrites a model of the kernel's
-native function (pvpatch/data/reference/ARCH.toml, kept apart from the
-backends' byte tables); for call and thunk rewrites the target function's own
-code in the file.  The *patched* run executes the rewritten site (through its
-thunk, if any) in the patched file, loaded with its own relocations.
+What is checked comes from what differs (pvpatch/accounting.py), not from a plan:
+every site whose bytes or relocations differ is emulated, every new thunk too, and
+every other difference must be one pvpatch's rewriter makes by construction (table
+entries of proven sites neutralised or dropped, relocations, symbols, headers...),
+or verification fails naming section+offset and file offset.  The plan re-made from
+ORIGINAL says what each changed site was meant to become (its reference); a changed
+site the plan keeps has nothing to be proven against, and fails.
 
-The patched run must end exactly at the site's end with the stack pointer and
-every register outside the site's clobber mask unchanged, and leave the
-return register, EFLAGS.IF, the control registers (for CR ops) and every
-byte of memory the reference wrote (globals, scratch, the caller's stack
-frame) as the reference left them.  The reference may break the register
-contract (that is what a thunk repairs); the patched run may not.
+For each site to prove and each of N random trials (registers, arithmetic flags, IF,
+AC, DF, stack contents, CR2/CR3 for control-register ops), the *reference* run
+executes the original site with the op's slot pointing at a reference
+implementation: for inline and nop rewrites a model of the kernel's native function
+(pvpatch/data/reference/ARCH.toml, kept apart from the backends' byte tables); for
+call and thunk rewrites the target function's own code in the file.  The *patched*
+run executes the rewritten site (through its thunk, if any) in the patched file,
+loaded with its own relocations.
 
-Verdicts: `pass`; `fail` with the failing trial's seed and what differed;
-`skip` with a reason (tail ops, traps, instructions a snippet cannot run, a
-reference that does not complete).  A call target that is not in the file
-(left for the linker) is replaced by a hostile C function in the patched run:
-the contract is still proven, the result is not compared ("contract only").
-Kept sites are not verified and are not listed.
+The patched run must end exactly at the site's end with the stack pointer and every
+register outside the site's clobber mask unchanged, and leave the return register,
+the system flags (TF, IF, DF, AC, IOPL, NT: all flags for an op whose result is the
+flags, restore_fl), the control registers (for CR ops) and every byte of memory the
+reference wrote as the reference left them.  An op whose argument is a flags image
+(restore_fl) gets one that popf can load in the emulator: arithmetic flags, IF, DF
+and AC at random, TF clear (a set TF would trap both runs).
+
+Verdicts: `pass`; `fail` with the failing trial's seed and what differed; `skip`
+with a reason (tail ops, traps, instructions a snippet cannot run, a reference that
+does not complete).  A skip proves nothing: it fails verification unless the caller
+allows skips (`allow_skip`, `--allow-skip`).  A call target that is not in the file
+(left for the linker) is replaced by a hostile C function in the patched run: the
+contract is still proven, the result is not compared ("contract only").
 
 Every thunk is also run alone against a hostile callee that changes every
-caller-saved register and the arithmetic flags: each register the thunk
-saves must come back, the callee's return value must pass through, and on
-x86-64 the callee must be entered with rsp ≡ 8 (mod 16).
+caller-saved register and the arithmetic flags: each register the thunk saves must
+come back, the callee's return value must pass through, and on x86-64 the callee
+must be entered with rsp ≡ 8 (mod 16).
 """
 
 from __future__ import annotations
@@ -72,7 +82,8 @@ from .errors import VerifyError
 from .rules import Finding
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from .accounting import Difference, SectionNote
+    from .plan import Decision, Plan
     from .rewrite import Rewrite
     from .scan import ScanResult
 
@@ -81,6 +92,16 @@ DEFAULT_TRIALS = 16
 POOL_SIZE = 1 << 18  # random bytes each trial's state is cut from
 MAX_DETAIL = 12
 PARALLEL_TRIALS = 8_000  # below this many trials more processes cost more than they save
+
+# The flags a site's contract keeps (compared with the reference, or with the start
+# when only the contract is proven), and those an op's flags-image argument may carry.
+SYSTEM_FLAGS = 0xFFFFFFFF & ~ARITH_FLAGS & ~0x2
+KEPT_FLAGS = SYSTEM_FLAGS & ~IF_FLAG  # a call to an unknown target may change IF only
+ARG_FLAGS = ARITH_FLAGS | IF_FLAG | DF_FLAG | AC_FLAG
+FLAG_NAMES = (("CF", 0x1), ("PF", 0x4), ("AF", 0x10), ("ZF", 0x40), ("SF", 0x80),
+              ("TF", 0x100), ("IF", IF_FLAG), ("DF", DF_FLAG), ("OF", 0x800),
+              ("IOPL", 0x3000), ("NT", 0x4000), ("RF", 0x10000), ("VM", 0x20000),
+              ("AC", AC_FLAG), ("VIF", 0x80000), ("VIP", 0x100000), ("ID", 0x200000))
 
 CALLEE_SAVED = {"x86_64": ("rbx", "rbp", "r12", "r13", "r14", "r15"),
                 "i386": ("ebx", "ebp", "esi", "edi")}
@@ -119,6 +140,12 @@ class ThunkVerdict:
 class VerifyReport:
     sites: tuple[SiteVerdict, ...]
     thunks: tuple[ThunkVerdict, ...]
+    allow_skip: bool = False  # a skip (nothing proven) is accepted
+    # Every section of PATCHED that differs and the rule that accounted for it; the
+    # differences nothing accounts for (each a failure), and how many more were cut.
+    sections: tuple[SectionNote, ...] = ()
+    unaccounted: tuple[Difference, ...] = ()
+    omitted: int = 0
 
     @property
     def verdicts(self) -> tuple[SiteVerdict | ThunkVerdict, ...]:
@@ -135,11 +162,18 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not any(v.status == "fail" for v in self.verdicts)
+        return not self.failures and not self.unaccounted and not self.omitted
 
     @property
     def failures(self) -> tuple[SiteVerdict | ThunkVerdict, ...]:
-        return tuple(v for v in self.verdicts if v.status == "fail")
+        """Verdicts that fail verification: `fail`, and `skip` unless skips are allowed."""
+        bad = ("fail",) if self.allow_skip else ("fail", "skip")
+        return tuple(v for v in self.verdicts if v.status in bad)
+
+    @property
+    def unproven(self) -> tuple[SiteVerdict | ThunkVerdict, ...]:
+        """Every site and thunk not proven (failed or skipped), allowed or not."""
+        return tuple(v for v in self.verdicts if v.status != "pass")
 
 
 def _count(verdicts: Iterable[SiteVerdict | ThunkVerdict]) -> dict[str, int]:
@@ -158,6 +192,8 @@ class RefModel:
     code: bytes | None
     cr: bool = False
     skip: str | None = None
+    flags_arg: bool = False  # the first argument is a flags image (popf loads it)
+    flags_result: bool = False  # the op sets every flag: all are compared
 
 
 @cache
@@ -169,7 +205,9 @@ def reference_models(arch_name: str) -> Mapping[str, RefModel]:
     for name, body in doc.get("ops", {}).items():
         raw = body.get("bytes")
         model = RefModel(name, bytes.fromhex(raw) if raw is not None else None,
-                         bool(body.get("cr", False)), body.get("skip"))
+                         bool(body.get("cr", False)), body.get("skip"),
+                         bool(body.get("flags_arg", False)),
+                         bool(body.get("flags_result", False)))
         if model.code is None and model.skip is None:
             raise VerifyError(f"reference model {name} has neither bytes nor skip")
         for alias in (name, *body.get("aliases", [])):
@@ -234,22 +272,28 @@ def _section_nth(elf: ElfFile, index: int) -> int:
     return sum(1 for s in elf.sections[:index] if s.is_alloc and s.name == name)
 
 
+def _site_job(elf: ElfFile, d: Decision) -> _SiteJob:
+    s = d.site
+    rule = d.rule
+    target = rule.target if rule is not None and d.action in ("call", "thunk", "jmp") \
+        else d.target
+    return _SiteJob(s.index, s.section, _section_nth(elf, s.section_index), s.offset, s.len,
+                    s.address, s.op, d.action, d.tail, s.clobber_regs, target,
+                    rule.convention if rule is not None else "c")
+
+
 def _site_jobs(plan: Plan) -> tuple[_SiteJob, ...]:
-    elf = plan.scan.elf
-    out = []
-    for d in plan.decisions:
-        if not d.rewrites:
-            continue
-        s = d.site
-        rule = d.rule
-        target = rule.target if rule is not None and d.action in ("call", "thunk", "jmp") \
-            else d.target
-        out.append(_SiteJob(
-            s.index, s.section, _section_nth(elf, s.section_index), s.offset, s.len, s.address,
-            s.op, d.action, d.tail, s.clobber_regs, target,
-            rule.convention if rule is not None else "c",
-        ))
-    return tuple(out)
+    """A job for every site the plan rewrites."""
+    return tuple(_site_job(plan.scan.elf, d) for d in plan.decisions if d.rewrites)
+
+
+def _unplanned(d: Decision) -> SiteVerdict:
+    """A site that differs although the plan keeps it: nothing says what it should do."""
+    s = d.site
+    why = d.reason or "the backend keeps it"
+    return SiteVerdict(s.index, s.section, s.offset, s.address, s.op, "keep", "fail",
+                       f"the site's bytes or relocations changed, but the plan keeps it "
+                       f"({why}): there is nothing to prove them against", 0)
 
 
 def _call_targets(plan: Plan) -> tuple[tuple[str, str], ...]:
@@ -263,46 +307,31 @@ def _call_targets(plan: Plan) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(found.items()))
 
 
-def _thunk_jobs_from_layout(plan: Plan) -> tuple[_ThunkJob, ...]:
-    """Where the rewriter puts each thunk: 16-aligned, in plan order, in its section."""
-    from .thunk import THUNK_ALIGN, thunk_code
-
-    out = []
-    off = 0
-    for spec in plan.thunks:
-        off = (off + THUNK_ALIGN - 1) // THUNK_ALIGN * THUNK_ALIGN
-        size = len(thunk_code(plan.arch, spec).code)
-        out.append(_ThunkJob(spec.symbol, spec.target, spec.saves, plan.backend.thunk_section,
-                             off, size))
-        off += size
-    return tuple(out)
-
-
 # -- the public entry points ------------------------------------------------------------
 
 
 def verify_rewrite(rw: Rewrite, *, trials: int = DEFAULT_TRIALS, seed: int = 0,
-                   workers: int | None = None) -> VerifyReport:
+                   workers: int | None = None, allow_skip: bool = False) -> VerifyReport:
     """Verify a rewrite in memory (before it is written): original vs `rw.data`.
 
     `workers`: processes to spread the sites over; None decides from the
-    amount of work, 1 keeps everything in this process.
+    amount of work, 1 keeps everything in this process.  `allow_skip`: a site
+    or thunk that cannot be run (skip) does not fail verification.
     """
     plan = rw.plan
-    # Linked files' thunks carry their address: it is used when there is one.
-    thunks = tuple(_ThunkJob(t.spec.symbol, t.spec.target, t.spec.saves, t.section, t.offset,
-                             t.size, t.address) for t in rw.thunks)
-    return _verify(plan, rw.data, thunks, trials, seed, workers)
+    patched = ElfFile(rw.data, plan.scan.path + " (patched)")
+    return _verify(plan, patched, trials, seed, workers, allow_skip)
 
 
 def verify_files(original: ScanResult, patched: ElfFile, plan: Plan, *,
                  trials: int = DEFAULT_TRIALS, seed: int = 0,
-                 workers: int | None = None) -> VerifyReport:
+                 workers: int | None = None, allow_skip: bool = False) -> VerifyReport:
     """Verify a patched file against its original, given the plan that says what each
     site was meant to become (re-planned from the original by the caller).
 
-    Sites are found in the patched file by (section name, offset), so a patched
-    file whose table entries were dropped is verified all the same.
+    The sites and thunks checked are those that differ, found in the patched file by
+    (section name, offset), so a patched file whose table entries were dropped is
+    verified all the same; every other difference must be accounted for.
     """
     if plan.scan is not original and plan.scan.path != original.path:
         raise VerifyError("the plan was not made from this original", original.path)
@@ -312,24 +341,59 @@ def verify_files(original: ScanResult, patched: ElfFile, plan: Plan, *,
     if patched.is_relocatable != original.elf.is_relocatable:
         raise VerifyError("the patched file is not the same kind of ELF file as the original",
                           patched.path)
-    return _verify(plan, patched.data, _thunk_jobs_from_layout(plan), trials, seed, workers,
-                   patched)
+    return _verify(plan, patched, trials, seed, workers, allow_skip)
 
 
-def _verify(plan: Plan, patched_data: Buffer, thunks: tuple[_ThunkJob, ...], trials: int,
-            seed: int, workers: int | None, patched_elf: ElfFile | None = None) -> VerifyReport:
+def _verify(plan: Plan, patched: ElfFile, trials: int, seed: int, workers: int | None,
+            allow_skip: bool) -> VerifyReport:
+    from .accounting import account
+
     if trials < 1:
         raise VerifyError("trials must be at least 1")
-    sites = _site_jobs(plan)
-    base = _FileJob(plan.scan.elf.data, plan.scan.path, patched_data, sites, thunks,
-                    _call_targets(plan), trials, seed, plan.scan.elf, patched_elf)
+    acc = account(plan, patched)
+    decisions = {d.site.index: d for d in plan.decisions}
+    sites: list[_SiteJob] = []
+    refused: list[SiteVerdict] = []
+    for index in acc.changed_sites:
+        d = decisions[index]
+        if d.rewrites:
+            sites.append(_site_job(plan.scan.elf, d))
+        else:
+            refused.append(_unplanned(d))
+    specs = {t.symbol: t for t in plan.thunks}
+    thunks: list[_ThunkJob] = []
+    strays: list[ThunkVerdict] = []
+    for t in acc.thunks:
+        spec = specs.get(t.symbol)
+        if spec is None:
+            strays.append(ThunkVerdict(t.symbol, "?", t.address, "fail", "a thunk the plan "
+                                       "does not make: there is nothing to prove it against",
+                                       0))
+        else:
+            thunks.append(_ThunkJob(spec.symbol, spec.target, spec.saves, t.section,
+                                    t.offset, t.size, t.address))
+    site_v, thunk_v = _emulate(plan, patched, tuple(sites), tuple(thunks), trials, seed,
+                               workers)
+    all_sites = tuple(sorted((*site_v, *refused), key=lambda v: v.index))
+    all_thunks = (*thunk_v, *strays)
+    unaccounted = acc.unaccounted({v.index: v.status for v in all_sites},
+                                  {t.symbol: t.status for t in all_thunks})
+    return VerifyReport(all_sites, all_thunks, allow_skip, acc.sections, unaccounted,
+                        acc.omitted)
+
+
+def _emulate(plan: Plan, patched: ElfFile, sites: tuple[_SiteJob, ...],
+             thunks: tuple[_ThunkJob, ...], trials: int, seed: int,
+             workers: int | None) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
+    if not sites and not thunks:
+        return [], []  # nothing differs that needs running: no image is loaded
+    base = _FileJob(plan.scan.elf.data, plan.scan.path, patched.data, sites, thunks,
+                    _call_targets(plan), trials, seed, plan.scan.elf, patched)
     n = min(_worker_count(len(sites) * trials, workers), len(sites))
     if n <= 1:
-        site_v, thunk_v = verify_job(base)
-        return VerifyReport(tuple(site_v), tuple(thunk_v))
+        return verify_job(base)
     results = _verify_parallel(base, n)
-    all_sites = sorted((v for r in results for v in r[0]), key=lambda v: v.index)
-    return VerifyReport(tuple(all_sites), tuple(v for r in results for v in r[1]))
+    return ([v for r in results for v in r[0]], [v for r in results for v in r[1]])
 
 
 # The loaded file a forked worker inherits (set while the workers start).
@@ -382,6 +446,13 @@ def _worker_count(total_trials: int, workers: int | None) -> int:
     return min(cpus, total_trials // (PARALLEL_TRIALS // 2))
 
 
+def _where(v: SiteVerdict | ThunkVerdict) -> str:
+    if isinstance(v, ThunkVerdict):
+        return f"thunk {v.symbol}" + (f" at {v.address:#x}" if v.address is not None else "")
+    at = f"{v.address:#x} " if v.address is not None else ""
+    return f"site {v.index} {at}{v.section}+{v.offset:#x} {v.op or '?'} ({v.action})"
+
+
 def verify_json(report: VerifyReport) -> dict[str, Any]:
     def one(v: SiteVerdict) -> dict[str, Any]:
         return {"index": v.index, "section": v.section, "offset": v.offset,
@@ -396,31 +467,51 @@ def verify_json(report: VerifyReport) -> dict[str, Any]:
                     "seed": t.seed, "detail": list(t.detail)} for t in report.thunks],
         "summary": report.summary,
         "thunk_summary": report.thunk_summary,
+        "allow_skip": report.allow_skip,
+        "unproven": [{"site": v.index if isinstance(v, SiteVerdict) else None,
+                      "thunk": v.symbol if isinstance(v, ThunkVerdict) else None,
+                      "where": _where(v), "status": v.status, "reason": v.reason,
+                      "allowed": v.status == "skip" and report.allow_skip}
+                     for v in report.unproven],
+        "accounting": {
+            "sections": [{"section": n.section, "kind": n.kind, "rule": n.rule}
+                         for n in report.sections],
+            "unaccounted": [{"section": d.section, "offset": d.offset,
+                             "file_offset": d.file_offset, "length": d.length,
+                             "what": d.what} for d in report.unaccounted],
+            "omitted": report.omitted,
+        },
         "ok": report.ok,
     }
 
 
 def verify_text(report: VerifyReport, path: str = "") -> list[str]:
-    """Readable lines: the summary, then every failure and skip with its reason."""
+    """Readable lines: the summary, then every site and thunk not proven (and why), then
+    every difference nothing accounts for."""
     s, t = report.summary, report.thunk_summary
+    bad = len(report.unaccounted) + report.omitted
     lines = [f"{path + ': ' if path else ''}verify: sites {s['pass']} pass, {s['fail']} fail, "
              f"{s['skip']} skip"
-             + (f"; thunks {t['pass']} pass, {t['fail']} fail" if report.thunks else "")]
-    for v in report.sites:
+             + (f"; thunks {t['pass']} pass, {t['fail']} fail, {t['skip']} skip"
+                if report.thunks else "")
+             + f"; {len(report.sections)} changed sections, "
+             + (f"{bad} differences not accounted for" if bad else "every difference "
+                "accounted for")]
+    for v in report.verdicts:
         if v.status == "pass" and not v.reason:
             continue
-        where = f"{v.address:#x} " if v.address is not None else ""
-        lines.append(f"  {v.status:4} site {v.index} {where}{v.section}+{v.offset:#x} "
-                     f"{v.op or '?'} ({v.action}): {v.reason}"
+        note = ""
+        if v.status == "skip":
+            note = " (not proven: allowed by --allow-skip)" if report.allow_skip else \
+                " (not proven: a failure without --allow-skip)"
+        lines.append(f"  {v.status:4} {_where(v)}: {v.reason}{note}"
                      + (f" [seed {v.seed}]" if v.seed is not None else ""))
         if v.status == "fail":
             lines.extend(f"         {d}" for d in v.detail)
-    for th in report.thunks:
-        if th.status == "pass":
-            continue
-        lines.append(f"  {th.status:4} thunk {th.symbol}: {th.reason}"
-                     + (f" [seed {th.seed}]" if th.seed is not None else ""))
-        lines.extend(f"         {d}" for d in th.detail)
+    for d in report.unaccounted:
+        lines.append(f"  diff {d.where()}: {d.what}")
+    if report.omitted:
+        lines.append(f"  diff ... and {report.omitted} more")
     return lines
 
 
@@ -534,8 +625,8 @@ def _pool(seed: int) -> bytes:
 
 
 # Trial batches, the same for every file verified with the same seed:
-# (arch, seed, batch number, trials in it) -> batch.
-_BATCHES: dict[tuple[str, int, int, int], _Batch] = {}
+# (arch, seed, batch number, trials in it, flags_arg) -> batch.
+_BATCHES: dict[tuple[str, int, int, int, bool], _Batch] = {}
 MAX_BATCHES = 256
 # Reference runs shared by sites (of any file) that run the same code from the
 # same states: (batch key, what runs) -> runs.  The code is a reference model,
@@ -545,8 +636,9 @@ _REF_RUNS: dict[tuple[object, ...], list[RunResult]] = {}
 MAX_REF_RUNS = 4096
 
 
-def _batch_key(arch_name: str, job: _FileJob, c: int) -> tuple[str, int, int, int]:
-    return arch_name, job.seed, c, min(TRIAL_SLOTS, job.trials - c * TRIAL_SLOTS)
+def _batch_key(arch_name: str, job: _FileJob, c: int,
+               flags_arg: bool = False) -> tuple[str, int, int, int, bool]:
+    return arch_name, job.seed, c, min(TRIAL_SLOTS, job.trials - c * TRIAL_SLOTS), flags_arg
 
 
 def _partial(job: _FileJob) -> dict[tuple[str, int], list[tuple[int, int]]] | None:
@@ -606,14 +698,17 @@ class _Context:
         self.cr0 = self.m_o.cr0
         self.cr3_mask = 0xFF_FFFF_F000 if w == 8 else 0xFFFF_F000
         self._data: dict[int, bool] = {}
-        self.batch_keys = [_batch_key(self.arch.name, job, c) for c in range(
-            (job.trials + TRIAL_SLOTS - 1) // TRIAL_SLOTS)]
+        chunks = range((job.trials + TRIAL_SLOTS - 1) // TRIAL_SLOTS)
+        # Per variant of the trial states: plain, or the first argument a flags image.
+        self.batch_keys = {v: [_batch_key(self.arch.name, job, c, v) for c in chunks]
+                           for v in (False, True)}
         self._unsupported = sorted(self.img_p.unsupported)
         self._unsupported_at = [a for a, _ in self._unsupported]
 
-    def all_shared(self, ref_key: tuple[object, ...] | None) -> bool:
+    def all_shared(self, ref_key: tuple[object, ...] | None, flags_arg: bool = False) -> bool:
         """Every batch of the reference runs of `ref_key` is known already."""
-        return ref_key is not None and all((b, ref_key) in _REF_RUNS for b in self.batch_keys)
+        return ref_key is not None and all((b, ref_key) in _REF_RUNS
+                                           for b in self.batch_keys[flags_arg])
 
     def close(self) -> None:
         """Give the engines back (their images unmapped) for the next file."""
@@ -640,14 +735,14 @@ class _Context:
         hi = bisect.bisect_left(self._unsupported_at, addr + size)
         return [f"{name} at {a:#x}" for a, name in self._unsupported[lo:hi]]
 
-    def batches(self) -> Iterable[_Batch]:
+    def batches(self, flags_arg: bool = False) -> Iterable[_Batch]:
         """The trials in batches, each loaded into both machines when it comes up."""
-        for c, key in enumerate(self.batch_keys):
+        for c, key in enumerate(self.batch_keys[flags_arg]):
             batch = _BATCHES.get(key)
             if batch is None:
                 count = key[3]
                 seeds = [_mix(self.job.seed, c * TRIAL_SLOTS + k) for k in range(count)]
-                made = [self.block(k, tseed) for k, tseed in enumerate(seeds)]
+                made = [self.block(k, tseed, flags_arg) for k, tseed in enumerate(seeds)]
                 if len(_BATCHES) >= MAX_BATCHES:
                     _BATCHES.clear()
                 batch = _BATCHES[key] = _Batch(key, c * TRIAL_SLOTS, seeds,
@@ -656,20 +751,25 @@ class _Context:
             self.m_p.load_bank(key, batch.blocks)
             yield batch
 
-    def block(self, k: int, tseed: int) -> tuple[bytes, list[int]]:
+    def block(self, k: int, tseed: int, flags_arg: bool = False) -> tuple[bytes, list[int]]:
         """Trial slot k's block for the trial with seed `tseed`, and the register
-        file (and flags) it starts with."""
+        file (and flags) it starts with.  `flags_arg`: the first argument register
+        holds a flags image popf can load (TF, IOPL, NT clear: the same trial
+        otherwise)."""
         rt = self.rt
         off = tseed % (POOL_SIZE - BLOCK_LEN)
         blk = bytearray(self.pool[off : off + BLOCK_LEN])
         st = STATE_OFF
         vals = list(self.state_fmt.unpack_from(blk, st))
         n = rt.nregs
+        first_arg = vals[self.arg_idx[0]]
         vals[self.sp] = entry_sp(k)
         scratch = rt.scratch_of(k)
         for i in self.arg_idx:
             vals[i] = scratch + 64 + vals[i] % (SCRATCH_SIZE - 128)
-        vals[n] = (vals[n] & (ARITH_FLAGS | IF_FLAG | DF_FLAG | AC_FLAG)) | 2
+        if flags_arg:
+            vals[self.arg_idx[0]] = first_arg & ARG_FLAGS | 2
+        vals[n] = (vals[n] & ARG_FLAGS) | 2
         vals[n + 1] = 0
         vals[n + 2] = self.cr0 & ~CR0_TS | (vals[n + 2] & CR0_TS)
         vals[n + 4] &= self.cr3_mask
@@ -686,7 +786,7 @@ class _Context:
 
 @dataclass(frozen=True)
 class _Batch:
-    key: tuple[str, int, int, int]  # (arch, seed, batch number, trials in it)
+    key: tuple[str, int, int, int, bool]  # (arch, seed, batch number, trials, flags_arg)
     first: int  # the first trial's number
     seeds: list[int]
     blocks: list[bytes]
@@ -768,6 +868,9 @@ class _SiteCheck:
         ref_addr: int | None = None
         model: RefModel | None = None
         with_cr = False
+        # What the op's argument is does not depend on how the site is rewritten.
+        op_model = ctx.models.get(sj.op) if sj.op is not None else None
+        flags_arg = op_model is not None and op_model.flags_arg
         if sj.action in ("inline", "nop"):
             model = ctx.models.get(sj.op) if sj.op is not None else None
             if model is not None and model.skip is not None:
@@ -833,7 +936,7 @@ class _SiteCheck:
                     # (the model, from the same states), so its runs are shared.
                     ref_key = (orig_code[: n - 4], ref_addr, with_cr)
                 # The slot the site's call reads points at the reference.
-                if not ctx.all_shared(ref_key):
+                if not ctx.all_shared(ref_key, flags_arg):
                     word_mask = (1 << (8 * ctx.rt.word)) - 1  # a hostile value wraps
                     self.poke(ctx.m_o, slot, (ref_addr & word_mask).to_bytes(ctx.rt.word,
                                                                            "little"),
@@ -842,12 +945,18 @@ class _SiteCheck:
                 ref_site = ctx.runtime.caller  # not an indirect call: call the reference
                 if model is not None:
                     ref_key = ("caller", ref_addr, with_cr)
-            if not ctx.all_shared(ref_key):
+            if not ctx.all_shared(ref_key, flags_arg):
                 self.poke(ctx.m_o, o_addr + n, site_end)
-        return self._trials(ref_site, p_addr, ref_addr or 0, with_cr, contract, ref_key)
+        # The flags compared with the reference: the system flags, and all of them when
+        # the reference is a model of an op that sets every flag (restore_fl).
+        flag_mask = SYSTEM_FLAGS | (ARITH_FLAGS if model is not None and model.flags_result
+                                    else 0)
+        return self._trials(ref_site, p_addr, ref_addr or 0, with_cr, contract, ref_key,
+                            flags_arg, flag_mask)
 
     def _trials(self, ref_site: int, p_addr: int, ref_fn: int, with_cr: bool,
-                contract: str | None, ref_key: tuple[object, ...] | None) -> SiteVerdict:
+                contract: str | None, ref_key: tuple[object, ...] | None, flags_arg: bool,
+                flag_mask: int) -> SiteVerdict:
         ctx, sj = self.ctx, self.sj
         rt = ctx.rt
         allowed = set(sj.clobbers)
@@ -858,7 +967,7 @@ class _SiteCheck:
         compared = [*results, *(range(rt.out_cr, rt.out_cr + 3) if with_cr else ())]
         same = itemgetter(*compared, rt.out_done)  # = the reference's
         fl = rt.out_flags
-        for batch in ctx.batches():
+        for batch in ctx.batches(flags_arg):
             count = len(batch.seeds)
             refs: list[RunResult] = []
             if contract is None:
@@ -881,12 +990,15 @@ class _SiteCheck:
                         return self.verdict("skip", f"the reference run did not complete: "
                                             f"{ref.error}", t, batch.seeds[k], self.versions())
                 pat = pats[k]
-                if pat.done and not pat.writes and keep(pat.out) == keep(batch.inits[k]) \
-                        and (ref is None or (not ref.writes and not (pat.out[fl] ^ ref.out[fl])
-                                             & ~ARITH_FLAGS and same(pat.out) == same(ref.out))):
+                init = batch.inits[k]
+                if pat.done and not pat.writes and keep(pat.out) == keep(init) and (
+                        (ref is None and not (pat.out[fl] ^ init[fl]) & KEPT_FLAGS)
+                        or (ref is not None and not ref.writes
+                            and not (pat.out[fl] ^ ref.out[fl]) & flag_mask
+                            and same(pat.out) == same(ref.out))):
                     continue
-                problems = _compare(ctx, k, batch.inits[k], preserved, results, ref,
-                                    pat, with_cr)
+                problems = _compare(ctx, k, init, preserved, results, ref, pat, with_cr,
+                                    flag_mask)
                 if problems:
                     return self.verdict("fail", problems[0], t + 1, batch.seeds[k],
                                         [*problems[:MAX_DETAIL], *self.versions()])
@@ -897,9 +1009,19 @@ def _hex(v: int) -> str:
     return f"{v:#x}"
 
 
+def _flag_problems(want: int, got: int, mask: int, why: str = "") -> list[str]:
+    out = []
+    for name, bits in FLAG_NAMES:
+        if (want ^ got) & mask & bits:
+            shift = (bits & -bits).bit_length() - 1
+            out.append(f"{name}: expected {(want & bits) >> shift} got {(got & bits) >> shift}"
+                       + why)
+    return out
+
+
 def _compare(ctx: _Context, k: int, init: list[int], preserved: Iterable[int],
              results: Iterable[int], ref: RunResult | None, pat: RunResult,
-             with_cr: bool) -> list[str]:
+             with_cr: bool, flag_mask: int = SYSTEM_FLAGS) -> list[str]:
     rt = ctx.rt
     regs = rt.regs
     if not pat.done:
@@ -913,15 +1035,16 @@ def _compare(ctx: _Context, k: int, init: list[int], preserved: Iterable[int],
         if out[i] != init[i]:
             problems.append(f"{regs[i]}: expected {_hex(init[i])} got {_hex(out[i])} "
                             "(outside the clobber mask)")
+    fl = rt.out_flags
     if ref is None:
-        return problems
+        return problems + _flag_problems(init[fl], out[fl], KEPT_FLAGS, " (kept by the site)")
     r = ref.out
     for i in results:
         if out[i] != r[i]:
             problems.append(f"{regs[i]}: expected {_hex(r[i])} got {_hex(out[i])} (result)")
-    fl = rt.out_flags
-    if (out[fl] ^ r[fl]) & IF_FLAG:
-        problems.append(f"IF: expected {r[fl] >> 9 & 1} got {out[fl] >> 9 & 1}")
+    # IF first: the flag most ops are about.
+    problems += _flag_problems(r[fl], out[fl], flag_mask & IF_FLAG)
+    problems += _flag_problems(r[fl], out[fl], flag_mask & ~IF_FLAG)
     if with_cr:
         for j, name in enumerate(("cr0", "cr2", "cr3")):
             a, b = r[rt.out_cr + j], out[rt.out_cr + j]
@@ -1019,30 +1142,47 @@ def _check_thunk(ctx: _Context, tj: _ThunkJob) -> ThunkVerdict:
 
 
 def report_failures(report: VerifyReport) -> VerifyError | None:
-    """A VerifyError naming every failed site and thunk, or None if all passed."""
-    bad = report.failures
-    if not bad:
-        return None
+    """A VerifyError naming every failed (or unallowed skipped) site and thunk and every
+    difference nothing accounts for, or None if verification passed."""
     parts = []
-    for v in bad[:5]:
+    for v in report.failures:
         if isinstance(v, SiteVerdict):
-            parts.append(f"site {v.index} ({v.section}+{v.offset:#x} {v.op or '?'}): {v.reason}")
+            parts.append(f"site {v.index} ({v.section}+{v.offset:#x} {v.op or '?'}): "
+                         f"{v.reason}" + (" (skipped)" if v.status == "skip" else ""))
         else:
             parts.append(f"thunk {v.symbol}: {v.reason}")
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    return VerifyError(f"verification failed: {'; '.join(parts)}{more}")
+    parts += [f"{d.where()}: {d.what}" for d in report.unaccounted]
+    if not parts and not report.omitted:
+        return None
+    more = len(parts) - 5 + report.omitted
+    return VerifyError(f"verification failed: {'; '.join(parts[:5])}"
+                       + (f" and {more} more" if more > 0 else ""))
 
 
-def verify_findings(report: VerifyReport) -> list[Finding]:
-    """PV301 findings for every failed site and thunk (for text, JSON and SARIF output)."""
+def verify_findings(report: VerifyReport, plan: Plan | None = None,
+                    elf: ElfFile | None = None) -> list[Finding]:
+    """PV301 findings for every failure: sites and thunks that fail (or are skipped when
+    skips are not allowed), and differences nothing accounts for.  `elf`: the file the
+    locations point into (PATCHED for `verify`); default the original."""
+    sites = {d.site.index: d.site for d in plan.decisions} if plan is not None else {}
     out = []
     for v in report.failures:
         if isinstance(v, SiteVerdict):
-            out.append(Finding("PV301", f"site {v.index} ({v.action}): {v.reason}",
+            site = sites.get(v.index)
+            file_offset = site.file_offset if site is not None else None
+            if elf is not None:
+                sec = elf.section(v.section)
+                file_offset = sec.offset + v.offset if sec is not None else None
+            what = "not proven (skipped)" if v.status == "skip" else v.action
+            out.append(Finding("PV301", f"site {v.index} ({what}): {v.reason}",
                                section=v.section, offset=v.offset, address=v.address,
-                               site_index=v.index, op=v.op))
+                               site_index=v.index, op=v.op, file_offset=file_offset,
+                               length=site.len if site is not None else None))
         else:
             out.append(Finding("PV301", f"thunk {v.symbol} (calls {v.target}): {v.reason}",
                                address=v.address))
+    for d in report.unaccounted:
+        out.append(Finding("PV301", f"not accounted for: {d.what}", section=d.section,
+                           offset=d.offset, file_offset=d.file_offset,
+                           length=d.length or None))
     return out
-
