@@ -185,8 +185,26 @@ def diff_runs(a: bytes, b: bytes, limit: int = 8) -> list[tuple[int, int]]:
     return out
 
 
+def _differences(a: Sequence[tuple[int, ...]], b: Sequence[tuple[int, ...]]
+                 ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Rows only in `a`, rows only in `b`, as multisets (order does not matter to a
+    linker or loader).  Set differences run in C; a Counter only when rows repeat."""
+    sa, sb = set(a), set(b)
+    if len(sa) == len(a) and len(sb) == len(b):
+        return list(sa - sb), list(sb - sa)
+    ca, cb = Counter(a), Counter(b)
+    return list((ca - cb).elements()), list((cb - ca).elements())
+
+
 def _hexes(data: bytes, limit: int = 8) -> str:
     return data[:limit].hex(" ") + (" ..." if len(data) > limit else "")
+
+
+def _same_header(o: Section, p: Section) -> bool:
+    """Every header field but the file offset (moving a section changes nothing)."""
+    return (o.name, o.type, o.flags, o.addr, o.size, o.link, o.info, o.addralign,
+            o.entsize) == (p.name, p.type, p.flags, p.addr, p.size, p.link, p.info,
+                           p.addralign, p.entsize)
 
 
 def _keys(elf: ElfFile) -> list[tuple[str, int]]:
@@ -404,6 +422,10 @@ class _Accountant:
         for sec in p.sections:
             oi = self.p2o.get(sec.index)
             osec = o.sections[oi] if oi is not None else None
+            if osec is not None and oi == sec.index and _same_header(osec, sec) and \
+                    sec.type not in (SHT_SYMTAB, SHT_GROUP, SHT_SYMTAB_SHNDX) and \
+                    not self._differs(osec, sec):
+                continue  # nothing to account for (.symtab and friends: the mapping may)
             kind = kind_of(p, sec)
             if osec is None and not kind.may_be_new:
                 self.problem(f"section {sec.name} added (a {kind.name} section pvpatch never "
@@ -741,9 +763,9 @@ class _Accountant:
             return  # named with the header
         if o is not None and self.sym_map is None and self.odata(o) == self.pdata(p):
             return
-        before = Counter(self._rows(self.o, o)) if o is not None else Counter()
-        after = Counter(self._remapped(self._rows(self.p, p)))
-        for how, rows in (("removed", before - after), ("added", after - before)):
+        before = self._rows(self.o, o) if o is not None else []
+        after = self._remapped(self._rows(self.p, p))
+        for how, rows in zip(("removed", "added"), _differences(before, after), strict=True):
             for row in rows:
                 self._relocation_differs(how, p, target, target_o, row)
 
@@ -959,8 +981,8 @@ class _Accountant:
 
     def dynamic_relocations(self, o: Section | None, p: Section) -> None:
         assert o is not None
-        before, after = Counter(self._rows(self.o, o)), Counter(self._rows(self.p, p))
-        gone, new = before - after, after - before
+        gone, new = (Counter(rows) for rows in _differences(self._rows(self.o, o),
+                                                              self._rows(self.p, p)))
         spare: dict[tuple[int, ...], int] = {}
         for row, n in gone.items():
             key = (row[0], *row[2:])
