@@ -49,10 +49,12 @@ from .elf import (
     ElfFile,
     Relocation,
     Section,
+    Symbol,
 )
 from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
 from .scan import family_of
+from .targets import resolve_target
 from .thunk import THUNK_ALIGN, thunk_code
 
 PAGE = 0x1000
@@ -329,6 +331,7 @@ class _Rewriter:
         self.output = _Output(self.elf)
         self.texts: dict[int, bytearray] = {}
         self.patches: list[SitePatch] = []
+        self._targets: dict[str, Symbol | None] = {}
 
     def text(self, index: int) -> bytearray:
         buf = self.texts.get(index)
@@ -339,6 +342,12 @@ class _Rewriter:
     def branch_bytes(self, decision: Decision, disp: int) -> bytes:
         opcode = b"\xe9" if decision.action == "jmp" else b"\xe8"
         return opcode + _rel32(disp, self.elf.path, self.arch)
+
+    def target_symbol(self, name: str) -> Symbol | None:
+        """The symbol a spec target binds to (pvpatch.targets: the planner's rule too)."""
+        if name not in self._targets:
+            self._targets[name] = resolve_target(self.elf, name)
+        return self._targets[name]
 
 
 class _RelocatableRewriter(_Rewriter):
@@ -391,8 +400,9 @@ class _RelocatableRewriter(_Rewriter):
     NEW_GLOBAL = 1 << 41
 
     def symbol_index(self, name: str) -> int:
-        """Provisional index of a symbol named `name`, adding an undefined global if absent."""
-        sym = self.elf.symbols_by_name.get(name)
+        """Provisional index of the symbol `name` binds to, adding an undefined global if
+        the file has none."""
+        sym = self.target_symbol(name)
         if sym is not None:
             return sym.index
         if name not in self.global_index:
@@ -531,9 +541,9 @@ class _RelocatableRewriter(_Rewriter):
         if len(inside) != 1:
             return False
         r = inside[0][2]
-        sym = self.elf.symbol(r.sym)
+        # The same symbol, not just the same name: an `ld -r` output may hold two.
         return (r.offset == want.offset and r.type == want.type and r.addend == want.addend
-                and sym.name == d.target)
+                and r.sym == want.sym)
 
     # table -----------------------------------------------------------------
 
@@ -765,7 +775,7 @@ class _LinkedRewriter(_Rewriter):
             if d.action in ("call", "thunk", "jmp"):
                 assert d.target is not None
                 target = thunks[d.target].address if d.action == "thunk" else \
-                    elf.symbols_by_name[d.target].value
+                    self._linked_target(d.target)
                 assert target is not None
                 after = self.branch_bytes(d, target - (site.address + CALL_LEN)) + \
                     self.arch.nop_fill(site.len - CALL_LEN)
@@ -901,10 +911,17 @@ class _LinkedRewriter(_Rewriter):
                                                          len(want))
         return found
 
+    def _linked_target(self, name: str) -> int:
+        sym = self.target_symbol(name)
+        if sym is None or not sym.defined:  # the planner keeps such sites
+            raise RewriteError(f"target {name} is not defined in this linked file",
+                               self.elf.path)
+        return sym.value
+
     def _thunk_at(self, spec: ThunkSpec, addr: int) -> bytes:
         """The bytes of `spec`'s thunk placed at `addr` (its call displacement resolved)."""
         tc = thunk_code(self.arch, spec)
-        target = self.elf.symbols_by_name[spec.target].value
+        target = self._linked_target(spec.target)
         body = bytearray(tc.code)
         body[tc.call_field : tc.call_field + 4] = _rel32(
             target - (addr + tc.call_field + 4), self.elf.path, self.arch)

@@ -621,3 +621,110 @@ def test_i386_modules_call_native_io_delay(tmp_path: Path) -> None:
         if n % 10 == 0:  # the emulator agrees: the calls keep every site's contract
             assert pvpatch.verify_rewrite(rw, trials=4, seed=0, workers=1).ok
     assert calls > 2000
+
+
+# -- which symbol a spec target binds (an `ld -r` output may define a name twice) -------
+
+TWIN_SPEC = '[ops.31]\naction = "call"\ntarget = "native_thing"\n'
+
+
+def _symtab_rows(path: Path, name: str) -> list[tuple[int, int, str]]:
+    """(index, value, binding) of every symbol called `name` (readelf -s)."""
+    rows = []
+    for line in readelf("-s", str(path)).splitlines():
+        f = line.split()
+        if len(f) == 8 and f[7] == name:
+            rows.append((int(f[0].rstrip(":")), int(f[1], 16), f[4]))
+    return rows
+
+
+def test_target_binds_the_global_of_an_ld_r_output(tmp_path: Path) -> None:
+    """twins-global.o joins a static native_thing and a global one: the call's relocation
+    names the global (its symbol index, as readelf shows), and the linked program runs
+    into it ("ok"); the static would print "local a" and exit 1."""
+    src = FIX / "x86_64" / "twins-global.o"
+    rows = _symtab_rows(src, "native_thing")
+    assert sorted(r[2] for r in rows) == ["GLOBAL", "LOCAL"]
+    want = next(r[0] for r in rows if r[2] == "GLOBAL")
+    res = pvpatch.load(src, ops=CAT["x86_64"])
+    rw = pvpatch.apply_plan(pvpatch.make_plan(res, parse_spec_text(TWIN_SPEC, res.arch)))
+    assert [p.decision.action for p in rw.patches] == ["call"]
+    out = tmp_path / "t.o"
+    out.write_bytes(rw.data)
+    info = next(ln.split() for ln in readelf("-r", str(out)).splitlines()
+                if ln.startswith("0000000000000001 "))
+    assert info[2] == "R_X86_64_PLT32" and int(info[1], 16) >> 32 == want
+    exe = tmp_path / "t"
+    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-o", str(exe), str(out)],
+                   check=True)
+    ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=20)
+    assert (ran.returncode, ran.stdout) == (0, "ok\n")
+
+
+def test_target_binds_the_global_of_a_linked_file(tmp_path: Path) -> None:
+    """The same in the linked program: the call goes to the global's address."""
+    src = FIX / "x86_64" / "twins-global"
+    (glob,) = [r for r in _symtab_rows(src, "native_thing") if r[2] == "GLOBAL"]
+    res = pvpatch.load(src, ops=CAT["x86_64"])
+    rw = pvpatch.apply_plan(pvpatch.make_plan(res, parse_spec_text(TWIN_SPEC, res.arch)))
+    out = tmp_path / "t"
+    out.write_bytes(rw.data)
+    out.chmod(0o755)
+    dis = subprocess.run(["objdump", "-d", "--start-address", hex(res.sites[0].address or 0),
+                          "--stop-address", hex((res.sites[0].address or 0) + 5), str(out)],
+                         capture_output=True, text=True, check=True).stdout
+    assert re.search(rf"\bcall\s+{glob[1]:x} <native_thing>", dis), dis
+    ran = subprocess.run([str(out)], capture_output=True, text=True, timeout=20)
+    assert (ran.returncode, ran.stdout) == (0, "ok\n")
+
+
+@pytest.mark.parametrize("name", ["twins.o", "twins"])
+def test_ambiguous_target_is_refused(name: str, tmp_path: Path) -> None:
+    """Two static native_thing and no global (relocatable and linked): refused in one line
+    naming both candidates where readelf says they are; nothing written."""
+    src = FIX / "x86_64" / name
+    rows = _symtab_rows(src, "native_thing")
+    assert [r[2] for r in rows] == ["LOCAL", "LOCAL"]
+    spec = tmp_path / "twin.toml"
+    spec.write_text(TWIN_SPEC)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "pvpatch", "patch", str(src), "-o", str(out),
+                           "--backend", str(spec), "--ops", CAT["x86_64"]],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and not out.exists()
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "target native_thing is ambiguous: 2 local definitions" in proc.stderr
+    for _index, value, _bind in rows:
+        assert f"{value:#x}" in proc.stderr, proc.stderr
+    res = pvpatch.load(src, ops=CAT["x86_64"])
+    with pytest.raises(pvpatch.SpecError, match="ambiguous"):
+        pvpatch.make_plan(res, parse_spec_text(TWIN_SPEC, res.arch))
+
+
+def test_resolve_target_rules(tmp_path: Path) -> None:
+    """The rule itself: one global wins over locals, several globals (possible in a
+    hand-made object) are refused, an undefined name is the reference, an unknown None."""
+    from pvpatch.targets import resolve_target
+
+    obj = assemble(tmp_path, "g",
+        ".text\n.globl a\n.type a,@function\na: ret\n.weak b\n.type b,@function\nb: ret\n"
+        "call undefined_one\n")
+    elf = pvpatch.open_elf(obj)
+    sym = resolve_target(elf, "a")
+    assert sym is not None and sym.bind == 1 and sym.defined
+    undefined = resolve_target(elf, "undefined_one")
+    assert undefined is not None and not undefined.defined
+    assert resolve_target(elf, "nothing") is None
+    # two globals of one name: ld -r never writes that, a hand-edited symtab may
+    data = bytearray(obj.read_bytes())
+    symtab = elf.symtab
+    assert symtab is not None
+    b = elf.symbols_by_name["b"]
+    at = symtab.offset + b.index * 24
+    a_name = elf.symbols_by_name["a"].name_offset
+    data[at : at + 4] = a_name.to_bytes(4, "little")  # b's entry now named a (weak)
+    twice = tmp_path / "twice.o"
+    twice.write_bytes(bytes(data))
+    with pytest.raises(pvpatch.SpecError, match=r"2 global definitions \(\.text\+0x0, "
+                                                r"\.text\+0x1\)"):
+        resolve_target(pvpatch.open_elf(twice), "a")
