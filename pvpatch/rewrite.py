@@ -319,6 +319,29 @@ class _Output:
         elf.cls.ehdr.pack_into(self.out, 0, *rec)
 
 
+@dataclass(frozen=True)
+class _TableMover:
+    """Where an offset in a table section goes when entries are dropped (`keep`: the
+    entries kept, in order): one in a kept entry follows it, one in a dropped entry goes
+    to where the next kept entry now starts, one at or past the old end to the new end;
+    one before the table stays."""
+
+    table: Section
+    stride: int
+    keep: list[int]
+    new_size: int
+
+    def __call__(self, offset: int) -> int:
+        if offset < 0:
+            return offset
+        if offset >= self.table.size:
+            return self.new_size
+        k, rest = divmod(offset, self.stride)
+        before = bisect.bisect_left(self.keep, k)  # kept entries ahead of entry k
+        kept = before < len(self.keep) and self.keep[before] == k
+        return before * self.stride + (rest if kept else 0)
+
+
 # -- the rewriter ------------------------------------------------------------
 
 
@@ -367,6 +390,8 @@ class _RelocatableRewriter(_Rewriter):
         self.replaced: dict[int, list[Relocation]] = {}
         self.new_reloc_lists: dict[int, list[Relocation]] = {}  # sections without a .rela
         self.symbol_updates: dict[int, tuple[int, int]] = {}  # index -> (value, size)
+        # relocation section -> position -> new addend (references into a shrunk table)
+        self.addend_updates: dict[int, dict[int, int]] = {}
         self._by_text: dict[int, tuple[list[int], list[tuple[int, int, Relocation]]]] = {}
         thunks = self._place_thunks()
         rewritten: set[int] = set()
@@ -573,40 +598,92 @@ class _RelocatableRewriter(_Rewriter):
         data += bytes(table.count * stride - len(data))
         keep = [i for i in range(table.count) if i not in rewritten]
         moved = {old * stride: new * stride for new, old in enumerate(keep)}
-        new = b"".join(data[i * stride : (i + 1) * stride] for i in keep)
+        new = bytearray(b"".join(data[i * stride : (i + 1) * stride] for i in keep))
         short = table.count * stride - table.section.size  # a last entry without padding
         if short and keep and keep[-1] == table.count - 1:
             new = new[:-short]  # it is still last: it stays short
-        self.output.set_data(table.section.index, new)
-        self._move_table_symbols(table.section, stride, keep, len(new))
+        mover = _TableMover(table.section, stride, keep, len(new))
+        self._move_table_symbols(mover)
         for relsec in elf.relocation_sections(table.section):
             out = []
             for r in self._entries(relsec.index):
                 base = r.offset - r.offset % stride
                 if base in moved:
-                    out.append(r._replace(offset=moved[base] + r.offset % stride))
+                    r = r._replace(offset=moved[base] + r.offset % stride)
+                    addend = self._moved_addend(r, table.section, mover)
+                    if addend is not None:
+                        r = r._replace(addend=addend)
+                        if not self.arch.uses_rela:  # REL: the addend is in the entry
+                            self._write_addend(new, r)
+                    out.append(r)
             self.replaced[relsec.index] = out
+        self.output.set_data(table.section.index, bytes(new))
+        self._move_table_references(table.section, mover)
         return table.count - len(keep)
 
-    def _move_table_symbols(self, table: Section, stride: int, keep: list[int],
-                            new_size: int) -> None:
+    def _move_table_symbols(self, mover: _TableMover) -> None:
         """Labels inside the table follow their entries; one on a dropped entry moves to
         where the next kept entry now starts, and an end label to the new end."""
-        kept = set(keep)
-
-        def moved(offset: int) -> int:
-            if offset >= table.size:
-                return new_size
-            k, rest = divmod(offset, stride)
-            before = bisect.bisect_left(keep, k)  # kept entries ahead of entry k
-            return before * stride + (rest if k in kept else 0)
-
         for sym in self.elf.symbols:
-            if not sym.defined or sym.section_index != table.index or sym.type == STT_SECTION:
+            if not sym.defined or sym.section_index != mover.table.index or \
+                    sym.type == STT_SECTION:
                 continue
-            value, end = moved(sym.value), moved(sym.value + sym.size)
+            value, end = mover(sym.value), mover(sym.value + sym.size)
             if (value, end - value) != (sym.value, sym.size):
                 self.symbol_updates[sym.index] = (value, end - value)
+
+    def _moved_addend(self, r: Relocation, place: Section, mover: _TableMover) -> int | None:
+        """The new addend of a relocation that points into the table (through its section
+        symbol or a label in it), or None when it does not point there or stays put.
+
+        What it points at moves the way labels do.  A PC-relative relocation in code is
+        read as an instruction's displacement, which GNU as biases by its own width
+        (`lea tbl+0x20(%rip)` has addend 0x1c); in data (`.long tbl+0x20 - .`) there
+        is no bias."""
+        if not 0 <= r.sym < len(self.syms):
+            return None
+        sym = self.syms[r.sym]
+        if not sym.defined or sym.section_index != mover.table.index:
+            return None
+        kind = self.arch.reloc(r.type)
+        bias = kind.width if kind.pc_relative and place.is_exec else 0
+        label = 0 if sym.type == STT_SECTION else sym.value
+        new_label = 0 if sym.type == STT_SECTION else mover(sym.value)
+        addend = mover(label + r.addend + bias) - bias - new_label
+        return addend if addend != r.addend else None
+
+    def _write_addend(self, buf: bytearray, r: Relocation) -> None:
+        width = self.arch.reloc(r.type).width
+        if width and r.offset >= 0 and r.offset + width <= len(buf):
+            buf[r.offset : r.offset + width] = \
+                (r.addend & ((1 << 8 * width) - 1)).to_bytes(width, "little")
+
+    def _move_table_references(self, table: Section, mover: _TableMover) -> None:
+        """Relocations elsewhere (`.quad .parainstructions+0x20` in .data) that point into
+        the table follow what they point at: the addend of a RELA entry, the bytes at the
+        place for REL (the implicit addend)."""
+        elf = self.elf
+        symtab = elf.symtab
+        inside = {s.index for s in self.syms
+                  if s.defined and s.section_index == table.index}
+        if symtab is None or not inside:
+            return
+        for relsec in elf.sections:
+            if relsec.type not in (SHT_REL, SHT_RELA) or relsec.is_alloc or \
+                    relsec.link != symtab.index or relsec.info == table.index or \
+                    not 0 < relsec.info < len(elf.sections):
+                continue
+            place = elf.sections[relsec.info]
+            updates: dict[int, int] = {}
+            for pos, r in enumerate(elf.relocations(relsec)):
+                if r.sym in inside:
+                    addend = self._moved_addend(r, place, mover)
+                    if addend is not None:
+                        updates[pos] = addend
+                        if relsec.type == SHT_REL:
+                            self._write_addend(self.text(place.index), r._replace(addend=addend))
+            if updates:
+                self.addend_updates[relsec.index] = updates
 
     # emit --------------------------------------------------------------------
 
@@ -619,7 +696,8 @@ class _RelocatableRewriter(_Rewriter):
         assert symtab is not None
         # Every relocation section that names symbols must be rewritten if
         # new locals moved the globals.
-        touched = set(self.removed) | set(self.added) | set(self.replaced)
+        touched = set(self.removed) | set(self.added) | set(self.replaced) | \
+            set(self.addend_updates)
         for sec in elf.sections:
             if sec.type in (SHT_REL, SHT_RELA) and sec.link == symtab.index and shift:
                 touched.add(sec.index)
@@ -687,6 +765,10 @@ class _RelocatableRewriter(_Rewriter):
             return self.replaced[relsec_index]
         removed = self.removed.get(relsec_index, set())
         orig = self.elf.relocations(self.elf.sections[relsec_index])
+        addends = self.addend_updates.get(relsec_index)
+        if addends:
+            orig = tuple(r._replace(addend=addends[pos]) if pos in addends else r
+                         for pos, r in enumerate(orig))
         kept = [r for pos, r in enumerate(orig) if pos not in removed] if removed else list(orig)
         return kept + self.added.get(relsec_index, [])
 

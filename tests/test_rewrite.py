@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -728,3 +729,92 @@ def test_resolve_target_rules(tmp_path: Path) -> None:
     with pytest.raises(pvpatch.SpecError, match=r"2 global definitions \(\.text\+0x0, "
                                                 r"\.text\+0x1\)"):
         resolve_target(pvpatch.open_elf(twice), "a")
+
+
+# -- --drop-patched: references into the table through its section symbol --------------
+
+# tableref.S: name -> (offset in the table before, after) for the entry size S and pointer
+# size P of each architecture; see the source for what each points at.
+def _tableref_moves(s: int, p: int) -> dict[str, tuple[int, int]]:
+    return {"ref_e0": (0, 0), "ref_e1": (s, 0), "ref_e1_2": (s + 2, 2),
+            "ref_e2": (2 * s, s), "ref_e3_t": (3 * s + p, s + p), "ref_end": (4 * s, 2 * s),
+            "ref_label": (3 * s, s)}
+
+
+@pytest.mark.parametrize("arch_name", ["x86_64", "i386"])
+def test_drop_patched_moves_section_symbol_references(arch_name: str, tmp_path: Path) -> None:
+    """References into .parainstructions from .data and from code (section symbol plus an
+    addend, or a label plus one) follow what they point at, as labels do: readelf shows the
+    new addends (RELA) or bytes (REL), and once linked each word holds the address of the
+    entry it meant (its type byte says which) or the table's new end."""
+    arch = ARCHES[arch_name]
+    p = arch.ptr_size
+    s = 2 * p
+    src = FIX / arch_name / "tableref.o"
+    rw = patch(src, ops=CAT[arch_name], drop=True)
+    assert rw.dropped_entries == 2
+    out = tmp_path / "t.o"
+    out.write_bytes(rw.data)
+    check_links(out, arch, tmp_path, src)
+    moves = _tableref_moves(s, p)
+    syms = {r[7]: int(r[1], 16) for r in (ln.split() for ln in readelf("-s", str(src))
+                                          .splitlines()) if len(r) == 8 and r[6].isdigit()}
+    word = "<Q" if p == 8 else "<I"
+
+    def data_words(path: Path) -> dict[str, int]:
+        """.data as readelf -x prints it (REL: the implicit addends)."""
+        raw = b""
+        for ln in readelf("-x", ".data", str(path)).splitlines():
+            if m := re.match(r"\s+0x[0-9a-f]+ ((?:[0-9a-f]{8} ?){1,4})", ln):
+                raw += bytes.fromhex(m[1].replace(" ", ""))
+        return {n: struct.unpack_from(word, raw, syms[n])[0] for n in moves}
+
+    if arch.uses_rela:
+        def addends(path: Path) -> dict[int, tuple[str, int]]:
+            rows = {}
+            for ln in readelf("-r", str(path)).split("'.rela.data'", 1)[1] \
+                    .split("\n\n", 1)[0].splitlines()[2:]:
+                f = ln.split()
+                rows[int(f[0], 16)] = (f[4], int(f[6], 16))
+            return rows
+
+        before, after = addends(src), addends(out)
+        for n, (old, new) in moves.items():
+            sym = "tbl_first" if n == "ref_label" else ".parainstructions"
+            assert before[syms[n]] == (sym, old) and after[syms[n]] == (sym, new), n
+        assert before[syms["ref_end_pc"]][1] == 4 * s and after[syms["ref_end_pc"]][1] == 2 * s
+        text = [ln for ln in readelf("-r", str(out)).splitlines() if ".parainstructions" in ln
+                and "R_X86_64_PC32" in ln]
+        assert [int(ln.split()[-1], 16) for ln in text[:1]] == [s - 4]  # lea entry 2 -> 3
+    else:
+        for n, (old, new) in moves.items():
+            if n != "ref_label":
+                assert data_words(src)[n] == old and data_words(out)[n] == new, n
+        assert data_words(src)["ref_label"] == 3 * s and data_words(out)["ref_label"] == s
+    # linked: every word points where it meant to, in the shrunk table
+    emul = ["-m", "elf_i386"] if arch_name == "i386" else []
+    exe = tmp_path / "t"
+    subprocess.run(["ld", *emul, "-static", "-e", "_start", "--no-warn-rwx-segments", "-o",
+                    str(exe), str(out)], check=True)
+    linked = pvpatch.open_elf(exe)
+    table = linked.section(".parainstructions")
+    assert table is not None and table.size == 2 * s
+    entry_types = [linked.section_data(table)[k * s + p] for k in range(2)]
+    assert entry_types == [99, 98]  # the kept entries, in order
+    lsyms = linked.symbols_by_name
+    for n, (_old, new) in moves.items():
+        at = linked.addr_to_offset(lsyms[n].value)
+        assert at is not None
+        assert struct.unpack_from(word, linked.data, at)[0] == table.addr + new, n
+    pc = lsyms["ref_end_pc"].value
+    at = linked.addr_to_offset(pc)
+    assert at is not None
+    assert pc + struct.unpack_from("<i", linked.data, at)[0] == table.addr + 2 * s
+    # the code's reference: `lea`/`mov` of entry 2, dropped, now entry 3's new place
+    dis = subprocess.run(["objdump", "-d", str(exe)], capture_output=True, text=True,
+                         check=True).stdout
+    target = table.addr + s
+    assert re.search(rf"(lea\s+0x[0-9a-f]+\(%rip\),%rax\s+# {target:x}|mov\s+\${target:#x},%eax)",
+                     dis), dis
+    # and the table still reads as the kept sites
+    assert [x.type for x in pvpatch.load(out, ops=CAT[arch_name]).sites] == [99, 98]
