@@ -36,6 +36,7 @@ from .elf import (
     SHN_UNDEF,
     SHN_XINDEX,
     SHT_GROUP,
+    SHT_NOBITS,
     SHT_PROGBITS,
     SHT_REL,
     SHT_RELA,
@@ -55,7 +56,7 @@ from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
 from .scan import family_of
 from .targets import resolve_target
-from .thunk import THUNK_ALIGN, thunk_code
+from .thunk import PLAIN, THUNK_ALIGN, Conventions, ReturnForm, file_conventions, thunk_code
 
 PAGE = 0x1000
 MAX_SECTION_ALIGN = 1 << 16  # most a moved section may be aligned to (padding is zeros)
@@ -78,6 +79,7 @@ class PlacedThunk:
     offset: int
     address: int | None
     size: int
+    conventions: Conventions = PLAIN  # how it returns (thunks of an earlier run: unknown)
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,11 @@ class _Rewriter:
             self._targets[name] = resolve_target(self.elf, name)
         return self._targets[name]
 
+    @cached_property
+    def conventions(self) -> Conventions:
+        """What thunks placed in this file look like (read from the input)."""
+        return file_conventions(self.elf, self.plan.backend.thunk_section)
+
 
 class _RelocatableRewriter(_Rewriter):
     def run(self) -> Rewrite:
@@ -465,15 +472,18 @@ class _RelocatableRewriter(_Rewriter):
         if not specs:
             self.thunk_sec = None
             return existing
+        conv = self.conventions
         code = bytearray()
         placed: dict[str, PlacedThunk] = {}
-        calls: list[tuple[int, str]] = []
+        branches: list[tuple[int, str]] = []
+        listed: list[tuple[str, int]] = []  # (thunk, offset in it) of each listed return
         for spec in specs:
             code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
-            tc = thunk_code(self.arch, spec)
+            tc = thunk_code(self.arch, spec, conv)
             placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section, len(code),
-                                              None, len(tc.code))
-            calls.append((len(code) + tc.call_field, spec.target))
+                                              None, len(tc.code), conv)
+            branches += [(len(code) + b.field, b.symbol) for b in tc.branches]
+            listed += [(spec.symbol, at) for at in tc.listed]
             code += tc.code
         out = self.output
         self.thunk_sec = out.add_section(
@@ -486,15 +496,52 @@ class _RelocatableRewriter(_Rewriter):
                 (spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0, self.thunk_sec, p.offset, p.size)
             )
         if not self.arch.uses_rela:
-            for off, _t in calls:
+            for off, _t in branches:
                 code[off : off + 4] = (-4 & 0xFFFFFFFF).to_bytes(4, "little")
         out.set_data(self.thunk_sec, bytes(code))
+        # GNU as relocates `call sym` and `jmp sym` alike (PLT32 / PC32).
         relocs = [
             Relocation(off, self.arch.r_call, self.symbol_index(target), -4)
-            for off, target in calls
+            for off, target in branches
         ]
         self.new_reloc_lists[self.thunk_sec] = relocs
+        if listed:
+            self._list_in_table(conv.returns, [(self._thunk_symbol_index(name), at)
+                                               for name, at in listed])
         return {**existing, **placed}
+
+    def _list_in_table(self, form: ReturnForm, entries: list[tuple[int, int]]) -> None:
+        """Append an entry per (symbol, offset) to the form's table (objtool's .return_sites:
+        s32 self-relative, one PC32 relocation each), creating the table as objtool does
+        when the file has none.  An existing table keeps its header: its flags, group and
+        relocation section are the ones the rest of the file already agreed on."""
+        table = form.table
+        assert table is not None
+        arch, out = self.arch, self.output
+        sec = self.elf.section(table.section)
+        if sec is not None and (sec.type == SHT_NOBITS or sec.size % table.entry_size):
+            raise RewriteError(f"{table.section} is not a table of {table.entry_size}-byte "
+                               "entries: the thunks' returns cannot be listed in it",
+                               self.elf.path)
+        old = self.elf.section_data(sec) if sec is not None else b""
+        # RELA files carry the addend in the relocation, REL ones in the entry itself.
+        blob = b"".join(bytes(table.entry_size) if arch.uses_rela else
+                        (addend & 0xFFFFFFFF).to_bytes(table.entry_size, "little")
+                        for _sym, addend in entries)
+        relocs = [Relocation(len(old) + k * table.entry_size, arch.r_pc32, sym, addend)
+                  for k, (sym, addend) in enumerate(entries)]
+        if sec is None:
+            index = out.add_section(table.section, type=SHT_PROGBITS, flags=table.flags,
+                                    addralign=table.addralign, entsize=table.entsize)
+            self.new_reloc_lists[index] = relocs
+        else:
+            index = sec.index
+            relsecs = self.elf.relocation_sections(sec)
+            if relsecs:
+                self.added.setdefault(relsecs[0].index, []).extend(relocs)
+            else:
+                self.new_reloc_lists.setdefault(index, []).extend(relocs)
+        out.set_data(index, old + blob)
 
     # sites -----------------------------------------------------------------
 
@@ -990,7 +1037,7 @@ class _LinkedRewriter(_Rewriter):
                     want = self._thunk_at(spec, sec.addr + off)
                     if spec.symbol not in found and data[off : off + len(want)] == want:
                         found[spec.symbol] = PlacedThunk(spec, name, off, sec.addr + off,
-                                                         len(want))
+                                                         len(want), self.conventions)
         return found
 
     def _linked_target(self, name: str) -> int:
@@ -1001,12 +1048,17 @@ class _LinkedRewriter(_Rewriter):
         return sym.value
 
     def _thunk_at(self, spec: ThunkSpec, addr: int) -> bytes:
-        """The bytes of `spec`'s thunk placed at `addr` (its call displacement resolved)."""
-        tc = thunk_code(self.arch, spec)
-        target = self._linked_target(spec.target)
+        """The bytes of `spec`'s thunk placed at `addr` (its branches resolved)."""
+        conv = self.conventions
+        tc = thunk_code(self.arch, spec, conv)
         body = bytearray(tc.code)
-        body[tc.call_field : tc.call_field + 4] = _rel32(
-            target - (addr + tc.call_field + 4), self.elf.path, self.arch)
+        for b in tc.branches:
+            if b.symbol == conv.returns.symbol and conv.return_address is not None:
+                target = conv.return_address
+            else:
+                target = self._linked_target(b.symbol)
+            body[b.field : b.field + 4] = _rel32(target - (addr + b.field + 4), self.elf.path,
+                                                 self.arch)
         return bytes(body)
 
     def _place_thunks(self) -> dict[str, PlacedThunk]:
@@ -1050,12 +1102,11 @@ class _LinkedRewriter(_Rewriter):
         base = _align(ph_size, THUNK_ALIGN)
         for spec in specs:
             code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
-            tc = thunk_code(self.arch, spec)
             addr = vaddr + base + len(code)
             body = self._thunk_at(spec, addr)
             # offset within the thunk section, as for relocatable files
             placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section,
-                                              len(code), addr, len(tc.code))
+                                              len(code), addr, len(body), self.conventions)
             code += body
         total = base + len(code)
         rows: list[bytes] = []
