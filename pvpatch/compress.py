@@ -185,6 +185,8 @@ def _zstd_decode(src: Source, limit: int) -> Iterator[bytes]:
                 break
     except zstandard.ZstdError as exc:
         message = re.sub(r"^zstd decompress(or)? error: ", "", str(exc))
+        if content is not None and message.startswith("Destination buffer is too small"):
+            message = f"more data than the {content} bytes its header says"  # libzstd's words
         raise StreamError(f"corrupt zstd stream: {message}") from None
     if not dec.eof:
         raise StreamError("truncated zstd stream")

@@ -438,6 +438,18 @@ def test_data_past_the_elf_file_stops_decoding(fmt: str) -> None:
         _open(pack(plain + bytes(compress.TRAILER_MAX + 1)), fmt)
 
 
+def test_zstd_content_size_that_lies() -> None:
+    """The frame header's content size, one less and one more than the frame holds."""
+    plain = MODULE.read_bytes()
+    good = compress.compress(plain, "zstd")  # a single-segment frame: the size in 2 bytes
+    assert good[4] & 0xE0 == 0x60 and int.from_bytes(good[5:7], "little") + 256 == len(plain)
+    for delta, text in ((-1, f"more data than the {len(plain) - 1} bytes its header says"),
+                        (1, "corrupt zstd stream")):
+        size = (len(plain) - 256 + delta).to_bytes(2, "little")
+        with pytest.raises(InputError, match=text):
+            _open(good[:5] + size + good[7:], "zstd")
+
+
 def test_many_empty_zstd_blocks_cost_little() -> None:
     """30 MB of empty raw blocks (3 bytes each) in one frame: decoded in C, never walked
     block by block in Python (which took 5 s for this file)."""
