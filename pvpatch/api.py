@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .output import OutputFile
     from .plan import Plan
     from .rewrite import Rewrite
+    from .targets import SymbolMap
 
 
 def open_elf(path: str | os.PathLike[str], *,
@@ -73,13 +74,20 @@ def load_backend(spec: str, elf: ElfFile) -> Backend:
 
 
 def make_plan(
-    result: ScanResult, backend: str | Backend = "native", *, drop_patched: bool = False
+    result: ScanResult, backend: str | Backend = "native", *, drop_patched: bool = False,
+    symbols: str | os.PathLike[str] | SymbolMap | None = None,
 ) -> Plan:
-    """Decide what every site becomes; nothing is written."""
+    """Decide what every site becomes; nothing is written.
+
+    `symbols` (a System.map or /proc/kallsyms file, or a `SymbolMap`) gives the addresses
+    of spec targets a linked image has neither in `.symtab` nor in its export table."""
     from .plan import make_plan as _make_plan
+    from .targets import SymbolMap
 
     be = load_backend(backend, result.elf) if isinstance(backend, str) else backend
-    return _make_plan(result, be, drop_patched=drop_patched)
+    smap = symbols if isinstance(symbols, SymbolMap) or symbols is None \
+        else SymbolMap.read(symbols)
+    return _make_plan(result, be, drop_patched=drop_patched, symbols=smap)
 
 
 def apply_plan(the_plan: Plan, *, symvers: str | os.PathLike[str] | None = None) -> Rewrite:

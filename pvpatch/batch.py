@@ -31,6 +31,7 @@ from .scan import DEFAULT_SECTION
 
 if TYPE_CHECKING:
     from .api import SigningKey
+    from .targets import SymbolMap
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -252,6 +253,7 @@ class PatchOptions:
     dry_run: bool = False
     json: bool = False
     symvers: str | None = None
+    symbols: str | None = None  # System.map / kallsyms for targets of stripped images
     signing: SigningKey | None = None  # signs relocatable outputs (modules)
     max_decompressed: int = MAX_DECOMPRESSED  # compressed inputs are refused past this
 
@@ -289,7 +291,7 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
         result = scan_for(elf, layout=options.layout, section=options.section,
                           ops=options.ops)
         plan = make_plan(result, backend_for(options.backend, elf.arch.name),
-                         drop_patched=options.drop_patched)
+                         drop_patched=options.drop_patched, symbols=_symbol_map(options.symbols))
         rw = apply_plan(plan, symvers=options.symvers)
         verify_doc = None
         lines: list[str] = []
@@ -325,6 +327,14 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
     return PatchOutcome(item.path, "patched", output, (*patch_text(rw, output), *lines),
                         record, (*result.findings, *plan.findings), len(result.sites),
                         plan.counts(), len(data))
+
+
+@functools.lru_cache(maxsize=4)
+def _symbol_map(path: str | None) -> SymbolMap | None:
+    """One read per process of a symbol file shared by every file of a tree."""
+    from .targets import SymbolMap
+
+    return SymbolMap.read(path) if path is not None else None
 
 
 def job(func: Callable[..., R], options: Any, **kwargs: Any) -> Callable[[InputFile], R]:

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symvers", metavar="FILE",
                    help="CRCs for symbols a module newly imports: a Module.symvers file or "
                         "the kernel's vmlinux (modules built with symbol versions)")
+    p.add_argument("--symbols", metavar="FILE",
+                   help="addresses of spec targets a linked image has neither in .symtab "
+                        "nor in its export table (System.map or /proc/kallsyms format)")
     p.add_argument("--sign-key", metavar="KEY", help="sign output modules with this key ...")
     p.add_argument("--sign-cert", metavar="CERT", help="... and this X.509 certificate")
     p.add_argument("--sign-hash", default="sha256", metavar="HASH",
@@ -357,7 +360,8 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
                   max_decompressed=_limit(args))
     if signing is not None and not result.elf.is_relocatable:
         raise UsageError("--sign-key applies to kernel modules (relocatable files)")
-    the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched)
+    the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched,
+                         symbols=args.symbols)
     # What check would report: the scan's findings and the plan's (sites never rewritten
     # because their bytes are not what the entry claims; what the backend cannot do).
     findings = (*result.findings, *the_plan.findings)
@@ -452,7 +456,8 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
         outdir=args.output, backend=args.backend, layout=args.layout, section=args.section,
         ops=args.ops, drop_patched=args.drop_patched, verify=not args.no_verify,
         trials=args.trials, seed=args.seed, dry_run=args.dry_run, json=args.json,
-        symvers=args.symvers, signing=signing, max_decompressed=_limit(args))
+        symvers=args.symvers, signing=signing, max_decompressed=_limit(args),
+        symbols=args.symbols)
     bar = open_progress(args.progress, len(inputs.files), "patch", sys.stderr)
     from .batch import PatchOutcome
     from .report import findings_text

@@ -10,15 +10,16 @@ register-saving thunk, else the site is kept, with the reason.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .arch import Arch, convention_changes
 from .backend import Action, Backend, OpRule, returns_to_site
 from .elf import Symbol
 from .rules import Finding
 from .scan import ScanResult, Site, site_finding
-from .targets import resolve_target
+from .targets import SymbolMap, TargetAddress, resolve_target, target_address
 
 CALL_LEN = 5  # e8/e9 rel32
 UD2 = b"\x0f\x0b"
@@ -62,6 +63,9 @@ class Plan:
     # claims (PV105, PV114-PV116; never rewritten) and what the backend cannot do
     # (PV201-PV203).  `check` and `patch` report the same list.
     findings: tuple[Finding, ...] = ()
+    # Linked files: where each spec target is and what said so (.symtab, the image's
+    # export table, a symbol file): the rewriter calls these addresses.
+    targets: Mapping[str, TargetAddress] = field(default_factory=dict)
 
     @property
     def arch(self) -> Arch:
@@ -76,9 +80,12 @@ def _regs(names: Iterable[str]) -> str:
 
 
 class Planner:
-    def __init__(self, scan: ScanResult, backend: Backend) -> None:
+    def __init__(self, scan: ScanResult, backend: Backend,
+                 symbols: SymbolMap | None = None) -> None:
         self.scan = scan
         self.backend = backend
+        self.symbols = symbols
+        self.addresses: dict[str, TargetAddress | None] = {}
         self.arch = scan.arch
         self.thunks: dict[tuple[str, tuple[str, ...]], ThunkSpec] = {}
         elf = scan.elf
@@ -101,8 +108,9 @@ class Planner:
         already = {d.site.index for d in decisions if d.rewrites and d.code == d.site.code}
         kept = [f for f in problems if not (f.rule == "PV114" and f.site_index in already)]
         findings = tuple(kept) + tuple(plan_findings(self.backend, self.arch, decisions))
+        targets = {n: a for n, a in self.addresses.items() if a is not None}
         return Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()),
-                    drop_patched, findings)
+                    drop_patched, findings, MappingProxyType(targets))
 
     def decide(self, site: Site) -> Decision:
         if site.index in self.scan.unsafe:
@@ -186,9 +194,14 @@ class Planner:
         name is refused (SpecError) in any file: the rewriter binds the same symbol."""
         if target not in self._targets:
             self._targets[target] = resolve_target(self.scan.elf, target)
-        found = self._targets[target]
-        if self.linked and (found is None or not found.defined):
-            return f"target {target} is not defined in this linked file"
+        if not self.linked:
+            return None
+        if target not in self.addresses:
+            self.addresses[target] = target_address(self.scan.elf, target, self.symbols)
+        if self.addresses[target] is None:
+            where = " or the symbol file" if self.symbols is not None else ""
+            return (f"target {target} is not defined in this linked file (not in .symtab, "
+                    f"the export table{where})")
         return None
 
     def _unreachable(self, site: Site, rule: OpRule) -> Decision | None:
@@ -287,6 +300,7 @@ def plan_findings(backend: Backend, arch: Arch, decisions: Iterable[Decision]) -
     return out
 
 
-def make_plan(scan: ScanResult, backend: Backend, *, drop_patched: bool = False) -> Plan:
+def make_plan(scan: ScanResult, backend: Backend, *, drop_patched: bool = False,
+              symbols: SymbolMap | None = None) -> Plan:
     backend.check_arch(scan.arch, scan.path)
-    return Planner(scan, backend).plan(drop_patched)
+    return Planner(scan, backend, symbols).plan(drop_patched)

@@ -173,6 +173,10 @@ def patch_json(rw: Rewrite, output: str | None, verify: dict[str, Any] | None = 
         "arch": plan.arch.name,
         "backend": plan.backend.source,
         "sites": sites,
+        "targets": [
+            {"name": t.name, "address": t.address, "source": t.source}
+            for t in plan.targets.values()
+        ],
         "thunks": [
             {
                 "symbol": t.spec.symbol,
@@ -219,6 +223,8 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
         lines.append(UNNAMED)
     for (action, op), n in sorted(by_op.items()):
         lines.append(f"  {action:6} {n:5}  {op}")
+    for tgt in plan.targets.values():
+        lines.append(f"  target {tgt.name} at {tgt.address:#x} (from {tgt.source})")
     for t in rw.thunks:
         where = f"{t.address:#x}" if t.address is not None else f"{t.section}+{t.offset:#x}"
         lines.append(f"  thunk  {t.spec.symbol} at {where}: saves {', '.join(t.spec.saves)}, "

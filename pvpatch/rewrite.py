@@ -1041,6 +1041,9 @@ class _LinkedRewriter(_Rewriter):
         return found
 
     def _linked_target(self, name: str) -> int:
+        found = self.plan.targets.get(name)  # where the planner found it
+        if found is not None:
+            return found.address
         sym = self.target_symbol(name)
         if sym is None or not sym.defined:  # the planner keeps such sites
             raise RewriteError(f"target {name} is not defined in this linked file",

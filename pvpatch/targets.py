@@ -12,8 +12,14 @@ means what the linker would bind it to, so the rule is the linker's:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
 from .elf import STB_GLOBAL, STB_LOCAL, STB_WEAK, STT_FILE, STT_SECTION, ElfFile, Symbol
-from .errors import SpecError
+from .errors import InputError, SpecError
 
 
 def candidates(elf: ElfFile, name: str) -> list[Symbol]:
@@ -59,3 +65,64 @@ def resolve_target(elf: ElfFile, name: str) -> Symbol | None:
         raise SpecError(f"target {name} is ambiguous: {len(defined)} definitions ({where})",
                         elf.path)
     return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class TargetAddress:
+    """Where a spec target is in a linked file, and what said so."""
+
+    name: str
+    address: int
+    source: str  # ".symtab", "export table", or the symbol file's path
+
+
+def target_address(elf: ElfFile, name: str,
+                   symbols: SymbolMap | None = None) -> TargetAddress | None:
+    """A linked file's address for `name`: its `.symtab` (by the linker's rule above), else
+    the kernel image's own export table (distributions strip `.symtab`, but every
+    EXPORT_SYMBOL is in `__ksymtab`), else a symbol file the user gave; None when nothing
+    knows it."""
+    sym = resolve_target(elf, name)
+    if sym is not None and sym.defined:
+        return TargetAddress(name, sym.value, ".symtab")
+    from .ksymtab import export_address
+
+    addr = export_address(elf, name)
+    if addr is not None:
+        return TargetAddress(name, addr, "export table")
+    if symbols is not None and name in symbols.addresses:
+        return TargetAddress(name, symbols.addresses[name], symbols.path)
+    return None
+
+
+@dataclass(frozen=True)
+class SymbolMap:
+    """Addresses from a System.map or /proc/kallsyms file (`ADDRESS TYPE NAME [MODULE]`)."""
+
+    path: str
+    addresses: Mapping[str, int]
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> SymbolMap:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
+        out: dict[str, int] = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 3 or len(parts[1]) != 1:
+                raise InputError(f"line {n} is not a System.map or kallsyms line", str(path))
+            try:
+                value = int(parts[0], 16)
+            except ValueError:
+                raise InputError(f"line {n}: {parts[0]!r} is not an address",
+                                 str(path)) from None
+            # A module's symbol ("[mod]") is not in the image; text symbols win over data.
+            if len(parts) > 3 or value == 0:
+                continue
+            if parts[2] not in out or parts[1] in "tT":
+                out[parts[2]] = value
+        return cls(str(path), MappingProxyType(out))

@@ -72,3 +72,77 @@ def test_a_wrong_release_guess_is_dropped(tmp_path: Path) -> None:
     assert not catalog_fits(scan_elf(elf, ops=builtin_catalog("linux-6.1-x86_64")))
     result = pvpatch.load(path)
     assert result.ops is None and result.sites  # the sites are still found, unnamed
+
+
+IO_DELAY = '[ops."cpu.io_delay"]\naction = "call"\ntarget = "native_io_delay"\n'
+
+
+def _exported(path: Path, name: str) -> int:
+    """`name`'s address from the export table, read here with readelf's section list and
+    12-byte self-relative entries (x86 since 5.4): independent of pvpatch.ksymtab."""
+    import struct
+
+    import independent
+
+    secs = {s.name: s for s in independent.sections(path)}
+    ks, strings = secs["__ksymtab"], secs["__ksymtab_strings"]
+    raw = path.read_bytes()
+    table = raw[ks.offset : ks.offset + ks.size]
+    names = raw[strings.offset : strings.offset + strings.size]
+    mask = (1 << (64 if ks.addr > 0xFFFFFFFF else 32)) - 1
+    for at in range(0, len(table), 12):
+        value, name_rel = struct.unpack_from("<ii", table, at)
+        off = ks.addr + at + 4 + name_rel - strings.addr
+        if names[off : names.index(b"\0", off)] == name.encode():
+            return (ks.addr + at + value) & mask
+    raise AssertionError(f"{name} is not exported")
+
+
+@pytest.mark.parametrize("kind", ["i386", "x86_64"])
+def test_spec_targets_come_from_the_export_table(kind: str, tmp_path: Path) -> None:
+    """No .symtab and no symbol file: native_io_delay's address is the image's own export,
+    every io_delay site becomes a direct call to it, and verify proves each."""
+    from pvpatch.backend import parse_spec_text
+
+    vmlinux = corpus.i386_vmlinux() if kind == "i386" else corpus.x86_64_vmlinux()
+    assert vmlinux is not None
+    path = vmlinux if kind == "i386" else _without_btf(vmlinux, tmp_path)
+    result = pvpatch.load(path)
+    spec = parse_spec_text(IO_DELAY, result.arch, "<io_delay>")
+    plan = pvpatch.make_plan(result, spec)
+    want = _exported(path, "native_io_delay")
+    target = plan.targets["native_io_delay"]
+    assert (target.address, target.source) == (want, "export table")
+    io = [d for d in plan.decisions if d.site.op == "cpu.io_delay"]
+    assert io and all(d.action == "call" for d in io)
+    if kind == "i386":
+        assert len(io) == 153
+    rw = pvpatch.apply_plan(plan)
+    for p in rw.patches:
+        if p.decision.action != "call":
+            continue
+        s = p.decision.site
+        assert s.address is not None
+        disp = int.from_bytes(p.after[1:5], "little", signed=True)
+        assert p.after[0] == 0xE8 and (s.address + 5 + disp) % (1 << 64) == want % (1 << 64)
+    report = pvpatch.verify_rewrite(rw)
+    assert report.ok and report.summary["pass"] == len(io), report.failures[:3]
+
+
+def test_a_symbol_file_supplies_what_the_image_does_not(tmp_path: Path) -> None:
+    path = _without_btf(corpus.x86_64_vmlinux(), tmp_path)
+    from pvpatch.backend import parse_spec_text
+
+    result = pvpatch.load(path)
+    spec = parse_spec_text(IO_DELAY.replace("native_io_delay", "not_exported_fn"),
+                           result.arch, "<spec>")
+    kept = pvpatch.make_plan(result, spec)
+    reasons = {d.reason for d in kept.decisions if d.site.op == "cpu.io_delay"}
+    assert reasons == {"target not_exported_fn is not defined in this linked file (not in "
+                       ".symtab, the export table)"}
+    address = _exported(path, "native_io_delay")
+    sysmap = tmp_path / "System.map"
+    sysmap.write_text(f"{address:016x} T not_exported_fn\n{address:016x} t other [mod]\n")
+    plan = pvpatch.make_plan(result, spec, symbols=sysmap)
+    assert plan.targets["not_exported_fn"].source == str(sysmap)
+    assert {d.action for d in plan.decisions if d.site.op == "cpu.io_delay"} == {"call"}
