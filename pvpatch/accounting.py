@@ -27,6 +27,7 @@ offset; one that a proof explains is a `Claim`, settled once the verdicts are in
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,13 +35,18 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .elf import (
-    PF_W,
+    PF_R,
     PF_X,
     PT_LOAD,
     PT_PHDR,
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHF_GROUP,
+    SHF_INFO_LINK,
     SHN_UNDEF,
     SHT_GROUP,
     SHT_NOBITS,
+    SHT_PROGBITS,
     SHT_REL,
     SHT_RELA,
     SHT_RELR,
@@ -68,6 +74,7 @@ DT_RELA, DT_REL, DT_RELRSZ = 7, 17, 35
 DT_RELACOUNT, DT_RELCOUNT = 0x6FFFFFF9, 0x6FFFFFFA
 NEW_SYMBOL = 1 << 40  # a patched symbol with no original counterpart, in relocation keys
 THUNK_ALIGN = 16
+PAGE = 0x1000
 # objtool's lists of instructions (s32 self-relative entries, one PC32 relocation each)
 # that pvpatch appends to when a thunk's return must be listed (CONFIG_RETHUNK).
 SITE_LISTS = (".return_sites",)
@@ -196,6 +203,18 @@ def _differences(a: Sequence[tuple[int, ...]], b: Sequence[tuple[int, ...]]
     return list((ca - cb).elements()), list((cb - ca).elements())
 
 
+_NONZERO = bytes([0] + [1] * 255)
+
+
+def _not_zeroed(was: bytes, now: bytes) -> bytes:
+    """1 where a byte of `now` is neither `was`'s byte nor zero, else 0 (computed at C
+    speed, as big integers)."""
+    changed = (int.from_bytes(was, "little") ^ int.from_bytes(now, "little")).to_bytes(
+        len(was), "little")
+    return (int.from_bytes(changed.translate(_NONZERO), "little")
+            & int.from_bytes(now.translate(_NONZERO), "little")).to_bytes(len(was), "little")
+
+
 def _hexes(data: bytes, limit: int = 8) -> str:
     return data[:limit].hex(" ") + (" ..." if len(data) > limit else "")
 
@@ -249,7 +268,7 @@ def _kinds() -> tuple[tuple[Callable[[_Accountant, ElfFile, Section], bool], Kin
               A.symbol_indices, may_be_new=True)),
         (lambda a, e, s: _is_rel(s) and not s.is_alloc and a.is_table(e, s.info),
          Kind("table relocations", "follow their entries (kept, or dropped with them)", True,
-              9, A.nothing)),
+              1, A.table_relocations)),
         (lambda a, e, s: _is_rel(s) and not s.is_alloc,
          Kind("relocations", "differ only inside proven sites and thunks, in entries listing "
               "thunk returns, or follow what they point at in the table", True, 2,
@@ -327,6 +346,7 @@ class _Accountant:
         self.new_globals: set[str] = set()
         self.dropped: list[int] = []  # table entries dropped
         self.silenced: set[int] = set()  # ... and those dropped or neutralised
+        self.table_done = False
         self.table_moved: Callable[[int], int] | None = None
         self.pending_syms: list[tuple[Symbol, Symbol]] = []
         self.pending_relocs: list[tuple[str, Section, tuple[int, ...]]] = []
@@ -431,6 +451,8 @@ class _Accountant:
                 self.problem(f"section {sec.name} added (a {kind.name} section pvpatch never "
                              "adds)", sec, 0, sec.size)
                 continue
+            if osec is None:
+                self._new_header(kind, sec)
             work.append((kind.phase, kind, osec, sec))
         for sec in o.sections:
             if sec.index not in self.o2p:
@@ -468,6 +490,12 @@ class _Accountant:
 
     def _header(self, kind: Kind, o: Section, p: Section) -> None:
         if kind.name == "null":
+            # all zeros, but the count and the name table's index under extended numbering
+            count_ok = p.size in (o.size, len(self.p.sections))
+            link_ok = p.link in (o.link, getattr(self.p, "shstrndx", 0))
+            if (p.name_offset, p.type, p.flags, p.addr, p.offset, p.info, p.addralign,
+                    p.entsize) != (0,) * 8 or not (count_ok and link_ok):
+                self.problem("section header 0 changed", None, None, 0, self.p.e_shoff)
             return
         same = ("type", "flags", "addr", "addralign", "entsize")
         for name in same:
@@ -491,6 +519,29 @@ class _Accountant:
             good = o.info == p.info
         if not good:
             self.problem(f"section header: sh_info {o.info} became {p.info}", p, 0)
+
+    def _new_header(self, kind: Kind, p: Section) -> None:
+        """A section pvpatch adds has the header pvpatch writes for it."""
+        elf = self.p
+        symtab = getattr(elf.symtab, "index", -1)
+        rec = (elf.cls.rela if elf.arch.uses_rela else elf.cls.rel).size
+        # kind -> (type, flags it has, flags it may also have, entsize, link)
+        want: dict[str, tuple[int, int, int, int, int | None]] = {
+            "thunks": (SHT_PROGBITS, SHF_ALLOC | SHF_EXECINSTR, 0, 0, 0),
+            "relocations": (SHT_RELA if elf.arch.uses_rela else SHT_REL, SHF_INFO_LINK,
+                            SHF_GROUP, rec, symtab),
+            "site list": (SHT_PROGBITS, SHF_ALLOC, 0, SITE_LIST_ENTRY, 0),
+            "symbol indices": (SHT_SYMTAB_SHNDX, 0, 0, 4, symtab),
+        }
+        rule = want.get(kind.name)
+        if rule is None:
+            return
+        stype, flags, optional, entsize, link = rule
+        if p.type != stype or p.flags & ~optional != flags or p.entsize != entsize \
+                or (link is not None and p.link != link):
+            self.problem(f"section {p.name} added with a header pvpatch does not write "
+                         f"(type {p.type}, flags {p.flags:#x}, entsize {p.entsize}, link "
+                         f"{p.link})", p, 0)
 
     def _elf_header(self) -> None:
         o, p = self.o, self.p
@@ -680,14 +731,14 @@ class _Accountant:
             sec = self.p.sections[q.section_index] if q.defined and \
                 q.section_index < len(self.p.sections) else None
             if q.bind == STB_LOCAL and q.type == STT_FUNC and sec is not None \
-                    and self.is_thunk_section(self.p, sec):
+                    and self.is_thunk_section(self.p, sec) and q.value + q.size <= sec.size:
                 name, nth = self.pkeys[sec.index]
                 self.thunk_places.append(ThunkPlace(q.name, name, nth, q.value, q.size))
                 self.claim(f"thunk symbol {q.name}", p, j * self.p.cls.sym.size,
                            self.p.cls.sym.size, thunk=q.name)
             else:
                 self.problem(f"local symbol {q.name or '?'} added, which is no thunk in "
-                             f"{self.thunk_name}", p, j * self.p.cls.sym.size,
+                             f"{self.thunk_name} (inside it)", p, j * self.p.cls.sym.size,
                              self.p.cls.sym.size)
         for j in range(len(osyms) + nloc, len(psyms)):
             q = psyms[j]
@@ -839,10 +890,20 @@ class _Accountant:
                                  sec, row[0])
         return [tuple(sorted(x)) for x in per]
 
+    def table_relocations(self, o: Section | None, p: Section) -> None:
+        """Entries and their relocations are compared together, by the table's rule."""
+        table = self.scan.table
+        where = self.o2p.get(table.section.index) if table is not None else None
+        if table is not None and where is not None and not self.table_done:
+            self.table(table.section, self.p.sections[where])
+
     def table(self, o: Section | None, p: Section) -> None:
         assert o is not None
         table = self.scan.table
         assert table is not None
+        if self.table_done:
+            return
+        self.table_done = True
         from .scan import family_of
 
         stride, count = table.entry_size, table.count
@@ -1071,7 +1132,9 @@ class _Accountant:
             self.claim(f"thunk {t.symbol}", p, t.offset, t.size, thunk=t.symbol)
             masked[t.offset : t.offset + t.size] = bytes(t.size)
         if any(masked):
-            self.runs("bytes outside every thunk", p, bytes(len(masked)), bytes(masked))
+            for lo, hi in diff_runs(bytes(len(masked)), bytes(masked)):
+                self.problem(f"bytes outside every thunk, where only zero padding goes: "
+                             f"{_hexes(bytes(masked[lo:hi]))}", p, lo, hi - lo)
 
     def _linked_thunks(self, p: Section, key: tuple[str, int]) -> None:
         """Where the rewriter puts each thunk of the plan: 16-aligned, in plan order."""
@@ -1116,9 +1179,15 @@ class _Accountant:
         clash = any(s.vaddr < seg.vaddr + seg.memsz and seg.vaddr < s.vaddr + s.memsz
                     for s in loads)
         table = (p.e_phoff, p.e_phoff + p.e_phnum * p.e_phentsize)
-        if len(extra) != 1 or seg.type != PT_LOAD or seg.flags & PF_W or \
-                not seg.flags & PF_X or clash or seg.offset < o.content_end or \
-                not seg.offset <= table[0] < table[1] <= seg.offset + seg.filesz:
+        # paddr follows the segment it is placed after (a vmlinux is loaded by it)
+        last = max(loads, key=lambda s: s.vaddr + s.memsz) if loads else None
+        paddr = (seg.vaddr - (last.vaddr - last.paddr)) & ((1 << p.cls.bits) - 1) \
+            if last is not None else seg.paddr
+        if len(extra) != 1 or seg.type != PT_LOAD or seg.flags != PF_R | PF_X or clash \
+                or seg.offset < o.content_end or seg.filesz != seg.memsz \
+                or seg.align < PAGE or seg.align & (seg.align - 1) \
+                or (seg.vaddr - seg.offset) % seg.align or seg.paddr != paddr \
+                or not seg.offset <= table[0] < table[1] <= seg.offset + seg.filesz:
             self.problem("program headers added beyond one R+X PT_LOAD holding the program "
                          "header table and the thunks", None, None, 0, p.e_phoff)
             return
@@ -1143,7 +1212,7 @@ class _Accountant:
     def _gaps(self) -> None:
         """Bytes of PATCHED outside every header and section: unchanged, or zeros (a moved
         section's old place, alignment, the new segment's padding), never inside a
-        segment the original loads."""
+        segment the original loads (but where a section there shrank)."""
         o, p = self.o, self.p
         od, pd = o.data, p.data
         loaded = [(s.offset, s.offset + s.filesz) for s in o.segments if s.type == PT_LOAD]
@@ -1160,23 +1229,31 @@ class _Accountant:
             pos = max(pos, hi)
         if pos < p.content_end:
             gaps.append((pos, p.content_end))
+        cuts = sorted({x for r in (*loaded, *self.vacated) for x in r} | {len(od)})
         for lo, hi in gaps:
-            same = min(hi, len(od))
-            if lo < same and od[lo:same] == pd[lo:same] and same == hi:
+            if hi <= len(od) and od[lo:hi] == pd[lo:hi]:
                 continue
-            for a, b in diff_runs(od[lo:same], pd[lo:same]) if lo < same else []:
-                self._gap_bytes(lo + a, lo + b, loaded, od, pd)
-            if hi > same:
-                self._gap_bytes(max(lo, same), hi, loaded, od, pd)
+            # Pieces that are wholly inside or outside each range, each judged alone.
+            edges = [lo, *(c for c in cuts if lo < c < hi), hi]
+            for a, b in itertools.pairwise(edges):
+                self._gap_piece(a, b, loaded, od, pd)
 
-    def _gap_bytes(self, lo: int, hi: int, loaded: Sequence[tuple[int, int]], od: Buffer,
+    def _gap_piece(self, lo: int, hi: int, loaded: Sequence[tuple[int, int]], od: Buffer,
                    pd: Buffer) -> None:
-        zero = pd[lo:hi] == bytes(hi - lo)
-        inside = any(a < hi and lo < b for a, b in loaded) and not any(
-            a <= lo and hi <= b for a, b in self.vacated)
-        if not zero or inside:
-            self.problem(f"bytes outside every section changed: {_hexes(pd[lo:hi])} (were "
-                         f"{_hexes(od[lo:hi]) or 'past the end'})", None, None, hi - lo, lo)
+        was = od[lo:hi] if lo < len(od) else b""
+        now = pd[lo:hi]
+        if was == now:
+            return
+        strict = any(a <= lo < b for a, b in loaded) and not any(
+            a <= lo < b for a, b in self.vacated)
+        if strict:
+            bad = diff_runs(was, now, 1)
+        else:  # zeros where bytes were (a moved section, padding, past the original's end)
+            padded = was + bytes(len(now) - len(was))
+            bad = diff_runs(bytes(len(now)), _not_zeroed(padded, now), 1)
+        for a, b in bad:
+            self.problem(f"bytes outside every section changed: {_hexes(now[a:b])} (were "
+                         f"{_hexes(was[a:b]) or 'past the end'})", None, None, b - a, lo + a)
 
     def _signature(self) -> None:
         o, p = self.o, self.p

@@ -1081,7 +1081,11 @@ class Machine:
         return old
 
     def read(self, addr: int, size: int) -> bytes:
-        return bytes(self.uc.mem_read(addr, size))
+        try:
+            return bytes(self.uc.mem_read(addr, size))
+        except self._UcError:  # a size from the file (a thunk symbol's) reaching out
+            raise VerifyError(f"{size} bytes at {addr:#x} are not mapped in the emulated "
+                              "image", self.image.elf.path if self.image else None) from None
 
     def load_bank(self, key: object, blocks: Sequence[bytes]) -> None:
         """Put one batch of trial blocks (at most TRIAL_SLOTS) in the slots."""

@@ -91,6 +91,7 @@ Status = Literal["pass", "fail", "skip"]
 DEFAULT_TRIALS = 16
 POOL_SIZE = 1 << 18  # random bytes each trial's state is cut from
 MAX_DETAIL = 12
+MAX_SHOWN = 256  # bytes of a thunk disassembled in a report
 PARALLEL_TRIALS = 8_000  # below this many trials more processes cost more than they save
 
 # The flags a site's contract keeps (compared with the reference, or with the start
@@ -1100,7 +1101,7 @@ def _check_thunk(ctx: _Context, tj: _ThunkJob) -> ThunkVerdict:
     try:
         keep = [rt.index(r) for r in (*tj.saves, *CALLEE_SAVED[ctx.arch.name])]
         ret = rt.index(ctx.arch.return_regs[0])
-        code = m.read(addr, tj.size)
+        code = m.read(addr, min(tj.size, MAX_SHOWN))  # for the report only
         for batch in ctx.batches():
             # As if called from a site: the caller stub calls the thunk.
             runs = m.run_trials(len(batch.seeds), ctx.runtime.caller, addr)

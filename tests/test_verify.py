@@ -591,6 +591,72 @@ def test_section_header_changed_fails(section: str, field: int, delta: int) -> N
         [(section, name)]
 
 
+def test_byte_in_a_vacated_place_fails() -> None:
+    """--drop-patched shrinks the table in place: its old tail is zeros, and a byte set far
+    into it (past the first runs of differences) is still found."""
+    rw = rewrite("i386", "kernel61.o", drop_patched=True)
+    before = rw.plan.scan.elf.section(".parainstructions")
+    after = ElfFile(rw.data).section(".parainstructions")
+    assert before is not None and after is not None and after.size < before.size
+    at = before.offset + before.size - 3
+    data = bytearray(rw.data)
+    assert data[at] == 0
+    data[at] = 0x55
+    report = verify_rewrite(replaced(rw, bytes(data)))
+    assert [(d.file_offset, d.length) for d in report.unaccounted] == [(at, 1)]
+    assert "outside every section" in report.unaccounted[0].what
+
+
+def test_table_relocation_changed_while_the_table_is_not_fails() -> None:
+    rw = rewrite("x86_64", "kernel61.o")  # .parainstructions kept as it is
+    elf = ElfFile(rw.data)
+    at, rows = _rela_records(elf, ".parainstructions")
+    data = bytearray(rw.data)
+    elf.cls.rela.pack_into(data, at, rows[0][0], rows[0][1], rows[0][2] + 1)
+    report = verify_rewrite(replaced(rw, bytes(data)))
+    assert not report.ok
+    assert [(d.section, d.what) for d in report.unaccounted] == \
+        [(".parainstructions", "entry 0: its relocations changed")]
+
+
+def test_thunk_symbol_past_its_section_fails_without_crashing() -> None:
+    rw = rewrite("x86_64", "prog.o", SPEC, ops="none")
+    elf = ElfFile(rw.data)
+    sym = next(s for s in elf.symbols if s.name.startswith("__raw_callee_save_"))
+    assert elf.symtab is not None
+    at = elf.symtab.offset + sym.index * elf.cls.sym.size
+    data = bytearray(rw.data)
+    name, info, other, shndx, value, _size = elf.cls.unpack_sym(data, at)
+    data[at : at + elf.cls.sym.size] = elf.cls.pack_sym(name, info, other, shndx, value,
+                                                        1 << 40)
+    report = verify_rewrite(replaced(rw, bytes(data)))
+    assert not report.ok
+    assert any(d.section == ".symtab" and sym.name in d.what for d in report.unaccounted)
+
+
+def test_new_headers_are_the_ones_pvpatch_writes() -> None:
+    rw = rewrite("x86_64", "prog", SPEC, ops="none")
+    elf = ElfFile(rw.data)
+    new = elf.segments[-1]
+    data = bytearray(rw.data)
+    # the new PT_LOAD's p_align
+    at = elf.e_phoff + new.index * elf.e_phentsize + 48
+    data[at : at + 8] = (8).to_bytes(8, "little")
+    report = verify_rewrite(replaced(rw, bytes(data)))
+    assert not report.ok and report.unaccounted[0].what == (
+        "program headers added beyond one R+X PT_LOAD holding the program header table and "
+        "the thunks")
+    # SHF_EXCLUDE on the thunk section: a linker would drop it
+    sec = elf.section(".text.pvpatch")
+    assert sec is not None
+    data = bytearray(rw.data)
+    at = elf.e_shoff + sec.index * elf.e_shentsize + 8
+    data[at : at + 8] = (sec.flags | 0x80000000).to_bytes(8, "little")
+    report = verify_rewrite(replaced(rw, bytes(data)))
+    assert [d.section for d in report.unaccounted] == [".text.pvpatch"]
+    assert "a header pvpatch does not write" in report.unaccounted[0].what
+
+
 def test_thunk_section_padding_is_checked() -> None:
     rw = rewrite("x86_64", "prog.o", SPEC, ops="none")
     t = max(rw.thunks, key=lambda t: t.offset)
