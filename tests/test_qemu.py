@@ -250,3 +250,19 @@ def test_i386_io_delay_calls_boot(boot: Booter, tmp_path: Path) -> None:
     assert rw.plan.counts().get("call") == 153
     assert rw.plan.targets["native_io_delay"].source == "export table"
     _passed(boot("i386-vmlinux-io-delay"))
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("kind", ["native", "io-delay"])
+def test_x86_64_image_without_btf_boots(boot: Booter, tmp_path: Path, kind: str) -> None:
+    """The same for Debian's 6.1 x86-64 image with its BTF removed: ops named from its
+    release string, io_delay's target from its export table."""
+    _kernel, rw = harness.patched_nobtf(tmp_path, kind)
+    assert rw.plan.scan.ops is not None and "(release " in rw.plan.scan.ops.name
+    counts = rw.plan.counts()
+    if kind == "native":
+        assert counts.get("inline", 0) >= 2000
+    else:
+        assert counts.get("call", 0) >= 100
+        assert rw.plan.targets["native_io_delay"].source == "export table"
+    _passed(boot(f"nobtf-{kind}"))

@@ -539,6 +539,9 @@ def scenario(name: str, workdir: Path) -> Boot:
         return _scenario_612(name.removeprefix("612-"), workdir)
     if name.startswith("i386-"):
         return _scenario_i386(name.removeprefix("i386-"), workdir)
+    if name in ("nobtf-native", "nobtf-io-delay"):
+        kernel, _rw = patched_nobtf(workdir, name.removeprefix("nobtf-"))
+        return Boot(name, kernel, (), ())
     kernel = vmlinux()
     if name in ("baseline", "native", "native-drop", "thunk"):
         return Boot(name, kernel, tuple(_guest(name)))
@@ -605,6 +608,23 @@ def patched_i386(workdir: Path, kind: str) -> tuple[Path, Rewrite]:
     return out, rw
 
 
+@functools.cache
+def patched_nobtf(workdir: Path, kind: str) -> tuple[Path, Rewrite]:
+    """Debian's 6.1 x86-64 image with its BTF removed (as i386 ships), patched natively or
+    with io_delay sent to native_io_delay, with no --ops and no symbol file."""
+    bare = workdir / "vmlinux-nobtf"
+    if not bare.exists():
+        subprocess.run(["objcopy", "--remove-section", ".BTF", str(vmlinux()), str(bare)],
+                       check=True)
+    scan = pvpatch.load(bare)
+    backend = parse_spec_text(IO_DELAY_SPEC, scan.arch, "<io_delay spec>") \
+        if kind == "io-delay" else "native"
+    rw = pvpatch.apply_plan(pvpatch.make_plan(scan, backend))
+    out = workdir / f"vmlinux-nobtf.{kind}"
+    out.write_bytes(rw.data)
+    return out, rw
+
+
 def _scenario_i386(name: str, workdir: Path) -> Boot:
     if name == "baseline":
         return Boot("i386-baseline", i386_vmlinux(), (), (), arch="i386")
@@ -618,6 +638,7 @@ SCENARIOS = (
     "baseline", "native", "native-drop", "thunk", "resigned",
     "vmlinux-native", "612-baseline", "612-native", "612-native-drop",
     "612-vmlinux-native", "i386-baseline", "i386-vmlinux-native", "i386-vmlinux-io-delay",
+    "nobtf-native", "nobtf-io-delay",
 )  # fmt: skip
 
 
