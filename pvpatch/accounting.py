@@ -203,6 +203,59 @@ def _differences(a: Sequence[tuple[int, ...]], b: Sequence[tuple[int, ...]]
     return list((ca - cb).elements()), list((cb - ca).elements())
 
 
+def _offsets(data: bytes, size: int, word: int) -> list[int] | None:
+    """The r_offset of each relocation row (the first word), at C speed."""
+    if len(data) % size or size % word:
+        return None
+    return memoryview(data).cast("Q" if word == 8 else "I")[:: size // word].tolist()
+
+
+def _walk(a: bytes, b: bytes, size: int, word: int) -> tuple[list[bytes], list[bytes]] | None:
+    """Rows only in `a`, rows only in `b`, for two relocation sections both sorted by
+    offset (as compilers write them and pvpatch keeps them): equal stretches are skipped
+    at memcmp speed, so only the rows that differ are looked at.  None when a section is
+    not sorted (then every row is compared)."""
+    oa, ob = _offsets(a, size, word), _offsets(b, size, word)
+    if oa is None or ob is None or oa != sorted(oa) or ob != sorted(ob):
+        return None
+    removed: list[bytes] = []
+    added: list[bytes] = []
+    i = j = 0
+    while i < len(oa) and j < len(ob):
+        # the longest common run from here: galloping, then halving
+        step, same = 1, 0
+        while i + same + step <= len(oa) and j + same + step <= len(ob) and \
+                a[(i + same) * size : (i + same + step) * size] == \
+                b[(j + same) * size : (j + same + step) * size]:
+            same += step
+            step *= 2
+        while step > 1:
+            step //= 2
+            if i + same + step <= len(oa) and j + same + step <= len(ob) and \
+                    a[(i + same) * size : (i + same + step) * size] == \
+                    b[(j + same) * size : (j + same + step) * size]:
+                same += step
+        i, j = i + same, j + same
+        if i >= len(oa) or j >= len(ob):
+            break
+        # the lower offset is the row only that side has; equal offsets: a row changed
+        take_a, take_b = oa[i] <= ob[j], ob[j] <= oa[i]
+        if take_a:
+            removed.append(a[i * size : (i + 1) * size])
+            i += 1
+        if take_b:
+            added.append(b[j * size : (j + 1) * size])
+            j += 1
+    removed += [a[k * size : (k + 1) * size] for k in range(i, len(oa))]
+    added += [b[k * size : (k + 1) * size] for k in range(j, len(ob))]
+    # A row that moved (same bytes, other place in the order) is no difference.
+    both = set(removed) & set(added)
+    if both:
+        removed = [r for r in removed if r not in both]
+        added = [r for r in added if r not in both]
+    return removed, added
+
+
 _NONZERO = bytes([0] + [1] * 255)
 
 
@@ -814,9 +867,15 @@ class _Accountant:
             return  # named with the header
         if o is not None and self.sym_map is None and self.odata(o) == self.pdata(p):
             return
-        before = self._rows(self.o, o) if o is not None else []
-        after = self._remapped(self._rows(self.p, p))
-        for how, rows in zip(("removed", "added"), _differences(before, after), strict=True):
+        fmt = self.p.cls.rela if p.type == SHT_RELA else self.p.cls.rel
+        walked = _walk(self.odata(o), self.pdata(p), fmt.size, self.p.cls.addr.size) \
+            if o is not None and self.sym_map is None else None
+        if walked is not None:  # the usual case: only the rows that differ are decoded
+            found = tuple([fmt.unpack(r) for r in rows] for rows in walked)
+        else:
+            before = self._rows(self.o, o) if o is not None else []
+            found = _differences(before, self._remapped(self._rows(self.p, p)))
+        for how, rows in zip(("removed", "added"), found, strict=True):
             for row in rows:
                 self._relocation_differs(how, p, target, target_o, row)
 
