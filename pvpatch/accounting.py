@@ -248,12 +248,10 @@ def _walk(a: bytes, b: bytes, size: int, word: int) -> tuple[list[bytes], list[b
             j += 1
     removed += [a[k * size : (k + 1) * size] for k in range(i, len(oa))]
     added += [b[k * size : (k + 1) * size] for k in range(j, len(ob))]
-    # A row that moved (same bytes, other place in the order) is no difference.
-    both = set(removed) & set(added)
-    if both:
-        removed = [r for r in removed if r not in both]
-        added = [r for r in added if r not in both]
-    return removed, added
+    # The stretches skipped are identical pairs, so what differs as multisets is what is
+    # left (a row that only moved within one offset is no difference).
+    left, right = Counter(removed), Counter(added)
+    return list((left - right).elements()), list((right - left).elements())
 
 
 _NONZERO = bytes([0] + [1] * 255)
