@@ -155,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     _sarif_option(p)
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("diff", help="show what a patch changed, site by site, and flag "
+                       "every other difference")
+    p.add_argument("original", metavar="ORIGINAL", help="the file, or tree, before")
+    p.add_argument("patched", metavar="PATCHED",
+                   help="the file, or tree (files paired by relative path), after")
+    p.add_argument("--backend", default="native", metavar="native|SPEC.toml",
+                   help="the backend PATCHED was made with (default: native)")
+    _common_scan_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
+    p.add_argument("--verify-json", metavar="FILE",
+                   help="verdicts from `pvpatch verify --json` (or `pvpatch patch --json`)")
+    p.add_argument("-j", "--jobs", type=_positive, default=None, metavar="N",
+                   help="worker processes for trees (default: every core)")
+    p.set_defaults(func=cmd_diff)
+
     p = sub.add_parser("layouts", help="list the known table layouts")
     p.set_defaults(func=cmd_layouts)
 
@@ -370,9 +386,6 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
     shown = (*result.findings, *(f for f in the_plan.findings if f.severity == "error"))
     for line in findings_text(result.path, shown):
         print(line, file=sys.stderr)
-    if len(shown) < len(findings):
-        print(f"{result.path}: {len(findings) - len(shown)} warning(s) about kept sites "
-              "(`pvpatch check` lists them)", file=sys.stderr)
     rw = apply_plan(the_plan, symvers=args.symvers)
     verify_doc = None
     failed = []
@@ -415,6 +428,9 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
             print(f"  verify: sites {summary['pass']} pass, {summary['fail']} fail, "
                   f"{summary['skip']} skip; thunks {thunks['pass']} pass, {thunks['fail']} fail "
                   f"({args.trials} trials each, seed {args.seed})")
+    if len(shown) < len(findings):
+        print(f"{result.path}: {len(findings) - len(shown)} warning(s) about kept sites "
+              "(`pvpatch check` lists them)", file=sys.stderr)
     _patch_sarif(args, result.path, findings, len(result.elf.data), EXIT_OK)
     return EXIT_OK
 
@@ -527,6 +543,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _patch_sarif(args, patched.path, verify_findings(report, the_plan, patched),
                      len(patched.data), status)
     return status
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from .diff import diff_files, diff_json, diff_text
+    from .errors import InputError
+
+    verify = None
+    if args.verify_json:
+        try:
+            with open(args.verify_json, encoding="utf-8") as fh:
+                verify = json.load(fh)
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror or exc}", args.verify_json) from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"not JSON: {exc}", args.verify_json) from None
+    report = diff_files(args.original, args.patched, backend=args.backend, ops=args.ops,
+                        layout=args.layout, section=args.section, verify=verify,
+                        max_decompressed=_limit(args), jobs=_jobs(args))
+    if args.html:
+        from .htmlreport import diff_html
+        from .output import write_atomic
+
+        write_atomic(args.html, diff_html(report).encode())
+    if args.json:
+        _emit_json(diff_json(report))
+    else:
+        print("\n".join(diff_text(report)))
+    for error in report.errors:
+        _err(f"error: {error}")
+    return EXIT_BAD if report.errors else (EXIT_OK if report.ok else EXIT_FAIL)
 
 
 def cmd_layouts(args: argparse.Namespace) -> int:

@@ -118,7 +118,13 @@ def test_patch_and_verify_sarif(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(sarif.read_text())
     validate(doc)
-    assert doc["runs"][0]["results"] == []
+    # patch reports what check reports for the file: here only warnings (kept sites)
+    check = json.loads(run("check", "--json", "--ops", OPS, str(src)).stdout)
+    want = sorted((f["rule"], f["message"]) for f in check["files"][0]["findings"])
+    results = doc["runs"][0]["results"]
+    assert want and all(r["level"] == "warning" for r in results)
+    assert sorted((r["ruleId"], r["message"]["text"].split(": ", 1)[1]) for r in results) \
+        == want
     assert doc["runs"][0]["invocations"][0]["exitCode"] == 0
     # A patched file whose rewritten site was corrupted fails verification: PV301 there.
     data = bytearray(out.read_bytes())
