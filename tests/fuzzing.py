@@ -439,8 +439,8 @@ def _plant_in_relocatable_table(alt: AltTable, buf: bytearray, i: int, draw: Dra
     field's relocation is made the pv_ops operand of a call written over the bytes before
     it."""
     r = alt.relocs.get(i * ALT_STRIDE)
-    if r is None or r.sym >= len(alt.elf.symbols):
-        return
+    if r is None or r.sym >= len(alt.elf.symbols) or alt.count < 2:
+        return  # (a table of one entry has no other to hold the call's operand)
     symtab = alt.elf.symtab
     if symtab is None:
         return

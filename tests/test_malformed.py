@@ -92,3 +92,24 @@ def _payload(path: Path) -> bytes:
         return bytes(compress.unpack(data, str(path))[0])
     except InputError:
         return data
+
+
+def test_call_inside_the_table_never_reaches_an_output(tmp_path: Path) -> None:
+    """A call planted inside an executable .altinstructions (found by scripts/fuzz): the
+    table's own bytes never change in a written output, whether the plan leaves the
+    'site' alone or the verifier refuses the rewrite."""
+    from pvpatch.elf import ElfFile
+
+    path = FOLDER / "found-2266a4e53070fdc7.elf"
+    out = tmp_path / "out"
+    proc = cli("patch", str(path), "-o", str(out), "--ops", OPS)
+    table = ElfFile(path.read_bytes()).section(".altinstructions")
+    assert table is not None and table.is_exec
+    if proc.returncode == 0:
+        patched = ElfFile(out.read_bytes()).section(".altinstructions")
+        assert patched is not None
+        assert out.read_bytes()[patched.offset + 0xA : patched.offset + 0x10] == \
+            path.read_bytes()[table.offset + 0xA : table.offset + 0x10]
+    else:
+        assert proc.returncode == 1 and "verification failed" in proc.stderr, proc.stderr
+        assert not out.exists()
