@@ -14,13 +14,39 @@ from .scan import ScanResult, Site
 if TYPE_CHECKING:
     from .arch import Arch
     from .disasm import Insn
-    from .rewrite import Rewrite
+    from .rewrite import Rewrite, SitePatch
+    from .symbolic import Symboliser
 
 
-def _disassemble(arch: Arch, code: bytes, address: int) -> list[Insn]:
-    from .disasm import disassemble  # scan output only: a patch run does not load it
+def symboliser(result: ScanResult) -> Symboliser:
+    """Names for a scanned file's operands (see pvpatch/symbolic.py)."""
+    from .symbolic import Symboliser  # listings only: a patch run does not load it
 
-    return disassemble(arch, code, address)
+    return Symboliser(result.elf)
+
+
+def site_insns(sym: Symboliser, site: Site) -> list[Insn]:
+    """A site's instructions as the file has them, symbolised: `call *pv_ops+0xf0(%rip)`
+    (the relocation at the operand, or in linked files the address's symbol)."""
+    return sym.insns(site.code, address=site.address, section_index=site.section_index,
+                     offset=site.offset)
+
+
+def patch_insns(sym: Symboliser, p: SitePatch) -> tuple[list[Insn], list[Insn]]:
+    """A rewritten site before and after, symbolised.  The new relocations exist only in
+    the output, so a new call or jmp is named from the plan (`call native_save_fl`)."""
+    site, d = p.decision.site, p.decision
+    before = site_insns(sym, site)
+    if p.after == p.before:
+        return before, before
+    target = d.target if d.action in ("call", "thunk", "jmp") else None
+    after = sym.insns(p.after, address=site.address, section_index=site.section_index,
+                      offset=site.offset, relocs=(), branch_target=target)
+    return before, after
+
+
+def _code(insns: Iterable[Insn]) -> str:
+    return "; ".join(i.text for i in insns)
 
 
 # Said once per file, not per site: what would name the ops.
@@ -29,7 +55,9 @@ UNNAMED = ("  ops unnamed: the file has no BTF, DWARF, module vermagic or kernel
            "btf:VMLINUX or dwarf:FILE")
 
 
-def site_json(result: ScanResult, site: Site) -> dict[str, Any]:
+def site_json(result: ScanResult, site: Site, sym: Symboliser | None = None
+              ) -> dict[str, Any]:
+    sym = sym if sym is not None else symboliser(result)
     return {
         "index": site.index,
         "section": site.section,
@@ -41,13 +69,14 @@ def site_json(result: ScanResult, site: Site) -> dict[str, Any]:
         "clobbers": site.clobbers,
         "clobber_regs": list(site.clobber_regs),
         "bytes": site.code.hex(),
-        "insns": [i.text for i in _disassemble(result.arch, site.code, site.address or 0)],
+        "insns": [i.text for i in site_insns(sym, site)],
         "native": site.native.hex() if site.native is not None else None,
         "entries": list(site.entry_indices),
     }
 
 
 def scan_json(result: ScanResult) -> dict[str, Any]:
+    sym = symboliser(result)
     table = None
     if result.table is not None:
         table = {
@@ -62,7 +91,7 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
         "arch": result.arch.name,
         "elf_type": result.elf_type,
         "table": table,
-        "sites": [site_json(result, s) for s in result.sites],
+        "sites": [site_json(result, s, sym) for s in result.sites],
     }
 
 
@@ -105,8 +134,9 @@ def scan_text(result: ScanResult) -> list[str]:
     if result.ops is None:
         lines.append(UNNAMED)
     rows = [("idx", "site", "op", "len", "clobbers", "code")]
+    sym = symboliser(result)
     for s in result.sites:
-        code = "; ".join(i.text for i in _disassemble(result.arch, s.code, s.address or 0))
+        code = _code(site_insns(sym, s))
         rows.append(
             (
                 str(s.index),
@@ -196,6 +226,14 @@ def patch_json(rw: Rewrite, output: str | None, verify: dict[str, Any] | None = 
     }
 
 
+def _unpadded(arch: Arch, code: bytes, insns: Sequence[Insn]) -> list[Insn]:
+    """`insns` without the NOPs that pad them to the site's end."""
+    out = list(insns)
+    while out and arch.is_nop_fill(code[out[-1].offset : out[-1].offset + out[-1].size]):
+        out.pop()
+    return out or list(insns)
+
+
 def signature_state(rw: Rewrite) -> str:
     """What happened to a module signature: signed, removed, kept or none."""
     if rw.signed:
@@ -209,11 +247,24 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     plan = rw.plan
     counts: dict[str, int] = {}
     by_op: dict[tuple[str, str], int] = {}
+    # What each (action, op) group's sites become, when they all become the same thing
+    # (NOP padding aside): `irq.save_fl -> pushf; pop %rax`.
+    heads: dict[tuple[str, str], str | None] = {}
+    sym = symboliser(plan.scan)
+    # A vmlinux has thousands of sites and a handful of new forms: each decoded once.
+    decoded: dict[tuple[bytes, str | None], str] = {}
     for p in rw.patches:
         d = p.decision
         counts[d.action] = counts.get(d.action, 0) + 1
         key = (d.action, d.site.op or f"type {d.site.type}")
         by_op[key] = by_op.get(key, 0) + 1
+        if d.rewrites:
+            form = (p.after, d.target)
+            head = decoded.get(form)
+            if head is None:
+                head = decoded[form] = _code(_unpadded(plan.arch, p.after,
+                                                       patch_insns(sym, p)[1]))
+            heads[key] = head if heads.get(key, head) == head else None
     lines = [
         f"{plan.scan.path} -> {output or '(not written)'}: {len(rw.patches)} sites, "
         + ", ".join(f"{counts[a]} {a}" for a in ACTIONS if counts.get(a))
@@ -222,7 +273,8 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     if plan.scan.ops is None and rw.patches:
         lines.append(UNNAMED)
     for (action, op), n in sorted(by_op.items()):
-        lines.append(f"  {action:6} {n:5}  {op}")
+        becomes = heads.get((action, op))
+        lines.append(f"  {action:6} {n:5}  {op}" + (f" -> {becomes}" if becomes else ""))
     for tgt in plan.targets.values():
         lines.append(f"  target {tgt.name} at {tgt.address:#x} (from {tgt.source})")
     for t in rw.thunks:
@@ -233,7 +285,7 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     for p in kept:
         d = p.decision
         lines.append(f"  kept   {site_location(d.site)} {d.site.op or f'type {d.site.type}'}: "
-                     f"{d.reason}")
+                     f"{d.reason} [{_code(site_insns(sym, d.site))}]")
     if rw.dropped_entries:
         lines.append(f"  dropped {rw.dropped_entries} table entries of rewritten sites")
     if rw.neutralised_entries:
