@@ -51,6 +51,12 @@ _EXPORTS = {
     "RewriteError": "errors",
     "OutputError": "errors",
     "VerifyError": "errors",
+    "diff_files": "diff",
+    "diff_json": "diff",
+    "DiffReport": "diff",
+    "FileDiff": "diff",
+    "SiteDiff": "diff",
+    "diff_html": "htmlreport",
 }
 
 __all__ = [
@@ -58,7 +64,9 @@ __all__ = [
     "ArchMismatch",
     "Backend",
     "Decision",
+    "DiffReport",
     "ElfFormatError",
+    "FileDiff",
     "Finding",
     "InputError",
     "OpsError",
@@ -70,6 +78,7 @@ __all__ = [
     "RewriteError",
     "ScanResult",
     "Site",
+    "SiteDiff",
     "SitePatch",
     "SiteVerdict",
     "SpecError",
@@ -82,6 +91,9 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "apply_plan",
+    "diff_files",
+    "diff_html",
+    "diff_json",
     "load",
     "load_backend",
     "make_plan",
@@ -106,6 +118,7 @@ if TYPE_CHECKING:
         write_output,
     )
     from .backend import Backend
+    from .diff import DiffReport, FileDiff, SiteDiff, diff_files, diff_json
     from .errors import (
         ArchMismatch,
         ElfFormatError,
@@ -119,6 +132,7 @@ if TYPE_CHECKING:
         UsageError,
         VerifyError,
     )
+    from .htmlreport import diff_html
     from .output import OutputFile
     from .plan import Decision, Plan, ThunkSpec
     from .rewrite import Rewrite, SitePatch
