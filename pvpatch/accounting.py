@@ -1195,12 +1195,13 @@ class _Accountant:
 
     def _linked_thunks(self, p: Section, key: tuple[str, int]) -> None:
         """Where the rewriter puts each thunk of the plan: 16-aligned, in plan order."""
-        from .thunk import thunk_code
+        from .thunk import planned_thunk_code
 
         off = 0
         for spec in self.plan.thunks:
             off = (off + THUNK_ALIGN - 1) // THUNK_ALIGN * THUNK_ALIGN
-            size = len(thunk_code(self.plan.arch, spec).code)
+            # as the rewriter writes it in this file: its return form, its padding
+            size = len(planned_thunk_code(self.plan, spec).code)
             if off + size > p.size:
                 break
             self.thunk_places.append(ThunkPlace(spec.symbol, key[0], key[1], off, size,
