@@ -403,6 +403,11 @@ class _AltScanner:
             self._entry_finding(i, f"site at {sec.name}+{off:#x} is in a section with no bytes "
                                 "in the file (SHT_NOBITS)", "PV102")
             return None
+        if sec.index in (self.table.index, getattr(self.replacement, "index", -1)):
+            # Rewriting it would rewrite the tables the kernel reads.
+            self._entry_finding(i, f"site at {sec.name}+{off:#x} is inside the alternatives "
+                                "tables themselves", "PV102")
+            return None
         if off + e.instrlen > sec.size:
             self._entry_finding(i, f"site of {e.instrlen} bytes at {sec.name}+{off:#x} runs "
                                 f"past the end of {sec.name} ({sec.size:#x} bytes)", "PV103")

@@ -244,6 +244,8 @@ class _Scanner:
         if sec.file_size == 0:
             problem = ("PV102", f"site at {sec.name}+{off:#x} is in a section with no bytes in "
                        "the file (SHT_NOBITS)")
+        elif sec.index == self.table.index:
+            problem = ("PV102", f"site at {sec.name}+{off:#x} is inside the table itself")
         elif off < 0 or off + slen > sec.size:
             problem = ("PV103", f"site of {slen} bytes at {sec.name}+{off:#x} runs past the end "
                        f"of {sec.name} ({sec.size:#x} bytes)")
