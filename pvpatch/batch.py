@@ -254,6 +254,7 @@ class PatchOptions:
     json: bool = False
     symvers: str | None = None
     symbols: str | None = None  # System.map / kallsyms for targets of stripped images
+    allow_skip: bool = False  # a site verify cannot run is not a failure
     signing: SigningKey | None = None  # signs relocatable outputs (modules)
     max_decompressed: int = MAX_DECOMPRESSED  # compressed inputs are refused past this
 
@@ -296,11 +297,11 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
         verify_doc = None
         lines: list[str] = []
         if options.verify and rw.patches:
-            from .check import verify_findings
-            from .verify import verify_json, verify_rewrite, verify_text
+            from .verify import verify_findings, verify_json, verify_rewrite, verify_text
 
             # One process per file already: the verifier must not start its own pool.
-            report = verify_rewrite(rw, trials=options.trials, seed=options.seed, workers=1)
+            report = verify_rewrite(rw, trials=options.trials, seed=options.seed, workers=1,
+                                    allow_skip=options.allow_skip)
             verify_doc = verify_json(report)
             if not report.ok:
                 failed = verify_findings(report, plan)

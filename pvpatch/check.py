@@ -21,8 +21,6 @@ from .scan import DEFAULT_SECTION, ScanResult
 
 if TYPE_CHECKING:
     from .backend import Backend
-    from .plan import Plan
-    from .verify import VerifyReport
 
 CALL_LEN = 5  # e8 rel32: the shortest direct call
 MAX_INSN = 15  # longest x86 instruction: enough look-ahead to see one run past a site
@@ -220,34 +218,6 @@ def backend_for(spec: str, arch_name: str) -> Backend:
     from .backend import load_backend
 
     return load_backend(spec, ARCHES[arch_name])
-
-
-# -- PV301: verification failures as findings ----------------------------------------
-
-
-def verify_findings(report: VerifyReport, plan: Plan,
-                    elf: ElfFile | None = None) -> list[Finding]:
-    """Failed verdicts as PV301 findings located at their sites.  `elf`: the file the
-    locations should point into (the patched file for `verify`); default the original."""
-    from .verify import SiteVerdict
-
-    sites = {d.site.index: d.site for d in plan.decisions}
-    out = []
-    for v in report.failures:
-        if isinstance(v, SiteVerdict):
-            site = sites.get(v.index)
-            file_offset = site.file_offset if site is not None else None
-            if elf is not None:
-                sec = elf.section(v.section)
-                file_offset = sec.offset + v.offset if sec is not None else None
-            out.append(Finding(
-                "PV301", f"site {v.index} ({v.action}): {v.reason}", section=v.section,
-                offset=v.offset, address=v.address, site_index=v.index, op=v.op,
-                file_offset=file_offset, length=site.len if site is not None else None))
-        else:
-            out.append(Finding("PV301", f"thunk {v.symbol} (calls {v.target}): {v.reason}",
-                               address=v.address))
-    return out
 
 
 def severity_rank(severity: str) -> int:

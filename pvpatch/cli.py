@@ -463,9 +463,6 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
     from .progress import open_progress
 
     started = time.monotonic()
-    if args.allow_skip:
-        # batch.PatchOptions does not carry it yet: refused rather than ignored.
-        raise UsageError("--allow-skip applies to a single file, not to a directory")
     _check_outdir(args.input, args.output, args.in_place)
     inputs, problems = _expand([args.input])
     options = PatchOptions(
@@ -473,7 +470,7 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
         ops=args.ops, drop_patched=args.drop_patched, verify=not args.no_verify,
         trials=args.trials, seed=args.seed, dry_run=args.dry_run, json=args.json,
         symvers=args.symvers, signing=signing, max_decompressed=_limit(args),
-        symbols=args.symbols)
+        symbols=args.symbols, allow_skip=args.allow_skip)
     bar = open_progress(args.progress, len(inputs.files), "patch", sys.stderr)
     from .batch import PatchOutcome
     from .report import findings_text

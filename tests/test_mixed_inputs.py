@@ -92,3 +92,23 @@ def test_help_lists_the_api() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO)
     assert proc.stdout.strip() == "True", proc.stderr
+
+
+def test_allow_skip_over_a_tree(tmp_path: Path) -> None:
+    """A tail site sent to a jmp cannot be proven (control never comes back): over a tree the
+    file is refused without --allow-skip and written with it."""
+    from test_thunks import _TAIL_PROGRAM
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tmp_path / "tail.s").write_text(_TAIL_PROGRAM["x86_64"])
+    subprocess.run(["as", "--64", "-o", str(tree / "tail.o"), str(tmp_path / "tail.s")],
+                   check=True)
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[ops."pv_cpu_ops.iret"]\naction = "jmp"\ntarget = "tail_ok"\n')
+    args = ["patch", str(tree), "--backend", str(spec), "--ops", "catalog:linux-2.6.30-x86_64"]
+    refused = pvpatch_cli(*args, "-o", str(tmp_path / "out1"))
+    assert refused.returncode == 1 and not (tmp_path / "out1" / "tail.o").exists()
+    allowed = pvpatch_cli(*args, "-o", str(tmp_path / "out2"), "--allow-skip")
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "out2" / "tail.o").is_file()
