@@ -78,7 +78,7 @@ from .emu import (
     exit_jump,
     load_image,
 )
-from .errors import VerifyError
+from .errors import PvpatchError, VerifyError
 from .rules import Finding
 
 if TYPE_CHECKING:
@@ -233,6 +233,9 @@ class _SiteJob:
     clobbers: tuple[str, ...]
     target: str | None
     convention: str
+    # Where a linked file's target is when no symbol says so (the image's export table,
+    # a symbol file): the planner found it, and the reference runs the code there.
+    target_addr: int | None = None
 
 
 @dataclass(frozen=True)
@@ -273,19 +276,21 @@ def _section_nth(elf: ElfFile, index: int) -> int:
     return sum(1 for s in elf.sections[:index] if s.is_alloc and s.name == name)
 
 
-def _site_job(elf: ElfFile, d: Decision) -> _SiteJob:
+def _site_job(plan: Plan, d: Decision) -> _SiteJob:
     s = d.site
     rule = d.rule
     target = rule.target if rule is not None and d.action in ("call", "thunk", "jmp") \
         else d.target
-    return _SiteJob(s.index, s.section, _section_nth(elf, s.section_index), s.offset, s.len,
-                    s.address, s.op, d.action, d.tail, s.clobber_regs, target,
-                    rule.convention if rule is not None else "c")
+    found = plan.targets.get(target) if target is not None else None
+    return _SiteJob(s.index, s.section, _section_nth(plan.scan.elf, s.section_index), s.offset,
+                    s.len, s.address, s.op, d.action, d.tail, s.clobber_regs, target,
+                    rule.convention if rule is not None else "c",
+                    found.address if found is not None else None)
 
 
 def _site_jobs(plan: Plan) -> tuple[_SiteJob, ...]:
     """A job for every site the plan rewrites."""
-    return tuple(_site_job(plan.scan.elf, d) for d in plan.decisions if d.rewrites)
+    return tuple(_site_job(plan, d) for d in plan.decisions if d.rewrites)
 
 
 def _unplanned(d: Decision) -> SiteVerdict:
@@ -358,7 +363,7 @@ def _verify(plan: Plan, patched: ElfFile, trials: int, seed: int, workers: int |
     for index in acc.changed_sites:
         d = decisions[index]
         if d.rewrites:
-            sites.append(_site_job(plan.scan.elf, d))
+            sites.append(_site_job(plan, d))
         else:
             refused.append(_unplanned(d))
     specs = {t.symbol: t for t in plan.thunks}
@@ -883,7 +888,7 @@ class _SiteCheck:
                 with_cr = model.cr
         else:
             assert sj.target is not None
-            ref_addr = ctx.img_o.symbols.get(sj.target)
+            ref_addr = _target_in(ctx.img_o, sj.target, sj.target_addr)
             if ref_addr is None:
                 contract = "contract only: target not in file"
         o_sec = ctx.img_o.section_address(sj.section, sj.nth)
@@ -1004,6 +1009,30 @@ class _SiteCheck:
                     return self.verdict("fail", problems[0], t + 1, batch.seeds[k],
                                         [*problems[:MAX_DETAIL], *self.versions()])
         return self.verdict("pass", contract, ctx.job.trials)
+
+
+def _target_in(img: Image, name: str, addr: int | None) -> int | None:
+    """The emulator address of a spec target: the symbol the linker's rule binds
+    (pvpatch.targets, as the planner and the rewriter bind it), else the address the
+    planner found for a linked image (export table, symbol file)."""
+    from .targets import resolve_target
+
+    try:
+        sym = resolve_target(img.elf, name)
+    except VerifyError:
+        raise
+    except PvpatchError:
+        sym = None  # ambiguous: the planner refused the name before any site used it
+    if sym is not None and sym.defined:
+        if img.elf.is_relocatable:
+            base = img.section_addr.get(sym.section_index)
+            if base is not None:
+                return img.arch.wrap(base + sym.value)
+        else:
+            return img.emu_addr(sym.value)
+    if addr is not None and not img.elf.is_relocatable:
+        return img.emu_addr(addr)
+    return img.symbols.get(name)
 
 
 def _hex(v: int) -> str:
