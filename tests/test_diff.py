@@ -55,13 +55,7 @@ CASES = [
       for n in ("prog", "prog-pie", "libprog.so")),
     *((a, "prog68", SPEC, CAT68[a], False) for a in ("x86_64", "i386")),
     ("x86_64", "rethunk-sls.o", RETHUNK, OPS["x86_64"], False),  # .return_sites entries
-    # Thunks returning by `jmp __x86_return_thunk` in a linked file: pvpatch's own verify
-    # refuses this patch today, and diff reuses its accounting, which measures a linked
-    # file's thunks with a bare `ret` (accounting._linked_thunks calls thunk_code without
-    # the file's conventions), so the jmp's displacement reads as bytes past each thunk.
-    pytest.param("x86_64", "prog-rethunk", SPEC, "none", False, marks=pytest.mark.xfail(
-        strict=True, reason="accounting measures linked thunks without the file's return "
-        "convention")),
+    ("x86_64", "prog-rethunk", SPEC, "none", False),  # jmp to the return thunk, linked
 ]
 
 
