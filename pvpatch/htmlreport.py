@@ -57,6 +57,9 @@ tr.flag td { background: #fff0ee; }
 dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: .1em 1em; margin: .4em 0; }
 dl.meta dt { color: var(--muted); } dl.meta dd { margin: 0; }
 details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; }
+details > pre { display: inline-block; min-width: 26em; margin: .3em 0 .2em 1.2em;
+                padding: .4em .8em; background: #fbfcfd; border: 1px solid var(--line);
+                border-radius: 4px; }
 """
 
 
