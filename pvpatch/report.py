@@ -49,6 +49,22 @@ def _code(insns: Iterable[Insn]) -> str:
     return "; ".join(i.text for i in insns)
 
 
+def _kept_code(sym: Symboliser, site: Site) -> str:
+    """A kept site's call, as the symboliser names it.  A vmlinux keeps thousands of sites
+    that are one `call *pv_ops+slot` each: that form is written from the slot the scan read
+    (what objdump and the symboliser say for it), the rest decoded."""
+    from .integrity import site_form
+
+    slot = site.slot
+    head = site_form(sym.arch, site.code) if slot is not None else None
+    if slot is not None and head is not None and head.kind == "ops-call" \
+            and len(site.code) == head.length:
+        rip = "(%rip)" if head.opcode == b"\xff\x15" and sym.arch.name == "x86_64" else ""
+        off = slot * sym.arch.ptr_size
+        return f"call *pv_ops{f'+{off:#x}' if off else ''}{rip}"
+    return _code(site_insns(sym, site))
+
+
 # Said once per file, not per site: what would name the ops.
 UNNAMED = ("  ops unnamed: the file has no BTF, DWARF, module vermagic or kernel release "
            "string a shipped catalog matches; give --ops catalog:NAME (`pvpatch catalogs`), "
@@ -285,7 +301,7 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     for p in kept:
         d = p.decision
         lines.append(f"  kept   {site_location(d.site)} {d.site.op or f'type {d.site.type}'}: "
-                     f"{d.reason} [{_code(site_insns(sym, d.site))}]")
+                     f"{d.reason} [{_kept_code(sym, d.site)}]")
     if rw.dropped_entries:
         lines.append(f"  dropped {rw.dropped_entries} table entries of rewritten sites")
     if rw.neutralised_entries:
