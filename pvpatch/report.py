@@ -35,14 +35,17 @@ def site_insns(sym: Symboliser, site: Site) -> list[Insn]:
 def patch_insns(sym: Symboliser, p: SitePatch) -> tuple[list[Insn], list[Insn]]:
     """A rewritten site before and after, symbolised.  The new relocations exist only in
     the output, so a new call or jmp is named from the plan (`call native_save_fl`)."""
-    site, d = p.decision.site, p.decision
-    before = site_insns(sym, site)
+    before = site_insns(sym, p.decision.site)
     if p.after == p.before:
         return before, before
+    return before, _after_insns(sym, p)
+
+
+def _after_insns(sym: Symboliser, p: SitePatch) -> list[Insn]:
+    site, d = p.decision.site, p.decision
     target = d.target if d.action in ("call", "thunk", "jmp") else None
-    after = sym.insns(p.after, address=site.address, section_index=site.section_index,
-                      offset=site.offset, relocs=(), branch_target=target)
-    return before, after
+    return sym.insns(p.after, address=site.address, section_index=site.section_index,
+                     offset=site.offset, relocs=(), branch_target=target)
 
 
 def _code(insns: Iterable[Insn]) -> str:
@@ -278,8 +281,10 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
             form = (p.after, d.target)
             head = decoded.get(form)
             if head is None:
-                head = decoded[form] = _code(_unpadded(plan.arch, p.after,
-                                                       patch_insns(sym, p)[1]))
+                # Only the new form is shown: the old one (and the names it needs, which
+                # in a stripped image means reading the whole export table) is not decoded.
+                after = _after_insns(sym, p) if p.after != p.before else site_insns(sym, d.site)
+                head = decoded[form] = _code(_unpadded(plan.arch, p.after, after))
             heads[key] = head if heads.get(key, head) == head else None
     lines = [
         f"{plan.scan.path} -> {output or '(not written)'}: {len(rw.patches)} sites, "
