@@ -214,9 +214,9 @@ def _linked_address(elf: ElfFile, symbol: str) -> int | None:
     sym = elf.symbols_by_name.get(symbol)
     if sym is not None and sym.defined:
         return sym.value
-    from .ksymtab import exported_symbols  # distribution kernels have no .symtab
+    from .ksymtab import export_address  # distribution kernels have no .symtab
 
-    return exported_symbols(elf).get(symbol)
+    return export_address(elf, symbol)
 
 
 def _code_ranges(elf: ElfFile, skip: str) -> list[tuple[Section, int, int]]:

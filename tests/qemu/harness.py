@@ -599,13 +599,7 @@ def i386_vmlinux() -> Path:
 def patched_i386(workdir: Path, kind: str) -> tuple[Path, Rewrite]:
     """The i386 image patched natively or with io_delay sent to native_io_delay, with
     no --ops and no symbol file: op names and the target come from the image itself."""
-    scan = pvpatch.load(i386_vmlinux())
-    backend = parse_spec_text(IO_DELAY_SPEC, scan.arch, "<io_delay spec>") \
-        if kind == "io-delay" else "native"
-    rw = pvpatch.apply_plan(pvpatch.make_plan(scan, backend))
-    out = workdir / f"vmlinux-i386.{kind}"
-    out.write_bytes(rw.data)
-    return out, rw
+    return _patch_image(i386_vmlinux(), kind, workdir / f"vmlinux-i386.{kind}")
 
 
 @functools.cache
@@ -616,11 +610,15 @@ def patched_nobtf(workdir: Path, kind: str) -> tuple[Path, Rewrite]:
     if not bare.exists():
         subprocess.run(["objcopy", "--remove-section", ".BTF", str(vmlinux()), str(bare)],
                        check=True)
-    scan = pvpatch.load(bare)
+    return _patch_image(bare, kind, workdir / f"vmlinux-nobtf.{kind}")
+
+
+def _patch_image(image: Path, kind: str, out: Path) -> tuple[Path, Rewrite]:
+    """`image` patched natively or with IO_DELAY_SPEC, no --ops and no symbol file."""
+    scan = pvpatch.load(image)
     backend = parse_spec_text(IO_DELAY_SPEC, scan.arch, "<io_delay spec>") \
         if kind == "io-delay" else "native"
     rw = pvpatch.apply_plan(pvpatch.make_plan(scan, backend))
-    out = workdir / f"vmlinux-nobtf.{kind}"
     out.write_bytes(rw.data)
     return out, rw
 
