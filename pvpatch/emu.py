@@ -153,6 +153,10 @@ RETURN_STUBS = frozenset({"__x86_return_thunk"})
 # Out-record words: regs[n], flags, cr0, cr2, cr3, done, callee rsp
 
 
+# Bytes of translated code an engine may cache (see Machine.__init__).
+TCG_BUFFER = 32 << 20
+
+
 @dataclass(frozen=True)
 class ArchRuntime:
     """Per-architecture constants of the runtime."""
@@ -953,6 +957,10 @@ class Machine:
         self.rt = rt
         mode = unicorn.UC_MODE_64 if rt.word == 8 else unicorn.UC_MODE_32
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, mode)
+        # Unicorn reserves a 1 GiB translation buffer per engine by default; a
+        # verify pool would then die under a modest address-space limit.  The
+        # code run here is a few KiB of thunks and sites.
+        uc.ctl_set_tcg_buffer_size(TCG_BUFFER)
         self.uc: Any = uc
         self._UcError = unicorn.UcError
         self._prot = unicorn.UC_PROT_ALL

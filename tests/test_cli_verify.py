@@ -202,3 +202,23 @@ def test_bad_patched_file_is_one_line(tmp_path: Path) -> None:
     short.write_bytes(src.read_bytes()[:200])
     proc = cli("verify", str(src), str(short), "--ops", OPS)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "short.o" in proc.stderr
+
+
+def test_verify_runs_under_a_two_gib_address_space_limit(tmp_path: Path) -> None:
+    # Unicorn reserves a 1 GiB translation buffer per engine unless told
+    # otherwise; two engines (a thunk pool) would not fit under 2 GiB.
+    import resource
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    out = tmp_path / "prog"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvpatch", "patch", str(FIX / "x86_64" / "prog"),
+         "-o", str(out), "--backend", str(FIX / "specs" / "prog.toml"), "-j", "2", "--json"],
+        capture_output=True, text=True, cwd=REPO, preexec_fn=limit)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)["verify"]["summary"]
+    assert summary["fail"] == 0 and summary["pass"] > 0
+    assert json.loads(proc.stdout)["verify"]["thunks"]
