@@ -1,4 +1,8 @@
-"""Suite-wide rules: a test reaches the Debian kernel corpus only when it is marked ``corpus``.
+"""Suite-wide fixtures and rules.
+
+``arch``: a test that takes it runs once per architecture (``x86_64``, ``i386``).
+
+A test reaches the Debian kernel corpus only when it is marked ``corpus``.
 
 The offline part of the suite (``pytest -m "not corpus and not qemu"``) must run with no
 corpus and no network. Every way into the corpus goes through :func:`corpus.ensure`, so an
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import corpus
 import pytest
+from paths import ARCH_NAMES
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +32,10 @@ def _corpus_only_when_marked(
         )
 
     monkeypatch.setattr(corpus, "ensure", refuse)
+
+
+@pytest.fixture(params=ARCH_NAMES)
+def arch(request: pytest.FixtureRequest) -> str:
+    """The architecture's name; tests taking it run for each one."""
+    name: str = request.param
+    return name

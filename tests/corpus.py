@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from paths import REPO
+
 Kind = Literal["x86_64", "i386", "x86_64-6.12"]
 
-REPO = Path(__file__).resolve().parent.parent
 FETCH_SCRIPT = REPO / "scripts" / "fetch-corpus"
 PINS_FILE = REPO / "scripts" / "corpus-pins"
 PV_SECTION = b".parainstructions"

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from paths import FIX
+
 import pvpatch
 from pvpatch.elf import SHT_REL, SHT_RELA, SHT_SYMTAB, ElfFile
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 SEEDS = [
     FIX / "x86_64" / "kernel61.o",
     FIX / "x86_64" / "seed.o",

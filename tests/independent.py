@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TABLE = ".parainstructions"
 
@@ -279,3 +280,48 @@ def _exec_sites(
 
 def decode_many(paths: list[Path]) -> dict[Path, Decoded]:
     return {p: decode(p) for p in paths}
+
+
+def compare_record(path: Path, record: dict[str, Any], ref: Decoded) -> list[str]:
+    """Differences between pvpatch's record and the reference decoding (empty when equal)."""
+    errors: list[str] = []
+
+    def check(what: str, got: object, want: object) -> None:
+        if got != want:
+            errors.append(f"{path.name}: {what}: pvpatch {got!r}, expected {want!r}")
+
+    check("arch", record["arch"], ref.arch)
+    check("elf_type", record["elf_type"], ref.elf_type)
+    table = record["table"]
+    if table is None:
+        return [*errors, f"{path.name}: table is null"]
+    check("table.section", table["section"], TABLE)
+    check("table.entry_size", table["entry_size"], ref.entry_size)
+    check("table.count", table["count"], len(ref.sites))
+    if not isinstance(table["layout"], str):
+        errors.append(f"{path.name}: table.layout is not a str: {table['layout']!r}")
+    sites = record["sites"]
+    check("site count", len(sites), len(ref.sites))
+    for got, want in zip(sites, ref.sites, strict=False):
+        tag = f"site {want.index}"
+        check(f"{tag} index", got["index"], want.index)
+        check(f"{tag} section", got["section"], want.section)
+        check(f"{tag} offset", got["offset"], want.offset)
+        check(f"{tag} type", got["type"], want.type)
+        check(f"{tag} len", got["len"], want.len)
+        check(f"{tag} clobbers", got["clobbers"], want.clobbers)
+        check(f"{tag} bytes", str(got["bytes"]).replace(" ", "").lower(), want.bytes)
+        if ref.elf_type == "REL":
+            check(f"{tag} address", got["address"], None)
+        else:
+            check(f"{tag} address", got["address"], want.address)
+        regs = got["clobber_regs"]
+        if not (isinstance(regs, list) and all(isinstance(r, str) for r in regs)):
+            errors.append(f"{path.name}: {tag} clobber_regs is not a list of str: {regs!r}")
+        elif len(regs) != want.clobbers.bit_count():
+            errors.append(f"{path.name}: {tag} clobber_regs {regs} vs mask {want.clobbers:#x}")
+        if not (got["op"] is None or isinstance(got["op"], str)):
+            errors.append(f"{path.name}: {tag} op is not str|null: {got['op']!r}")
+        if not isinstance(got["insns"], list):
+            errors.append(f"{path.name}: {tag} insns is not a list: {got['insns']!r}")
+    return errors

@@ -9,17 +9,15 @@ from pathlib import Path
 import independent_alt as ialt
 import pytest
 from clirun import pvpatch_cli
-from test_rewrite import check_links, gas, readelf_relocs
+from gnu import check_links, gas, readelf_relocs
+from paths import FIX
 
 import pvpatch
 from pvpatch.arch import ARCHES
 from pvpatch.rewrite import Rewrite
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 CAT612 = {"x86_64": "catalog:linux-6.12-x86_64", "i386": "catalog:linux-6.12-i386"}
 NEUTRAL = (117, 1)  # NOT(X86_FEATURE_ALWAYS): an entry the kernel always skips
-ARCH_NAMES = ["x86_64", "i386"]
 
 
 def prog_catalog(arch: str) -> str:
@@ -37,7 +35,6 @@ def independent_rows(path: Path) -> list[tuple[object, ...]]:
              s.entries) for s in ialt.decode(path).sites]
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES)
 @pytest.mark.parametrize("name", ["kernel612.o", "prog68"])
 def test_scan_matches_independent_decoder(arch: str, name: str) -> None:
     path = FIX / arch / name
@@ -67,7 +64,6 @@ def test_fixture_has_every_native_form() -> None:
     assert plain == {"cpu.io_delay", "mmu.flush_tlb_user", "irq.safe_halt"}
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_contract_comes_from_the_op_type(arch: str) -> None:
     """No mask in the table: callee-save ops allow only the return register(s)."""
     result = pvpatch.load(FIX / arch / "kernel612.o", ops=CAT612[arch])
@@ -140,7 +136,6 @@ def check_alt_rewrite(src: Path, rw: Rewrite, out: Path, tmp: Path) -> None:
             assert a == b, f"section {sec.name} changed outside the sites"
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_native_patch(arch: str, tmp_path: Path) -> None:
     src = FIX / arch / "kernel612.o"
     result = pvpatch.load(src, ops=CAT612[arch])
@@ -163,7 +158,6 @@ def test_native_patch(arch: str, tmp_path: Path) -> None:
     assert not pvpatch.apply_plan(pvpatch.make_plan(again)).changed
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_drop_patched_removes_entries_and_their_relocations(arch: str, tmp_path: Path) -> None:
     src = FIX / arch / "kernel612.o"
     plan = pvpatch.make_plan(pvpatch.load(src, ops=CAT612[arch]), drop_patched=True)
@@ -184,7 +178,6 @@ def test_drop_patched_removes_entries_and_their_relocations(arch: str, tmp_path:
                                                if s.index not in silenced]
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_prog68_runs_patched(arch: str, tmp_path: Path) -> None:
     """A 6.8+-style program: callee-save sites reach C functions only through thunks."""
     src = FIX / arch / "prog68"

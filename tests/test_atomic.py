@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SITES = 5_000
 DATA_MB = 120  # a large output, so that kills land while it is written
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from clirun import pvpatch_cli as run
+from paths import FIX
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 GOOD = FIX / "x86_64" / "kernel61.o"
 
 

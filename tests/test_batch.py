@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 from clirun import pvpatch_cli as run
+from paths import FIX, REPO
 
 from pvpatch.batch import InputFile, expand, run_ordered
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 OPS = "catalog:linux-6.1-x86_64"
 
 

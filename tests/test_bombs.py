@@ -31,11 +31,11 @@ from pathlib import Path
 
 import corpus
 import pytest
+from paths import REPO
 
 from pvpatch import compress
 from pvpatch.elf import ElfFile
 
-REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures" / "x86_64"
 AS_LIMIT = 2 << 30
 GIB = 1 << 30

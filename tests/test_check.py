@@ -11,12 +11,11 @@ from typing import Any
 import corpus
 import pytest
 from clirun import pvpatch_cli as run
+from paths import FIX, REPO
 
 import pvpatch
 from pvpatch.check import CheckOptions, check_path, elf_kind
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 BROKEN = FIX / "broken"
 OPS = "catalog:linux-6.1-x86_64"
 

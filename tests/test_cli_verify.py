@@ -7,9 +7,8 @@ import subprocess
 from pathlib import Path
 
 from clirun import pvpatch_cli as cli
+from paths import FIX, REPO
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 OPS = "catalog:linux-6.1-x86_64"
 
 

@@ -21,13 +21,13 @@ from typing import Any
 import corpus
 import pytest
 from clirun import pvpatch_cli as run
+from paths import REPO
 
 import pvpatch
 from pvpatch import compress
 from pvpatch.elf import MODULE_SIG_MAGIC, ElfFile
 from pvpatch.errors import InputError, OutputError
 
-REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures" / "x86_64"
 OPS = ["--ops", "catalog:linux-6.1-x86_64"]
 MODULE = FIX / "kernel61.o"

@@ -21,13 +21,12 @@ from typing import Any
 import corpus
 import pytest
 from clirun import pvpatch_cli as cli
+from paths import FIX, REPO
 
 import pvpatch
 from pvpatch import api
 from pvpatch.diff import DiffReport, FileDiff, SiteDiff, diff_files, diff_json, diff_text
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 OPS = {"x86_64": "catalog:linux-6.1-x86_64",
        "i386": f"catalog:{FIX / 'catalogs' / 'fixtures-i386.toml'}"}
 CAT612 = {"x86_64": "catalog:linux-6.12-x86_64", "i386": "catalog:linux-6.12-i386"}

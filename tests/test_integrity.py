@@ -14,12 +14,11 @@ from pathlib import Path
 import independent
 import pytest
 from clirun import pvpatch_cli
-from test_rewrite import check_links
+from gnu import check_links
+from paths import FIX
 
 import pvpatch
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 OPS = "catalog:linux-6.1-x86_64"
 SPEC = FIX / "specs" / "lying.toml"
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 from clirun import pvpatch_cli
+from paths import FIX, REPO, SARIF_SCHEMA
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
-SCHEMA = FIX / "schemas" / "sarif-schema-2.1.0.json"
+SCHEMA = SARIF_SCHEMA
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import corpus
 import pytest
+from paths import REPO
 
 from pvpatch.btf import KIND_NAMES, KIND_STRUCT, KIND_UNION, Btf, read_elf_btf
 from pvpatch.errors import OpsError
@@ -31,7 +32,6 @@ from pvpatch.ops import (
     catalog_from_dwarf,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 # Where the corpus keeps it (the fixture below fetches it when missing).
 VMLINUX = corpus.corpus_root() / "x86_64" / "vmlinux"
 FIXTURE_SRC = REPO / "fixtures" / "src" / "ops_dwarf.c"

@@ -12,11 +12,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from paths import FIX, REPO
 
 import pvpatch
-
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 
 
 @pytest.fixture(scope="module")

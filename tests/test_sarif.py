@@ -11,12 +11,11 @@ from typing import Any
 
 import jsonschema
 from clirun import pvpatch_cli
+from paths import FIX, REPO, SARIF_SCHEMA
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 BROKEN = FIX / "broken"
 # The official OASIS schema, carried by the repository (fixtures/schemas/README.md).
-SCHEMA = FIX / "schemas" / "sarif-schema-2.1.0.json"
+SCHEMA = SARIF_SCHEMA
 OPS = "catalog:linux-6.1-x86_64"
 
 

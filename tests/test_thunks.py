@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 from clirun import pvpatch_cli
+from paths import FIX
 
 import pvpatch
 from pvpatch.backend import parse_spec_text
 from pvpatch.elf import ElfFile
-
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 
 # prog.c's own pv_ops functions: plain C that clobbers every caller-saved register.
 SPEC_FILE = FIX / "specs" / "prog.toml"
@@ -31,7 +29,6 @@ def run_prog(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(path)], capture_output=True, text=True, timeout=20)
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 @pytest.mark.parametrize("name", ["prog", "prog-pie"])
 def test_linked_program_runs_clean(arch: str, name: str, spec: Path, tmp_path: Path) -> None:
     src = FIX / arch / name
@@ -64,7 +61,6 @@ def test_linked_program_runs_clean(arch: str, name: str, spec: Path, tmp_path: P
     assert int(last[2], 16) == max(int(x[2], 16) for x in loads)
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_relocatable_then_linked(arch: str, spec: Path, tmp_path: Path) -> None:
     out = tmp_path / "prog.o"
     proc = pvpatch_cli("patch", str(FIX / arch / "prog.o"), "-o", str(out), "--backend",
@@ -121,7 +117,6 @@ def test_endbr_when_asked(tmp_path: Path) -> None:
         assert code[t.offset : t.offset + 4] == bytes.fromhex("f30f1efa")
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_endbr_when_the_input_asks_for_ibt(arch: str, spec: Path, tmp_path: Path) -> None:
     """Built with -fcf-protection=full, the object's GNU property note asks for IBT."""
     obj = tmp_path / "prog-ibt.o"
@@ -199,7 +194,6 @@ def test_bad_spec_refused_with_line(text: str, words: str, tmp_path: Path) -> No
     assert not out.exists()
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_shared_object_runs_clean(arch: str, spec: Path, tmp_path: Path) -> None:
     """A shared library patched on its own; the unpatched launcher loads it."""
     launcher = tmp_path / "prog-so"
@@ -266,7 +260,6 @@ def test_spec_error_lines(text: str, line: int, words: str, tmp_path: Path) -> N
     assert f"{spec}:{line}: " in str(err.value) and words in str(err.value)
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_packed_relative_relocations(arch: str, spec: Path, tmp_path: Path) -> None:
     """A PIE linked with -z pack-relative-relocs (RELR): the table is decoded through RELR,
     and on i386 the RELR entries inside rewritten sites are dropped (re-encoded)."""
@@ -359,7 +352,6 @@ def test_thunks_in_a_file_already_past_0xff00_sections(spec: Path, tmp_path: Pat
     assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_the_first_symbol_past_0xff00_brings_symtab_shndx(arch: str, tmp_path: Path) -> None:
     """GNU as numbers its sections past 0xff00 but writes no .symtab_shndx when no symbol
     needs one; a thunk's symbol does, so the output gains the table."""
@@ -424,7 +416,6 @@ _TAIL_PROGRAM = {
 }
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_jmp_at_a_tail_site(arch: str, tmp_path: Path) -> None:
     """`action = "jmp"` writes what GNU as writes for `jmp target` (bytes and relocation),
     and the linked program runs on into the target instead of calling through pv_ops."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import corpus
 import pytest
+from paths import FIX, REPO
 
 from pvpatch import api
 from pvpatch.elf import SHT_REL, SHT_RELA, ElfFile
@@ -27,8 +28,6 @@ from pvpatch.verify import (
     verify_text,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 OPS = {"x86_64": "catalog:linux-6.1-x86_64",
        "i386": f"catalog:{FIX / 'catalogs' / 'fixtures-i386.toml'}"}
 
@@ -131,7 +130,6 @@ def test_native_fixtures_pass(arch: str, name: str) -> None:
     assert all(v.trials == 16 for v in report.sites)
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 @pytest.mark.parametrize("name", ["prog.o", "prog", "prog-pie"])
 def test_spec_with_thunks_passes(arch: str, name: str, prog_spec: str) -> None:
     rw = rewrite(arch, name, prog_spec, ops="none")
@@ -247,7 +245,6 @@ def test_reference_models_assemble() -> None:
 # -- corruptions: each fails, and names the right site ---------------------------------
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_sti_instead_of_cli(arch: str) -> None:
     rw = rewrite(arch, "kernel61.o")
     section, offset, after = site_after(rw, 1)
@@ -280,7 +277,6 @@ def test_thunk_missing_a_push(prog_spec: str) -> None:
     assert failing(report) == ({0}, {"__raw_callee_save_prog_irq_disable"})
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_thunk_restores_two_registers_swapped(arch: str, prog_spec: str) -> None:
     rw = rewrite(arch, "prog.o", prog_spec, ops="none")
     at, code = thunk_where(rw, "prog_save_fl")
@@ -472,14 +468,12 @@ def test_correct_patch_of_every_fixture_passes(arch: str, name: str, backend: st
     assert verify_rewrite(rw).ok
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_identical_file_has_nothing_to_prove(arch: str) -> None:
     data = (FIX / arch / "kernel61.o").read_bytes()
     report = as_cli(arch, "kernel61.o", data)
     assert report.ok and report.sites == () and report.sections == ()
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_kept_site_overwritten_with_ud2_fails(arch: str) -> None:
     rw = rewrite(arch, "kernel61.o")
     kept = next(p.decision.site for p in rw.patches if not p.decision.rewrites)
@@ -688,7 +682,6 @@ def test_thunk_returns_listed_in_return_sites(name: str) -> None:
     assert {(d.section, d.offset) for d in bad.unaccounted} == {(".return_sites", first)}
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_references_into_a_shrunk_table_are_accounted_for(arch: str) -> None:
     """tableref.o points into .parainstructions from .data and code (RELA addends on
     x86-64, the relocated bytes on i386): dropping entries moves what they point at, and
@@ -780,7 +773,6 @@ def test_load_time_relocation_neutralised_outside_every_site_fails() -> None:
                for d in report.unaccounted)
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_sti_for_cli_without_op_names_fails(arch: str) -> None:
     """Without op names nothing says what a site should do: a changed site is unproven."""
     rw = rewrite(arch, "kernel61.o")
@@ -794,7 +786,6 @@ def test_sti_for_cli_without_op_names_fails(arch: str) -> None:
                                                if p.decision.rewrites}
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_restore_fl_is_proven(arch: str) -> None:
     """irq.restore_fl pops a flags image: its trials get one popf can load (TF clear), and
     every flag it leaves is compared."""
@@ -807,7 +798,6 @@ def test_restore_fl_is_proven(arch: str) -> None:
         assert report.ok and report.summary["skip"] == 0, name
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 @pytest.mark.parametrize("bad,why", [
     ("{push}{push}9d", "sp: expected"),  # one push too many
     ("9d", "did not end"),  # pops the caller's frame (and traps on its TF)
@@ -837,7 +827,6 @@ def test_a_trapping_site_does_not_poison_the_next() -> None:
     assert report.summary == {"pass": 16, "fail": 1, "skip": 0}
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_libprog_is_proven(arch: str) -> None:
     """A shared object whose calls reach pv_ops through load-time relocations against it
     (i386): the loader applies them, so the reference runs (every site used to skip)."""
@@ -848,7 +837,6 @@ def test_libprog_is_proven(arch: str) -> None:
         assert report.ok and not report.unproven
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_neutralised_alt_entries(arch: str) -> None:
     rw = rewrite(arch, "kernel612.o", ops=CAT612[arch])
     table = rw.plan.scan.table
@@ -883,7 +871,6 @@ def test_neutralised_alt_entries(arch: str) -> None:
                for d in report.unaccounted)
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_dropped_entries_are_accounted_for(arch: str, tmp_path: Path) -> None:
     rw = rewrite(arch, "kernel61.o", drop_patched=True)
     report = as_cli(arch, "kernel61.o", rw.data)
