@@ -31,7 +31,8 @@ from .errors import ArchMismatch, SpecError
 
 Action = Literal["inline", "call", "thunk", "jmp", "nop", "ud2", "keep"]
 SPEC_ACTIONS: tuple[str, ...] = ("inline", "call", "jmp", "nop", "ud2", "keep")
-CONVENTIONS = ("c", "callee-save")
+Convention = Literal["c", "callee-save"]
+CONVENTIONS: tuple[Convention, ...] = ("c", "callee-save")
 
 _OP_KEYS = {
     "action", "asm", "bytes", "clobbers", "target", "convention", "aliases", "tail", "reason",
@@ -46,12 +47,12 @@ class OpRule:
     """What one op becomes.  `code` is set for inline rules."""
 
     key: str  # op name or decimal type number, as written in the spec
-    action: str
+    action: Action
     code: bytes | None = None
     asm: str | None = None
     clobbers: frozenset[str] = frozenset()
     target: str | None = None
-    convention: str = "c"
+    convention: Convention = "c"
     tail: bool = False  # control does not come back to the site's end
     reason: str | None = None
     line: int | None = None

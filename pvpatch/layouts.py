@@ -22,9 +22,6 @@ class Field:
     offset: int
     size: int
 
-    def read(self, data: bytes, base: int) -> int:
-        return int.from_bytes(data[base + self.offset : base + self.offset + self.size], "little")
-
 
 @dataclass(frozen=True)
 class TableLayout:

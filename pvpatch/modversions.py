@@ -43,7 +43,8 @@ def read_crcs(path: str | os.PathLike[str]) -> dict[str, int]:
     """CRCs from a `Module.symvers` file or from a kernel image (vmlinux)."""
     p = Path(path)
     try:
-        head = p.open("rb").read(4)
+        with p.open("rb") as fh:
+            head = fh.read(4)
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", str(p)) from None
     if head == b"\x7fELF":
