@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
     from .output import OutputFile
     from .plan import Plan
     from .rewrite import Rewrite
+    from .rules import Finding
     from .targets import SymbolMap
+    from .verify import VerifyReport
 
 
 def open_elf(path: str | os.PathLike[str], *,
@@ -188,3 +191,106 @@ def write_output(
             out.commit_edits(src, elf.data, result.edits, elf.identity)
         else:
             out.commit_image(result.image, mode_from=src)
+
+
+# -- one file, start to end ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """How `patch_file` patches one file: the options of `pvpatch patch`."""
+
+    backend: str | Backend = "native"
+    layout: str = "auto"
+    section: str = DEFAULT_SECTION
+    ops: str = "auto"
+    drop_patched: bool = False
+    symbols: str | os.PathLike[str] | SymbolMap | None = None
+    symvers: str | os.PathLike[str] | None = None
+    verify: bool = True
+    trials: int = 16
+    seed: int = 0
+    allow_skip: bool = False  # a site verify cannot run is not a failure
+    workers: int | None = None  # verify's processes (None: by the amount of work)
+    signing: SigningKey | None = None  # re-sign the output module
+    max_decompressed: int = MAX_DECOMPRESSED
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """What `patch_file` did: every stage's record, and where the output went."""
+
+    scan: ScanResult
+    plan: Plan
+    rewrite: Rewrite
+    verify: VerifyReport | None  # None with `verify=False`
+    output: str | None  # the file written; None when nothing was (failed, or no output)
+
+    @property
+    def ok(self) -> bool:
+        return self.verify is None or self.verify.ok
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        """What `check` reports for the file (the scan's and the plan's findings), and a
+        PV301 for each verification failure."""
+        found = (*self.scan.findings, *self.plan.findings)
+        if self.verify is None or self.verify.ok:
+            return found
+        from .verify import verify_findings
+
+        return (*found, *verify_findings(self.verify, self.plan))
+
+
+def patch_file(
+    source: str | os.PathLike[str] | ElfFile,
+    output: str | os.PathLike[str] | OutputFile | None,
+    options: PatchOptions = PatchOptions(),
+    *,
+    in_place: bool = False,
+    on_plan: Callable[[ScanResult, Plan], None] | None = None,
+) -> PatchResult:
+    """Load, scan, plan, rewrite, verify, sign and write one file.
+
+    Nothing is written when verification fails (`result.ok` is False) or `output` is
+    None (a dry run).  `on_plan` sees the scan and the plan before anything is
+    rewritten (the CLI prints their findings then).  Errors raise `PvpatchError`s.
+
+        >>> import pvpatch
+        >>> res = pvpatch.patch_file("fixtures/x86_64/kernel61.o", None,
+        ...                          pvpatch.PatchOptions(ops="catalog:linux-6.1-x86_64"))
+        >>> res.ok, res.plan.counts()["inline"] > 0, res.output
+        (True, True, None)
+    """
+    from .check import scan_for
+    from .output import OutputFile
+
+    elf = source if isinstance(source, ElfFile) else \
+        ElfFile.open(source, max_decompressed=options.max_decompressed)
+    if options.signing is not None and not elf.is_relocatable:
+        raise UsageError("--sign-key applies to kernel modules (relocatable files)", elf.path)
+    # Op names are looked for only when the file has sites: in a module tree most
+    # have none, and naming costs more than the rest of their scan.
+    result = scan_for(elf, layout=options.layout, section=options.section, ops=options.ops)
+    the_plan = make_plan(result, options.backend, drop_patched=options.drop_patched,
+                         symbols=options.symbols)
+    if on_plan is not None:
+        on_plan(result, the_plan)
+    rw = apply_plan(the_plan, symvers=options.symvers)
+    report = None
+    if options.verify and rw.patches:  # a file without sites has nothing to prove
+        from .verify import verify_rewrite
+
+        if isinstance(output, OutputFile):
+            output.wait()  # no copy thread running while the verifier forks
+        report = verify_rewrite(rw, trials=options.trials, seed=options.seed,
+                                workers=options.workers, allow_skip=options.allow_skip)
+        if not report.ok:
+            return PatchResult(result, the_plan, rw, report, None)
+    if output is None:
+        return PatchResult(result, the_plan, rw, report, None)
+    if options.signing is not None:
+        rw = sign_output(rw, options.signing)
+    write_output(rw, output, in_place=in_place)
+    where = os.fspath(output.dst if isinstance(output, OutputFile) else output)
+    return PatchResult(result, the_plan, rw, report, where)

@@ -30,7 +30,7 @@ from .rules import Finding
 from .scan import DEFAULT_SECTION
 
 if TYPE_CHECKING:
-    from .api import SigningKey
+    from .api import PatchOptions as FileOptions
     from .targets import SymbolMap
 
 T = TypeVar("T")
@@ -241,22 +241,15 @@ def scan_input(options: ScanOptions, item: InputFile) -> ScanOutcome:
 
 @dataclass(frozen=True)
 class PatchOptions:
+    """A tree run: where outputs go, and the options every file is patched with (`backend`
+    and `symbols` are named here and loaded once per process)."""
+
     outdir: str
+    file: FileOptions
     backend: str = "native"
-    layout: str = "auto"
-    section: str = DEFAULT_SECTION
-    ops: str = "auto"
-    drop_patched: bool = False
-    verify: bool = True
-    trials: int = 16
-    seed: int = 0
+    symbols: str | None = None  # System.map / kallsyms for targets of stripped images
     dry_run: bool = False
     json: bool = False
-    symvers: str | None = None
-    symbols: str | None = None  # System.map / kallsyms for targets of stripped images
-    allow_skip: bool = False  # a site verify cannot run is not a failure
-    signing: SigningKey | None = None  # signs relocatable outputs (modules)
-    max_decompressed: int = MAX_DECOMPRESSED  # compressed inputs are refused past this
 
 
 @dataclass(frozen=True)
@@ -275,59 +268,53 @@ class PatchOutcome:
 
 def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
     """Patch one file of a tree into the mirrored tree under `options.outdir`."""
-    from .api import apply_plan, sign_output, write_output
-    from .check import backend_for, scan_for
+    from dataclasses import replace
+
+    from .api import patch_file
+    from .check import backend_for
     from .elf import ElfFile
-    from .plan import make_plan
-    from .report import patch_json, patch_text
+    from .report import patch_json, patch_text, verify_summary
 
     out = os.path.join(options.outdir, item.rel)
     try:
-        data, compression = read_payload(item.path, options.max_decompressed)
+        data, compression = read_payload(item.path, options.file.max_decompressed)
         if item.walked and elf_kind(data) != "x86":
             return PatchOutcome(item.path, "skipped")
         # A compressed input is written back in its container (write_output), under
         # the same name.
         elf = ElfFile(data, item.path, compression=compression)
-        result = scan_for(elf, layout=options.layout, section=options.section,
-                          ops=options.ops)
-        plan = make_plan(result, backend_for(options.backend, elf.arch.name),
-                         drop_patched=options.drop_patched, symbols=_symbol_map(options.symbols))
-        rw = apply_plan(plan, symvers=options.symvers)
-        verify_doc = None
-        lines: list[str] = []
-        if options.verify and rw.patches:
-            from .verify import verify_findings, verify_json, verify_rewrite, verify_text
-
-            # One process per file already: the verifier must not start its own pool.
-            report = verify_rewrite(rw, trials=options.trials, seed=options.seed, workers=1,
-                                    allow_skip=options.allow_skip)
-            verify_doc = verify_json(report)
-            if not report.ok:
-                failed = verify_findings(report, plan)
-                record = patch_json(rw, None, verify_doc) if options.json else None
-                return PatchOutcome(item.path, "failed", None,
-                                    (*verify_text(report, item.path),
-                                     f"{item.path}: verification failed; nothing written"),
-                                    record, (*result.findings, *plan.findings, *failed),
-                                    len(result.sites), plan.counts(), len(data))
-            s = verify_doc["summary"]
-            lines.append(f"  verify: sites {s['pass']} pass, {s['fail']} fail, {s['skip']} skip")
+        file_options = replace(
+            options.file, backend=backend_for(options.backend, elf.arch.name),
+            symbols=_symbol_map(options.symbols),
+            # Modules are signed; a linked file of the tree is written unsigned.
+            signing=options.file.signing if elf.is_relocatable else None)
         output = None if options.dry_run else out
         if output is not None:
-            if options.signing is not None and elf.is_relocatable:
-                rw = sign_output(rw, options.signing)
             os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-            write_output(rw, output, in_place=True)
+        res = patch_file(elf, output, file_options, in_place=True)
     except FATAL_ERRORS:
         raise
     except PvpatchError as exc:
         return PatchOutcome(item.path, "bad", error=str(exc))
-    record = patch_json(rw, output, verify_doc) if options.json else None
+    rw, plan = res.rewrite, res.plan
+    verify_doc = None
+    lines: list[str] = []
+    if res.verify is not None:
+        from .verify import verify_json, verify_text
+
+        verify_doc = verify_json(res.verify)
+        if not res.ok:
+            record = patch_json(rw, None, verify_doc) if options.json else None
+            return PatchOutcome(item.path, "failed", None,
+                                (*verify_text(res.verify, item.path),
+                                 f"{item.path}: verification failed; nothing written"),
+                                record, res.findings, len(res.scan.sites), plan.counts(),
+                                len(data))
+        lines.append(verify_summary(res.verify, options.file.trials, options.file.seed))
+    record = patch_json(rw, res.output, verify_doc) if options.json else None
     # The same findings `check` reports for the file: the scan's and the plan's.
-    return PatchOutcome(item.path, "patched", output, (*patch_text(rw, output), *lines),
-                        record, (*result.findings, *plan.findings), len(result.sites),
-                        plan.counts(), len(data))
+    return PatchOutcome(item.path, "patched", res.output, (*patch_text(rw, res.output), *lines),
+                        record, res.findings, len(res.scan.sites), plan.counts(), len(data))
 
 
 @functools.lru_cache(maxsize=4)

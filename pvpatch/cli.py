@@ -17,9 +17,11 @@ from . import __version__
 from .errors import PvpatchError, UsageError
 
 if TYPE_CHECKING:
+    from .api import PatchOptions as FileOptions
     from .api import SigningKey
     from .batch import Inputs
     from .output import OutputFile
+    from .plan import Plan
     from .rules import Finding
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD = 0, 1, 2
@@ -367,71 +369,67 @@ def cmd_patch(args: argparse.Namespace) -> int:
         return _patch_one(args, signing, out)
 
 
+def _patch_options(args: argparse.Namespace, signing: SigningKey | None,
+                   workers: int | None = None) -> FileOptions:
+    """The per-file options of `pvpatch patch` (one file, or each file of a tree); the
+    backend and the symbol file stay names here, loaded where they are used."""
+    from .api import PatchOptions
+
+    return PatchOptions(
+        layout=args.layout, section=args.section, ops=args.ops,
+        drop_patched=args.drop_patched, symvers=args.symvers, verify=not args.no_verify,
+        trials=args.trials, seed=args.seed, allow_skip=args.allow_skip, workers=workers,
+        signing=signing, max_decompressed=_limit(args))
+
+
 def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
                out: OutputFile | None) -> int:
-    from .api import apply_plan, load, make_plan, sign_output, write_output
-    from .report import findings_text, patch_json, patch_text
+    from dataclasses import replace
 
-    result = load(args.input, layout=args.layout, section=args.section, ops=args.ops,
-                  max_decompressed=_limit(args))
-    if signing is not None and not result.elf.is_relocatable:
-        raise UsageError("--sign-key applies to kernel modules (relocatable files)")
-    the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched,
-                         symbols=args.symbols)
-    # What check would report: the scan's findings and the plan's (sites never rewritten
-    # because their bytes are not what the entry claims; what the backend cannot do).
-    findings = (*result.findings, *the_plan.findings)
-    # The report below lists every kept site with its reason: the plan's warnings (what the
-    # backend cannot do) would say it twice, so they are counted here, not listed.
-    shown = (*result.findings, *(f for f in the_plan.findings if f.severity == "error"))
-    for line in findings_text(result.path, shown):
-        print(line, file=sys.stderr)
-    rw = apply_plan(the_plan, symvers=args.symvers)
+    from .api import patch_file
+    from .report import findings_text, patch_json, patch_text, verify_summary
+    from .scan import ScanResult
+
+    options = replace(_patch_options(args, signing), backend=args.backend,
+                      symbols=args.symbols)
+    shown: tuple[Finding, ...] = ()
+
+    def on_plan(result: ScanResult, the_plan: Plan) -> None:
+        nonlocal shown
+        # The report below lists every kept site with its reason: the plan's warnings
+        # (what the backend cannot do) would say it twice, so they are counted, not listed.
+        shown = (*result.findings, *(f for f in the_plan.findings if f.severity == "error"))
+        for line in findings_text(result.path, shown):
+            print(line, file=sys.stderr)
+
+    res = patch_file(args.input, out, options, in_place=args.in_place, on_plan=on_plan)
+    path, rw = res.scan.path, res.rewrite
     verify_doc = None
-    failed = []
-    if not args.no_verify:
-        from .verify import (
-            report_failures,
-            verify_findings,
-            verify_json,
-            verify_rewrite,
-            verify_text,
-        )
+    if res.verify is not None:
+        from .verify import report_failures, verify_json, verify_text
 
-        if out is not None:
-            out.wait()  # no copy thread running while the verifier forks
-        report = verify_rewrite(rw, trials=args.trials, seed=args.seed,
-                                allow_skip=args.allow_skip)
-        verify_doc = verify_json(report)
-        failed = verify_findings(report, the_plan)
-        if not report.ok:
+        verify_doc = verify_json(res.verify)
+        if not res.ok:
             # Nothing is written when a rewritten site breaks its contract.
-            for line in verify_text(report, result.path):
+            for line in verify_text(res.verify, path):
                 print(line, file=sys.stderr)
-            _err(f"error: {report_failures(report)}; nothing written")
+            _err(f"error: {report_failures(res.verify)}; nothing written")
             if args.json:
                 _emit_json(patch_json(rw, None, verify_doc))
-            _patch_sarif(args, result.path, (*findings, *failed), len(result.elf.data),
-                         EXIT_FAIL)
+            _patch_sarif(args, path, res.findings, len(res.scan.elf.data), EXIT_FAIL)
             return EXIT_FAIL
-    if signing is not None and out is not None:
-        rw = sign_output(rw, signing)
-    if out is not None:
-        write_output(rw, out)
     output = None if out is None else args.output
     if args.json:
-        _emit_json(patch_json(rw, output, verify_doc))
+        _emit_json(patch_json(res.rewrite, output, verify_doc))
     else:
-        print("\n".join(patch_text(rw, output)))
-        if verify_doc is not None:
-            summary, thunks = verify_doc["summary"], verify_doc["thunk_summary"]
-            print(f"  verify: sites {summary['pass']} pass, {summary['fail']} fail, "
-                  f"{summary['skip']} skip; thunks {thunks['pass']} pass, {thunks['fail']} fail "
-                  f"({args.trials} trials each, seed {args.seed})")
+        print("\n".join(patch_text(res.rewrite, output)))
+        if res.verify is not None:
+            print(verify_summary(res.verify, args.trials, args.seed))
+    findings = res.findings
     if len(shown) < len(findings):
-        print(f"{result.path}: {len(findings) - len(shown)} warning(s) about kept sites "
+        print(f"{path}: {len(findings) - len(shown)} warning(s) about kept sites "
               "(`pvpatch check` lists them)", file=sys.stderr)
-    _patch_sarif(args, result.path, findings, len(result.elf.data), EXIT_OK)
+    _patch_sarif(args, path, findings, len(res.scan.elf.data), EXIT_OK)
     return EXIT_OK
 
 
@@ -465,12 +463,10 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
     started = time.monotonic()
     _check_outdir(args.input, args.output, args.in_place)
     inputs, problems = _expand([args.input])
+    # One process per file already: the verifier must not start its own pool.
     options = PatchOptions(
-        outdir=args.output, backend=args.backend, layout=args.layout, section=args.section,
-        ops=args.ops, drop_patched=args.drop_patched, verify=not args.no_verify,
-        trials=args.trials, seed=args.seed, dry_run=args.dry_run, json=args.json,
-        symvers=args.symvers, signing=signing, max_decompressed=_limit(args),
-        symbols=args.symbols, allow_skip=args.allow_skip)
+        outdir=args.output, file=_patch_options(args, signing, workers=1),
+        backend=args.backend, symbols=args.symbols, dry_run=args.dry_run, json=args.json)
     bar = open_progress(args.progress, len(inputs.files), "patch", sys.stderr)
     from .batch import PatchOutcome
     from .report import findings_text

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .disasm import Insn
     from .rewrite import Rewrite, SitePatch
     from .symbolic import Symboliser
+    from .verify import VerifyReport
 
 
 def symboliser(result: ScanResult) -> Symboliser:
@@ -286,11 +287,10 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
                 after = _after_insns(sym, p) if p.after != p.before else site_insns(sym, d.site)
                 head = decoded[form] = _code(_unpadded(plan.arch, p.after, after))
             heads[key] = head if heads.get(key, head) == head else None
-    lines = [
-        f"{plan.scan.path} -> {output or '(not written)'}: {len(rw.patches)} sites, "
-        + ", ".join(f"{counts[a]} {a}" for a in ACTIONS if counts.get(a))
-        + (f", ops from {plan.scan.ops.name}" if plan.scan.ops is not None else "")
-    ]
+    parts = [f"{len(rw.patches)} sites", *(f"{counts[a]} {a}" for a in ACTIONS if counts.get(a))]
+    if plan.scan.ops is not None:
+        parts.append(f"ops from {plan.scan.ops.name}")
+    lines = [f"{plan.scan.path} -> {output or '(not written)'}: {', '.join(parts)}"]
     if plan.scan.ops is None and rw.patches:
         lines.append(UNNAMED)
     for (action, op), n in sorted(by_op.items()):
@@ -318,3 +318,10 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
         lines.append("  module signature removed (the module no longer matches it); "
                      "re-sign it (--sign-key/--sign-cert) or load it unsigned")
     return lines
+
+
+def verify_summary(report: VerifyReport, trials: int, seed: int) -> str:
+    """The one verify line under a patch report (one file or each file of a tree)."""
+    s, t = report.summary, report.thunk_summary
+    return (f"  verify: sites {s['pass']} pass, {s['fail']} fail, {s['skip']} skip; "
+            f"thunks {t['pass']} pass, {t['fail']} fail ({trials} trials each, seed {seed})")

@@ -104,8 +104,17 @@ def test_patch_tree_verifies(tmp_path: Path) -> None:
     shutil.copy(FIX / "x86_64" / "legacy.o", root / "l.o")
     proc = run("patch", str(root), "-o", str(tmp_path / "out"), "--ops", OPS)
     assert proc.returncode == 0, proc.stderr
-    assert "verify: sites" in proc.stdout
     assert "0 failed verification" in proc.stdout.splitlines()[-1]
+    # One pipeline (pvpatch.patch_file) for a file alone and a file of a tree: the same
+    # report, the same verify line, the same output bytes.
+    single = tmp_path / "single.o"
+    alone = run("patch", str(root / "k.o"), "-o", str(single), "--ops", OPS)
+    assert alone.returncode == 0, alone.stderr
+    body = alone.stdout.replace(str(root / "k.o"), "K").replace(str(single), "OUT")
+    tree = proc.stdout.replace(str(root / "k.o"), "K").replace(str(tmp_path / "out" / "k.o"),
+                                                               "OUT")
+    assert "  verify: sites" in body and body in tree
+    assert (tmp_path / "out" / "k.o").read_bytes() == single.read_bytes()
 
 
 def _pty_run(args: list[str]) -> tuple[int, str]:
