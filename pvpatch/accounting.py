@@ -67,6 +67,7 @@ from .modversions import MODULE_NAME_LEN
 if TYPE_CHECKING:
     from .plan import Plan
     from .sites import Site
+    from .unwind import ThunkFrame
 
 MAX_LISTED = 200  # differences kept per file: past this, one line says how many more
 SHT_DYNAMIC = 6
@@ -80,6 +81,11 @@ PAGE = 0x1000
 SITE_LISTS = (".return_sites",)
 SITE_LIST_ENTRY = 4
 RETURN_JMP = 0xE9  # what a listed return is: jmp __x86_return_thunk
+# Call-frame information pvpatch extends (pvpatch/unwind.py), and the program header
+# that names the lookup table.
+EH_FRAME, EH_FRAME_HDR = ".eh_frame", ".eh_frame_hdr"
+UNWIND_SECTIONS = (EH_FRAME, EH_FRAME_HDR)
+PT_GNU_EH_FRAME = 0x6474E550
 
 
 @dataclass(frozen=True)
@@ -346,6 +352,10 @@ def _kinds() -> tuple[tuple[Callable[[_Accountant, ElfFile, Section], bool], Kin
         (lambda a, e, s: s.name in SITE_LISTS and s.type != SHT_NOBITS,
          Kind("site list", "entries appended, each listing the return of a proven thunk",
               True, 4, A.site_list, may_be_new=True)),
+        (lambda a, e, s: s.name in UNWIND_SECTIONS and s.type != SHT_NOBITS,
+         Kind("unwind", "old entries kept (moved whole in a linked file, pc-relative "
+              "pointers rebased); a CIE and an FDE per new thunk, as pvpatch describes its "
+              "stack; a lookup table over them all", True, 6, A.unwind_tables)),
         (lambda a, e, s: a.is_thunk_section(e, s),
          Kind("thunks", "thunks proven by emulation, zero padding", False, 5, A.thunks,
               may_be_new=True)),
@@ -405,6 +415,10 @@ class _Accountant:
         self.vacated: list[tuple[int, int]] = []
         # (site list section index in PATCHED, offset) of entries relocated to a thunk
         self.listed: set[tuple[int, int]] = set()
+        # Thunk symbols of a linked file: (name, offset in its section, size), checked
+        # against where the rewriter puts each thunk.
+        self.linked_syms: list[tuple[str, int, int]] = []
+        self._eh_new: tuple[bytes, dict[int, str]] | None = None
         # References into a table whose entries were dropped: REL places (original section
         # -> [(offset, new bytes)]) and RELA addends ((section, offset, info) -> addend).
         self._refs: tuple[dict[int, list[tuple[int, bytes]]],
@@ -548,7 +562,9 @@ class _Accountant:
                     p.entsize) != (0,) * 8 or not (count_ok and link_ok):
                 self.problem("section header 0 changed", None, None, 0, self.p.e_shoff)
             return
-        same = ("type", "flags", "addr", "addralign", "entsize")
+        same: tuple[str, ...] = ("type", "flags", "addr", "addralign", "entsize")
+        if kind.name == "unwind" and not self.p.is_relocatable:
+            same = ("type", "flags", "addralign", "entsize")  # moved: checked in _segments
         for name in same:
             a, b = getattr(o, name), getattr(p, name)
             if a != b:
@@ -781,10 +797,16 @@ class _Accountant:
             q = psyms[j]
             sec = self.p.sections[q.section_index] if q.defined and \
                 q.section_index < len(self.p.sections) else None
+            # A linked file's symbols hold addresses: the offset is from the section's.
+            at = q.value - (sec.addr if sec is not None and not self.p.is_relocatable else 0)
             if q.bind == STB_LOCAL and q.type == STT_FUNC and sec is not None \
-                    and self.is_thunk_section(self.p, sec) and q.value + q.size <= sec.size:
+                    and self.is_thunk_section(self.p, sec) and at >= 0 \
+                    and at + q.size <= sec.size:
                 name, nth = self.pkeys[sec.index]
-                self.thunk_places.append(ThunkPlace(q.name, name, nth, q.value, q.size))
+                if self.p.is_relocatable:
+                    self.thunk_places.append(ThunkPlace(q.name, name, nth, at, q.size))
+                else:  # the thunk's place is the rewriter's: the symbol must name it
+                    self.linked_syms.append((q.name, at, q.size))
                 self.claim(f"thunk symbol {q.name}", p, j * self.p.cls.sym.size,
                            self.p.cls.sym.size, thunk=q.name)
             else:
@@ -914,6 +936,11 @@ class _Accountant:
         if listed is not None:
             self.claim(what, target, off, self._width(row), thunk=listed.symbol)
             return
+        if how == "added" and target.name == EH_FRAME and self.p.is_relocatable:
+            thunk_name = self._eh_frame_field(target, row)
+            if thunk_name is not None:
+                self.claim(what, target, off, self._width(row), thunk=thunk_name)
+                return
         if target_o is not None:
             sites = self.sites_over(target_o, off, self._width(row))
             for s in sites:
@@ -1207,6 +1234,112 @@ class _Accountant:
             self.thunk_places.append(ThunkPlace(spec.symbol, key[0], key[1], off, size,
                                                 p.addr + off))
             off += size
+        places = {(t.symbol, t.offset, t.size) for t in self.thunk_places}
+        for name, at, size in self.linked_syms:
+            if (name, at, size) not in places:
+                self.problem(f"symbol {name} (offset {at:#x}, size {size}) names no thunk "
+                             "where the rewriter puts it", p, at, size)
+
+    # unwind data -------------------------------------------------------------------------
+
+    def _frames(self, places: Sequence[ThunkPlace]) -> list[ThunkFrame] | None:
+        from .thunk import planned_thunk_code
+
+        specs = {t.symbol: t for t in self.plan.thunks}
+        frames = []
+        for t in places:
+            spec = specs.get(t.symbol)
+            frame = planned_thunk_code(self.plan, spec).frame if spec is not None else None
+            if frame is None:
+                return None
+            frames.append(frame)
+        return frames
+
+    def _eh_appended(self) -> tuple[bytes, dict[int, str]]:
+        """A relocatable file: the entries the rewriter appends to `.eh_frame` for its new
+        thunks, and the offset of each FDE's address field -> the thunk it names."""
+        if self._eh_new is None:
+            from .unwind import eh_frame_entries
+
+            o = self.o.section(EH_FRAME)
+            places = sorted((t for t in self.thunk_places if t.section == self.thunk_name),
+                            key=lambda t: (t.nth, t.offset))
+            frames = self._frames(places)
+            if o is None or frames is None or not places:
+                self._eh_new = (b"", {})
+            else:
+                entries = eh_frame_entries(self.o.arch, frames)
+                self._eh_new = (entries.data, {o.size + f: t.symbol for f, t in
+                                               zip(entries.pc_fields, places, strict=True)})
+        return self._eh_new
+
+    def _eh_frame_field(self, target: Section, row: tuple[int, ...]) -> str | None:
+        """The thunk an added `.eh_frame` relocation gives its FDE's address: a PC32
+        against the thunk's symbol, addend 0, at the FDE's pc_begin."""
+        name = self._eh_appended()[1].get(row[0])
+        shift = self.p.cls.info_shift
+        key, rtype = row[1] >> shift, row[1] & ((1 << shift) - 1)
+        if name is None or rtype != self.p.arch.r_pc32 or key < NEW_SYMBOL:
+            return None
+        index = key - NEW_SYMBOL
+        sym = self.p.symbols[index] if index < len(self.p.symbols) else None
+        data = self.pdata(target)
+        addend = row[2] if len(row) > 2 else \
+            int.from_bytes(data[row[0] : row[0] + 4], "little", signed=True)
+        if sym is None or sym.name != name or addend != 0:
+            return None
+        return name
+
+    def unwind_tables(self, o: Section | None, p: Section) -> None:
+        assert o is not None
+        od, pd = self.odata(o), self.pdata(p)
+        if self.p.is_relocatable:
+            if p.name != EH_FRAME:
+                self.runs("changed", p, od, pd)
+                return
+            want, fields = self._eh_appended()
+            if pd[: len(od)] != od or pd[len(od) :] != want:
+                self.runs("entries changed (only a CIE and an FDE per new thunk may be "
+                          "appended)", p, od + want, pd)
+                return
+            self._claim_fdes(p, len(od), {f: n for f, n in fields.items()})
+            return
+        from .unwind import UnwindError, eh_frame_entries, eh_frame_hdr, rebase_eh_frame
+
+        word = self.o.arch.ptr_size
+        eh = self.p.section(EH_FRAME)
+        eh_o = self.o.section(EH_FRAME)
+        places = sorted((t for t in self.thunk_places if t.address is not None),
+                        key=lambda t: t.address or 0)
+        frames = self._frames(places)
+        if eh is None or eh_o is None or frames is None or not places:
+            self.runs("changed, but no new thunk needs unwind data", p, od, pd)
+            return
+        try:
+            if p.name == EH_FRAME:
+                old = rebase_eh_frame(od, o.addr, p.addr, word)
+                new = eh_frame_entries(self.o.arch, frames, p.addr + len(old),
+                                       [t.address for t in places if t.address is not None])
+                want = old + new.data + bytes(4)
+                if pd == want:
+                    self._claim_fdes(p, len(old), {len(old) + f: t.symbol for f, t in
+                                                   zip(new.pc_fields, places, strict=True)})
+                    return
+            else:
+                want = eh_frame_hdr(self.pdata(eh), eh.addr, p.addr, word)
+                if pd == want:
+                    return
+        except UnwindError as exc:
+            self.problem(f"cannot be rebuilt to compare: {exc.message}", p, 0)
+            return
+        self.runs("not the table pvpatch writes (the old entries rebased, one per new "
+                  "thunk, a sorted lookup table)", p, want, pd)
+
+    def _claim_fdes(self, p: Section, start: int, fields: Mapping[int, str]) -> None:
+        """Each new FDE is as good as the proof of its thunk (verify checks its rules)."""
+        for field, name in fields.items():
+            self.claim(f"call-frame information of thunk {name}", p, field - 8, 8,
+                       thunk=name)
 
     # segments, gaps, signature ---------------------------------------------------------
 
@@ -1225,6 +1358,12 @@ class _Accountant:
             if s.type == q.type == PT_PHDR and q.offset == p.e_phoff and \
                     q.filesz == q.memsz == p.e_phnum * p.e_phentsize:
                 continue  # it follows the table into the new segment
+            hdr = p.section(EH_FRAME_HDR)
+            if s.type == q.type == PT_GNU_EH_FRAME and hdr is not None and \
+                    (q.flags, q.align) == (s.flags, s.align) and \
+                    (q.offset, q.vaddr, q.filesz, q.memsz) == \
+                    (hdr.offset, hdr.addr, hdr.size, hdr.size):
+                continue  # it follows the lookup table into the new segment (checked below)
             self.problem(f"program header {k} changed", None, None, 0,
                          p.e_phoff + k * p.e_phentsize)
         extra = b[len(a) :]
@@ -1251,7 +1390,10 @@ class _Accountant:
             return
         self.new_segment = (seg.offset, seg.offset + seg.filesz)
         for sec in p.sections:
-            if sec.index not in self.p2o and sec.size and not (
+            oi = self.p2o.get(sec.index)
+            moved = sec.name in UNWIND_SECTIONS and oi is not None and \
+                o.sections[oi].addr != sec.addr
+            if (sec.index not in self.p2o or moved) and sec.size and not (
                     seg.offset <= sec.offset and sec.offset + sec.size <= seg.offset + seg.filesz
                     and seg.vaddr <= sec.addr
                     and sec.addr + sec.size <= seg.vaddr + seg.memsz):
