@@ -86,6 +86,8 @@ RETURN_JMP = 0xE9  # what a listed return is: jmp __x86_return_thunk
 EH_FRAME, EH_FRAME_HDR = ".eh_frame", ".eh_frame_hdr"
 UNWIND_SECTIONS = (EH_FRAME, EH_FRAME_HDR)
 PT_GNU_EH_FRAME = 0x6474E550
+ORC_UNWIND, ORC_UNWIND_IP, ORC_HEADER = ".orc_unwind", ".orc_unwind_ip", ".orc_header"
+ORC_SECTIONS = (ORC_UNWIND, ORC_UNWIND_IP)
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,9 @@ def _kinds() -> tuple[tuple[Callable[[_Accountant, ElfFile, Section], bool], Kin
         (lambda a, e, s: s.name in SITE_LISTS and s.type != SHT_NOBITS,
          Kind("site list", "entries appended, each listing the return of a proven thunk",
               True, 4, A.site_list, may_be_new=True)),
+        (lambda a, e, s: s.name in ORC_SECTIONS and s.type != SHT_NOBITS and e.is_relocatable,
+         Kind("orc", "old entries kept; an ORC entry per change of a new thunk's stack and a "
+              "terminator after it, as pvpatch describes the stack", True, 6, A.orc_tables)),
         (lambda a, e, s: s.name in UNWIND_SECTIONS and s.type != SHT_NOBITS,
          Kind("unwind", "old entries kept (moved whole in a linked file, pc-relative "
               "pointers rebased); a CIE and an FDE per new thunk, as pvpatch describes its "
@@ -419,6 +424,7 @@ class _Accountant:
         # against where the rewriter puts each thunk.
         self.linked_syms: list[tuple[str, int, int]] = []
         self._eh_new: tuple[bytes, dict[int, str]] | None = None
+        self._orc_new: tuple[bytes, dict[int, tuple[str, int]]] | None = None
         # References into a table whose entries were dropped: REL places (original section
         # -> [(offset, new bytes)]) and RELA addends ((section, offset, info) -> addend).
         self._refs: tuple[dict[int, list[tuple[int, bytes]]],
@@ -936,6 +942,11 @@ class _Accountant:
         if listed is not None:
             self.claim(what, target, off, self._width(row), thunk=listed.symbol)
             return
+        if how == "added" and target.name == ORC_UNWIND_IP and self.p.is_relocatable:
+            thunk_name = self._orc_ip_field(target, row)
+            if thunk_name is not None:
+                self.claim(what, target, off, self._width(row), thunk=thunk_name)
+                return
         if how == "added" and target.name == EH_FRAME and self.p.is_relocatable:
             thunk_name = self._eh_frame_field(target, row)
             if thunk_name is not None:
@@ -1334,6 +1345,65 @@ class _Accountant:
             return
         self.runs("not the table pvpatch writes (the old entries rebased, one per new "
                   "thunk, a sorted lookup table)", p, want, pd)
+
+    def _orc_appended(self) -> tuple[bytes, dict[int, tuple[str, int]]]:
+        """A kernel object: the ORC entries the rewriter appends for its new thunks, and
+        for each new `.orc_unwind_ip` slot (its offset) the thunk and addend it names."""
+        if self._orc_new is None:
+            from .unwind import ORC_IP_SIZE, orc_entries, orc_layout
+
+            self._orc_new = (b"", {})
+            ip = self.o.section(ORC_UNWIND_IP)
+            header = self.o.section(ORC_HEADER)
+            layout = orc_layout(self.odata(header) if header is not None else None)
+            places = sorted((t for t in self.thunk_places if t.section == self.thunk_name),
+                            key=lambda t: (t.nth, t.offset))
+            frames = self._frames(places)
+            if ip is None or layout is None or frames is None or not places:
+                return self._orc_new
+            by_start = {t.offset: t for t in places}
+            starts = sorted(by_start)
+            entries = orc_entries(layout, [(t.offset, f) for t, f in
+                                           zip(places, frames, strict=True)])
+            slots = {}
+            for k, (where, _e) in enumerate(entries):
+                owner = by_start[starts[bisect.bisect_right(starts, where) - 1]]
+                slots[ip.size + k * ORC_IP_SIZE] = (owner.symbol, where - owner.offset)
+            self._orc_new = (b"".join(e for _w, e in entries), slots)
+        return self._orc_new
+
+    def _orc_ip_field(self, target: Section, row: tuple[int, ...]) -> str | None:
+        """The thunk an added `.orc_unwind_ip` relocation names: a PC32 against the thunk's
+        symbol plus the offset of its entry."""
+        want = self._orc_appended()[1].get(row[0])
+        shift = self.p.cls.info_shift
+        key, rtype = row[1] >> shift, row[1] & ((1 << shift) - 1)
+        if want is None or rtype != self.p.arch.r_pc32 or key < NEW_SYMBOL or len(row) < 3:
+            return None
+        index = key - NEW_SYMBOL
+        sym = self.p.symbols[index] if index < len(self.p.symbols) else None
+        if sym is None or (sym.name, row[2]) != want:
+            return None
+        return want[0]
+
+    def orc_tables(self, o: Section | None, p: Section) -> None:
+        assert o is not None
+        from .unwind import ORC_ENTRY, ORC_IP_SIZE
+
+        od, pd = self.odata(o), self.pdata(p)
+        entries, slots = self._orc_appended()
+        want = entries if p.name == ORC_UNWIND else bytes(len(slots) * ORC_IP_SIZE)
+        if pd[: len(od)] != od or pd[len(od) :] != want:
+            self.runs("entries changed (only the new thunks' entries may be appended)", p,
+                      od + want, pd)
+            return
+        if p.name == ORC_UNWIND:
+            ip = self.o.section(ORC_UNWIND_IP)
+            base = ip.size if ip is not None else 0
+            for k in range(len(entries) // ORC_ENTRY.size):
+                name = slots[base + k * ORC_IP_SIZE][0]
+                self.claim(f"ORC entry of thunk {name}", p, len(od) + k * ORC_ENTRY.size,
+                           ORC_ENTRY.size, thunk=name)
 
     def _claim_fdes(self, p: Section, start: int, fields: Mapping[int, str]) -> None:
         """Each new FDE is as good as the proof of its thunk (verify checks its rules)."""

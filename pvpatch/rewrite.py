@@ -65,10 +65,21 @@ from .thunk import (
     file_conventions,
     thunk_code,
 )
-from .unwind import UnwindError, eh_frame_entries, eh_frame_hdr, rebase_eh_frame
+from .unwind import (
+    ORC_ENTRY,
+    ORC_IP_SIZE,
+    UnwindError,
+    eh_frame_entries,
+    eh_frame_hdr,
+    orc_entries,
+    orc_layout,
+    rebase_eh_frame,
+)
 
 EH_FRAME = ".eh_frame"
 EH_FRAME_HDR = ".eh_frame_hdr"
+ORC_UNWIND, ORC_UNWIND_IP, ORC_HEADER = ".orc_unwind", ".orc_unwind_ip", ".orc_header"
+ORC_ARCHES = ("x86_64",)  # the kernel's ORC unwinder exists for x86-64 only
 PT_GNU_EH_FRAME = 0x6474E550
 
 
@@ -541,24 +552,25 @@ class _RelocatableRewriter(_Rewriter):
         if listed:
             self._list_in_table(conv.returns, [(self._thunk_symbol_index(name), at)
                                                for name, at in listed])
-        self._describe_frames([(spec, thunk_code(self.arch, spec, conv)) for spec in specs])
+        self._describe_frames([(placed[spec.symbol], thunk_code(self.arch, spec, conv))
+                               for spec in specs])
         return {**existing, **placed}
 
-    def _describe_frames(self, thunks: list[tuple[ThunkSpec, ThunkCode]]) -> None:
+    def _describe_frames(self, thunks: list[tuple[PlacedThunk, ThunkCode]]) -> None:
         """Unwind data for the new thunks: a CIE and an FDE per thunk appended to the
         object's `.eh_frame` (the linker merges it into the program's and indexes it in
         `.eh_frame_hdr`), each FDE's address a PC32 relocation against its thunk.  An
         object without `.eh_frame` (a kernel object: ORC describes its frames) gets none."""
         sec = self.elf.section(EH_FRAME)
         if sec is None or sec.type == SHT_NOBITS or not sec.is_alloc or sec.size % 4:
-            self.unwind = "none: the object has no .eh_frame"
+            self._orc_frames(thunks)
             return
         old = self.elf.section_data(sec)
         entries = eh_frame_entries(self.arch, [tc.frame for _s, tc in thunks
                                                if tc.frame is not None])
         relocs = [Relocation(len(old) + field, self.arch.r_pc32,
-                             self._thunk_symbol_index(spec.symbol), 0)
-                  for (spec, _tc), field in zip(thunks, entries.pc_fields, strict=True)]
+                             self._thunk_symbol_index(p.spec.symbol), 0)
+                  for (p, _tc), field in zip(thunks, entries.pc_fields, strict=True)]
         relsecs = self.elf.relocation_sections(sec)
         if relsecs:
             self.added.setdefault(relsecs[0].index, []).extend(relocs)
@@ -566,6 +578,43 @@ class _RelocatableRewriter(_Rewriter):
             self.new_reloc_lists.setdefault(sec.index, []).extend(relocs)
         self.output.set_data(sec.index, old + entries.data)
         self.unwind = "eh_frame"
+
+    def _orc_frames(self, thunks: list[tuple[PlacedThunk, ThunkCode]]) -> None:
+        """A kernel object's unwind data: ORC entries for every point where a thunk's stack
+        changes and a terminator after it, appended to `.orc_unwind`, their addresses to
+        `.orc_unwind_ip` (a PC32 relocation each, against the thunk's symbol: the module
+        loader sorts the table)."""
+        elf = self.elf
+        orc, orc_ip = elf.section(ORC_UNWIND), elf.section(ORC_UNWIND_IP)
+        if orc is None or orc_ip is None or self.arch.name not in ORC_ARCHES:
+            self.unwind = "none: the object has neither .eh_frame nor .orc_unwind"
+            return
+        header = elf.section(ORC_HEADER)
+        layout = orc_layout(elf.section_data(header) if header is not None else None)
+        relsecs = elf.relocation_sections(orc_ip)
+        if layout is None or orc.size % ORC_ENTRY.size or orc_ip.size % ORC_IP_SIZE or \
+                orc.size // ORC_ENTRY.size != orc_ip.size // ORC_IP_SIZE or not relsecs:
+            self.unwind = "none: .orc_unwind is not in a layout pvpatch knows"
+            return
+        placed = []
+        offsets = {}
+        for p, tc in thunks:
+            assert tc.frame is not None
+            placed.append((p.offset, tc.frame))
+            offsets[p.offset] = p.spec.symbol
+        entries = orc_entries(layout, placed)
+        starts = sorted(offsets)
+        ips: list[Relocation] = []
+        for where, _entry in entries:
+            # addressed from the thunk it is in (a terminator: the one it ends)
+            start = starts[bisect.bisect_right(starts, where) - 1]
+            ips.append(Relocation(orc_ip.size + len(ips) * ORC_IP_SIZE, self.arch.r_pc32,
+                                  self._thunk_symbol_index(offsets[start]), where - start))
+        self.output.set_data(orc.index, elf.section_data(orc) + b"".join(e for _w, e in entries))
+        self.output.set_data(orc_ip.index, elf.section_data(orc_ip) + bytes(ORC_IP_SIZE *
+                                                                          len(entries)))
+        self.added.setdefault(relsecs[0].index, []).extend(ips)
+        self.unwind = f"orc: {layout.name}"
 
     def _list_in_table(self, form: ReturnForm, entries: list[tuple[int, int]]) -> None:
         """Append an entry per (symbol, offset) to the form's table (objtool's .return_sites:

@@ -613,3 +613,78 @@ def describe_rows(arch: Arch, rows: Iterable[CfaRow]) -> list[str]:
     names = {v: k for k, v in DWARF_REGS[arch.name].items()}
     return [f"{r.loc:#x}: CFA={names.get(r.reg, '?') if r.reg is not None else 'expr'}"
             f"{r.offset:+d}" for r in rows]
+
+
+# -- writing ORC ---------------------------------------------------------------------------
+
+ORC_REG_UNDEFINED, ORC_REG_SP = 0, 5  # arch/x86/include/asm/orc_types.h (every version)
+ORC_ENTRY = struct.Struct("<hhH")  # sp_offset, bp_offset, then the register/type bits
+ORC_IP_SIZE = 4  # .orc_unwind_ip: s32 relative to itself, one PC32 relocation each
+
+
+@dataclass(frozen=True)
+class OrcLayout:
+    """One version of objtool's `struct orc_entry`: after the two s16 offsets a u16 holding
+    sp_reg:4, bp_reg:4, then type (`type_bits` wide) and one flag bit (`end` before 6.4,
+    `signal` since)."""
+
+    name: str
+    type_bits: int
+    call: int  # ORC_TYPE_CALL
+    header: bytes | None  # the module's .orc_header (6.4+: a hash of the format), or none
+
+
+ORC_LAYOUTS: tuple[OrcLayout, ...] = (
+    # 6.1: type:2 (CALL 0, REGS 1, REGS_PARTIAL 2), end:1; no .orc_header.
+    OrcLayout("v2 (Linux 5.x-6.3)", 2, 0, None),
+    # 6.4+ (fb799447ae29): type:3 (UNDEFINED 0, END_OF_STACK 1, CALL 2, ...), signal:1; the
+    # .orc_header hash as Debian's 6.12 modules carry it.
+    OrcLayout("v3 (Linux 6.4+)", 3, 2,
+              bytes.fromhex("fe5d32bf581bd63b2ca9a5c65ba5a625eab3fe24")),
+)
+# What objtool writes after the last instruction of a section (and the unwinder reads as
+# "no frame information here"): an all-zero entry in both layouts.
+ORC_TERMINATOR = bytes(ORC_ENTRY.size)
+
+
+def orc_layout(header: bytes | None) -> OrcLayout | None:
+    """The layout a module's `.orc_header` (None: it has none) says its entries use."""
+    return next((lay for lay in ORC_LAYOUTS if lay.header == header), None)
+
+
+def orc_entry(layout: OrcLayout, sp_offset: int, bp_offset: int = 0, sp_reg: int = ORC_REG_SP,
+              bp_reg: int = ORC_REG_UNDEFINED, kind: int | None = None, flag: int = 0) -> bytes:
+    kind = layout.call if kind is None else kind
+    bits = sp_reg | bp_reg << 4 | kind << 8 | flag << (8 + layout.type_bits)
+    return ORC_ENTRY.pack(sp_offset, bp_offset, bits)
+
+
+@dataclass(frozen=True)
+class OrcEntry:
+    sp_offset: int
+    bp_offset: int
+    sp_reg: int
+    bp_reg: int
+    kind: int
+    flag: int
+
+
+def decode_orc(layout: OrcLayout, raw: bytes) -> OrcEntry:
+    sp, bp, bits = ORC_ENTRY.unpack(raw)
+    tb = layout.type_bits
+    return OrcEntry(sp, bp, bits & 0xF, bits >> 4 & 0xF, bits >> 8 & ((1 << tb) - 1),
+                    bits >> (8 + tb) & 1)
+
+
+def orc_entries(layout: OrcLayout, thunks: Sequence[tuple[int, ThunkFrame]],
+                ) -> list[tuple[int, bytes]]:
+    """(offset in the thunk section, entry) for every point where a thunk's stack changes,
+    and a terminator after each thunk that the next one does not start right at."""
+    out: list[tuple[int, bytes]] = []
+    starts = {at for at, _f in thunks}
+    for at, frame in thunks:
+        for row in frame.rows:
+            out.append((at + row.offset, orc_entry(layout, row.cfa)))
+        if at + frame.size not in starts:
+            out.append((at + frame.size, ORC_TERMINATOR))
+    return out
