@@ -331,3 +331,230 @@ def test_glibc_backtrace_goes_through_the_thunk(arch: str, kind: str, tmp_path: 
     assert before[:2] == ["prog_irq_disable", "site_irq_disable"] and top in before, before
     # one frame more, in the thunk; then the same frames, main among them
     assert after == [before[0], "__raw_callee_save_prog_irq_disable", *before[1:]], after
+
+
+# -- 4. verify proves the unwind data -------------------------------------------------------
+
+
+def _fde_at(path: Path, start: int, end: int) -> tuple[int, int]:
+    """(file offset, length) of the FDE readelf shows for [start, end)."""
+    frames = run("readelf", "--debug-dump=frames", str(path))
+    m = re.search(rf"^([0-9a-f]+) ([0-9a-f]+) [0-9a-f]+ FDE cie=\S+ pc=0*{start:x}\.\.0*{end:x}\b",
+                  frames, re.M)
+    assert m, frames[-2000:]
+    secs = run("readelf", "-S", "-W", str(path))
+    sec = re.search(r"\.eh_frame\s+\S+\s+[0-9a-f]+ ([0-9a-f]+) ", secs)
+    assert sec
+    return int(sec.group(1), 16) + int(m.group(1), 16), int(m.group(2), 16) + 4
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("name", ["prog.o", "prog-pie"])
+@pytest.mark.parametrize("fault", ["cfa", "slot"])
+def test_verify_fails_a_thunk_whose_cfi_is_off_by_one_push(arch: str, name: str, fault: str,
+                                                           tmp_path: Path) -> None:
+    import pvpatch
+    from pvpatch.verify import verify_rewrite
+
+    plan = pvpatch.make_plan(pvpatch.load(FIX / arch / name, ops="none"), str(SPEC))
+    rw = pvpatch.apply_plan(plan)
+    good = verify_rewrite(rw, trials=2, workers=1)
+    assert [t.status for t in good.thunks] == ["pass"] * 4 and not good.unaccounted
+    out = tmp_path / name
+    out.write_bytes(rw.data)
+    word = WORD[arch]
+    thunk = next(t for t in rw.thunks if t.spec.symbol == THUNKS[0])
+    start = thunk.address if thunk.address is not None else thunk.offset
+    at, size = _fde_at(out, start, start + thunk.size)
+    data = bytearray(rw.data)
+    fde = bytes(data[at : at + size])
+    if fault == "cfa":  # after the second push the CFA is 3 words up: say 4
+        old, new = bytes([0x0E, 3 * word]), bytes([0x0E, 4 * word])
+    else:  # the first register pushed (rcx / ecx) is 2 words below the CFA: say 3
+        col = 2 if arch == "x86_64" else 1
+        old, new = bytes([0x80 | col, 2]), bytes([0x80 | col, 3])
+    k = fde.index(old, 16)
+    data[at + k : at + k + 2] = new
+    bad = verify_rewrite(rw.with_image(bytes(data)), trials=2, workers=1)
+    verdicts = {t.symbol: t for t in bad.thunks}
+    failed = verdicts[THUNKS[0]]
+    assert failed.status == "fail", failed
+    assert failed.reason is not None and f"at {THUNKS[0]}+0x" in failed.reason
+    sp = "rsp" if arch == "x86_64" else "esp"
+    if fault == "cfa":
+        assert f"CFA = {sp}+{4 * word}" in failed.reason and f"{sp}+{3 * word}" in failed.reason
+    else:
+        reg = "rcx" if arch == "x86_64" else "ecx"
+        assert f"{reg} is saved at CFA-{3 * word}" in failed.reason, failed.reason
+    assert all(verdicts[t].status == "pass" for t in THUNKS[1:])
+
+
+# -- 5. kernel ORC ------------------------------------------------------------------------
+
+OBJTOOL = Path("/usr/lib/linux-kbuild-6.1/tools/objtool/objtool")
+# The 6.1 build's objtool actions (CONFIG_RETPOLINE, RETHUNK, SLS, uaccess validation) on a
+# finished module; --orc is left out: objtool skips a file that has ORC already.
+KERNEL_FLAGS = ("--sls", "--rethunk", "--retpoline", "--uaccess", "--module", "--link",
+                "--dry-run")
+THUNK_SPEC = """arch = "x86_64"
+[ops."irq.save_fl"]
+action = "call"
+target = "native_save_fl"
+convention = "c"
+[defaults]
+action = "keep"
+reason = "only irq.save_fl goes to a thunk"
+"""
+# struct orc_entry's u16 after the two s16 offsets (arch/x86/include/asm/orc_types.h):
+# sp_reg:4 bp_reg:4 then type:2 end:1 (6.1) or type:3 signal:1 (6.4+, so 6.12); CALL is
+# type 0 in 6.1 and 2 in 6.12; ORC_REG_SP 5, ORC_REG_UNDEFINED 0.
+ORC_CALL_TYPE = {"6.1": (2, 0), "6.12": (3, 2)}
+
+
+def _module(kernel: str, name: str, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(original .ko, patched .ko, vmlinux) for a corpus module sent through a thunk."""
+    import corpus
+
+    if kernel == "6.1":
+        vmlinux = corpus.x86_64_vmlinux()
+        assert vmlinux is not None
+        src = next(p for p in corpus.x86_64_modules() if p.name == f"{name}.ko")
+        orig = tmp_path / f"{name}.ko"
+        shutil.copy(src, orig)
+    else:
+        vmlinux = corpus.x86_64_612_vmlinux()
+        src = next(p for p in corpus.x86_64_612_modules() if p.name == f"{name}.ko.xz")
+        orig = tmp_path / f"{name}.ko"
+        orig.write_bytes(subprocess.run(["xz", "-dc", str(src)], capture_output=True,
+                                        check=True).stdout)
+    spec = tmp_path / "thunk.toml"
+    spec.write_text(THUNK_SPEC)
+    out = tmp_path / f"{name}-patched.ko"
+    proc = pvpatch_cli("patch", str(orig), "-o", str(out), "--backend", str(spec), "--ops",
+                       f"btf:{vmlinux}", "--symvers", str(vmlinux))
+    assert proc.returncode == 0, proc.stderr  # verify (ORC included) ran and passed
+    return orig, out, vmlinux
+
+
+def _section_bytes(path: Path, name: str) -> bytes:
+    secs = run("readelf", "-S", "-W", str(path))
+    m = re.search(rf"\] {re.escape(name)}\s+\S+\s+[0-9a-f]+ ([0-9a-f]+) ([0-9a-f]+)", secs)
+    assert m, name
+    off, size = int(m.group(1), 16), int(m.group(2), 16)
+    return path.read_bytes()[off : off + size]
+
+
+def _orc_of(path: Path, symbol: str, kernel: str) -> dict[int, tuple[int, int, int, int]]:
+    """Independent decoder: offset in `symbol` -> (sp_offset, sp_reg, bp_reg, type) of every
+    entry whose .orc_unwind_ip relocation (readelf -r) names the symbol."""
+    import struct
+
+    bits, _call = ORC_CALL_TYPE[kernel]
+    table = _section_bytes(path, ".orc_unwind")
+    rel = run("readelf", "-r", "-W", str(path)).split(".rela.orc_unwind_ip' at offset")[1]
+    rel = rel.split("\n\n")[0]
+    out = {}
+    for line in rel.splitlines():
+        f = line.split()
+        if len(f) >= 7 and f[4] == symbol:
+            index = int(f[0], 16) // 4
+            sp, _bp, word = struct.unpack_from("<hhH", table, 6 * index)
+            out[int(f[6], 16) if f[5] == "+" else -int(f[6], 16)] = \
+                (sp, word & 0xF, word >> 4 & 0xF, word >> 8 & ((1 << bits) - 1))
+    return out
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize(("kernel", "name"), [("6.1", "8021q"), ("6.1", "team"),
+                                              ("6.12", "8021q")])
+def test_module_thunk_has_orc_entries(kernel: str, name: str, tmp_path: Path) -> None:
+    orig, out, _vmlinux = _module(kernel, name, tmp_path)
+    thunk = "__raw_callee_save_native_save_fl"
+    want = objdump_cfa(out, thunk, 8)  # per instruction, from its pushes/lea/pops
+    end = max(want) + 5  # the thunk returns with jmp __x86_return_thunk (e9 rel32)
+    got = _orc_of(out, thunk, kernel)
+    _bits, call = ORC_CALL_TYPE[kernel]
+    assert got, "no ORC entry names the thunk"
+    # an entry at the start and after every change; each states sp + the CFA offset
+    offs = sorted(got)
+    for insn, cfa in want.items():
+        at = max(o for o in offs if o <= insn - min(want))
+        assert got[at] == (cfa, 5, 0, call), (hex(insn), got[at], cfa)
+    changes = [a - min(want) for a in want if a == min(want) or
+               want[a] != want[max(b for b in want if b < a)]]
+    assert [o for o in offs if o < end - min(want)] == changes
+    # and a terminator (all zero) right after it
+    assert got[end - min(want)] == (0, 0, 0, 0)
+    # the original module's own entries are all still there
+    assert _section_bytes(out, ".orc_unwind").startswith(_section_bytes(orig, ".orc_unwind"))
+    if kernel != "6.1":
+        return
+    # objtool's own dump of the 6.1 format agrees
+    dump = run(str(OBJTOOL), "--dump=orc", str(out))
+    mine = [ln for ln in dump.splitlines() if ln.startswith(thunk + "+")]
+    assert len(mine) == len(got)
+    for ln in mine:
+        m = re.match(rf"{thunk}\+([0-9a-f]+): sp:(\S+) bp:\(und\) type:call end:0", ln)
+        assert m, ln
+        off = int(m.group(1), 16)
+        assert m.group(2) == (f"sp+{got[off][0]}" if got[off][1] == 5 else "(und)")
+    before = run(str(OBJTOOL), "--dump=orc", str(orig)).count("\n")
+    assert dump.count("\n") == before + len(got)
+
+
+def _objtool(flags: tuple[str, ...], path: Path) -> set[str]:
+    proc = subprocess.run([str(OBJTOOL), *flags, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    return {ln.split(": ", 1)[1] for ln in (proc.stdout + proc.stderr).splitlines() if ": " in ln}
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", ["8021q", "team"])
+def test_objtool_reports_nothing_about_the_thunk(name: str, tmp_path: Path) -> None:
+    orig, out, _vmlinux = _module("6.1", name, tmp_path)
+    after = _objtool(KERNEL_FLAGS, out)
+    assert not [w for w in after if "raw_callee_save" in w or "pvpatch" in w], after
+    # What it does say, it said of the original too (with these actions, or, once the
+    # site's indirect call is gone, the reachability check objtool then gets to run).
+    before = _objtool(KERNEL_FLAGS, orig) | _objtool(
+        ("--sls", "--uaccess", "--module", "--link", "--dry-run"), orig)
+    assert after <= before, after - before
+
+
+@pytest.mark.corpus
+def test_verify_fails_a_thunk_whose_orc_entry_is_off_by_one_push(tmp_path: Path) -> None:
+    import struct
+
+    import corpus
+
+    import pvpatch
+    from pvpatch.backend import parse_spec_text
+    from pvpatch.verify import verify_rewrite
+
+    vmlinux = corpus.x86_64_vmlinux()
+    assert vmlinux is not None
+    src = next(p for p in corpus.x86_64_modules() if p.name == "8021q.ko")
+    scan = pvpatch.load(src, ops=f"btf:{vmlinux}")
+    plan = pvpatch.make_plan(scan, parse_spec_text(THUNK_SPEC, scan.arch, "<spec>"))
+    rw = pvpatch.apply_plan(plan, symvers=vmlinux)
+    assert rw.unwind.startswith("orc")
+    good = verify_rewrite(rw, trials=2, workers=1)
+    assert [t.status for t in good.thunks] == ["pass"]
+    out = tmp_path / "p.ko"
+    out.write_bytes(rw.data)
+    got = _orc_of(out, "__raw_callee_save_native_save_fl", "6.1")
+    secs = run("readelf", "-S", "-W", str(out))
+    m = re.search(r"\] \.orc_unwind\s+\S+\s+[0-9a-f]+ ([0-9a-f]+) ([0-9a-f]+)", secs)
+    assert m
+    table_at, size = int(m.group(1), 16), int(m.group(2), 16)
+    # the entry after the third push (sp+32): one push too many (sp+40)
+    data = bytearray(rw.data)
+    table = bytes(data[table_at : table_at + size])
+    k = next(i for i in range(len(table) // 6 - len(got), len(table) // 6)
+             if struct.unpack_from("<h", table, 6 * i)[0] == 32)
+    struct.pack_into("<h", data, table_at + 6 * k, 40)
+    bad = verify_rewrite(rw.with_image(bytes(data)), trials=2, workers=1)
+    (verdict,) = bad.thunks
+    assert verdict.status == "fail" and verdict.reason is not None
+    assert "ORC entry says sp_reg 5, sp_offset +40" in verdict.reason
+    assert "rsp+32" in verdict.reason and "__raw_callee_save_native_save_fl+0x" in verdict.reason
