@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -342,7 +342,6 @@ class CfaRow:
 def cfa_rows(fde: Fde) -> list[CfaRow]:
     """Run the CIE's initial instructions and the FDE's: the table readelf -wF shows."""
     cie = fde.cie
-    state: dict[str, object] = {}
     loc = fde.pc_begin
     reg: int | None = None
     offset = 0
@@ -359,7 +358,6 @@ def cfa_rows(fde: Fde) -> list[CfaRow]:
             rows.append(row)
 
     for phase, prog in (("cie", cie.instructions), ("fde", fde.instructions)):
-        state["phase"] = phase
         pos = 0
         while pos < len(prog):
             op = prog[pos]
@@ -607,12 +605,6 @@ def hdr_lookup(hdr: bytes, hdr_addr: int, pc: int) -> int | None:
     locs = [hdr_addr + a for a, _b in table]
     k = bisect.bisect_right(locs, pc) - 1
     return hdr_addr + table[k][1] if k >= 0 else None
-
-
-def describe_rows(arch: Arch, rows: Iterable[CfaRow]) -> list[str]:
-    names = {v: k for k, v in DWARF_REGS[arch.name].items()}
-    return [f"{r.loc:#x}: CFA={names.get(r.reg, '?') if r.reg is not None else 'expr'}"
-            f"{r.offset:+d}" for r in rows]
 
 
 # -- writing ORC ---------------------------------------------------------------------------

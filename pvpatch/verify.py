@@ -1191,8 +1191,9 @@ TRACE_WINDOW = 512
 def _thunk_cfi(ctx: _Context, addr: int) -> list[CfaRow] | str | None:
     """The CFA rules the patched file gives the thunk at emulator address `addr`, read
     as an unwinder does (a linked file: PT_GNU_EH_FRAME's binary-search table, then the
-    FDE it names; an object: its relocated `.eh_frame`); a reason when there are none
-    for it; None when the file carries no DWARF call-frame information at all."""
+    FDE it names; an object: its relocated `.eh_frame`); a reason when they cannot be
+    read; None when there are none for it (nothing to check: the rewriter says why in
+    `Rewrite.unwind`, and accounting that the tables are the ones it writes)."""
     from .unwind import UnwindError, cfa_rows, find_fde, hdr_lookup, parse_eh_frame
 
     img = ctx.img_p
@@ -1214,43 +1215,43 @@ def _thunk_cfi(ctx: _Context, addr: int) -> list[CfaRow] | str | None:
             fde_at = hdr_lookup(img.read(hdr_at, seg.memsz), hdr_at, addr)
             sec = elf.section_for_addr(img.link_addr(fde_at)) if fde_at is not None else None
             if sec is None:
-                return "PT_GNU_EH_FRAME's lookup table leads to no FDE for it"
+                return None
             at = img.emu_addr(sec.addr)
             eh = parse_eh_frame(img.read(at, sec.size), at, word)
             fde = next((f for f in eh.fdes if at + f.offset == fde_at
                         and f.pc_begin <= addr < f.pc_begin + f.pc_range), None)
-        if fde is None:
-            return "no FDE covers it"
-        return cfa_rows(fde)
+        return cfa_rows(fde) if fde is not None else None
     except UnwindError as exc:
         return f"its call-frame information cannot be read: {exc.message}"
 
 
 def _thunk_orc(ctx: _Context, tj: _ThunkJob) -> list[tuple[int, OrcEntry]] | str | None:
     """A kernel object's ORC entries for the thunk: (offset into the thunk, entry), read
-    through `.orc_unwind_ip`'s relocations against the thunk's symbol; None when the file
-    has no ORC table."""
+    through `.orc_unwind_ip`'s relocations against the thunk's symbol; None when there
+    are none."""
     from .unwind import ORC_ENTRY, ORC_IP_SIZE, decode_orc, orc_layout
 
     elf = ctx.img_p.elf
     orc, ip = elf.section(ORC_UNWIND), elf.section(ORC_UNWIND_IP)
     if not elf.is_relocatable or orc is None or ip is None:
         return None
-    header = elf.section(ORC_HEADER)
-    layout = orc_layout(elf.section_data(header) if header is not None else None)
-    if layout is None:
-        return "its module's .orc_header names an ORC format pvpatch does not know"
     sym = elf.symbols_by_name.get(tj.symbol)
     data = elf.section_data(orc)
-    found = []
+    raw = []
     for relsec in elf.relocation_sections(ip):
         for r in elf.relocations(relsec):
             if sym is not None and r.sym == sym.index and 0 <= r.addend <= tj.size:
                 at = r.offset // ORC_IP_SIZE * ORC_ENTRY.size
-                found.append((r.addend, decode_orc(layout, data[at : at + ORC_ENTRY.size])))
-    if not found:
-        return "no ORC entry covers it"
-    return sorted(found, key=lambda e: e[0])
+                raw.append((r.addend, data[at : at + ORC_ENTRY.size]))
+    if not raw:
+        return None
+    header = elf.section(ORC_HEADER)
+    layout = orc_layout(elf.section_data(header) if header is not None else None)
+    if layout is None:
+        return "its module's .orc_header names an ORC format pvpatch does not know"
+    if any(len(e) != ORC_ENTRY.size for _a, e in raw):
+        return "an .orc_unwind_ip slot past the end of .orc_unwind"
+    return sorted(((a, decode_orc(layout, e)) for a, e in raw), key=lambda e: e[0])
 
 
 def _check_unwind(ctx: _Context, tj: _ThunkJob, addr: int) -> list[str]:

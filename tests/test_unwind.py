@@ -558,3 +558,15 @@ def test_verify_fails_a_thunk_whose_orc_entry_is_off_by_one_push(tmp_path: Path)
     assert verdict.status == "fail" and verdict.reason is not None
     assert "ORC entry says sp_reg 5, sp_offset +40" in verdict.reason
     assert "rsp+32" in verdict.reason and "__raw_callee_save_native_save_fl+0x" in verdict.reason
+
+
+@pytest.mark.corpus
+def test_qemu_thunk_scenario_modules_carry_orc_for_their_thunks() -> None:
+    """The modules the QEMU harness's `thunk` scenario loads (tests/test_qemu.py) are the
+    ones with ORC entries for their thunks: that boot is the proof they still load."""
+    from qemu import harness
+
+    with_thunks = [rw for _n, _p, _d, rw in harness.variant("thunk")
+                   if rw is not None and rw.changed and rw.thunks]
+    assert len(with_thunks) >= 12
+    assert {rw.unwind for rw in with_thunks} == {"orc: v2 (Linux 5.x-6.3)"}
