@@ -245,7 +245,33 @@ class EhFrame:
 
 
 def parse_eh_frame(data: bytes, addr: int, ptr_size: int) -> EhFrame:
-    """Every CIE and FDE of an `.eh_frame` at `addr`, up to a zero terminator."""
+    """Every CIE and FDE of an `.eh_frame` at `addr`, up to a zero terminator (UnwindError
+    when it is malformed: it comes from the input file)."""
+    try:
+        return _parse_eh_frame(data, addr, ptr_size)
+    except (IndexError, struct.error) as exc:
+        raise UnwindError(f".eh_frame is truncated or malformed ({exc})") from None
+
+
+def fde_at(data: bytes, addr: int, ptr_size: int, offset: int) -> Fde:
+    """The FDE at `offset` of an `.eh_frame` at `addr` (and its CIE), read alone: what an
+    unwinder that found it through `.eh_frame_hdr` reads."""
+    try:
+        length, cie_ptr = struct.unpack_from("<II", data, offset)
+        body = offset + 4
+        if cie_ptr == 0 or length in (0, 0xFFFFFFFF) or body + length > len(data):
+            raise UnwindError(f"no FDE at .eh_frame+{offset:#x}")
+        start = body - cie_ptr
+        cie_len, cie_id = struct.unpack_from("<II", data, start)
+        if cie_id != 0 or start + 4 + cie_len > len(data):
+            raise UnwindError(f"the FDE at .eh_frame+{offset:#x} names no CIE")
+        cie = _parse_cie(data, start, start + 8, start + 4 + cie_len, addr, ptr_size)
+        return _parse_fde(data, offset, body + 4, body + length, cie, addr, ptr_size)
+    except (IndexError, struct.error) as exc:
+        raise UnwindError(f".eh_frame is truncated or malformed ({exc})") from None
+
+
+def _parse_eh_frame(data: bytes, addr: int, ptr_size: int) -> EhFrame:
     cies: dict[int, Cie] = {}
     fdes: list[Fde] = []
     pos = 0
@@ -341,6 +367,13 @@ class CfaRow:
 
 def cfa_rows(fde: Fde) -> list[CfaRow]:
     """Run the CIE's initial instructions and the FDE's: the table readelf -wF shows."""
+    try:
+        return _cfa_rows(fde)
+    except (IndexError, struct.error) as exc:
+        raise UnwindError(f"call-frame instructions run past their entry ({exc})") from None
+
+
+def _cfa_rows(fde: Fde) -> list[CfaRow]:
     cie = fde.cie
     loc = fde.pc_begin
     reg: int | None = None

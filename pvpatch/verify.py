@@ -1195,6 +1195,7 @@ def _thunk_cfi(ctx: _Context, addr: int) -> list[CfaRow] | str | None:
     read; None when there are none for it (nothing to check: the rewriter says why in
     `Rewrite.unwind`, and accounting that the tables are the ones it writes)."""
     from .unwind import UnwindError, cfa_rows, find_fde, hdr_lookup, parse_eh_frame
+    from .unwind import fde_at as fde_at_offset
 
     img = ctx.img_p
     elf = img.elf
@@ -1217,9 +1218,12 @@ def _thunk_cfi(ctx: _Context, addr: int) -> list[CfaRow] | str | None:
             if sec is None:
                 return None
             at = img.emu_addr(sec.addr)
-            eh = parse_eh_frame(img.read(at, sec.size), at, word)
-            fde = next((f for f in eh.fdes if at + f.offset == fde_at
-                        and f.pc_begin <= addr < f.pc_begin + f.pc_range), None)
+            assert fde_at is not None
+            found = fde_at_offset(img.read(at, sec.size), at, word, fde_at - at)
+            fde = found if found.pc_begin <= addr < found.pc_begin + found.pc_range else None
+    except UnwindError:
+        return None  # none that an unwinder reads either: nothing to check
+    try:
         return cfa_rows(fde) if fde is not None else None
     except UnwindError as exc:
         return f"its call-frame information cannot be read: {exc.message}"

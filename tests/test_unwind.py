@@ -570,3 +570,65 @@ def test_qemu_thunk_scenario_modules_carry_orc_for_their_thunks() -> None:
                    if rw is not None and rw.changed and rw.thunks]
     assert len(with_thunks) >= 12
     assert {rw.unwind for rw in with_thunks} == {"orc: v2 (Linux 5.x-6.3)"}
+
+
+# -- hostile call-frame information --------------------------------------------------------
+
+
+def test_mutated_eh_frame_gives_unwind_error_only() -> None:
+    """Whatever an input's .eh_frame holds, reading, rebasing and indexing it raises the
+    package's own error or works (it decides between new tables and none)."""
+    import random
+
+    from pvpatch.elf import ElfFile
+    from pvpatch.unwind import UnwindError, cfa_rows, eh_frame_hdr, parse_eh_frame, \
+        rebase_eh_frame
+
+    elf = ElfFile.open(FIX / "x86_64" / "prog-bt")
+    sec = elf.section(".eh_frame")
+    assert sec is not None
+    data = elf.section_data(sec)
+    rnd = random.Random(16)
+    errors = 0
+    for _ in range(400):
+        d = bytearray(data)
+        for _k in range(rnd.randint(1, 6)):
+            d[rnd.randrange(len(d))] = rnd.randrange(256)
+        if rnd.random() < 0.3:
+            d = d[: rnd.randrange(len(d))]
+        try:
+            for f in parse_eh_frame(bytes(d), sec.addr, 8).fdes:
+                cfa_rows(f)
+            moved = rebase_eh_frame(bytes(d), sec.addr, sec.addr + 0x3000, 8)
+            eh_frame_hdr(moved, sec.addr + 0x3000, sec.addr + 0x5000, 8)
+        except UnwindError:
+            errors += 1
+    assert errors > 0
+
+
+def test_linked_file_with_unreadable_eh_frame_still_patches(tmp_path: Path) -> None:
+    """An .eh_frame pvpatch cannot read (a CIE of an augmentation it does not know) gets no
+    new tables: the thunks are still named, the program still runs, verify still passes."""
+    src = FIX / "x86_64" / "prog"
+    data = bytearray(src.read_bytes())
+    secs = run("readelf", "-S", "-W", str(src))
+    m = re.search(r"\] \.eh_frame\s+\S+\s+[0-9a-f]+ ([0-9a-f]+) ", secs)
+    assert m
+    at = int(m.group(1), 16)
+    assert data[at + 9 : at + 12] == b"zR\0"  # the first CIE's augmentation
+    data[at + 9 : at + 11] = b"eh"  # the pre-gcc-3 form, which pvpatch does not read
+    bad = tmp_path / "prog"
+    bad.write_bytes(bytes(data))
+    bad.chmod(0o755)
+    out = tmp_path / "patched"
+    patch(bad, out)
+    assert run("readelf", "-l", "-W", str(out)).count("GNU_EH_FRAME") == 1
+    # PT_GNU_EH_FRAME still names the original table: no new one was written
+    assert run("readelf", "-S", "-W", str(out)).count(".eh_frame_hdr") == 1
+    eh_old = re.search(r"\] \.eh_frame_hdr\s+\S+\s+([0-9a-f]+) ", secs)
+    eh_new = re.search(r"\] \.eh_frame_hdr\s+\S+\s+([0-9a-f]+) ",
+                       run("readelf", "-S", "-W", str(out)))
+    assert eh_old and eh_new and eh_old.group(1) == eh_new.group(1)
+    assert "__raw_callee_save_prog_irq_disable" in nm_symbols(out)
+    ran = subprocess.run([str(out)], capture_output=True, text=True, timeout=20)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok"
