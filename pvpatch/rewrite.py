@@ -1305,6 +1305,8 @@ class _LinkedRewriter(_Rewriter):
         size = cls.sym.size
         fg = symtab.info
         raw = elf.section_data(symtab)
+        if not 0 < symtab.link < len(elf.sections) or fg * size > len(raw) or len(raw) % size:
+            return  # a symbol table pvpatch cannot extend consistently: left as it is
         strsec = elf.sections[symtab.link]
         strtab = bytearray(elf.section_data(strsec))
         shndx = sec if sec < SHN_LORESERVE else SHN_XINDEX
@@ -1334,11 +1336,12 @@ class _LinkedRewriter(_Rewriter):
                 continue
             fmt = cls.rela if relsec.type == SHT_RELA else cls.rel
             rows = []
-            for rec in fmt.iter_unpack(elf.section_data(relsec)):
+            data = elf.section_data(relsec)
+            for rec in fmt.iter_unpack(data[: len(data) - len(data) % fmt.size]):
                 sym, rtype = cls.split_info(rec[1])
                 rows.append(fmt.pack(rec[0], cls.r_info(sym + n if sym >= fg else sym, rtype),
                                      *rec[2:]))
-            out.set_data(relsec.index, b"".join(rows))
+            out.set_data(relsec.index, b"".join(rows) + data[len(data) - len(data) % fmt.size :])
 
     def _phdr_row(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
                   filesz: int, memsz: int, align: int) -> bytes:

@@ -581,8 +581,13 @@ def test_mutated_eh_frame_gives_unwind_error_only() -> None:
     import random
 
     from pvpatch.elf import ElfFile
-    from pvpatch.unwind import UnwindError, cfa_rows, eh_frame_hdr, parse_eh_frame, \
-        rebase_eh_frame
+    from pvpatch.unwind import (
+        UnwindError,
+        cfa_rows,
+        eh_frame_hdr,
+        parse_eh_frame,
+        rebase_eh_frame,
+    )
 
     elf = ElfFile.open(FIX / "x86_64" / "prog-bt")
     sec = elf.section(".eh_frame")
@@ -630,5 +635,32 @@ def test_linked_file_with_unreadable_eh_frame_still_patches(tmp_path: Path) -> N
                        run("readelf", "-S", "-W", str(out)))
     assert eh_old and eh_new and eh_old.group(1) == eh_new.group(1)
     assert "__raw_callee_save_prog_irq_disable" in nm_symbols(out)
+    ran = subprocess.run([str(out)], capture_output=True, text=True, timeout=20)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok"
+
+
+def test_linked_file_with_static_relocations_keeps_their_symbols(tmp_path: Path) -> None:
+    """Linked with --emit-relocs, a program keeps relocation sections that name .symtab's
+    symbols by index: the thunk symbols inserted before the globals renumber them, and
+    every relocation still names the same symbol (readelf -r, before and after)."""
+    exe = tmp_path / "prog"
+    run("gcc", "-O2", "-fno-pie", "-no-pie", "-Wl,--emit-relocs", "-fno-stack-protector",
+        "-fcf-protection=none", "-I", str(FIX / "src"), str(FIX / "src" / "prog.c"), "-o",
+        str(exe))
+
+    def rows(path: Path) -> list[tuple[str, ...]]:
+        out = []
+        for line in run("readelf", "-r", "-W", str(path)).splitlines():
+            f = line.split()
+            if len(f) >= 5 and re.fullmatch(r"[0-9a-f]{16}", f[0]):
+                out.append((f[0], f[2], f[4]))
+        return out
+
+    before = rows(exe)
+    assert sum(1 for r in before if r[2].startswith("prog_")) > 0
+    out = tmp_path / "patched"
+    patch(exe, out)  # verified: every difference accounted for
+    assert rows(out) == before
+    assert THUNKS[0] in nm_symbols(out)
     ran = subprocess.run([str(out)], capture_output=True, text=True, timeout=20)
     assert ran.returncode == 0 and ran.stdout.strip() == "ok"
