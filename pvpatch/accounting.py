@@ -796,6 +796,9 @@ class _Accountant:
                     self._symkey(replace(s, value=q.value, size=q.size), q):
                 mapping[j] = i
                 self.pending_syms.append((s, q))  # a label in the table: checked after it
+            elif s.defined and self._moved_label(s) == q.value and \
+                    self._symkey(replace(s, value=q.value), q):
+                mapping[j] = i  # a label in a call-frame table that moved with it
             else:
                 self.problem(f"symbol {i} ({s.name or '?'}) changed or moved", p,
                              j * self.p.cls.sym.size, self.p.cls.sym.size)
@@ -829,6 +832,30 @@ class _Accountant:
         if any(m != j for j, m in enumerate(mapping[: len(osyms)])) or len(psyms) != \
                 len(osyms):
             self.sym_map = mapping
+
+    def _moved_label(self, s: Symbol) -> int | None:
+        """Where a label in `.eh_frame` / `.eh_frame_hdr` goes when a linked file's table
+        moved into the new segment: the old entries keep their offsets, a label past them
+        (the terminator's, `__FRAME_END__`) follows the new entries."""
+        if self.p.is_relocatable or s.section_index >= len(self.o.sections):
+            return None
+        o = self.o.sections[s.section_index]
+        j = self.o2p.get(o.index)
+        if o.name not in UNWIND_SECTIONS or j is None:
+            return None
+        p = self.p.sections[j]
+        if p.addr == o.addr:
+            return None
+        off = s.value - o.addr
+        if o.name == EH_FRAME_HDR:
+            return p.addr + off
+        from .unwind import UnwindError, parse_eh_frame
+
+        try:
+            end = parse_eh_frame(self.odata(o), o.addr, self.o.arch.ptr_size).end
+        except UnwindError:
+            return None
+        return p.addr + (off if off < end else p.size - 4 + off - end)
 
     def symbol_indices(self, o: Section | None, p: Section) -> None:
         """Read through .symtab: when .symtab itself is unchanged, the section of every

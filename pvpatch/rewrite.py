@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -94,9 +94,27 @@ class _LinkedUnwind:
     hdr_addr: int
     hdr: bytes
 
+    old_eh: tuple[int, int]  # the old .eh_frame's address and where its entries end
+    old_hdr: int  # the old .eh_frame_hdr's address
+
     @property
     def end(self) -> int:
         return self.hdr_addr + len(self.hdr)
+
+    def moves(self, elf: ElfFile) -> dict[int, Callable[[int], int]]:
+        """Section index -> where an address in the old table is in the new one: the
+        entries keep their offsets, what followed them (the terminator) follows the new
+        ones; the header's fields keep theirs."""
+        (old, end), tail = self.old_eh, len(self.eh) - 4
+
+        def eh(value: int) -> int:
+            off = value - old
+            return self.eh_addr + (off if off < end else tail + off - end)
+
+        def hdr(value: int) -> int:
+            return self.hdr_addr + value - self.old_hdr
+
+        return {self.eh_index: eh, self.hdr_index: hdr}
 
 PAGE = 0x1000
 MAX_SECTION_ALIGN = 1 << 16  # most a moved section may be aligned to (padding is zeros)
@@ -1258,7 +1276,8 @@ class _LinkedRewriter(_Rewriter):
                 # bytes stay where they were, loaded but no longer looked up.
                 sh = out.shdrs[index]
                 sh.addr, sh.offset, sh.size, sh.data = at, where, len(blob), None
-        self._name_thunks(sec, [placed[s.symbol] for s in specs])
+        self._name_thunks(sec, [placed[s.symbol] for s in specs],
+                          unwind.moves(elf) if unwind is not None else {})
         self.unwind = "eh_frame" if unwind is not None else self.unwind
         return {**existing, **placed}
 
@@ -1291,12 +1310,15 @@ class _LinkedRewriter(_Rewriter):
         except UnwindError as exc:
             self.unwind = f"none: {exc.message}"
             return None
-        return _LinkedUnwind(eh.index, eh_addr, data, hdr.index, hdr_addr, table)
+        return _LinkedUnwind(eh.index, eh_addr, data, hdr.index, hdr_addr, table,
+                             (eh.addr, len(old)), hdr.addr)
 
-    def _name_thunks(self, sec: int, thunks: list[PlacedThunk]) -> None:
+    def _name_thunks(self, sec: int, thunks: list[PlacedThunk],
+                     moves: Mapping[int, Callable[[int], int]]) -> None:
         """A local FUNC symbol with its size for each thunk, when the file has a `.symtab`
         (inserted before the first global; relocation sections naming `.symtab`'s symbols
-        follow the renumbering)."""
+        follow the renumbering).  Labels in a table that moved (`moves`: section index ->
+        new address of an old one; `__GNU_EH_FRAME_HDR`, `__FRAME_END__`) follow it."""
         elf, out = self.elf, self.output
         symtab = elf.symtab
         if symtab is None or not thunks:
@@ -1316,6 +1338,14 @@ class _LinkedRewriter(_Rewriter):
             strtab += t.spec.symbol.encode() + b"\0"
             assert t.address is not None
             blob += cls.pack_sym(name, STB_LOCAL << 4 | STT_FUNC, 0, shndx, t.address, t.size)
+        if moves:
+            table = bytearray(raw)
+            for at in range(0, len(table), size):
+                name, info, other, shndx, value, sym_size = cls.unpack_sym(table, at)
+                if shndx in moves:
+                    table[at : at + size] = cls.pack_sym(name, info, other, shndx,
+                                                         moves[shndx](value), sym_size)
+            raw = bytes(table)
         out.set_data(symtab.index, raw[: fg * size] + bytes(blob) + raw[fg * size :])
         out.shdrs[symtab.index].info = fg + len(thunks)
         out.set_data(strsec.index, bytes(strtab))

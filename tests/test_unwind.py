@@ -221,6 +221,13 @@ def test_linked_file_gets_new_eh_frame_and_header(arch: str, name: str,
     data = bytes.fromhex("".join(first.split()[1:4]))  # the first 12 bytes
     assert data[:4] == bytes([1, 0x1B, 0x03, 0x3B])
     assert int.from_bytes(data[8:12], "little") == len(new)
+    # the labels in the tables (__GNU_EH_FRAME_HDR, __FRAME_END__) moved with them: elflint
+    # finds nothing wrong with the symbols or the tables
+    lint = subprocess.run(["eu-elflint", "--gnu-ld", str(out)], capture_output=True,
+                          text=True).stdout
+    assert not [ln for ln in lint.splitlines() if "symtab" in ln or "eh_frame" in ln], lint
+    syms = nm_symbols(out)
+    assert syms["__GNU_EH_FRAME_HDR"][0] == int(hdr.group(1), 16)
 
 
 # -- 3. gdb and glibc's backtrace() walk through the thunk ---------------------------------
