@@ -67,6 +67,7 @@ from .modversions import MODULE_NAME_LEN
 if TYPE_CHECKING:
     from .plan import Plan
     from .sites import Site
+    from .unwind import ThunkFrame
 
 MAX_LISTED = 200  # differences kept per file: past this, one line says how many more
 SHT_DYNAMIC = 6
@@ -80,6 +81,13 @@ PAGE = 0x1000
 SITE_LISTS = (".return_sites",)
 SITE_LIST_ENTRY = 4
 RETURN_JMP = 0xE9  # what a listed return is: jmp __x86_return_thunk
+# Call-frame information pvpatch extends (pvpatch/unwind.py), and the program header
+# that names the lookup table.
+EH_FRAME, EH_FRAME_HDR = ".eh_frame", ".eh_frame_hdr"
+UNWIND_SECTIONS = (EH_FRAME, EH_FRAME_HDR)
+PT_GNU_EH_FRAME = 0x6474E550
+ORC_UNWIND, ORC_UNWIND_IP, ORC_HEADER = ".orc_unwind", ".orc_unwind_ip", ".orc_header"
+ORC_SECTIONS = (ORC_UNWIND, ORC_UNWIND_IP)
 
 
 @dataclass(frozen=True)
@@ -346,6 +354,13 @@ def _kinds() -> tuple[tuple[Callable[[_Accountant, ElfFile, Section], bool], Kin
         (lambda a, e, s: s.name in SITE_LISTS and s.type != SHT_NOBITS,
          Kind("site list", "entries appended, each listing the return of a proven thunk",
               True, 4, A.site_list, may_be_new=True)),
+        (lambda a, e, s: s.name in ORC_SECTIONS and s.type != SHT_NOBITS and e.is_relocatable,
+         Kind("orc", "old entries kept; an ORC entry per change of a new thunk's stack and a "
+              "terminator after it, as pvpatch describes the stack", True, 6, A.orc_tables)),
+        (lambda a, e, s: s.name in UNWIND_SECTIONS and s.type != SHT_NOBITS,
+         Kind("unwind", "old entries kept (moved whole in a linked file, pc-relative "
+              "pointers rebased); a CIE and an FDE per new thunk, as pvpatch describes its "
+              "stack; a lookup table over them all", True, 6, A.unwind_tables)),
         (lambda a, e, s: a.is_thunk_section(e, s),
          Kind("thunks", "thunks proven by emulation, zero padding", False, 5, A.thunks,
               may_be_new=True)),
@@ -405,6 +420,11 @@ class _Accountant:
         self.vacated: list[tuple[int, int]] = []
         # (site list section index in PATCHED, offset) of entries relocated to a thunk
         self.listed: set[tuple[int, int]] = set()
+        # Thunk symbols of a linked file: (name, offset in its section, size), checked
+        # against where the rewriter puts each thunk.
+        self.linked_syms: list[tuple[str, int, int]] = []
+        self._eh_new: tuple[bytes, dict[int, str]] | None = None
+        self._orc_new: tuple[bytes, dict[int, tuple[str, int]]] | None = None
         # References into a table whose entries were dropped: REL places (original section
         # -> [(offset, new bytes)]) and RELA addends ((section, offset, info) -> addend).
         self._refs: tuple[dict[int, list[tuple[int, bytes]]],
@@ -548,7 +568,9 @@ class _Accountant:
                     p.entsize) != (0,) * 8 or not (count_ok and link_ok):
                 self.problem("section header 0 changed", None, None, 0, self.p.e_shoff)
             return
-        same = ("type", "flags", "addr", "addralign", "entsize")
+        same: tuple[str, ...] = ("type", "flags", "addr", "addralign", "entsize")
+        if kind.name == "unwind" and not self.p.is_relocatable:
+            same = ("type", "flags", "addralign", "entsize")  # moved: checked in _segments
         for name in same:
             a, b = getattr(o, name), getattr(p, name)
             if a != b:
@@ -774,6 +796,9 @@ class _Accountant:
                     self._symkey(replace(s, value=q.value, size=q.size), q):
                 mapping[j] = i
                 self.pending_syms.append((s, q))  # a label in the table: checked after it
+            elif s.defined and self._moved_label(s) == q.value and \
+                    self._symkey(replace(s, value=q.value), q):
+                mapping[j] = i  # a label in a call-frame table that moved with it
             else:
                 self.problem(f"symbol {i} ({s.name or '?'}) changed or moved", p,
                              j * self.p.cls.sym.size, self.p.cls.sym.size)
@@ -781,10 +806,16 @@ class _Accountant:
             q = psyms[j]
             sec = self.p.sections[q.section_index] if q.defined and \
                 q.section_index < len(self.p.sections) else None
+            # A linked file's symbols hold addresses: the offset is from the section's.
+            at = q.value - (sec.addr if sec is not None and not self.p.is_relocatable else 0)
             if q.bind == STB_LOCAL and q.type == STT_FUNC and sec is not None \
-                    and self.is_thunk_section(self.p, sec) and q.value + q.size <= sec.size:
+                    and self.is_thunk_section(self.p, sec) and at >= 0 \
+                    and at + q.size <= sec.size:
                 name, nth = self.pkeys[sec.index]
-                self.thunk_places.append(ThunkPlace(q.name, name, nth, q.value, q.size))
+                if self.p.is_relocatable:
+                    self.thunk_places.append(ThunkPlace(q.name, name, nth, at, q.size))
+                else:  # the thunk's place is the rewriter's: the symbol must name it
+                    self.linked_syms.append((q.name, at, q.size))
                 self.claim(f"thunk symbol {q.name}", p, j * self.p.cls.sym.size,
                            self.p.cls.sym.size, thunk=q.name)
             else:
@@ -801,6 +832,30 @@ class _Accountant:
         if any(m != j for j, m in enumerate(mapping[: len(osyms)])) or len(psyms) != \
                 len(osyms):
             self.sym_map = mapping
+
+    def _moved_label(self, s: Symbol) -> int | None:
+        """Where a label in `.eh_frame` / `.eh_frame_hdr` goes when a linked file's table
+        moved into the new segment: the old entries keep their offsets, a label past them
+        (the terminator's, `__FRAME_END__`) follows the new entries."""
+        if self.p.is_relocatable or s.section_index >= len(self.o.sections):
+            return None
+        o = self.o.sections[s.section_index]
+        j = self.o2p.get(o.index)
+        if o.name not in UNWIND_SECTIONS or j is None:
+            return None
+        p = self.p.sections[j]
+        if p.addr == o.addr:
+            return None
+        off = s.value - o.addr
+        if o.name == EH_FRAME_HDR:
+            return p.addr + off
+        from .unwind import UnwindError, parse_eh_frame
+
+        try:
+            end = parse_eh_frame(self.odata(o), o.addr, self.o.arch.ptr_size).end
+        except UnwindError:
+            return None
+        return p.addr + (off if off < end else p.size - 4 + off - end)
 
     def symbol_indices(self, o: Section | None, p: Section) -> None:
         """Read through .symtab: when .symtab itself is unchanged, the section of every
@@ -914,6 +969,16 @@ class _Accountant:
         if listed is not None:
             self.claim(what, target, off, self._width(row), thunk=listed.symbol)
             return
+        if how == "added" and target.name == ORC_UNWIND_IP and self.p.is_relocatable:
+            thunk_name = self._orc_ip_field(target, row)
+            if thunk_name is not None:
+                self.claim(what, target, off, self._width(row), thunk=thunk_name)
+                return
+        if how == "added" and target.name == EH_FRAME and self.p.is_relocatable:
+            thunk_name = self._eh_frame_field(target, row)
+            if thunk_name is not None:
+                self.claim(what, target, off, self._width(row), thunk=thunk_name)
+                return
         if target_o is not None:
             sites = self.sites_over(target_o, off, self._width(row))
             for s in sites:
@@ -1207,6 +1272,171 @@ class _Accountant:
             self.thunk_places.append(ThunkPlace(spec.symbol, key[0], key[1], off, size,
                                                 p.addr + off))
             off += size
+        places = {(t.symbol, t.offset, t.size) for t in self.thunk_places}
+        for name, at, size in self.linked_syms:
+            if (name, at, size) not in places:
+                self.problem(f"symbol {name} (offset {at:#x}, size {size}) names no thunk "
+                             "where the rewriter puts it", p, at, size)
+
+    # unwind data -------------------------------------------------------------------------
+
+    def _frames(self, places: Sequence[ThunkPlace]) -> list[ThunkFrame] | None:
+        from .thunk import planned_thunk_code
+
+        specs = {t.symbol: t for t in self.plan.thunks}
+        frames = []
+        for t in places:
+            spec = specs.get(t.symbol)
+            frame = planned_thunk_code(self.plan, spec).frame if spec is not None else None
+            if frame is None:
+                return None
+            frames.append(frame)
+        return frames
+
+    def _eh_appended(self) -> tuple[bytes, dict[int, str]]:
+        """A relocatable file: the entries the rewriter appends to `.eh_frame` for its new
+        thunks, and the offset of each FDE's address field -> the thunk it names."""
+        if self._eh_new is None:
+            from .unwind import eh_frame_entries
+
+            o = self.o.section(EH_FRAME)
+            places = sorted((t for t in self.thunk_places if t.section == self.thunk_name),
+                            key=lambda t: (t.nth, t.offset))
+            frames = self._frames(places)
+            if o is None or frames is None or not places:
+                self._eh_new = (b"", {})
+            else:
+                entries = eh_frame_entries(self.o.arch, frames)
+                self._eh_new = (entries.data, {o.size + f: t.symbol for f, t in
+                                               zip(entries.pc_fields, places, strict=True)})
+        return self._eh_new
+
+    def _eh_frame_field(self, target: Section, row: tuple[int, ...]) -> str | None:
+        """The thunk an added `.eh_frame` relocation gives its FDE's address: a PC32
+        against the thunk's symbol, addend 0, at the FDE's pc_begin."""
+        name = self._eh_appended()[1].get(row[0])
+        shift = self.p.cls.info_shift
+        key, rtype = row[1] >> shift, row[1] & ((1 << shift) - 1)
+        if name is None or rtype != self.p.arch.r_pc32 or key < NEW_SYMBOL:
+            return None
+        index = key - NEW_SYMBOL
+        sym = self.p.symbols[index] if index < len(self.p.symbols) else None
+        data = self.pdata(target)
+        addend = row[2] if len(row) > 2 else \
+            int.from_bytes(data[row[0] : row[0] + 4], "little", signed=True)
+        if sym is None or sym.name != name or addend != 0:
+            return None
+        return name
+
+    def unwind_tables(self, o: Section | None, p: Section) -> None:
+        assert o is not None
+        od, pd = self.odata(o), self.pdata(p)
+        if self.p.is_relocatable:
+            if p.name != EH_FRAME:
+                self.runs("changed", p, od, pd)
+                return
+            want, fields = self._eh_appended()
+            if pd[: len(od)] != od or pd[len(od) :] != want:
+                self.runs("entries changed (only a CIE and an FDE per new thunk may be "
+                          "appended)", p, od + want, pd)
+                return
+            self._claim_fdes(p, len(od), {f: n for f, n in fields.items()})
+            return
+        from .unwind import UnwindError, eh_frame_entries, eh_frame_hdr, rebase_eh_frame
+
+        word = self.o.arch.ptr_size
+        eh = self.p.section(EH_FRAME)
+        eh_o = self.o.section(EH_FRAME)
+        places = sorted((t for t in self.thunk_places if t.address is not None),
+                        key=lambda t: t.address or 0)
+        frames = self._frames(places)
+        if eh is None or eh_o is None or frames is None or not places:
+            self.runs("changed, but no new thunk needs unwind data", p, od, pd)
+            return
+        try:
+            if p.name == EH_FRAME:
+                old = rebase_eh_frame(od, o.addr, p.addr, word)
+                new = eh_frame_entries(self.o.arch, frames, p.addr + len(old),
+                                       [t.address for t in places if t.address is not None])
+                want = old + new.data + bytes(4)
+                if pd == want:
+                    self._claim_fdes(p, len(old), {len(old) + f: t.symbol for f, t in
+                                                   zip(new.pc_fields, places, strict=True)})
+                    return
+            else:
+                want = eh_frame_hdr(self.pdata(eh), eh.addr, p.addr, word)
+                if pd == want:
+                    return
+        except UnwindError as exc:
+            self.problem(f"cannot be rebuilt to compare: {exc.message}", p, 0)
+            return
+        self.runs("not the table pvpatch writes (the old entries rebased, one per new "
+                  "thunk, a sorted lookup table)", p, want, pd)
+
+    def _orc_appended(self) -> tuple[bytes, dict[int, tuple[str, int]]]:
+        """A kernel object: the ORC entries the rewriter appends for its new thunks, and
+        for each new `.orc_unwind_ip` slot (its offset) the thunk and addend it names."""
+        if self._orc_new is None:
+            from .unwind import ORC_IP_SIZE, orc_entries, orc_layout
+
+            self._orc_new = (b"", {})
+            ip = self.o.section(ORC_UNWIND_IP)
+            header = self.o.section(ORC_HEADER)
+            layout = orc_layout(self.odata(header) if header is not None else None)
+            places = sorted((t for t in self.thunk_places if t.section == self.thunk_name),
+                            key=lambda t: (t.nth, t.offset))
+            frames = self._frames(places)
+            if ip is None or layout is None or frames is None or not places:
+                return self._orc_new
+            by_start = {t.offset: t for t in places}
+            starts = sorted(by_start)
+            entries = orc_entries(layout, [(t.offset, f) for t, f in
+                                           zip(places, frames, strict=True)])
+            slots = {}
+            for k, (where, _e) in enumerate(entries):
+                owner = by_start[starts[bisect.bisect_right(starts, where) - 1]]
+                slots[ip.size + k * ORC_IP_SIZE] = (owner.symbol, where - owner.offset)
+            self._orc_new = (b"".join(e for _w, e in entries), slots)
+        return self._orc_new
+
+    def _orc_ip_field(self, target: Section, row: tuple[int, ...]) -> str | None:
+        """The thunk an added `.orc_unwind_ip` relocation names: a PC32 against the thunk's
+        symbol plus the offset of its entry."""
+        want = self._orc_appended()[1].get(row[0])
+        shift = self.p.cls.info_shift
+        key, rtype = row[1] >> shift, row[1] & ((1 << shift) - 1)
+        if want is None or rtype != self.p.arch.r_pc32 or key < NEW_SYMBOL or len(row) < 3:
+            return None
+        index = key - NEW_SYMBOL
+        sym = self.p.symbols[index] if index < len(self.p.symbols) else None
+        if sym is None or (sym.name, row[2]) != want:
+            return None
+        return want[0]
+
+    def orc_tables(self, o: Section | None, p: Section) -> None:
+        assert o is not None
+        from .unwind import ORC_ENTRY, ORC_IP_SIZE
+
+        od, pd = self.odata(o), self.pdata(p)
+        entries, slots = self._orc_appended()
+        want = entries if p.name == ORC_UNWIND else bytes(len(slots) * ORC_IP_SIZE)
+        if pd[: len(od)] != od or pd[len(od) :] != want:
+            self.runs("entries changed (only the new thunks' entries may be appended)", p,
+                      od + want, pd)
+            return
+        if p.name == ORC_UNWIND:
+            ip = self.o.section(ORC_UNWIND_IP)
+            base = ip.size if ip is not None else 0
+            for k in range(len(entries) // ORC_ENTRY.size):
+                name = slots[base + k * ORC_IP_SIZE][0]
+                self.claim(f"ORC entry of thunk {name}", p, len(od) + k * ORC_ENTRY.size,
+                           ORC_ENTRY.size, thunk=name)
+
+    def _claim_fdes(self, p: Section, start: int, fields: Mapping[int, str]) -> None:
+        """Each new FDE is as good as the proof of its thunk (verify checks its rules)."""
+        for field, name in fields.items():
+            self.claim(f"call-frame information of thunk {name}", p, field - 8, 8,
+                       thunk=name)
 
     # segments, gaps, signature ---------------------------------------------------------
 
@@ -1225,6 +1455,12 @@ class _Accountant:
             if s.type == q.type == PT_PHDR and q.offset == p.e_phoff and \
                     q.filesz == q.memsz == p.e_phnum * p.e_phentsize:
                 continue  # it follows the table into the new segment
+            hdr = p.section(EH_FRAME_HDR)
+            if s.type == q.type == PT_GNU_EH_FRAME and hdr is not None and \
+                    (q.flags, q.align) == (s.flags, s.align) and \
+                    (q.offset, q.vaddr, q.filesz, q.memsz) == \
+                    (hdr.offset, hdr.addr, hdr.size, hdr.size):
+                continue  # it follows the lookup table into the new segment (checked below)
             self.problem(f"program header {k} changed", None, None, 0,
                          p.e_phoff + k * p.e_phentsize)
         extra = b[len(a) :]
@@ -1251,7 +1487,10 @@ class _Accountant:
             return
         self.new_segment = (seg.offset, seg.offset + seg.filesz)
         for sec in p.sections:
-            if sec.index not in self.p2o and sec.size and not (
+            oi = self.p2o.get(sec.index)
+            moved = sec.name in UNWIND_SECTIONS and oi is not None and \
+                o.sections[oi].addr != sec.addr
+            if (sec.index not in self.p2o or moved) and sec.size and not (
                     seg.offset <= sec.offset and sec.offset + sec.size <= seg.offset + seg.filesz
                     and seg.vaddr <= sec.addr
                     and sec.addr + sec.size <= seg.vaddr + seg.memsz):

@@ -931,6 +931,15 @@ class RunResult:
         return self.error is None and bool(self.out[-2] & 0xFF)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One instruction about to run (`Machine.trace`)."""
+
+    pc: int
+    regs: tuple[int, ...]  # in ArchRuntime.regs order
+    stack: bytes  # from the stack pointer up
+
+
 @cache
 def _scratch_bytes() -> bytes:
     return random.Random(0x5C7A7C4).randbytes(SCRATCH_SIZE * TRIAL_SLOTS)
@@ -1228,6 +1237,36 @@ class Machine:
         if name is not None:
             return f"reached undefined symbol {name} (stub at {pc - 1:#x})"
         return f"stopped at {pc:#x} without reaching the site end"
+
+    @contextlib.contextmanager
+    def trace(self, begin: int, end: int, window: int) -> Iterator[list[Step]]:
+        """While the block runs, record each instruction executed in [begin, end): its
+        address, the register file (in `rt.regs` order) and `window` bytes of stack from
+        the stack pointer up, as they are before it executes."""
+        import importlib
+
+        unicorn: Any = importlib.import_module("unicorn")
+        consts: Any = importlib.import_module("unicorn.x86_const")
+        ids = [getattr(consts, f"UC_X86_REG_{r.upper()}") for r in self.rt.regs]
+        sp = self.rt.index(self.rt.arch.stack_pointer)
+        steps: list[Step] = []
+
+        def on_code(uc: Any, address: int, _size: int, _data: Any) -> None:
+            regs = tuple(int(uc.reg_read(i)) for i in ids)
+            try:
+                stack = bytes(uc.mem_read(regs[sp], window))
+            except self._UcError:
+                stack = b""
+            steps.append(Step(address, regs, stack))
+
+        hook = self.uc.hook_add(unicorn.UC_HOOK_CODE, on_code, begin=begin, end=end - 1)
+        # Code translated before the hook existed would run without it (and after, with).
+        self.uc.ctl_remove_cache(begin, end)
+        try:
+            yield steps
+        finally:
+            self.uc.hook_del(hook)
+            self.uc.ctl_remove_cache(begin, end)
 
     def pc(self) -> int:
         from unicorn.x86_const import UC_X86_REG_EIP, UC_X86_REG_RIP

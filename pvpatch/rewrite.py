@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -56,7 +56,65 @@ from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
 from .scan import family_of
 from .targets import resolve_target
-from .thunk import PLAIN, THUNK_ALIGN, Conventions, ReturnForm, file_conventions, thunk_code
+from .thunk import (
+    PLAIN,
+    THUNK_ALIGN,
+    Conventions,
+    ReturnForm,
+    ThunkCode,
+    file_conventions,
+    thunk_code,
+)
+from .unwind import (
+    ORC_ENTRY,
+    ORC_IP_SIZE,
+    UnwindError,
+    eh_frame_entries,
+    eh_frame_hdr,
+    orc_entries,
+    orc_layout,
+    rebase_eh_frame,
+)
+
+EH_FRAME = ".eh_frame"
+EH_FRAME_HDR = ".eh_frame_hdr"
+ORC_UNWIND, ORC_UNWIND_IP, ORC_HEADER = ".orc_unwind", ".orc_unwind_ip", ".orc_header"
+ORC_ARCHES = ("x86_64",)  # the kernel's ORC unwinder exists for x86-64 only
+PT_GNU_EH_FRAME = 0x6474E550
+
+
+@dataclass(frozen=True)
+class _LinkedUnwind:
+    """A linked file's new `.eh_frame` and `.eh_frame_hdr` (section index, address, bytes)."""
+
+    eh_index: int
+    eh_addr: int
+    eh: bytes
+    hdr_index: int
+    hdr_addr: int
+    hdr: bytes
+
+    old_eh: tuple[int, int]  # the old .eh_frame's address and where its entries end
+    old_hdr: int  # the old .eh_frame_hdr's address
+
+    @property
+    def end(self) -> int:
+        return self.hdr_addr + len(self.hdr)
+
+    def moves(self, elf: ElfFile) -> dict[int, Callable[[int], int]]:
+        """Section index -> where an address in the old table is in the new one: the
+        entries keep their offsets, what followed them (the terminator) follows the new
+        ones; the header's fields keep theirs."""
+        (old, end), tail = self.old_eh, len(self.eh) - 4
+
+        def eh(value: int) -> int:
+            off = value - old
+            return self.eh_addr + (off if off < end else tail + off - end)
+
+        def hdr(value: int) -> int:
+            return self.hdr_addr + value - self.old_hdr
+
+        return {self.eh_index: eh, self.hdr_index: hdr}
 
 PAGE = 0x1000
 MAX_SECTION_ALIGN = 1 << 16  # most a moved section may be aligned to (padding is zeros)
@@ -100,6 +158,8 @@ class Rewrite:
     dropped_entries: int
     signed: bool = False  # the output carries a new module signature
     neutralised_entries: int = 0  # table entries made ones the kernel skips
+    # Unwind data the new thunks got: "eh_frame", "orc", or "none: why" ("" no new thunks).
+    unwind: str = ""
 
     def with_image(self, image: bytes, *, signed: bool = False) -> Rewrite:
         """The same rewrite with its output replaced (signed, or altered by a test)."""
@@ -125,11 +185,11 @@ class Rewrite:
 
 def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
             thunks: Iterable[PlacedThunk], signature_removed: bool, dropped: int,
-            neutralised: int = 0) -> Rewrite:
+            neutralised: int = 0, unwind: str = "") -> Rewrite:
     image = output.build() if output is not None else None
     edits = tuple(output.edits) if output is not None and image is None else ()
     return Rewrite(plan, image, edits, tuple(patches), tuple(thunks), signature_removed, dropped,
-                   neutralised_entries=neutralised)
+                   neutralised_entries=neutralised, unwind=unwind)
 
 
 def _entries_to_silence(plan: Plan) -> list[int]:
@@ -357,6 +417,8 @@ class _Rewriter:
         self.texts: dict[int, bytearray] = {}
         self.patches: list[SitePatch] = []
         self._targets: dict[str, Symbol | None] = {}
+        # What unwind data the new thunks got ("eh_frame", or "none: why"; "" no thunks).
+        self.unwind = ""
 
     def text(self, index: int) -> bytearray:
         buf = self.texts.get(index)
@@ -421,7 +483,7 @@ class _RelocatableRewriter(_Rewriter):
             return _result(self.plan, None, self.patches, (), False, 0)
         self._emit()
         return _result(self.plan, self.output, self.patches, thunks.values(),
-                       elf.module_signature is not None, dropped, neutralised)
+                       elf.module_signature is not None, dropped, neutralised, self.unwind)
 
     # symbols -------------------------------------------------------------
 
@@ -508,7 +570,69 @@ class _RelocatableRewriter(_Rewriter):
         if listed:
             self._list_in_table(conv.returns, [(self._thunk_symbol_index(name), at)
                                                for name, at in listed])
+        self._describe_frames([(placed[spec.symbol], thunk_code(self.arch, spec, conv))
+                               for spec in specs])
         return {**existing, **placed}
+
+    def _describe_frames(self, thunks: list[tuple[PlacedThunk, ThunkCode]]) -> None:
+        """Unwind data for the new thunks: a CIE and an FDE per thunk appended to the
+        object's `.eh_frame` (the linker merges it into the program's and indexes it in
+        `.eh_frame_hdr`), each FDE's address a PC32 relocation against its thunk.  An
+        object without `.eh_frame` (a kernel object: ORC describes its frames) gets none."""
+        sec = self.elf.section(EH_FRAME)
+        if sec is None or sec.type == SHT_NOBITS or not sec.is_alloc or sec.size % 4:
+            self._orc_frames(thunks)
+            return
+        old = self.elf.section_data(sec)
+        entries = eh_frame_entries(self.arch, [tc.frame for _s, tc in thunks
+                                               if tc.frame is not None])
+        relocs = [Relocation(len(old) + field, self.arch.r_pc32,
+                             self._thunk_symbol_index(p.spec.symbol), 0)
+                  for (p, _tc), field in zip(thunks, entries.pc_fields, strict=True)]
+        relsecs = self.elf.relocation_sections(sec)
+        if relsecs:
+            self.added.setdefault(relsecs[0].index, []).extend(relocs)
+        else:
+            self.new_reloc_lists.setdefault(sec.index, []).extend(relocs)
+        self.output.set_data(sec.index, old + entries.data)
+        self.unwind = "eh_frame"
+
+    def _orc_frames(self, thunks: list[tuple[PlacedThunk, ThunkCode]]) -> None:
+        """A kernel object's unwind data: ORC entries for every point where a thunk's stack
+        changes and a terminator after it, appended to `.orc_unwind`, their addresses to
+        `.orc_unwind_ip` (a PC32 relocation each, against the thunk's symbol: the module
+        loader sorts the table)."""
+        elf = self.elf
+        orc, orc_ip = elf.section(ORC_UNWIND), elf.section(ORC_UNWIND_IP)
+        if orc is None or orc_ip is None or self.arch.name not in ORC_ARCHES:
+            self.unwind = "none: the object has neither .eh_frame nor .orc_unwind"
+            return
+        header = elf.section(ORC_HEADER)
+        layout = orc_layout(elf.section_data(header) if header is not None else None)
+        relsecs = elf.relocation_sections(orc_ip)
+        if layout is None or orc.size % ORC_ENTRY.size or orc_ip.size % ORC_IP_SIZE or \
+                orc.size // ORC_ENTRY.size != orc_ip.size // ORC_IP_SIZE or not relsecs:
+            self.unwind = "none: .orc_unwind is not in a layout pvpatch knows"
+            return
+        placed = []
+        offsets = {}
+        for p, tc in thunks:
+            assert tc.frame is not None
+            placed.append((p.offset, tc.frame))
+            offsets[p.offset] = p.spec.symbol
+        entries = orc_entries(layout, placed)
+        starts = sorted(offsets)
+        ips: list[Relocation] = []
+        for where, _entry in entries:
+            # addressed from the thunk it is in (a terminator: the one it ends)
+            start = starts[bisect.bisect_right(starts, where) - 1]
+            ips.append(Relocation(orc_ip.size + len(ips) * ORC_IP_SIZE, self.arch.r_pc32,
+                                  self._thunk_symbol_index(offsets[start]), where - start))
+        self.output.set_data(orc.index, elf.section_data(orc) + b"".join(e for _w, e in entries))
+        self.output.set_data(orc_ip.index, elf.section_data(orc_ip) + bytes(ORC_IP_SIZE *
+                                                                          len(entries)))
+        self.added.setdefault(relsecs[0].index, []).extend(ips)
+        self.unwind = f"orc: {layout.name}"
 
     def _list_in_table(self, form: ReturnForm, entries: list[tuple[int, int]]) -> None:
         """Append an entry per (symbol, offset) to the form's table (objtool's .return_sites:
@@ -927,7 +1051,7 @@ class _LinkedRewriter(_Rewriter):
                 self.output.poke(where, new)
                 neutralised += 1
         return _result(self.plan, self.output, self.patches, thunks.values(), False, 0,
-                       neutralised)
+                       neutralised, self.unwind)
 
     def _neutralise_dynamic_relocs(self, ranges: list[tuple[int, int]]) -> None:
         """A load-time relocation inside a rewritten site would write into the new bytes.
@@ -1112,6 +1236,9 @@ class _LinkedRewriter(_Rewriter):
                                               len(code), addr, len(body), self.conventions)
             code += body
         total = base + len(code)
+        unwind = self._unwind_tables(vaddr + total, [placed[s.symbol] for s in specs])
+        if unwind is not None:
+            total = unwind.end - vaddr
         rows: list[bytes] = []
         paddr = vaddr - (last.vaddr - last.paddr)
         for s in elf.segments:
@@ -1119,6 +1246,11 @@ class _LinkedRewriter(_Rewriter):
                 rows.append(self._phdr_row(s.type, s.flags, offset, vaddr,
                                            paddr,
                                            ph_size, ph_size, s.align))
+            elif s.type == PT_GNU_EH_FRAME and unwind is not None:
+                # The unwinders (libgcc, glibc) find the new table through this header.
+                rows.append(self._phdr_row(s.type, s.flags, offset + unwind.hdr_addr - vaddr,
+                                           unwind.hdr_addr, paddr + unwind.hdr_addr - vaddr,
+                                           len(unwind.hdr), len(unwind.hdr), s.align))
             else:
                 rows.append(self._phdr_row(s.type, s.flags, s.offset, s.vaddr, s.paddr,
                                            s.filesz, s.memsz, s.align))
@@ -1127,7 +1259,7 @@ class _LinkedRewriter(_Rewriter):
         out = self.output
         pad = offset - len(out.out)
         out.out.extend(bytes(pad) + bytes(total))
-        out.out[offset + base : offset + total] = code
+        out.out[offset + base : offset + base + len(code)] = code
         out.phdr_change = (offset, phnum, rows)
         sec = out.add_section(self.plan.backend.thunk_section, type=SHT_PROGBITS,
                               flags=SHF_ALLOC | SHF_EXECINSTR, addr=vaddr + base,
@@ -1135,7 +1267,111 @@ class _LinkedRewriter(_Rewriter):
         out.shdrs[sec].offset = offset + base
         out.shdrs[sec].size = len(code)
         out.shdrs[sec].data = None
+        if unwind is not None:
+            for index, at, blob in ((unwind.eh_index, unwind.eh_addr, unwind.eh),
+                                    (unwind.hdr_index, unwind.hdr_addr, unwind.hdr)):
+                where = offset + at - vaddr
+                out.out[where : where + len(blob)] = blob
+                # The section header follows its table into the new segment; the old
+                # bytes stay where they were, loaded but no longer looked up.
+                sh = out.shdrs[index]
+                sh.addr, sh.offset, sh.size, sh.data = at, where, len(blob), None
+        self._name_thunks(sec, [placed[s.symbol] for s in specs],
+                          unwind.moves(elf) if unwind is not None else {})
+        self.unwind = "eh_frame" if unwind is not None else self.unwind
         return {**existing, **placed}
+
+    def _unwind_tables(self, at: int, thunks: list[PlacedThunk]) -> _LinkedUnwind | None:
+        """A new `.eh_frame` (the old entries, rebased, then a CIE and an FDE per thunk) and
+        a new `.eh_frame_hdr` over all of them, laid out from address `at` on; None when
+        the file has no `.eh_frame_hdr` that PT_GNU_EH_FRAME names (a kernel image) or
+        its call-frame information cannot be moved (`self.unwind` says why)."""
+        elf = self.elf
+        eh, hdr = elf.section(EH_FRAME), elf.section(EH_FRAME_HDR)
+        seg = next((s for s in elf.segments if s.type == PT_GNU_EH_FRAME), None)
+        if eh is None or hdr is None or seg is None or seg.vaddr != hdr.addr \
+                or eh.type == SHT_NOBITS or not eh.is_alloc:
+            self.unwind = "none: no .eh_frame_hdr named by PT_GNU_EH_FRAME"
+            return None
+        word = self.arch.ptr_size
+        eh_addr = _align(at, word)
+        try:
+            old = rebase_eh_frame(self.elf.section_data(eh), eh.addr, eh_addr, word)
+            frames = []
+            for t in thunks:
+                frame = thunk_code(self.arch, t.spec, self.conventions).frame
+                assert frame is not None and t.address is not None
+                frames.append(frame)
+            new = eh_frame_entries(self.arch, frames, eh_addr + len(old),
+                                   [t.address for t in thunks if t.address is not None])
+            data = old + new.data + bytes(4)  # the zero terminator
+            hdr_addr = _align(eh_addr + len(data), 4)
+            table = eh_frame_hdr(data, eh_addr, hdr_addr, word)
+        except UnwindError as exc:
+            self.unwind = f"none: {exc.message}"
+            return None
+        return _LinkedUnwind(eh.index, eh_addr, data, hdr.index, hdr_addr, table,
+                             (eh.addr, len(old)), hdr.addr)
+
+    def _name_thunks(self, sec: int, thunks: list[PlacedThunk],
+                     moves: Mapping[int, Callable[[int], int]]) -> None:
+        """A local FUNC symbol with its size for each thunk, when the file has a `.symtab`
+        (inserted before the first global; relocation sections naming `.symtab`'s symbols
+        follow the renumbering).  Labels in a table that moved (`moves`: section index ->
+        new address of an old one; `__GNU_EH_FRAME_HDR`, `__FRAME_END__`) follow it."""
+        elf, out = self.elf, self.output
+        symtab = elf.symtab
+        if symtab is None or not thunks:
+            return
+        cls = elf.cls
+        size = cls.sym.size
+        fg = symtab.info
+        raw = elf.section_data(symtab)
+        if not 0 < symtab.link < len(elf.sections) or fg * size > len(raw) or len(raw) % size:
+            return  # a symbol table pvpatch cannot extend consistently: left as it is
+        strsec = elf.sections[symtab.link]
+        strtab = bytearray(elf.section_data(strsec))
+        shndx = sec if sec < SHN_LORESERVE else SHN_XINDEX
+        blob = bytearray()
+        for t in thunks:
+            name = len(strtab)
+            strtab += t.spec.symbol.encode() + b"\0"
+            assert t.address is not None
+            blob += cls.pack_sym(name, STB_LOCAL << 4 | STT_FUNC, 0, shndx, t.address, t.size)
+        if moves:
+            table = bytearray(raw)
+            for at in range(0, len(table), size):
+                name, info, other, shndx, value, sym_size = cls.unpack_sym(table, at)
+                if shndx in moves:
+                    table[at : at + size] = cls.pack_sym(name, info, other, shndx,
+                                                         moves[shndx](value), sym_size)
+            raw = bytes(table)
+        out.set_data(symtab.index, raw[: fg * size] + bytes(blob) + raw[fg * size :])
+        out.shdrs[symtab.index].info = fg + len(thunks)
+        out.set_data(strsec.index, bytes(strtab))
+        xtable = elf.symtab_shndx(symtab)
+        if xtable is not None or shndx == SHN_XINDEX:
+            data = elf.section_data(xtable) if xtable is not None else \
+                bytes(4 * (len(raw) // size))
+            extra = struct.pack("<I", sec if shndx == SHN_XINDEX else 0) * len(thunks)
+            if xtable is None:
+                xtable_index = out.add_section(".symtab_shndx", type=SHT_SYMTAB_SHNDX,
+                                               link=symtab.index, addralign=4, entsize=4)
+            else:
+                xtable_index = xtable.index
+            out.set_data(xtable_index, data[: fg * 4] + extra + data[fg * 4 :])
+        n = len(thunks)
+        for relsec in elf.sections:
+            if relsec.type not in (SHT_REL, SHT_RELA) or relsec.link != symtab.index:
+                continue
+            fmt = cls.rela if relsec.type == SHT_RELA else cls.rel
+            rows = []
+            data = elf.section_data(relsec)
+            for rec in fmt.iter_unpack(data[: len(data) - len(data) % fmt.size]):
+                sym, rtype = cls.split_info(rec[1])
+                rows.append(fmt.pack(rec[0], cls.r_info(sym + n if sym >= fg else sym, rtype),
+                                     *rec[2:]))
+            out.set_data(relsec.index, b"".join(rows) + data[len(data) - len(data) % fmt.size :])
 
     def _phdr_row(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
                   filesz: int, memsz: int, align: int) -> bytes:

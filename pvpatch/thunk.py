@@ -27,6 +27,7 @@ from .arch import Arch
 from .elf import SHF_ALLOC, SHT_NOBITS, STT_FUNC, ElfFile, Section
 from .errors import RewriteError
 from .plan import Plan, ThunkSpec
+from .unwind import FrameBuilder, ThunkFrame
 
 THUNK_ALIGN = 16
 DEFAULT_SECTION = ".text.pvpatch"
@@ -115,6 +116,8 @@ class ThunkCode:
     call_field: int  # offset of the rel32 of the inner call
     branches: tuple[Branch, ...] = ()  # every rel32: the inner call, a return through a thunk
     listed: tuple[int, ...] = ()  # offsets of the instructions the return table lists
+    # The stack after each push, lea and pop: what the unwind data says (pvpatch/unwind.py).
+    frame: ThunkFrame | None = None
 
 
 def stack_pad(arch: Arch, pushes: int) -> int:
@@ -128,19 +131,24 @@ def stack_pad(arch: Arch, pushes: int) -> int:
 
 def thunk_code(arch: Arch, spec: ThunkSpec, conventions: Conventions = PLAIN) -> ThunkCode:
     out = bytearray(arch.endbr if spec.endbr else b"")
+    frame = FrameBuilder(arch)
     for reg in spec.saves:
         out += arch.push(reg)
+        frame.push(len(out), reg)
     pad = stack_pad(arch, len(spec.saves))
     if pad:
         out += arch.adjust_sp(-pad)
+        frame.adjust(len(out), -pad)
     out += b"\xe8"
     call_field = len(out)
     branches = [Branch(call_field, spec.target)]
     out += bytes(4)
     if pad:
         out += arch.adjust_sp(pad)
+        frame.adjust(len(out), pad)
     for reg in reversed(spec.saves):
         out += arch.pop(reg)
+        frame.pop(len(out), reg)
     form = conventions.returns
     returns_at = len(out)
     out += form.opcode
@@ -149,7 +157,7 @@ def thunk_code(arch: Arch, spec: ThunkSpec, conventions: Conventions = PLAIN) ->
         out += bytes(4)
     out += conventions.padding
     listed = (returns_at,) if conventions.listed and form.table is not None else ()
-    return ThunkCode(bytes(out), call_field, tuple(branches), listed)
+    return ThunkCode(bytes(out), call_field, tuple(branches), listed, frame.frame(len(out)))
 
 
 def planned_thunk_code(plan: Plan, spec: ThunkSpec) -> ThunkCode:
