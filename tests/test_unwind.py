@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 from clirun import pvpatch_cli
+from paths import FIX
 
-REPO = Path(__file__).resolve().parent.parent
-FIX = REPO / "fixtures"
 SPEC = FIX / "specs" / "prog.toml"
-ARCHES = ("x86_64", "i386")
 WORD = {"x86_64": 8, "i386": 4}
 THUNKS = ("__raw_callee_save_prog_irq_disable", "__raw_callee_save_prog_irq_enable",
           "__raw_callee_save_prog_save_fl", "__raw_callee_save_prog_restore_fl")
@@ -107,7 +105,6 @@ def check_cfi(path: Path, thunk: str, addr: int, word: int) -> int:
 # -- 1. symbols in linked files ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("name", ["prog", "prog-pie", "libprog.so"])
 def test_linked_thunks_have_symbols(arch: str, name: str, tmp_path: Path) -> None:
     out = tmp_path / name
@@ -143,7 +140,6 @@ def test_linked_thunks_have_symbols(arch: str, name: str, tmp_path: Path) -> Non
 # -- 2. DWARF CFI --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHES)
 def test_object_gets_fdes_the_linker_keeps(arch: str, tmp_path: Path) -> None:
     out = tmp_path / "prog-bt.o"
     report = patch(FIX / arch / "prog-bt.o", out, "--no-verify")
@@ -188,7 +184,6 @@ def test_kernel_object_gets_no_eh_frame(tmp_path: Path) -> None:
     assert ".eh_frame" not in run("readelf", "-S", "-W", str(out))
 
 
-@pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("name", ["prog-bt", "prog-bt-pie", "libprog-bt.so"])
 def test_linked_file_gets_new_eh_frame_and_header(arch: str, name: str,
                                                   tmp_path: Path) -> None:
@@ -274,7 +269,6 @@ def gdb_frames(exe: Path) -> list[str]:
 KINDS = ("exec", "pie", "so", "object")
 
 
-@pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_gdb_backtrace_goes_through_the_thunk(arch: str, kind: str, tmp_path: Path) -> None:
     before = gdb_frames(_program(arch, kind, tmp_path, False))
@@ -325,7 +319,6 @@ def _name(path: str, name: str | None, addr: int,
     return next((n for v, s, n in cache[path] if v <= addr - 1 < v + s), "?")
 
 
-@pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_glibc_backtrace_goes_through_the_thunk(arch: str, kind: str, tmp_path: Path) -> None:
     names = {}
@@ -355,7 +348,6 @@ def _fde_at(path: Path, start: int, end: int) -> tuple[int, int]:
     return int(sec.group(1), 16) + int(m.group(1), 16), int(m.group(2), 16) + 4
 
 
-@pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("name", ["prog.o", "prog-pie"])
 @pytest.mark.parametrize("fault", ["cfa", "slot"])
 def test_verify_fails_a_thunk_whose_cfi_is_off_by_one_push(arch: str, name: str, fault: str,
