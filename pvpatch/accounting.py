@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from .altinstr import SECTION as ALT_SECTION
 from .elf import (
     PF_R,
     PF_X,
@@ -336,6 +337,9 @@ def _kinds() -> tuple[tuple[Callable[[_Accountant, ElfFile, Section], bool], Kin
         (lambda a, e, s: a.is_table(e, s.index),
          Kind("site table", "entries kept, neutralised or dropped at proven sites", True, 1,
               A.table)),
+        (lambda a, e, s: a.is_alternatives(e, s),
+         Kind("alternatives", "entries at proven sites neutralised (NOT X86_FEATURE_ALWAYS, "
+              "--final)", True, 1, A.alternatives)),
         (lambda a, e, s: s.type == SHT_STRTAB,
          Kind("strings", "original strings kept, names appended", True, 4, A.strings)),
         (lambda a, e, s: s.name == "__versions",
@@ -398,6 +402,8 @@ class _Accountant:
         self.dropped: list[int] = []  # table entries dropped
         self.silenced: set[int] = set()  # ... and those dropped or neutralised
         self.table_done = False
+        self._entry_bytes: dict[bytes, int] | None = None  # original entry -> first index
+        self.copies: list[tuple[int, int]] = []  # (entry, the entry it now copies)
         self.table_moved: Callable[[int], int] | None = None
         self.pending_syms: list[tuple[Symbol, Symbol]] = []
         self.pending_relocs: list[tuple[str, Section, tuple[int, ...]]] = []
@@ -442,6 +448,11 @@ class _Accountant:
         if elf is self.o:
             return index == table.section.index
         return self.p2o.get(index) == table.section.index
+
+    def is_alternatives(self, elf: ElfFile, sec: Section) -> bool:
+        """An `.altinstructions` table beside the site table (5.13-6.7 kernels)."""
+        return self.scan.family == "paravirt" and sec.name == ALT_SECTION and \
+            not _is_rel(sec) and sec.type != SHT_NOBITS
 
     def is_thunk_section(self, elf: ElfFile, sec: Section) -> bool:
         return sec.name == self.thunk_name and sec.is_exec and (
@@ -993,6 +1004,15 @@ class _Accountant:
                     continue
                 elif b == neutral(a):
                     neutralised.append(i)
+                elif not self.o.is_relocatable and i in self.entry_site and \
+                        (k := self._copied_from(od, count, stride, b, i)) is not None:
+                    # --final: a copy of kept entry k, which the kernel re-applies to k's
+                    # own site (idempotent) instead of touching this one.
+                    owner = self.entry_site[i]
+                    s = self.sites[owner]
+                    self.claim(f"entry {i} replaced by a copy of entry {k} (site {owner} at "
+                               f"{s.section}+{s.offset:#x})", p, i * stride, stride,
+                               site=owner)
                 else:
                     self.runs(f"entry {i} changed", p, a, b, i * stride)
         else:
@@ -1031,7 +1051,7 @@ class _Accountant:
                 else:
                     self.claim(what, o, i * stride, stride, site=site, gone=True)
         self.dropped = dropped
-        self.silenced = set(neutralised) | set(dropped)
+        self.silenced = set(neutralised) | set(dropped) | {i for i, _k in self.copies}
         if dropped:
             keep = [i for i in range(count) if i not in set(dropped)]
             kept = set(keep)
@@ -1045,12 +1065,62 @@ class _Accountant:
 
             self.table_moved = moved
 
+    def alternatives(self, o: Section | None, p: Section) -> None:
+        """`--final` makes each entry of the second table at a rewritten site test NOT
+        X86_FEATURE_ALWAYS in place; any other change is unexplained."""
+        assert o is not None
+        from .coverage import _alt_table, _overlapping
+
+        alt = _alt_table(self.scan)
+        od, pd = self.odata(o), self.pdata(p)
+        if alt is None or len(od) != len(pd):
+            self.runs("changed (not an alternatives table pvpatch edits in place)", p, od, pd)
+            return
+        lay = alt.decoded.layout
+        stride = lay.stride
+        site_of: dict[int, int] = {}
+        for s in self.scan.sites:
+            for j in _overlapping(alt, s):
+                site_of.setdefault(j, s.index)
+        for i in range(len(od) // stride):
+            a, b = od[i * stride : (i + 1) * stride], pd[i * stride : (i + 1) * stride]
+            if a == b:
+                continue
+            site = site_of.get(i)
+            if lay.neutral is not None:
+                at, new = lay.neutral
+                if site is not None and b == a[:at] + new + a[at + len(new):]:
+                    s = self.sites[site]
+                    self.claim(f"alternative {i} neutralised (site {site} at {s.section}"
+                               f"+{s.offset:#x})", p, i * stride + at, len(new), site=site)
+                    continue
+            self.runs(f"alternative {i} changed", p, a, b, i * stride)
+        tail = len(od) - len(od) % stride
+        self.runs("changed", p, od[tail:], pd[tail:], tail)
+
+    def _copied_from(self, od: bytes, count: int, stride: int, b: bytes, i: int
+                     ) -> int | None:
+        """The original entry (not `i`, not at a changed site) that `b` copies."""
+        if self._entry_bytes is None:
+            self._entry_bytes = {}
+            for k in range(count):
+                self._entry_bytes.setdefault(od[k * stride : (k + 1) * stride], k)
+        src = self._entry_bytes.get(b)
+        if src is None or src == i:
+            return None
+        self.copies.append((i, src))
+        return src
+
     def _table_follows(self) -> None:
         """In a family whose kernel would undo or BUG() on a rewritten site (6.8+
         DIRECT_CALL alternatives), every entry at a changed site must be silenced."""
         table = self.scan.table
         from .scan import family_of
 
+        for i, k in self.copies:
+            if self.entry_site.get(k) in self.changed:
+                self.problem(f"entry {i} copies entry {k}, whose site pvpatch changed: the "
+                             "kernel would re-patch it")
         if table is None or not family_of(table).must_neutralise:
             return
         stride = table.entry_size

@@ -75,9 +75,13 @@ def load_backend(spec: str, elf: ElfFile) -> Backend:
 
 def make_plan(
     result: ScanResult, backend: str | Backend = "native", *, drop_patched: bool = False,
-    symbols: str | os.PathLike[str] | SymbolMap | None = None,
+    symbols: str | os.PathLike[str] | SymbolMap | None = None, final: bool = False,
 ) -> Plan:
     """Decide what every site becomes; nothing is written.
+
+    `final`: every table entry the kernel would apply at a rewritten site at boot or
+    module load is dropped or made one it skips, so pvpatch's bytes are the ones that run
+    (`plan.coverage` says which entries cover each site and what the kernel does there).
 
     `symbols` (a System.map or /proc/kallsyms file, or a `SymbolMap`) gives the addresses
     of spec targets a linked image has neither in `.symtab` nor in its export table."""
@@ -87,7 +91,7 @@ def make_plan(
     be = load_backend(backend, result.elf) if isinstance(backend, str) else backend
     smap = symbols if isinstance(symbols, SymbolMap) or symbols is None \
         else SymbolMap.read(symbols)
-    return _make_plan(result, be, drop_patched=drop_patched, symbols=smap)
+    return _make_plan(result, be, drop_patched=drop_patched, symbols=smap, final=final)
 
 
 def apply_plan(the_plan: Plan, *, symvers: str | os.PathLike[str] | None = None) -> Rewrite:

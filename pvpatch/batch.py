@@ -247,6 +247,7 @@ class PatchOptions:
     section: str = DEFAULT_SECTION
     ops: str = "auto"
     drop_patched: bool = False
+    final: bool = False  # --final: no table entry left at a rewritten site
     verify: bool = True
     trials: int = 16
     seed: int = 0
@@ -292,7 +293,8 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
         result = scan_for(elf, layout=options.layout, section=options.section,
                           ops=options.ops)
         plan = make_plan(result, backend_for(options.backend, elf.arch.name),
-                         drop_patched=options.drop_patched, symbols=_symbol_map(options.symbols))
+                         drop_patched=options.drop_patched, symbols=_symbol_map(options.symbols),
+                         final=options.final)
         rw = apply_plan(plan, symvers=options.symvers)
         verify_doc = None
         lines: list[str] = []

@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="native", metavar="native|SPEC.toml",
                    help="what ops become (default: native, the kernel's own replacements)")
     _common_scan_options(p)
+    p.add_argument("--final", action="store_true",
+                   help="make pvpatch's bytes the ones that run: every table entry the "
+                   "kernel would apply at a rewritten site at boot or module load "
+                   "(.parainstructions, .altinstructions of any era) is dropped or made one "
+                   "it skips (a final native image is right only off Xen PV)")
     p.add_argument("--drop-patched", action="store_true",
                    help="remove the table entries of rewritten sites (relocatable files)")
     p.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
@@ -377,7 +382,7 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
     if signing is not None and not result.elf.is_relocatable:
         raise UsageError("--sign-key applies to kernel modules (relocatable files)")
     the_plan = make_plan(result, args.backend, drop_patched=args.drop_patched,
-                         symbols=args.symbols)
+                         symbols=args.symbols, final=args.final)
     # What check would report: the scan's findings and the plan's (sites never rewritten
     # because their bytes are not what the entry claims; what the backend cannot do).
     findings = (*result.findings, *the_plan.findings)
@@ -467,7 +472,8 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
     inputs, problems = _expand([args.input])
     options = PatchOptions(
         outdir=args.output, backend=args.backend, layout=args.layout, section=args.section,
-        ops=args.ops, drop_patched=args.drop_patched, verify=not args.no_verify,
+        ops=args.ops, drop_patched=args.drop_patched, final=args.final,
+        verify=not args.no_verify,
         trials=args.trials, seed=args.seed, dry_run=args.dry_run, json=args.json,
         symvers=args.symvers, signing=signing, max_decompressed=_limit(args),
         symbols=args.symbols, allow_skip=args.allow_skip)

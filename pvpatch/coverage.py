@@ -1,0 +1,391 @@
+"""Which run-time patchers cover each site, what the kernel will do there, and the table
+edits that leave pvpatch's bytes in place (`--final`).
+
+The kernel rewrites paravirt sites itself at boot (vmlinux) and at module load:
+`apply_paravirt` re-patches every `.parainstructions` entry to its own choice, and
+`apply_alternatives` copies an `.altinstructions` entry's replacement over the site when
+its feature test passes (5.13-6.7 carry an `ALT_NOT(X86_FEATURE_XENPV)` entry holding the
+native instruction next to most paravirt entries; 6.8+ turn the call itself into a
+DIRECT_CALL entry).  Whatever pvpatch wrote at a site survives only if every such entry
+is skipped.  This module is pure data and decoding: a `Cover` per entry at a site, a
+`SiteCoverage` per site, and the `TableEdit`s the rewriter applies.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Literal
+
+from . import altinstr
+from .elf import SHT_NOBITS
+from .sites import RelocIndex
+
+if TYPE_CHECKING:
+    from .plan import Decision, Plan
+    from .scan import ScanResult
+    from .sites import Site
+
+Effect = Literal["repatch", "overwrite", "skip"]
+Outcome = Literal["pvpatch", "kernel", "native", "depends"]
+EditKind = Literal["drop", "neutralise", "copy"]
+
+
+@dataclass(frozen=True)
+class EntryKind:
+    """What one kind of table entry makes the kernel do at its site."""
+
+    name: str
+    patcher: str  # the kernel function that applies it
+    effect: Effect
+    says: str  # for the report
+
+
+# What each table/entry kind makes the kernel do (arch/x86/kernel/alternative.c).
+ENTRY_KINDS: Mapping[str, EntryKind] = MappingProxyType({k.name: k for k in (
+    EntryKind("paravirt", "apply_paravirt", "repatch",
+              "re-patched to the kernel's own choice (a call to the slot's run-time target, "
+              "or NOPs)"),
+    EntryKind("direct-call", "apply_alternatives", "repatch",
+              "re-patched to the kernel's own choice (a call to the slot's run-time target, "
+              "or NOPs); BUG() unless the site is still `call *pv_ops+off`"),
+    EntryKind("alternative", "apply_alternatives", "overwrite",
+              "overwritten with the entry's replacement when its feature test passes"),
+    EntryKind("skipped", "apply_alternatives", "skip",
+              "skipped (NOT X86_FEATURE_ALWAYS): only runs of 0x90 are merged into long NOPs"),
+)})
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A CPU feature bit an alternative tests, and whether the modelled machine has it.
+
+    The model is bare metal or an HVM guest with native spinlocks (QEMU/KVM without
+    paravirt spinlocks): `None` where that does not decide it."""
+
+    name: str
+    present: bool | None
+    when: str
+
+
+FEATURES: Mapping[int, Feature] = MappingProxyType({
+    altinstr.X86_FEATURE_ALWAYS: Feature("ALWAYS", True, "always set"),
+    8 * 32 + 16: Feature("XENPV", False, "set only in a Xen PV guest"),
+    8 * 32 + 20: Feature("PVUNLOCK", False, "set when paravirt spinlocks are in use"),
+    8 * 32 + 21: Feature("VCPUPREEMPT", False, "set when a hypervisor reports vCPU preemption"),
+})
+
+# Order in which the kernel applies the tables, by the era the `.altinstructions` layout
+# says (alternative.c `alternative_instructions`, module.c `module_finalize`): before 5.13
+# alternatives ran first, so apply_paravirt had the last word; from 5.13 the other way.
+APPLY_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "linux-alt-4.1": ("altinstructions", "paravirt"),
+    "linux-alt-5.13": ("paravirt", "altinstructions"),
+    "linux-alt-6.3": ("paravirt", "altinstructions"),
+})
+
+
+@dataclass(frozen=True)
+class TableEdit:
+    """One planned change to one table entry, so the kernel no longer touches a site.
+
+    drop: the entry is removed (relocatable files; its relocations go with it).
+    neutralise: `data` is written at `at` (the feature word: NOT X86_FEATURE_ALWAYS).
+    copy: the whole entry becomes `data`, a copy of kept entry `source` (linked
+    `.parainstructions`: re-applying an entry is idempotent, see `_copy_edit`)."""
+
+    section: str
+    section_index: int
+    index: int
+    kind: EditKind
+    at: int = 0  # offset inside the table section of the bytes written
+    data: bytes = b""
+    source: int | None = None
+    stride: int = 0
+
+
+@dataclass(frozen=True)
+class Cover:
+    """One table entry whose range overlaps a site."""
+
+    section: str
+    index: int
+    kind: str  # a key of ENTRY_KINDS
+    start: int  # of the entry's range, inside the site's section
+    length: int
+    feature: int | None = None
+    negate: bool = False
+    replacement: bytes | None = None  # when the file holds its final bytes
+    edit: TableEdit | None = None
+
+    @property
+    def applies(self) -> bool | None:
+        """Whether the kernel applies the entry on the modelled machine (None: depends)."""
+        if self.edit is not None or self.kind == "skipped":
+            return False
+        if self.kind != "alternative":
+            return True
+        feat = FEATURES.get(self.feature) if self.feature is not None else None
+        if feat is None or feat.present is None:
+            return None
+        return feat.present != self.negate
+
+    def describe(self) -> str:
+        what = f"{self.section}[{self.index}]"
+        if self.edit is not None:
+            return f"{what} {self.edit.kind} -> skipped"
+        if self.kind == "alternative" and self.feature is not None:
+            feat = FEATURES.get(self.feature)
+            name = feat.name if feat else f"feature {self.feature}"
+            test = f"NOT {name}" if self.negate else name
+            when = f" ({feat.when})" if feat else ""
+            return f"{what} {test}{when}: {ENTRY_KINDS[self.kind].says}"
+        return f"{what}: {ENTRY_KINDS[self.kind].says}"
+
+
+@dataclass(frozen=True)
+class SiteCoverage:
+    site_index: int
+    covers: tuple[Cover, ...]  # in the order the kernel applies them
+    outcome: Outcome  # what the site holds once the kernel has run, on the modelled machine
+    predicted: bytes | None  # those bytes when the file decides them
+    rewritten: bool
+
+    def says(self) -> str:
+        return {
+            "pvpatch": "pvpatch's bytes run",
+            "kernel": "the kernel re-patches it to its own choice",
+            "native": "the kernel overwrites it with its native replacement",
+            "depends": "depends on CPU features the model does not fix",
+        }[self.outcome]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    sites: Mapping[int, SiteCoverage]
+    edits: tuple[TableEdit, ...]
+    problems: tuple[str, ...]  # edits --final needs but cannot make (the rewriter refuses)
+
+
+# -- decoding -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _AltTable:
+    section_name: str
+    section_index: int
+    decoded: altinstr.Decoded
+    # section index -> (start, entry index) of the entries that point there, sorted
+    spans: Mapping[int, list[tuple[int, int]]]
+    repl_relocs: Mapping[int, RelocIndex]  # replacement section -> its relocations
+
+
+def _alt_table(scan: ScanResult) -> _AltTable | None:
+    elf = scan.elf
+    sec = elf.section(altinstr.SECTION)
+    if sec is None or sec.type == SHT_NOBITS or not sec.size:
+        return None
+    found = altinstr.probe(elf, sec)
+    if isinstance(found, str):
+        return None
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for i, loc in enumerate(found.instr):
+        if loc is not None:
+            spans.setdefault(loc[0], []).append((loc[1], i))
+    for rows in spans.values():
+        rows.sort()
+    relocs: dict[int, RelocIndex] = {}
+    if elf.is_relocatable:
+        for index in {loc[0] for loc in found.repl if loc is not None}:
+            relocs[index] = RelocIndex(list(elf.relocations_for(elf.sections[index])))
+    return _AltTable(sec.name, sec.index, found, spans, relocs)
+
+
+def _alt_cover(scan: ScanResult, t: _AltTable, j: int) -> Cover:
+    d = t.decoded
+    e = d.entries[j]
+    loc = d.instr[j]
+    assert loc is not None
+    if e.flags & altinstr.ALT_FLAG_DIRECT_CALL:
+        kind = "direct-call"
+    elif (e.feature, e.flags & altinstr.ALT_FLAG_NOT) == altinstr.NEUTRAL_FLAGS:
+        kind = "skipped"
+    else:
+        kind = "alternative"
+    repl = None
+    rloc = d.repl[j]
+    if kind == "alternative" and rloc is not None:
+        rsec = scan.elf.sections[rloc[0]]
+        index = t.repl_relocs.get(rloc[0])
+        relocated = index is not None and bool(index.between(rloc[1], rloc[1] + e.repllen))
+        if not relocated and rloc[1] + e.repllen <= rsec.size:
+            raw = scan.elf.section_data(rsec)
+            repl = bytes(raw[rloc[1] : rloc[1] + e.repllen])
+    return Cover(t.section_name, j, kind, loc[1], e.instrlen, e.feature,
+                 bool(e.flags & altinstr.ALT_FLAG_NOT), repl)
+
+
+def _overlapping(t: _AltTable, site: Site) -> list[int]:
+    d = t.decoded
+    rows = t.spans.get(site.section_index, [])
+    out = []
+    # An entry is at most 255 bytes long (u8 instrlen).
+    k = bisect.bisect_left(rows, (site.offset - 255, -1))
+    while k < len(rows) and rows[k][0] < site.end:
+        start, j = rows[k]
+        k += 1
+        if start + d.entries[j].instrlen > site.offset:
+            out.append(j)
+    return out
+
+
+# -- edits ----------------------------------------------------------------------------
+
+
+def _alt_edit(scan: ScanResult, t: _AltTable, j: int, drop: bool) -> TableEdit | str:
+    """`drop`: remove the entry (relocatable files), else make it test NOT ALWAYS."""
+    lay = t.decoded.layout
+    if drop and scan.elf.is_relocatable:
+        return TableEdit(t.section_name, t.section_index, j, "drop", stride=lay.stride)
+    if lay.neutral is None:
+        return (f"{t.section_name} entry {j} ({lay.name}) has no NOT flag, so it cannot be "
+                "made one the kernel skips in place")
+    at, data = lay.neutral
+    return TableEdit(t.section_name, t.section_index, j, "neutralise", j * lay.stride + at,
+                     data, stride=lay.stride)
+
+
+def _copy_edit(scan: ScanResult, site: Site, kept: int | None) -> TableEdit | str:
+    """A linked `.parainstructions` entry of a rewritten site becomes a copy of a kept
+    entry.  The kernel walks the table between bounds compiled into its code, so no entry
+    can go; a zero length BUG()s in apply_paravirt.  apply_paravirt computes an entry's
+    bytes from (type, pv_ops[type], address, len) alone, never from what the site holds,
+    and nothing else writes that site between two entries of one walk: applying the kept
+    entry twice leaves exactly what applying it once does."""
+    table = scan.table
+    assert table is not None
+    sec = table.section
+    if kept is None:
+        return (f"every {sec.name} entry covers a rewritten site: none is left to copy over "
+                "them (the kernel walks the whole table, so none can be removed)")
+    if scan.elf.relocation_sections(sec):
+        return (f"{sec.name} has relocations (a vmlinux linked with --emit-relocs): a copied "
+                "entry's pointer would not be relocated with the kernel")
+    stride = table.entry_size
+    raw = scan.elf.section_data(sec)
+    data = bytes(raw[kept * stride : (kept + 1) * stride])
+    if len(data) != stride:
+        return f"{sec.name} entry {kept} is short"
+    return TableEdit(sec.name, sec.index, site.index, "copy", site.index * stride, data,
+                     kept, stride)
+
+
+def _own_edit(scan: ScanResult, site: Site, j: int, *, final: bool, drop: bool,
+              kept: int | None) -> TableEdit | str | None:
+    """The edit of an entry of the file's own site table at a rewritten site."""
+    table = scan.table
+    assert table is not None
+    relocatable = scan.elf.is_relocatable
+    if table.family == "paravirt":
+        if relocatable and (final or drop):
+            return TableEdit(table.section.name, table.section.index, j, "drop",
+                             stride=table.entry_size)
+        if not relocatable and final:
+            return _copy_edit(scan, site, kept)
+        return None
+    return None  # .altinstructions: decoded as an alternatives table (`_alt_edit`)
+
+
+# -- the model --------------------------------------------------------------------------
+
+
+def _predict(scan: ScanResult, site: Site, cover: Cover) -> bytes | None:
+    """What an applied alternative leaves at the site: the replacement, padded with 0x90
+    that the kernel merges into its long NOPs (`optimize_nops`, `add_nops`)."""
+    if cover.replacement is None or cover.start != site.offset or cover.length != site.len \
+            or len(cover.replacement) > site.len:
+        return None
+    return cover.replacement + scan.arch.nop_fill(site.len - len(cover.replacement))
+
+
+def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = False,
+          drop_patched: bool = False) -> Coverage:
+    """Every entry covering each site, the edits for rewritten sites, and the outcome."""
+    decisions = list(decisions)
+    rewritten = {d.site.index for d in decisions if d.rewrites}
+    alt = _alt_table(scan)
+    own_alt = scan.family == "altinstructions"
+    order = APPLY_ORDER.get(alt.decoded.layout.name, APPLY_ORDER["linux-alt-6.3"]) \
+        if alt is not None else ("paravirt", "altinstructions")
+    kept = None
+    if scan.family == "paravirt" and not scan.elf.is_relocatable and final:
+        covered = {j for s in scan.sites if s.index in rewritten for j in s.entry_indices}
+        table = scan.table
+        assert table is not None
+        kept = next((i for i in range(table.count) if i not in covered), None)
+    sites: dict[int, SiteCoverage] = {}
+    edits: list[TableEdit] = []
+    problems: list[str] = []
+    seen: set[tuple[str, int]] = set()
+
+    def add(edit: TableEdit | str | None) -> TableEdit | None:
+        if isinstance(edit, str):
+            problems.append(edit)
+            return None
+        if edit is not None and (edit.section, edit.index) not in seen:
+            seen.add((edit.section, edit.index))
+            edits.append(edit)
+        return edit
+
+    for d in decisions:
+        site = d.site
+        is_rw = site.index in rewritten
+        covers: dict[str, list[Cover]] = {"paravirt": [], "altinstructions": []}
+        if scan.family == "paravirt":
+            edit = add(_own_edit(scan, site, site.index, final=final, drop=drop_patched,
+                                 kept=kept)) if is_rw else None
+            table = scan.table
+            assert table is not None
+            covers["paravirt"].append(Cover(table.section.name, site.index, "paravirt",
+                                            site.offset, site.len, edit=edit))
+        if alt is not None:
+            for j in _overlapping(alt, site):
+                c = _alt_cover(scan, alt, j)
+                edit = None
+                # The 6.8+ family's own entries are always silenced at a rewritten site
+                # (the kernel BUG()s or undoes it); others only with --final.
+                if is_rw and c.kind != "skipped" and (own_alt or final):
+                    if c.start != site.offset and not own_alt:
+                        problems.append(
+                            f"{alt.section_name} entry {j} spans {site.section}"
+                            f"+{c.start:#x}..{c.start + c.length:#x}, beyond the site at "
+                            f"+{site.offset:#x}: disabling it would change other code")
+                    else:
+                        edit = add(_alt_edit(scan, alt, j, drop_patched and own_alt))
+                if edit is not None:
+                    c = Cover(c.section, c.index, c.kind, c.start, c.length, c.feature,
+                              c.negate, c.replacement, edit)
+                covers["altinstructions"].append(c)
+        ordered = tuple(c for fam in order for c in covers[fam])
+        outcome: Outcome = "pvpatch"
+        predicted = d.code if is_rw else site.code
+        for c in ordered:
+            applies = c.applies
+            if applies is False:
+                continue
+            if applies is None:
+                outcome, predicted = "depends", None
+            elif ENTRY_KINDS[c.kind].effect == "repatch":
+                outcome, predicted = "kernel", None
+            else:
+                outcome, predicted = "native", _predict(scan, site, c)
+        if outcome == "pvpatch" and is_rw and d.code is None:
+            predicted = None  # a call or thunk: its bytes are known once the rewrite runs
+        sites[site.index] = SiteCoverage(site.index, ordered, outcome, predicted, is_rw)
+    return Coverage(MappingProxyType(sites), tuple(edits), tuple(problems))
+
+
+def of_plan(plan: Plan) -> Coverage:
+    return build(plan.scan, plan.decisions, final=plan.final, drop_patched=plan.drop_patched)
