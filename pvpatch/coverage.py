@@ -25,6 +25,7 @@ from .sites import RelocIndex
 
 if TYPE_CHECKING:
     from .plan import Decision, Plan
+    from .rules import Finding
     from .scan import ScanResult
     from .sites import Site
 
@@ -389,3 +390,26 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
 
 def of_plan(plan: Plan) -> Coverage:
     return build(plan.scan, plan.decisions, final=plan.final, drop_patched=plan.drop_patched)
+
+
+def runtime_findings(plan: Plan) -> list[Finding]:
+    """PV206 for each rewritten site the kernel will rewrite again, to other bytes than
+    pvpatch's (a native backend's inline form that the kernel writes too is no loss)."""
+    if plan.final or plan.scan.family != "paravirt" \
+            or not any(d.rewrites for d in plan.decisions):
+        return []  # the 6.8+ family's entries at rewritten sites are always neutralised
+    from .sites import site_finding
+
+    cov = plan.coverage
+    out = []
+    for d in plan.decisions:
+        sc = cov.sites.get(d.site.index)
+        if sc is None or not d.rewrites or sc.outcome == "pvpatch":
+            continue
+        if sc.predicted is not None and sc.predicted == d.code:
+            continue
+        tables = ", ".join(f"{c.section}[{c.index}]" for c in sc.covers
+                           if c.applies is not False)
+        out.append(site_finding("PV206", d.site, f"{d.action} rewrite undone at run time: "
+                                f"{sc.says()} ({tables}); patch with --final"))
+    return out
