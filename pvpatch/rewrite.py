@@ -134,6 +134,20 @@ def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
                    neutralised_entries=neutralised, copied_entries=copied)
 
 
+# Sections only a kernel image (vmlinux) has: init code freed after boot, its export table.
+KERNEL_IMAGE_SECTIONS = (".init.text", "__ksymtab")
+KERNEL_IMAGE_THUNKS = (
+    "thunks are refused in a kernel image: a new segment past the kernel's end is memory "
+    "the kernel does not know it holds (free memory once it runs), so a call into it "
+    "would run whatever is placed there later")
+
+
+def is_kernel_image(elf: ElfFile) -> bool:
+    """A linked kernel image (vmlinux), which loads nothing pvpatch adds past its end."""
+    return not elf.is_relocatable and all(elf.section(n) is not None
+                                          for n in KERNEL_IMAGE_SECTIONS)
+
+
 def _drops_by_section(edits: Iterable[TableEdit]) -> dict[int, dict[int, int]]:
     """Table section index -> {entry index: stride} of the entries to drop."""
     out: dict[int, dict[int, int]] = {}
@@ -900,6 +914,7 @@ class _LinkedRewriter(_Rewriter):
                 elf.path,
             )
         thunks = self._place_thunks()
+        kernel = is_kernel_image(elf)
         ranges: list[tuple[int, int]] = []
         for d in self.plan.decisions:
             site = d.site
@@ -912,6 +927,10 @@ class _LinkedRewriter(_Rewriter):
                 target = thunks[d.target].address if d.action == "thunk" else \
                     self._linked_target(d.target)
                 assert target is not None
+                if kernel and not self._kernel_text(target):
+                    raise RewriteError(f"{d.target} at {target:#x} is not in the kernel's own "
+                                       f"text: {KERNEL_IMAGE_THUNKS.split(': ', 1)[1]}",
+                                       elf.path)
                 after = self.branch_bytes(d, target - (site.address + CALL_LEN)) + \
                     self.arch.nop_fill(site.len - CALL_LEN)
             else:
@@ -935,6 +954,12 @@ class _LinkedRewriter(_Rewriter):
                 counts[e.kind] += 1
         return _result(self.plan, self.output, self.patches, thunks.values(), False, 0,
                        counts["neutralise"], counts["copy"])
+
+    def _kernel_text(self, addr: int) -> bool:
+        """`addr` lies in an executable section of the kernel image that is not pvpatch's."""
+        return any(sec.is_exec and sec.addr <= addr < sec.addr + sec.size
+                   and sec.name != self.plan.backend.thunk_section
+                   for sec in self.elf.sections)
 
     def _neutralise_dynamic_relocs(self, ranges: list[tuple[int, int]]) -> None:
         """A load-time relocation inside a rewritten site would write into the new bytes.
@@ -1077,6 +1102,8 @@ class _LinkedRewriter(_Rewriter):
         if not specs:
             return existing
         elf = self.elf
+        if is_kernel_image(elf):
+            raise RewriteError(KERNEL_IMAGE_THUNKS, elf.path)
         loads = [s for s in elf.segments if s.type == PT_LOAD]
         if not loads:
             raise RewriteError("no PT_LOAD segment to place thunks after", elf.path)
