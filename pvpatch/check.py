@@ -133,9 +133,6 @@ def check_elf(elf: ElfFile, options: CheckOptions) -> FileCheck:
             plan = make_plan(result, backend_for(options.backend, elf.arch.name))
             actions = plan.counts()
             findings.extend(plan.findings)
-            from .coverage import runtime_findings
-
-            findings.extend(runtime_findings(plan))
     except ArchMismatch as exc:
         return _mismatch(elf, exc)
     except FATAL_ERRORS:

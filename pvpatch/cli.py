@@ -435,7 +435,7 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
                   f"({args.trials} trials each, seed {args.seed})")
     if len(shown) < len(findings):
         print(f"{result.path}: {len(findings) - len(shown)} warning(s) about kept sites "
-              "(`pvpatch check` lists them)", file=sys.stderr)
+              "or rewrites the kernel will undo (`pvpatch check` lists them)", file=sys.stderr)
     _patch_sarif(args, result.path, findings, len(result.elf.data), EXIT_OK)
     return EXIT_OK
 

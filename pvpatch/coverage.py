@@ -402,10 +402,13 @@ def runtime_findings(plan: Plan) -> list[Finding]:
 
     cov = plan.coverage
     out = []
+    seen: set[tuple[int, int]] = set()  # duplicate entries name one site: one finding
     for d in plan.decisions:
         sc = cov.sites.get(d.site.index)
-        if sc is None or not d.rewrites or sc.outcome == "pvpatch":
+        where = (d.site.section_index, d.site.offset)
+        if sc is None or not d.rewrites or sc.outcome == "pvpatch" or where in seen:
             continue
+        seen.add(where)
         if sc.predicted is not None and sc.predicted == d.code:
             continue
         tables = ", ".join(f"{c.section}[{c.index}]" for c in sc.covers

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -123,8 +123,16 @@ class Planner:
         kept = [f for f in problems if not (f.rule == "PV114" and f.site_index in already)]
         findings = tuple(kept) + tuple(plan_findings(self.backend, self.arch, decisions))
         targets = {n: a for n, a in self.addresses.items() if a is not None}
-        return Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()),
+        plan = Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()),
                     drop_patched, findings, MappingProxyType(targets), final)
+        from .coverage import runtime_findings
+
+        undone = runtime_findings(plan)  # PV206: rewrites the kernel will undo
+        if not undone:
+            return plan
+        again = replace(plan, findings=findings + tuple(undone))
+        again.__dict__["coverage"] = plan.coverage  # the same sites, decisions and mode
+        return again
 
     def decide(self, site: Site) -> Decision:
         if site.index in self.scan.unsafe:
