@@ -333,7 +333,8 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
 
     def add(edit: TableEdit | str | None) -> TableEdit | None:
         if isinstance(edit, str):
-            problems.append(edit)
+            if edit not in problems:
+                problems.append(edit)
             return None
         if edit is not None and (edit.section, edit.index) not in seen:
             seen.add((edit.section, edit.index))

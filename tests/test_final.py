@@ -1,0 +1,277 @@
+"""`--final`: every table entry the kernel would apply at a rewritten site is dropped or
+made one it skips, and the report says per site what the kernel will do there.
+
+Each edit is checked against an independent reading of the tables (struct and pyelftools
+here, readelf for relocations), on Debian's 6.1 kernel (`.parainstructions` plus 12-byte
+`.altinstructions`, 5.13-6.2 layout) and 6.12 (14-byte DIRECT_CALL entries), and on a
+linked fixture.  tests/test_qemu.py reads the running kernel's text back to prove it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import corpus
+import pytest
+from clirun import pvpatch_cli
+from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationSection
+from qemu import harness
+
+import pvpatch
+from pvpatch.backend import parse_spec_text
+
+FIX = corpus.REPO / "fixtures" / "x86_64"
+OPS61 = "catalog:linux-6.1-x86_64"
+X86_FEATURE_ALWAYS, XENPV, NOT_5_13 = 117, 272, 1 << 15  # cpufeatures.h; ALTINSTR_FLAG_INV
+
+
+def _elf(data: bytes) -> Any:
+    return ELFFile(io.BytesIO(data))
+
+
+def _section(data: bytes, name: str) -> bytes:
+    sec = _elf(data).get_section_by_name(name)
+    return b"" if sec is None else bytes(sec.data())
+
+
+def _relocs(data: bytes, target: str) -> list[tuple[int, int, str, int]]:
+    """(offset, type, symbol name or its section's name, addend) of `target`'s relocations."""
+    ef = _elf(data)
+    out = []
+    symtab = ef.get_section_by_name(".symtab")
+    for rs in ef.iter_sections():
+        if isinstance(rs, RelocationSection) and ef.get_section(rs["sh_info"]).name == target:
+            for r in rs.iter_relocations():
+                sym = symtab.get_symbol(r["r_info_sym"])
+                name = sym.name or ef.get_section(sym["st_shndx"]).name
+                out.append((r["r_offset"], r["r_info_type"], name, r["r_addend"]))
+    return sorted(out)
+
+
+def _spec_file(tmp_path: Path) -> Path:
+    spec = tmp_path / "thunk.toml"
+    spec.write_text(harness.THUNK_SPEC)
+    return spec
+
+
+# -- a module of Debian's 6.1: one irq.save_fl site, sent to a thunk ----------------------
+
+
+@pytest.mark.corpus
+def test_final_module_drops_the_paravirt_entry_and_neutralises_the_alternative(
+        tmp_path: Path) -> None:
+    team = harness.module_paths()["team"]
+    vml = harness.vmlinux()
+    out = tmp_path / "team.ko"
+    proc = pvpatch_cli("patch", str(team), "-o", str(out), "--backend",
+                       str(_spec_file(tmp_path)), "--ops", f"btf:{vml}", "--symvers", str(vml),
+                       "--final", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    orig, new = team.read_bytes(), out.read_bytes()
+    # The original: one .parainstructions entry (16 bytes) and one 12-byte alternative,
+    # NOT XENPV, both at the site (pyelftools reads the relocations).
+    assert len(_section(orig, ".parainstructions")) == 16
+    old_alt = _section(orig, ".altinstructions")
+    assert len(old_alt) == 12
+    (cpuid,) = struct.unpack_from("<H", old_alt, 8)
+    assert cpuid == XENPV | NOT_5_13
+    (site,) = [s for s in report["sites"] if s["action"] != "keep"]
+    alt_relocs = _relocs(orig, ".altinstructions")
+    assert alt_relocs[0][2:] == (".text", site["offset"])  # instr_offset -> the site
+    # --final: the paravirt entry is gone with its relocation...
+    assert _section(new, ".parainstructions") == b""
+    assert _relocs(new, ".parainstructions") == []
+    # ...and the alternative now tests NOT X86_FEATURE_ALWAYS; nothing else changed in it.
+    new_alt = _section(new, ".altinstructions")
+    assert new_alt == old_alt[:8] + struct.pack("<H", X86_FEATURE_ALWAYS | NOT_5_13) + \
+        old_alt[10:]
+    assert _relocs(new, ".altinstructions") == alt_relocs
+    assert (report["final"], report["dropped_entries"], report["neutralised_entries"]) == \
+        (True, 1, 1)
+    runtime = site["runtime"]
+    assert runtime["outcome"] == "pvpatch"
+    assert [(t["section"], t["kind"], t["edit"]) for t in runtime["tables"]] == [
+        (".parainstructions", "paravirt", "drop"),
+        (".altinstructions", "alternative", "neutralise")]
+
+
+@pytest.mark.corpus
+def test_without_final_the_report_predicts_the_native_overwrite(tmp_path: Path) -> None:
+    """The prediction is the alternative's replacement (read from .altinstr_replacement
+    through the entry's relocation) padded with the kernel's NOP; check warns (PV206)."""
+    team = harness.module_paths()["team"]
+    vml = harness.vmlinux()
+    spec = _spec_file(tmp_path)
+    proc = pvpatch_cli("patch", str(team), "-o", str(tmp_path / "t.ko"), "--backend",
+                       str(spec), "--ops", f"btf:{vml}", "--symvers", str(vml), "--json")
+    assert proc.returncode == 0, proc.stderr
+    (site,) = [s for s in json.loads(proc.stdout)["sites"] if s["action"] != "keep"]
+    orig = team.read_bytes()
+    alt = _section(orig, ".altinstructions")
+    repllen = alt[11]
+    (_off, _type, name, addend) = _relocs(orig, ".altinstructions")[1]  # repl_offset
+    assert name == ".altinstr_replacement"
+    repl = _section(orig, ".altinstr_replacement")[addend : addend + repllen]
+    nop4 = bytes.fromhex("0f1f4000")  # x86_nops[4], asm/nops.h
+    assert site["runtime"]["outcome"] == "native"
+    assert site["runtime"]["predicted"] == (repl + nop4).hex() == "9c580f1f4000"
+    assert site["after"] != site["runtime"]["predicted"]
+    # check: a warning (exit 0), an error only with --fail-on warning; SARIF carries it.
+    sarif = tmp_path / "c.sarif"
+    check = pvpatch_cli("check", str(team), "--backend", str(spec), "--ops", f"btf:{vml}",
+                        "--sarif", str(sarif))
+    assert check.returncode == 0, check.stderr
+    assert "PV206 runtime-overwrite" in check.stdout + check.stderr
+    results = json.loads(sarif.read_text())["runs"][0]["results"]
+    assert [r["ruleId"] for r in results] == ["PV206"]
+    assert pvpatch_cli("check", str(team), "--backend", str(spec), "--ops", f"btf:{vml}",
+                       "--fail-on", "warning").returncode == 1
+    # The native backend writes what the kernel writes there: no warning.
+    native = pvpatch_cli("check", str(team), "--ops", f"btf:{vml}")
+    assert "PV206" not in native.stdout + native.stderr
+
+
+# -- Debian's 6.1 image -------------------------------------------------------------------
+
+
+def _para_entries(data: bytes) -> list[bytes]:
+    raw = _section(data, ".parainstructions")
+    return [raw[i : i + 16] for i in range(0, len(raw), 16)]
+
+
+@pytest.mark.corpus
+def test_final_image_replaces_entries_by_copies_of_a_kept_entry() -> None:
+    """Each rewritten site's 16-byte entry {u64 instr; u8 type; u8 len; ...} becomes a
+    copy of an entry whose site pvpatch kept; each 12-byte alternative whose instr_offset
+    (self-relative) leads to a rewritten site tests NOT ALWAYS; nothing else changes."""
+    rw = harness.vmlinux_rewrite(final=True)
+    orig = harness.vmlinux().read_bytes()
+    new = rw.data
+    rewritten = {p.decision.site.address for p in rw.patches if p.decision.rewrites}
+    old_e, new_e = _para_entries(orig), _para_entries(new)
+    assert len(old_e) == len(new_e)
+    kept_addrs = {struct.unpack_from("<Q", e)[0] for e in old_e} - rewritten
+    copied = 0
+    for a, b in zip(old_e, new_e, strict=True):
+        addr = struct.unpack_from("<Q", a)[0]
+        if addr in rewritten:
+            assert b in old_e and struct.unpack_from("<Q", b)[0] in kept_addrs
+            copied += 1
+        else:
+            assert a == b
+    assert copied == len(rewritten) == rw.copied_entries >= 2000
+    # The alternatives, decoded here with their own self-relative arithmetic.
+    ef = _elf(orig)
+    sec = ef.get_section_by_name(".altinstructions")
+    old_alt, new_alt = _section(orig, ".altinstructions"), _section(new, ".altinstructions")
+    changed = 0
+    for i in range(0, len(old_alt), 12):
+        instr_rel, _repl, cpuid, _len, _rl = struct.unpack_from("<iiHBB", old_alt, i)
+        addr = (sec["sh_addr"] + i + instr_rel) & (1 << 64) - 1
+        if addr in rewritten and cpuid & ~NOT_5_13 != X86_FEATURE_ALWAYS:
+            assert new_alt[i : i + 12] == old_alt[i : i + 8] + \
+                struct.pack("<H", X86_FEATURE_ALWAYS | NOT_5_13) + old_alt[i + 10 : i + 12]
+            changed += 1
+        else:
+            assert new_alt[i : i + 12] == old_alt[i : i + 12]
+    assert changed == rw.neutralised_entries == len(rewritten)
+
+
+@pytest.mark.corpus
+def test_image_without_final_is_covered_and_says_so() -> None:
+    rw = harness.vmlinux_rewrite()
+    cov = rw.plan.coverage
+    outcomes = {cov.sites[p.decision.site.index].outcome for p in rw.patches
+                if p.decision.rewrites}
+    assert outcomes == {"native"}  # NOT XENPV alternatives overwrite every inline site
+    assert rw.copied_entries == rw.neutralised_entries == 0
+    assert _para_entries(rw.data) == _para_entries(harness.vmlinux().read_bytes())
+
+
+@pytest.mark.corpus
+def test_thunks_in_a_kernel_image_are_refused(tmp_path: Path) -> None:
+    vml = harness.vmlinux()
+    out = tmp_path / "vmlinux"
+    proc = pvpatch_cli("patch", str(vml), "-o", str(out), "--backend",
+                       str(_spec_file(tmp_path)), "--ops", f"btf:{vml}")
+    assert proc.returncode == 2
+    assert "thunks are refused in a kernel image" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+# -- 6.12: the DIRECT_CALL entries (neutralised by default, --final changes nothing) --------
+
+
+@pytest.mark.corpus
+def test_612_module_final_equals_default() -> None:
+    path = next(p for p in corpus.x86_64_612_modules() if p.name == "kvm.ko.xz")
+    scan = pvpatch.load(path, ops=harness.ops_source("6.12"))
+    default = pvpatch.apply_plan(pvpatch.make_plan(scan, "native"))
+    final = pvpatch.apply_plan(pvpatch.make_plan(scan, "native", final=True))
+    assert default.data == final.data
+    assert default.neutralised_entries >= 10
+    cov = final.plan.coverage
+    assert all(cov.sites[p.decision.site.index].outcome == "pvpatch"
+               for p in final.patches if p.decision.rewrites)
+
+
+# -- a linked fixture: no kept entry to copy --------------------------------------------
+
+
+def test_final_refused_when_no_entry_is_kept(tmp_path: Path) -> None:
+    spec = tmp_path / "nop.toml"
+    spec.write_text('arch = "x86_64"\n\n[defaults]\naction = "nop"\n')
+    out = tmp_path / "prog"
+    proc = pvpatch_cli("patch", str(FIX / "prog"), "-o", str(out), "--backend", str(spec),
+                       "--ops", OPS61, "--final", "--no-verify")
+    assert proc.returncode == 2
+    assert "none is left to copy" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_final_linked_fixture_copies_the_kept_entry(tmp_path: Path) -> None:
+    """prog: five sites rewritten, one kept; readelf's hex dump of the output's table
+    shows five copies of the kept entry."""
+    out = tmp_path / "prog"
+    proc = pvpatch_cli("patch", str(FIX / "prog"), "-o", str(out), "--ops", OPS61, "--final",
+                       "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    kept = [s for s in report["sites"] if s["action"] == "keep"]
+    assert len(kept) == 1 and report["copied_entries"] == 5
+    dump = subprocess.run(["readelf", "-x", ".parainstructions", str(out)],
+                          capture_output=True, text=True, check=True).stdout
+    words = [w for line in dump.splitlines() if line.strip().startswith("0x")
+             for w in line.split()[1:5]]
+    raw = bytes.fromhex("".join(words))
+    entries = [raw[i : i + 16] for i in range(0, len(raw), 16)]
+    kept_entry = _para_entries((FIX / "prog").read_bytes())[kept[0]["index"]]
+    assert entries.count(kept_entry) == 6
+    assert all(s["runtime"]["outcome"] == "pvpatch" for s in report["sites"]
+               if s["action"] != "keep")
+
+
+def test_library_final_flag_flows_to_the_plan() -> None:
+    """A relocatable file: --final drops each rewritten site's entry (as --drop-patched
+    does), and readelf sees one relocation fewer per dropped entry."""
+    scan = pvpatch.load(FIX / "kernel61.o", ops=OPS61)
+    be = parse_spec_text('arch = "x86_64"\n\n[defaults]\naction = "nop"\n', scan.arch,
+                         "<spec>")
+    plan = pvpatch.make_plan(scan, be, final=True)
+    rewritten = [d.site.index for d in plan.decisions if d.rewrites]
+    assert plan.final and len(rewritten) >= 5
+    assert [(e.kind, e.index) for e in plan.coverage.edits] == [("drop", i) for i in rewritten]
+    rw = pvpatch.apply_plan(plan)
+    assert rw.dropped_entries == len(rewritten)
+    orig = (FIX / "kernel61.o").read_bytes()
+    assert len(_relocs(rw.data, ".parainstructions")) == \
+        len(_relocs(orig, ".parainstructions")) - len(rewritten)
