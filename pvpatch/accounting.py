@@ -321,6 +321,10 @@ def _kinds() -> tuple[tuple[Callable[[_Accountant, ElfFile, Section], bool], Kin
         (lambda a, e, s: _is_rel(s) and not s.is_alloc and a.is_table(e, s.info),
          Kind("table relocations", "follow their entries (kept, or dropped with them)", True,
               1, A.table_relocations)),
+        (lambda a, e, s: _is_rel(s) and not s.is_alloc and
+         a.is_alternatives(e, e.sections[s.info] if 0 < s.info < len(e.sections) else s),
+         Kind("alternatives relocations", "follow their entries (kept, or dropped with "
+              "them)", True, 1, A.alternatives_relocations)),
         (lambda a, e, s: _is_rel(s) and not s.is_alloc,
          Kind("relocations", "differ only inside proven sites and thunks, in entries listing "
               "thunk returns, or follow what they point at in the table", True, 2,
@@ -404,6 +408,7 @@ class _Accountant:
         self.table_done = False
         self._entry_bytes: dict[bytes, int] | None = None  # original entry -> first index
         self.copies: list[tuple[int, int]] = []  # (entry, the entry it now copies)
+        self.alt_done = False  # the second table (.altinstructions of 5.13-6.7) accounted
         self.table_moved: Callable[[int], int] | None = None
         self.pending_syms: list[tuple[Symbol, Symbol]] = []
         self.pending_relocs: list[tuple[str, Section, tuple[int, ...]]] = []
@@ -1065,16 +1070,26 @@ class _Accountant:
 
             self.table_moved = moved
 
+    def alternatives_relocations(self, o: Section | None, p: Section) -> None:
+        """Compared with their entries, by `alternatives`."""
+        osec, psec = self.o.section(ALT_SECTION), self.p.section(ALT_SECTION)
+        if osec is not None and psec is not None:
+            self.alternatives(osec, psec)
+
     def alternatives(self, o: Section | None, p: Section) -> None:
         """`--final` makes each entry of the second table at a rewritten site test NOT
-        X86_FEATURE_ALWAYS in place; any other change is unexplained."""
+        X86_FEATURE_ALWAYS in place, or drops it with its relocations (relocatable files,
+        --drop-patched); any other change is unexplained."""
         assert o is not None
+        if self.alt_done:
+            return
+        self.alt_done = True
         from .coverage import _alt_table, _overlapping
 
         alt = _alt_table(self.scan)
         od, pd = self.odata(o), self.pdata(p)
-        if alt is None or len(od) != len(pd):
-            self.runs("changed (not an alternatives table pvpatch edits in place)", p, od, pd)
+        if alt is None:
+            self.runs("changed (not an alternatives table pvpatch edits)", p, od, pd)
             return
         lay = alt.decoded.layout
         stride = lay.stride
@@ -1082,21 +1097,46 @@ class _Accountant:
         for s in self.scan.sites:
             for j in _overlapping(alt, s):
                 site_of.setdefault(j, s.index)
-        for i in range(len(od) // stride):
-            a, b = od[i * stride : (i + 1) * stride], pd[i * stride : (i + 1) * stride]
-            if a == b:
-                continue
+        n_o, n_p = len(od) // stride, len(pd) // stride
+        rel_o = self._entry_relocs(self.o, o, n_o, stride, False)
+        rel_p = self._entry_relocs(self.p, p, n_p, stride, True)
+
+        def neutral(a: bytes) -> bytes | None:
+            if lay.neutral is None:
+                return None
+            at, new = lay.neutral
+            return a[:at] + new + a[at + len(new):]
+
+        j = 0
+        for i in range(n_o):
+            a = od[i * stride : (i + 1) * stride]
+            b = pd[j * stride : (j + 1) * stride] if j < n_p else None
             site = site_of.get(i)
-            if lay.neutral is not None:
-                at, new = lay.neutral
-                if site is not None and b == a[:at] + new + a[at + len(new):]:
-                    s = self.sites[site]
-                    self.claim(f"alternative {i} neutralised (site {site} at {s.section}"
-                               f"+{s.offset:#x})", p, i * stride + at, len(new), site=site)
-                    continue
-            self.runs(f"alternative {i} changed", p, a, b, i * stride)
-        tail = len(od) - len(od) % stride
-        self.runs("changed", p, od[tail:], pd[tail:], tail)
+            where = "" if site is None else \
+                f" (site {site} at {self.sites[site].section}+{self.sites[site].offset:#x})"
+            if b is not None and rel_o[i] == rel_p[j] and (a == b or b == neutral(a)):
+                if a != b:
+                    if site is None:
+                        self.runs(f"alternative {i} changed", p, a, b, j * stride)
+                    else:
+                        assert lay.neutral is not None
+                        at, new = lay.neutral
+                        self.claim(f"alternative {i} neutralised{where}", p, j * stride + at,
+                                   len(new), site=site)
+                j += 1
+            elif n_p < n_o and site is not None:
+                self.claim(f"alternative {i} dropped{where}", o, i * stride, stride, site=site,
+                           gone=True)
+            else:
+                self.problem(f"alternative {i} changed or dropped, at no paravirt site", o,
+                             i * stride, stride)
+                return
+        if j < n_p:
+            self.problem(f"alternatives changed, not only dropped: patched entry {j} is no "
+                         "original entry", p, j * stride, stride)
+        tail_o, tail_p = od[n_o * stride:], pd[n_p * stride:]
+        if tail_o != tail_p:
+            self.runs("changed", p, tail_o, tail_p, n_p * stride)
 
     def _copied_from(self, od: bytes, count: int, stride: int, b: bytes, i: int
                      ) -> int | None:

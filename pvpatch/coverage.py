@@ -248,7 +248,9 @@ def _overlapping(t: _AltTable, site: Site) -> list[int]:
 def _alt_edit(scan: ScanResult, t: _AltTable, j: int, drop: bool) -> TableEdit | str:
     """`drop`: remove the entry (relocatable files), else make it test NOT ALWAYS."""
     lay = t.decoded.layout
-    if drop and scan.elf.is_relocatable:
+    # An era without a NOT flag (4.1-5.12) cannot skip an entry in place: only dropping it
+    # (relocatable files) keeps the kernel off the site.
+    if scan.elf.is_relocatable and (drop or lay.neutral is None):
         return TableEdit(t.section_name, t.section_index, j, "drop", stride=lay.stride)
     if lay.neutral is None:
         return (f"{t.section_name} entry {j} ({lay.name}) has no NOT flag, so it cannot be "
@@ -365,7 +367,7 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
                             f"+{c.start:#x}..{c.start + c.length:#x}, beyond the site at "
                             f"+{site.offset:#x}: disabling it would change other code")
                     else:
-                        edit = add(_alt_edit(scan, alt, j, drop_patched and own_alt))
+                        edit = add(_alt_edit(scan, alt, j, drop_patched))
                 if edit is not None:
                     c = Cover(c.section, c.index, c.kind, c.start, c.length, c.feature,
                               c.negate, c.replacement, edit)

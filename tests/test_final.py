@@ -275,3 +275,35 @@ def test_library_final_flag_flows_to_the_plan() -> None:
     orig = (FIX / "kernel61.o").read_bytes()
     assert len(_relocs(rw.data, ".parainstructions")) == \
         len(_relocs(orig, ".parainstructions")) - len(rewritten)
+
+
+@pytest.mark.corpus
+def test_final_drop_patched_removes_alternatives_with_their_relocations(
+        tmp_path: Path) -> None:
+    """kvm.ko, native, --final --drop-patched: every 12-byte alternative whose instr
+    relocation (pyelftools) names a rewritten site is gone with both its relocations; the
+    others stay, in order, with theirs (offsets shifted by the entries removed)."""
+    kvm = harness.module_paths()["kvm"]
+    vml = harness.vmlinux()
+    out = tmp_path / "kvm.ko"
+    proc = pvpatch_cli("patch", str(kvm), "-o", str(out), "--ops", f"btf:{vml}", "--final",
+                       "--drop-patched", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    rewritten = {(s["section"], s["offset"]) for s in report["sites"] if s["action"] != "keep"}
+    orig = kvm.read_bytes()
+    old_alt, new_alt = _section(orig, ".altinstructions"), _section(out.read_bytes(),
+                                                                     ".altinstructions")
+    old_rel = _relocs(orig, ".altinstructions")
+    per_entry: dict[int, list[tuple[int, int, str, int]]] = {}
+    for r in old_rel:
+        per_entry.setdefault(r[0] // 12, []).append(r)
+    gone = {i for i, rows in per_entry.items()
+            if (rows[0][2], rows[0][3]) in rewritten and rows[0][0] % 12 == 0}
+    assert len(gone) == len(rewritten) >= 40
+    kept = [i for i in range(len(old_alt) // 12) if i not in gone]
+    assert new_alt == b"".join(old_alt[i * 12 : i * 12 + 12] for i in kept)
+    want = [(k * 12 + off % 12, t, name, addend) for k, i in enumerate(kept)
+            for off, t, name, addend in per_entry.get(i, [])]
+    assert _relocs(out.read_bytes(), ".altinstructions") == sorted(want)
+    assert report["dropped_entries"] == 2 * len(rewritten)

@@ -328,6 +328,21 @@ def test_final_thunk_modules_run_pvpatch_bytes(boot: Booter) -> None:
 
 
 @pytest.mark.qemu
+def test_final_drop_thunk_modules_run_pvpatch_bytes(boot: Booter) -> None:
+    """--final --drop-patched: both entries at each site are removed with their
+    relocations (none neutralised); the modules load and hold pvpatch's bytes."""
+    rewrites = _changed_rw("final-drop-thunk")
+    sites = sum(1 for _p, rw in rewrites for p in rw.patches if p.decision.rewrites)
+    assert sum(rw.dropped_entries for _p, rw in rewrites) == 2 * sites >= 24
+    assert sum(rw.neutralised_entries for _p, rw in rewrites) == 0
+    result = boot("final-drop-thunk")
+    _passed(result)
+    compared, bad, _got = _read_back(result, rewrites, "output")
+    assert not bad, "\n".join(bad[:20])
+    assert compared == len(result.boot.reads) >= 24
+
+
+@pytest.mark.qemu
 def test_thunk_modules_without_final_run_the_kernels_choice(boot: Booter) -> None:
     """Without --final the loader overwrites the thunk calls with the native replacement
     of the ALT_NOT(XENPV) entry: the read-back is what the report predicted, and is not

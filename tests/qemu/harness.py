@@ -541,7 +541,8 @@ def variant(kind: str, kernel: Kernel = "6.1"
     """(name, path, bytes, rewrite) per module in load order, for one way of patching;
     the bytes are the module file as written (`.ko.xz` for 6.12).
 
-    kind: baseline | native | native-drop | thunk, or final-native | final-thunk (--final).
+    kind: baseline | native | native-drop | thunk, or final-native | final-thunk |
+    final-drop-thunk (--final, and --drop-patched).
     """
     out: list[tuple[str, Path, bytes, Rewrite | None]] = []
     for name in load_order(PV_MODULES, kernel):
@@ -550,7 +551,7 @@ def variant(kind: str, kernel: Kernel = "6.1"
             out.append((name, path, path.read_bytes(), None))
             continue
         backend = "thunk" if kind.endswith("thunk") else "native"
-        rw = patch(path, backend, drop_patched=kind == "native-drop", kernel=kernel,
+        rw = patch(path, backend, drop_patched="drop" in kind, kernel=kernel,
                    final=kind.startswith("final-"))
         data = output_bytes(rw, path.name) if rw.changed else path.read_bytes()
         out.append((name, path, data, rw))
@@ -634,7 +635,7 @@ def scenario(name: str, workdir: Path) -> Boot:
     kernel = vmlinux()
     if name in ("baseline", "native-drop"):
         return Boot(name, kernel, tuple(_guest(name)))
-    if name in ("native", "thunk", "final-thunk"):
+    if name in ("native", "thunk", "final-thunk", "final-drop-thunk"):
         # The running kernel's bytes at each rewritten site are read back (nokaslr: the
         # image at its link addresses; modules through their section bases).
         return Boot(name, kernel, tuple(_guest(name)), append="nokaslr",
@@ -738,7 +739,8 @@ def _scenario_i386(name: str, workdir: Path) -> Boot:
 
 
 SCENARIOS = (
-    "baseline", "native", "native-drop", "thunk", "final-thunk", "vmlinux-final", "resigned",
+    "baseline", "native", "native-drop", "thunk", "final-thunk", "final-drop-thunk",
+    "vmlinux-final", "resigned",
     "vmlinux-native", "612-baseline", "612-native", "612-native-drop",
     "612-vmlinux-native", "i386-baseline", "i386-vmlinux-native", "i386-vmlinux-io-delay",
     "nobtf-native", "nobtf-io-delay",
