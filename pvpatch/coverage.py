@@ -178,6 +178,7 @@ class _AltTable:
     section_name: str
     section_index: int
     decoded: altinstr.Decoded
+    layout: altinstr.AltLayout
     # section index -> (start, entry index) of the entries that point there, sorted
     spans: Mapping[int, list[tuple[int, int]]]
     repl_relocs: Mapping[int, RelocIndex]  # replacement section -> its relocations
@@ -201,7 +202,7 @@ def _alt_table(scan: ScanResult) -> _AltTable | None:
     if elf.is_relocatable:
         for index in {loc[0] for loc in found.repl if loc is not None}:
             relocs[index] = RelocIndex(list(elf.relocations_for(elf.sections[index])))
-    return _AltTable(sec.name, sec.index, found, spans, relocs)
+    return _AltTable(sec.name, sec.index, found, found.layout, spans, relocs)
 
 
 def _alt_cover(scan: ScanResult, t: _AltTable, j: int) -> Cover:
@@ -209,12 +210,7 @@ def _alt_cover(scan: ScanResult, t: _AltTable, j: int) -> Cover:
     e = d.entries[j]
     loc = d.instr[j]
     assert loc is not None
-    if e.flags & altinstr.ALT_FLAG_DIRECT_CALL:
-        kind = "direct-call"
-    elif (e.feature, e.flags & altinstr.ALT_FLAG_NOT) == altinstr.NEUTRAL_FLAGS:
-        kind = "skipped"
-    else:
-        kind = "alternative"
+    kind = _kind(e)
     repl = None
     rloc = d.repl[j]
     if kind == "alternative" and rloc is not None:
@@ -226,6 +222,44 @@ def _alt_cover(scan: ScanResult, t: _AltTable, j: int) -> Cover:
             repl = bytes(raw[rloc[1] : rloc[1] + e.repllen])
     return Cover(t.section_name, j, kind, loc[1], e.instrlen, e.feature,
                  bool(e.flags & altinstr.ALT_FLAG_NOT), repl)
+
+
+class _OwnAlt:
+    """The 6.8+ family's own table: the entries at a site are the scan's (`entry_indices`;
+    an entry overlapping a site without starting at it makes the site unsafe, never
+    rewritten), read straight from the table without decoding its pointers again."""
+
+    def __init__(self, scan: ScanResult) -> None:
+        table = scan.table
+        assert table is not None
+        self.section_name = table.section.name
+        self.section_index = table.section.index
+        self.layout = altinstr.ALT_LAYOUTS[table.layout.name]
+        data = scan.elf.section_data(table.section)
+        self.entries = self.layout.entries(bytes(data[: len(data) - len(data) %
+                                                     self.layout.stride]))
+
+    def overlapping(self, site: Site) -> list[int]:
+        return list(site.entry_indices)
+
+    def cover(self, scan: ScanResult, site: Site, j: int) -> Cover:
+        e = self.entries[j]
+        kind = _kind(e)
+        negate = bool(e.flags & altinstr.ALT_FLAG_NOT)
+        # The scan read the native replacement of the one NOT-paravirt entry (if final).
+        repl = site.native if kind == "alternative" and negate and \
+            e.feature in altinstr.PARAVIRT_FEATURES and site.native is not None and \
+            len(site.native) == e.repllen else None
+        return Cover(self.section_name, j, kind, site.offset, e.instrlen, e.feature, negate,
+                     repl)
+
+
+def _kind(e: altinstr.AltEntry) -> str:
+    if e.flags & altinstr.ALT_FLAG_DIRECT_CALL:
+        return "direct-call"
+    if (e.feature, e.flags & altinstr.ALT_FLAG_NOT) == altinstr.NEUTRAL_FLAGS:
+        return "skipped"
+    return "alternative"
 
 
 def _overlapping(t: _AltTable, site: Site) -> list[int]:
@@ -245,9 +279,10 @@ def _overlapping(t: _AltTable, site: Site) -> list[int]:
 # -- edits ----------------------------------------------------------------------------
 
 
-def _alt_edit(scan: ScanResult, t: _AltTable, j: int, drop: bool) -> TableEdit | str:
+def _alt_edit(scan: ScanResult, t: _AltTable | _OwnAlt, j: int, drop: bool
+              ) -> TableEdit | str:
     """`drop`: remove the entry (relocatable files), else make it test NOT ALWAYS."""
-    lay = t.decoded.layout
+    lay = t.layout
     # An era without a NOT flag (4.1-5.12) cannot skip an entry in place: only dropping it
     # (relocatable files) keeps the kernel off the site.
     if scan.elf.is_relocatable and (drop or lay.neutral is None):
@@ -318,9 +353,9 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
     """Every entry covering each site, the edits for rewritten sites, and the outcome."""
     decisions = list(decisions)
     rewritten = {d.site.index for d in decisions if d.rewrites}
-    alt = _alt_table(scan)
     own_alt = scan.family == "altinstructions"
-    order = APPLY_ORDER.get(alt.decoded.layout.name, APPLY_ORDER["linux-alt-6.3"]) \
+    alt = _OwnAlt(scan) if own_alt else _alt_table(scan)
+    order = APPLY_ORDER.get(alt.layout.name, APPLY_ORDER["linux-alt-6.3"]) \
         if alt is not None else ("paravirt", "altinstructions")
     kept = None
     if scan.family == "paravirt" and not scan.elf.is_relocatable and final:
@@ -355,8 +390,11 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
             covers["paravirt"].append(Cover(table.section.name, site.index, "paravirt",
                                             site.offset, site.len, edit=edit))
         if alt is not None:
-            for j in _overlapping(alt, site):
-                c = _alt_cover(scan, alt, j)
+            found = alt.overlapping(site) if isinstance(alt, _OwnAlt) else \
+                _overlapping(alt, site)
+            for j in found:
+                c = alt.cover(scan, site, j) if isinstance(alt, _OwnAlt) else \
+                    _alt_cover(scan, alt, j)
                 edit = None
                 # The 6.8+ family's own entries are always silenced at a rewritten site
                 # (the kernel BUG()s or undoes it); others only with --final.
