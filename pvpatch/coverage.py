@@ -429,6 +429,13 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
     return Coverage(MappingProxyType(sites), tuple(edits), tuple(problems))
 
 
+def of_scan(scan: ScanResult) -> Coverage:
+    """What the kernel does at each site of a file as it is (nothing rewritten)."""
+    from .plan import Decision
+
+    return build(scan, [Decision(s, "keep") for s in scan.sites])
+
+
 def of_plan(plan: Plan) -> Coverage:
     return build(plan.scan, plan.decisions, final=plan.final, drop_patched=plan.drop_patched)
 

@@ -76,10 +76,10 @@ UNNAMED = ("  ops unnamed: the file has no BTF, DWARF, module vermagic or kernel
            "btf:VMLINUX or dwarf:FILE")
 
 
-def site_json(result: ScanResult, site: Site, sym: Symboliser | None = None
-              ) -> dict[str, Any]:
+def site_json(result: ScanResult, site: Site, sym: Symboliser | None = None,
+              runtime: SiteCoverage | None = None) -> dict[str, Any]:
     sym = sym if sym is not None else symboliser(result)
-    return {
+    out = {
         "index": site.index,
         "section": site.section,
         "offset": site.offset,
@@ -94,10 +94,17 @@ def site_json(result: ScanResult, site: Site, sym: Symboliser | None = None
         "native": site.native.hex() if site.native is not None else None,
         "entries": list(site.entry_indices),
     }
+    if runtime is not None:
+        out["runtime"] = runtime_json(runtime)
+    return out
 
 
 def scan_json(result: ScanResult) -> dict[str, Any]:
+    from .coverage import of_scan
+
     sym = symboliser(result)
+    # Which table entries cover each site and what the kernel does there at boot or load.
+    cov = of_scan(result)
     table = None
     if result.table is not None:
         table = {
@@ -112,7 +119,7 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
         "arch": result.arch.name,
         "elf_type": result.elf_type,
         "table": table,
-        "sites": [site_json(result, s, sym) for s in result.sites],
+        "sites": [site_json(result, s, sym, cov.sites.get(s.index)) for s in result.sites],
     }
 
 

@@ -307,3 +307,19 @@ def test_final_drop_patched_removes_alternatives_with_their_relocations(
             for off, t, name, addend in per_entry.get(i, [])]
     assert _relocs(out.read_bytes(), ".altinstructions") == sorted(want)
     assert report["dropped_entries"] == 2 * len(rewritten)
+
+
+@pytest.mark.corpus
+def test_scan_json_says_what_the_kernel_does_at_each_site() -> None:
+    """An unpatched 6.1 module: its save_fl site is covered by its .parainstructions entry
+    and by the NOT XENPV alternative, applied in that order; the kernel leaves the native
+    replacement there."""
+    team = harness.module_paths()["team"]
+    proc = pvpatch_cli("scan", "--json", "--ops", f"btf:{harness.vmlinux()}", str(team))
+    assert proc.returncode == 0, proc.stderr
+    (site,) = json.loads(proc.stdout)["files"][0]["sites"]
+    rt = site["runtime"]
+    assert [(t["section"], t["kind"], t["feature"], t["not"], t["applies"])
+            for t in rt["tables"]] == [(".parainstructions", "paravirt", None, False, True),
+                                       (".altinstructions", "alternative", XENPV, True, True)]
+    assert (rt["outcome"], rt["predicted"]) == ("native", "9c580f1f4000")
