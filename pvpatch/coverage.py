@@ -14,6 +14,7 @@ is skipped.  This module is pure data and decoding: a `Cover` per entry at a sit
 from __future__ import annotations
 
 import bisect
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -56,7 +57,36 @@ ENTRY_KINDS: Mapping[str, EntryKind] = MappingProxyType({k.name: k for k in (
               "overwritten with the entry's replacement when its feature test passes"),
     EntryKind("skipped", "apply_alternatives", "skip",
               "skipped (NOT X86_FEATURE_ALWAYS): only runs of 0x90 are merged into long NOPs"),
+    EntryKind("site-list", "(see SITE_LISTS)", "overwrite",
+              "rewritten when the boot options or CPU call for it"),
 )})
+
+
+@dataclass(frozen=True)
+class SiteList:
+    """A table of places other kernel code patches at boot or load: each entry's first
+    field is an s32 self-relative pointer to the place (a PC32 relocation in .o/.ko)."""
+
+    section: str
+    size: int  # bytes of the entry without pointer-sized fields
+    ptrs: int  # pointer-sized fields (a `long` key)
+    patcher: str
+    what: str
+
+
+# Other run-time patchers (arch/x86/kernel/alternative.c, callthunks.c, jump_label.c,
+# static_call.c).  None of them names a paravirt call site in Debian's 6.1 or 6.12 images or
+# modules; one inside a rewritten site would rewrite pvpatch's bytes, so --final refuses it.
+SITE_LISTS: tuple[SiteList, ...] = (
+    SiteList(".retpoline_sites", 4, 0, "apply_retpolines", "a retpoline call or jump"),
+    SiteList(".return_sites", 4, 0, "apply_returns", "a `jmp __x86_return_thunk`"),
+    SiteList(".call_sites", 4, 0, "callthunks_patch_builtin_calls",
+             "a direct call, sent to the callee's accounting thunk (retbleed=stuff)"),
+    SiteList(".ibt_endbr_seal", 4, 0, "apply_seal_endbr", "an ENDBR64 sealed under IBT"),
+    SiteList(".smp_locks", 4, 0, "alternatives_smp_lock", "a LOCK prefix"),
+    SiteList(".static_call_sites", 8, 0, "static_call_init", "a static call"),
+    SiteList("__jump_table", 8, 1, "jump_label_init", "a static-key jump or NOP"),
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +156,8 @@ class Cover:
         """Whether the kernel applies the entry on the modelled machine (None: depends)."""
         if self.edit is not None or self.kind == "skipped":
             return False
+        if self.kind == "site-list":
+            return None  # boot options and CPU decide
         if self.kind != "alternative":
             return True
         feat = FEATURES.get(self.feature) if self.feature is not None else None
@@ -276,6 +308,53 @@ def _overlapping(t: _AltTable, site: Site) -> list[int]:
     return out
 
 
+def _site_list_places(scan: ScanResult, rewritten: Iterable[Site]
+                      ) -> dict[int, list[tuple[str, int, int]]]:
+    """Rewritten site index -> (section, entry index, offset) of each SITE_LISTS entry
+    that points inside it."""
+    elf = scan.elf
+    sites = list(rewritten)
+    if not sites:
+        return {}
+    found: dict[int, list[tuple[str, int, int]]] = {}
+    # Every byte of every rewritten site: (section index, offset) in relocatable files,
+    # the address in linked ones (a vmlinux lists some 230,000 call sites).
+    if elf.is_relocatable:
+        rel_bytes = {(s.section_index, off): s for s in sites for off in range(s.offset, s.end)}
+    else:
+        abs_bytes = {a: s for s in sites if s.address is not None
+                     for a in range(s.address, s.address + s.len)}
+    for lst in SITE_LISTS:
+        sec = elf.section(lst.section)
+        if sec is None or sec.type == SHT_NOBITS:
+            continue
+        stride = lst.size + lst.ptrs * elf.arch.ptr_size
+        if elf.is_relocatable:
+            for r in elf.relocations_for(sec):
+                sym = elf.symbol(r.sym)
+                if r.offset % stride or not sym.defined:
+                    continue
+                site = rel_bytes.get((sym.section_index, sym.value + r.addend))
+                if site is not None:
+                    found.setdefault(site.index, []).append(
+                        (lst.section, r.offset // stride, sym.value + r.addend))
+            continue
+        data = elf.section_data(sec)
+        count = len(data) // stride
+        firsts = struct.unpack_from(f"<{count * stride // 4}i", data)[:: stride // 4]
+        # In bulk: every entry's target, then only the few inside a site looked at again.
+        targets = [f + at for f, at in zip(firsts, range(sec.addr, sec.addr + count * stride,
+                                                         stride), strict=True)]
+        inside = abs_bytes.keys() & set(targets)
+        for k, addr in enumerate(targets):
+            if addr in inside:
+                site = abs_bytes[addr]
+                assert site.address is not None
+                found.setdefault(site.index, []).append(
+                    (lst.section, k, site.offset + addr - site.address))
+    return found
+
+
 # -- edits ----------------------------------------------------------------------------
 
 
@@ -367,6 +446,11 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
     edits: list[TableEdit] = []
     problems: list[str] = []
     seen: set[tuple[str, int]] = set()
+    # Each list names instructions of one form (a direct call, a LOCK prefix...) that a
+    # paravirt site never holds, so only a lying table puts an entry there: looked for
+    # when --final promises pvpatch's bytes (a vmlinux lists some 300,000 places).
+    listed = _site_list_places(scan, (d.site for d in decisions if d.rewrites)) \
+        if final else {}
 
     def add(edit: TableEdit | str | None) -> TableEdit | None:
         if isinstance(edit, str):
@@ -410,7 +494,13 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
                     c = Cover(c.section, c.index, c.kind, c.start, c.length, c.feature,
                               c.negate, c.replacement, edit)
                 covers["altinstructions"].append(c)
-        ordered = tuple(c for fam in order for c in covers[fam])
+        others = [Cover(name, j, "site-list", off, 1) for name, j, off in
+                  listed.get(site.index, ())]
+        if others and final:
+            problems.append(f"{others[0].section} entry {others[0].index} names "
+                            f"{site.section}+{others[0].start:#x}, inside a rewritten site: "
+                            "the kernel would patch pvpatch's bytes there")
+        ordered = tuple(c for fam in order for c in covers[fam]) + tuple(others)
         outcome: Outcome = "pvpatch"
         predicted = d.code if is_rw else site.code
         for c in ordered:

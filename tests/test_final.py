@@ -323,3 +323,77 @@ def test_scan_json_says_what_the_kernel_does_at_each_site() -> None:
             for t in rt["tables"]] == [(".parainstructions", "paravirt", None, False, True),
                                        (".altinstructions", "alternative", XENPV, True, True)]
     assert (rt["outcome"], rt["predicted"]) == ("native", "9c580f1f4000")
+
+
+# -- GNU as objects: alternatives and site lists the kernel would apply inside a site ------
+
+SITE = (".text\n.globl f\nf:\n771: call *pv_ops+30*8(%rip)\n772:\nret\n"
+        '.section .parainstructions,"a"\n.quad 771b\n.byte 30\n.byte 772b-771b\n'
+        ".short 0x1\n.balign 8\n")
+
+
+def _as(tmp_path: Path, name: str, text: str) -> Path:
+    src, obj = tmp_path / f"{name}.s", tmp_path / f"{name}.o"
+    src.write_text(text)
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    return obj
+
+
+def _patch(obj: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return pvpatch_cli("patch", str(obj), "-o", str(out), "--ops", OPS61, "--no-verify",
+                       "--json", *extra)
+
+
+def test_final_refuses_a_site_list_entry_inside_a_site(tmp_path: Path) -> None:
+    """A .return_sites entry (the kernel's apply_returns patches the place) pointing into a
+    rewritten site: --final refuses, naming it; without --final the report lists it."""
+    obj = _as(tmp_path, "ret", SITE + '.section .return_sites,"a"\n.long 771b+2-.\n')
+    out = tmp_path / "out.o"
+    proc = _patch(obj, out, "--final")
+    assert proc.returncode == 2 and not out.exists()
+    assert ".return_sites entry 0 names .text+0x2, inside a rewritten site" in proc.stderr
+    plan = pvpatch.make_plan(pvpatch.load(obj, ops=OPS61), "native", final=True)
+    (sc,) = plan.coverage.sites.values()
+    assert [(c.section, c.kind, c.start) for c in sc.covers][-1] == \
+        (".return_sites", "site-list", 2)
+    assert sc.outcome == "depends"
+
+
+def test_final_refuses_an_alternative_wider_than_the_site(tmp_path: Path) -> None:
+    """A 12-byte alternative (5.13-6.2 layout) covering the `nop` before the site and the
+    site: disabling it would change code pvpatch did not rewrite."""
+    text = SITE + ('.section .altinstructions,"a"\n.long 771b-.\n.long 991f-.\n'
+                   ".word 0x8110\n.byte 7\n.byte 1\n"
+                   '.section .altinstr_replacement,"ax"\n991: cli\n')
+    obj = _as(tmp_path, "wide", text.replace("f:\n771:", "f:\nnop\n771:").replace(
+        ".long 771b-.", ".long 771b-1-."))
+    proc = _patch(obj, tmp_path / "out.o", "--final")
+    assert proc.returncode == 2
+    assert "beyond the site" in proc.stderr
+    ok = _patch(obj, tmp_path / "out2.o")
+    assert ok.returncode == 0, ok.stderr
+    (site,) = json.loads(ok.stdout)["sites"]
+    assert [(t["section"], t["feature"], t["not"]) for t in site["runtime"]["tables"]] == [
+        (".parainstructions", None, False), (".altinstructions", XENPV, True)]
+
+
+def test_final_neutralises_a_gnu_as_alternative_in_place(tmp_path: Path) -> None:
+    """The alternative as GNU as emits it (`.word 0x8110`: NOT XENPV): --final writes
+    0x8075 at entry offset 8, readelf's hex dump shows it."""
+    text = SITE + ('.section .altinstructions,"a"\n.long 771b-.\n.long 991f-.\n'
+                   ".word 0x8110\n.byte 6\n.byte 2\n"
+                   '.section .altinstr_replacement,"ax"\n991: pushf\npop %rax\n')
+    obj = _as(tmp_path, "alt", text)
+    out = tmp_path / "out.o"
+    proc = _patch(obj, out, "--final")
+    assert proc.returncode == 0, proc.stderr
+    dump = subprocess.run(["readelf", "-x", ".altinstructions", str(out)],
+                          capture_output=True, text=True, check=True).stdout
+    raw = bytes.fromhex("".join(w for ln in dump.splitlines() if ln.strip().startswith("0x")
+                                for w in ln.split()[1:4]))
+    assert raw[8:12] == bytes.fromhex("75800602")
+    (site,) = json.loads(proc.stdout)["sites"]
+    assert site["runtime"]["outcome"] == "pvpatch"
+    before = _patch(obj, tmp_path / "nofinal.o")
+    (site,) = json.loads(before.stdout)["sites"]
+    assert site["runtime"]["predicted"] == "9c580f1f4000"  # GNU as's pushf; pop + nop4
