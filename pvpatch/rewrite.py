@@ -7,7 +7,12 @@ local FUNC symbols (inserted before the globals, every symbol index remapped).
 
 Linked files: bytes are rewritten in place, call displacements computed from
 addresses, dynamic relocations inside rewritten sites are neutralised, and
-thunks go into a new read+execute PT_LOAD segment past the existing ones.
+thunks go into a new read+execute PT_LOAD segment past the existing ones (never in
+a kernel image, which knows nothing past its end).
+
+Table entries at rewritten sites are edited as the plan's coverage says
+(`pvpatch.coverage`): dropped with their relocations, neutralised in place, or (linked
+`.parainstructions`, --final) replaced by a copy of a kept entry.
 
 Everything else stays byte-identical: changed sections that still fit are
 written in place, grown ones and new ones are appended.
@@ -415,11 +420,9 @@ class _RelocatableRewriter(_Rewriter):
         self.addend_updates: dict[int, dict[int, int]] = {}
         self._by_text: dict[int, tuple[list[int], list[tuple[int, int, Relocation]]]] = {}
         thunks = self._place_thunks()
-        rewritten: set[int] = set()
         for d in self.plan.decisions:
             if d.rewrites:
                 self._patch_site(d, thunks)
-                rewritten.add(d.site.index)
             else:
                 self.patches.append(SitePatch(d, d.site.code, d.site.code, False))
         edits = _table_edits(self.plan)
@@ -633,9 +636,8 @@ class _RelocatableRewriter(_Rewriter):
     # table -----------------------------------------------------------------
 
     def _neutralise_entries(self, edits: list[TableEdit]) -> tuple[int, int]:
-        """Edit entries in place (the bytes written carry no relocation: a feature word,
-        or in linked files a whole entry).  Returns (neutralised, copied) entries that
-        changed."""
+        """Edit entries in place (a feature word, which carries no relocation).  Returns
+        (neutralised, copied) entries that changed; copies are for linked files only."""
         counts = {"neutralise": 0, "copy": 0}
         by_section: dict[int, list[TableEdit]] = {}
         for e in edits:
