@@ -397,3 +397,23 @@ def test_final_neutralises_a_gnu_as_alternative_in_place(tmp_path: Path) -> None
     before = _patch(obj, tmp_path / "nofinal.o")
     (site,) = json.loads(before.stdout)["sites"]
     assert site["runtime"]["predicted"] == "9c580f1f4000"  # GNU as's pushf; pop + nop4
+
+
+def test_final_over_a_tree(tmp_path: Path) -> None:
+    """`patch DIR -o OUT --final`: each file of the tree is patched as alone with --final."""
+    tree = tmp_path / "in"
+    tree.mkdir()
+    for name in ("prog", "kernel61.o"):
+        (tree / name).write_bytes((FIX / name).read_bytes())
+    out = tmp_path / "out"
+    proc = pvpatch_cli("patch", str(tree), "-o", str(out), "--ops", OPS61, "--final",
+                       "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    alone = tmp_path / "prog.alone"
+    assert pvpatch_cli("patch", str(FIX / "prog"), "-o", str(alone), "--ops", OPS61,
+                       "--final", "--no-verify").returncode == 0
+    assert (out / "prog").read_bytes() == alone.read_bytes()
+    assert _para_entries((out / "prog").read_bytes()) != _para_entries((FIX / "prog")
+                                                                        .read_bytes())
+    assert _section((out / "kernel61.o").read_bytes(), ".parainstructions") != \
+        _section((FIX / "kernel61.o").read_bytes(), ".parainstructions")

@@ -412,3 +412,11 @@ def test_612_native_vmlinux_read_back_equals_output(boot: Booter) -> None:
     compared, bad, _got = _read_back(result, [("vmlinux", rw)], "output", "6.12")
     assert not bad, "\n".join(bad[:20])
     assert compared >= 2000
+
+
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+def test_guest_kernels_have_proc_kcore(kernel: harness.Kernel) -> None:
+    """The read-back needs /proc/kcore: the booted kernels' own configs enable it."""
+    boot_dir = harness.vmlinux(kernel).parent / "boot"
+    (config,) = boot_dir.glob("config-*")
+    assert "CONFIG_PROC_KCORE=y" in config.read_text().splitlines()
