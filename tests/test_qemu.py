@@ -8,6 +8,8 @@ loaded with finit_module(MODULE_INIT_COMPRESSED_FILE) so the kernel's own XZ dec
 pvpatch's output, and the native-patched 6.12 vmlinux booted on two CPUs.
 Each boot takes about 3-5 s of software emulation (TCG); the serial log must show every
 module loaded, /init's end marker, and no oops, BUG, relocation or symbol complaint.
+Several boots also read the running kernel's text back through /proc/kcore at every
+rewritten site: with --final it is pvpatch's output, without it what the report predicted.
 QEMU and busybox-static are installed when missing, the corpus is fetched when missing.
 """
 

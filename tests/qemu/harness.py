@@ -17,7 +17,16 @@ kept (``native``) and with ``--drop-patched`` (``native-drop``), patched with a 
 sends ``irq.save_fl`` to the exported ``native_save_fl`` through an injected thunk
 (``thunk``), native-patched and re-signed with a throw-away key (``resigned``, with a
 corrupted-signature copy that must be refused), and the unpatched modules on a vmlinux
-patched with the native backend (``vmlinux-native``).
+patched with the native backend (``vmlinux-native``).  With ``--final``: the thunk spec
+(``final-thunk``, and with ``--drop-patched``: ``final-drop-thunk``), and the native
+``--final`` modules on the native ``--final`` vmlinux (``vmlinux-final``).
+
+Read-back: a boot with ``reads`` runs tests/qemu/kread.c after the exercises; it prints the
+bytes the running kernel holds at each place through /proc/kcore (module sections from
+/sys/module/NAME/sections/, vmlinux places at their link addresses: those boots add
+``nokaslr``), one ``PVQ-READ label address hex`` line each, for the tests to compare with
+pvpatch's output (``loaded_bytes``: relocated as the module loader does it) or with what the
+report predicted.
 
 Used by tests/test_qemu.py and scripts/qemu-harness. Needs qemu-system-x86_64 and a static
 busybox (Debian: qemu-system-x86, busybox-static; installed on demand with apt-get) and the
