@@ -118,6 +118,31 @@ APPLY_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({
 })
 
 
+# The NOPs the kernel pads an applied alternative with (`x86_nops[]`, asm/nops.h, one
+# table per architecture since 5.13; add_nops writes chunks of at most 8 bytes).  Before
+# 5.13 the table was chosen at boot by CPU model (`ideal_nops`): no prediction then.
+KERNEL_NOPS: Mapping[str, tuple[bytes, ...]] = MappingProxyType({
+    "x86_64": tuple(bytes.fromhex(h) for h in (
+        "", "90", "6690", "0f1f00", "0f1f4000", "0f1f440000", "660f1f440000",
+        "0f1f8000000000", "0f1f840000000000")),
+    "i386": tuple(bytes.fromhex(h) for h in (
+        "", "90", "89f6", "8d7600", "8d742600", "3e8d742600", "8db600000000",
+        "8db42600000000", "3e8db42600000000")),
+})
+FIXED_NOPS_ERAS = frozenset({"linux-alt-5.13", "linux-alt-6.3"})
+
+
+def kernel_nops(arch: str, length: int) -> bytes:
+    """`add_nops(length)` of 5.13+ kernels."""
+    table = KERNEL_NOPS[arch]
+    out = bytearray()
+    while length > 0:
+        step = min(length, len(table) - 1)
+        out += table[step]
+        length -= step
+    return bytes(out)
+
+
 @dataclass(frozen=True)
 class TableEdit:
     """One planned change to one table entry, so the kernel no longer touches a site.
@@ -418,13 +443,14 @@ def _own_edit(scan: ScanResult, site: Site, j: int, *, final: bool, drop: bool,
 # -- the model --------------------------------------------------------------------------
 
 
-def _predict(scan: ScanResult, site: Site, cover: Cover) -> bytes | None:
+def _predict(scan: ScanResult, site: Site, cover: Cover, era: str) -> bytes | None:
     """What an applied alternative leaves at the site: the replacement, padded with 0x90
     that the kernel merges into its long NOPs (`optimize_nops`, `add_nops`)."""
     if cover.replacement is None or cover.start != site.offset or cover.length != site.len \
-            or len(cover.replacement) > site.len:
+            or len(cover.replacement) > site.len or era not in FIXED_NOPS_ERAS \
+            or scan.arch.name not in KERNEL_NOPS:
         return None
-    return cover.replacement + scan.arch.nop_fill(site.len - len(cover.replacement))
+    return cover.replacement + kernel_nops(scan.arch.name, site.len - len(cover.replacement))
 
 
 def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = False,
@@ -434,8 +460,8 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
     rewritten = {d.site.index for d in decisions if d.rewrites}
     own_alt = scan.family == "altinstructions"
     alt = _OwnAlt(scan) if own_alt else _alt_table(scan)
-    order = APPLY_ORDER.get(alt.layout.name, APPLY_ORDER["linux-alt-6.3"]) \
-        if alt is not None else ("paravirt", "altinstructions")
+    era = alt.layout.name if alt is not None else ""
+    order = APPLY_ORDER.get(era, APPLY_ORDER["linux-alt-6.3"])
     kept = None
     if scan.family == "paravirt" and not scan.elf.is_relocatable and final:
         covered = {j for s in scan.sites if s.index in rewritten for j in s.entry_indices}
@@ -512,7 +538,7 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
             elif ENTRY_KINDS[c.kind].effect == "repatch":
                 outcome, predicted = "kernel", None
             else:
-                outcome, predicted = "native", _predict(scan, site, c)
+                outcome, predicted = "native", _predict(scan, site, c, era)
         if outcome == "pvpatch" and is_rw and d.code is None:
             predicted = None  # a call or thunk: its bytes are known once the rewrite runs
         sites[site.index] = SiteCoverage(site.index, ordered, outcome, predicted, is_rw)
@@ -528,6 +554,21 @@ def of_scan(scan: ScanResult) -> Coverage:
 
 def of_plan(plan: Plan) -> Coverage:
     return build(plan.scan, plan.decisions, final=plan.final, drop_patched=plan.drop_patched)
+
+
+def _same_but_nops(plan: Plan, sc: SiteCoverage, code: bytes | None) -> bool:
+    """The kernel writes pvpatch's very instructions there (its NOP padding may differ:
+    i386 kernels pad with `lea` forms, pvpatch with `nopl`)."""
+    if sc.predicted is None or code is None:
+        return False
+    if sc.predicted == code:
+        return True
+    repl = next((c.replacement for c in reversed(sc.covers)
+                 if c.applies and c.replacement is not None), None)
+    if repl is None or not code.startswith(repl):
+        return False
+    tail = code[len(repl):]
+    return sc.predicted.startswith(repl) and (not tail or plan.arch.is_nop_fill(tail))
 
 
 def runtime_findings(plan: Plan) -> list[Finding]:
@@ -547,7 +588,7 @@ def runtime_findings(plan: Plan) -> list[Finding]:
         if sc is None or not d.rewrites or sc.outcome == "pvpatch" or where in seen:
             continue
         seen.add(where)
-        if sc.predicted is not None and sc.predicted == d.code:
+        if _same_but_nops(plan, sc, d.code):
             continue
         tables = ", ".join(f"{c.section}[{c.index}]" for c in sc.covers
                            if c.applies is not False)

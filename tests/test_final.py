@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import subprocess
 from pathlib import Path
@@ -417,3 +418,51 @@ def test_final_over_a_tree(tmp_path: Path) -> None:
                                                                         .read_bytes())
     assert _section((out / "kernel61.o").read_bytes(), ".parainstructions") != \
         _section((FIX / "kernel61.o").read_bytes(), ".parainstructions")
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+def test_kernel_nop_tables_decode_as_one_instruction_each(arch: str, tmp_path: Path) -> None:
+    """The kernel's x86_nops[] (the padding the prediction uses) as objdump reads them:
+    entry n is a single n-byte instruction; x86-64's are pvpatch's own NOPs."""
+    from pvpatch.arch import X86_64
+    from pvpatch.coverage import KERNEL_NOPS, kernel_nops
+
+    table = KERNEL_NOPS[arch]
+    for n in range(1, len(table)):
+        blob = tmp_path / f"nop{n}"
+        blob.write_bytes(table[n])
+        dump = subprocess.run(["objdump", "-D", "--insn-width=16", "-b", "binary", "-m",
+                               "i386:x86-64" if arch == "x86_64" else "i386", str(blob)],
+                              capture_output=True, text=True, check=True).stdout
+        insns = [ln for ln in dump.splitlines() if re.match(r"\s+[0-9a-f]+:\t", ln)]
+        assert len(table[n]) == n and len(insns) == 1, (n, insns)
+        assert re.search(r"\t(nop|xchg|lea|mov|ds lea)", insns[0]), insns[0]
+    if arch == "x86_64":
+        assert table == X86_64.nops
+    assert kernel_nops(arch, 11) == table[8] + table[3]
+
+
+@pytest.mark.corpus
+def test_i386_image_prediction_pads_with_the_kernels_nops() -> None:
+    """Debian's i386 6.1 image: an inline site the NOT XENPV alternative overwrites is
+    predicted as the replacement plus the i386 table's NOPs, which differ from pvpatch's;
+    check does not warn about a difference in padding alone."""
+    from pvpatch.coverage import KERNEL_NOPS
+
+    image = corpus.i386_vmlinux()
+    assert image is not None
+    plan = pvpatch.make_plan(pvpatch.load(image), "native")
+    cov = plan.coverage
+    checked = 0
+    for d in plan.decisions:
+        sc = cov.sites[d.site.index]
+        if not d.rewrites or sc.outcome != "native" or sc.predicted is None:
+            continue
+        (repl,) = [c.replacement for c in sc.covers if c.replacement is not None]
+        assert repl is not None
+        tail = sc.predicted[len(repl):]
+        assert sc.predicted.startswith(repl) and tail in KERNEL_NOPS["i386"]
+        assert d.code is not None and d.code.startswith(repl)
+        checked += 1
+    assert checked >= 40
+    assert not [f for f in plan.findings if f.rule == "PV206"]
