@@ -422,3 +422,49 @@ def test_guest_kernels_have_proc_kcore(kernel: harness.Kernel) -> None:
     boot_dir = harness.vmlinux(kernel).parent / "boot"
     (config,) = boot_dir.glob("config-*")
     assert "CONFIG_PROC_KCORE=y" in config.read_text().splitlines()
+
+
+# -- i386 6.1: the read-back through an ELF32 /proc/kcore -----------------------------------
+
+
+@pytest.mark.qemu
+def test_i386_native_image_read_back_is_the_kernels_padding(boot: Booter,
+                                                             tmp_path: Path) -> None:
+    """No --final: the NOT XENPV alternatives overwrite each inline site with the same
+    instruction padded by the i386 kernel's own NOPs (lea forms), as the report predicted,
+    not pvpatch's nopl padding."""
+    _kernel, rw = harness.patched_i386(tmp_path, "native")
+    result = boot("i386-vmlinux-native")
+    _passed(result)
+    compared, bad, got = _read_back(result, [("vmlinux", rw)], "predicted")
+    assert not bad, "\n".join(bad[:20])
+    assert compared >= 40
+    after = {f"vmlinux/{p.decision.site.index}": p.after for p in rw.patches}
+    assert sum(got[k] != after[k] for k in got) >= 10  # the padding differs
+
+
+@pytest.mark.qemu
+def test_i386_final_image_runs_pvpatch_bytes(boot: Booter, tmp_path: Path) -> None:
+    _kernel, rw = harness.patched_i386(tmp_path, "final")
+    assert rw.copied_entries == rw.neutralised_entries == 53
+    result = boot("i386-vmlinux-final")
+    _passed(result)
+    compared, bad, _got = _read_back(result, [("vmlinux", rw)], "output")
+    assert not bad, "\n".join(bad[:20])
+    assert compared == len(result.boot.reads) >= 40
+
+
+@pytest.mark.qemu
+def test_i386_io_delay_calls_are_the_kernels_own_choice(boot: Booter, tmp_path: Path) -> None:
+    """No --final: apply_paravirt re-patches every io_delay site to a call to
+    pv_ops.cpu.io_delay, which on this guest is native_io_delay: the very call pvpatch
+    wrote (the report says the kernel re-patches them)."""
+    _kernel, rw = harness.patched_i386(tmp_path, "io-delay")
+    cov = rw.plan.coverage
+    assert {cov.sites[p.decision.site.index].outcome for p in rw.patches
+            if p.decision.rewrites} == {"kernel"}
+    result = boot("i386-vmlinux-io-delay")
+    _passed(result)
+    compared, bad, _got = _read_back(result, [("vmlinux", rw)], "output")
+    assert not bad, "\n".join(bad[:20])
+    assert compared >= 100

@@ -267,9 +267,7 @@ def initramfs(boot: Boot, busybox: str) -> bytes:
         entries.append(("bin/finit", 0o100755, finit_binary().read_bytes()))
     if boot.reads:
         entries.append(("bin/kread", 0o100755, kread_binary().read_bytes()))
-        listing = "".join(f"{r.label} {r.module} {r.section} {r.offset:x} {r.length}\n"
-                          for r in boot.reads)
-        entries.append(("m/reads", 0o100644, listing.encode()))
+        entries.append(("m/reads", 0o100644, _reads_listing(boot.reads)))
     entries += [(f"m/{i:03d}{m.suffix}", 0o100644, m.data) for i, m in enumerate(boot.modules)]
     return cpio_newc(entries)
 
@@ -288,7 +286,22 @@ def _initramfs_i386(boot: Boot) -> bytes:
     listing = "".join(f"{m.label} /m/{i:03d}.ko\n" for i, m in enumerate(boot.modules))
     entries.append(("m/list", 0o100644, listing.encode()))
     entries += [(f"m/{i:03d}.ko", 0o100644, m.data) for i, m in enumerate(boot.modules)]
+    if boot.reads:
+        entries.append(("bin", 0o040755, b""))
+        entries.append(("bin/kread", 0o100755, kread32_binary().read_bytes()))
+        entries.append(("m/reads", 0o100644, _reads_listing(boot.reads)))
     return cpio_newc(entries)
+
+
+def _reads_listing(reads: Sequence[Read]) -> bytes:
+    return "".join(f"{r.label} {r.module} {r.section} {r.offset:x} {r.length}\n"
+                   for r in reads).encode()
+
+
+@functools.cache
+def kread32_binary() -> Path:
+    """The read-back helper for i386 guests (/proc/kcore is ELF32 there)."""
+    return _static_binary("kread.c", ["-m32"])
 
 
 @functools.cache
@@ -729,11 +742,12 @@ def patched_nobtf(workdir: Path, kind: str) -> tuple[Path, Rewrite]:
 
 
 def _patch_image(image: Path, kind: str, out: Path) -> tuple[Path, Rewrite]:
-    """`image` patched natively or with IO_DELAY_SPEC, no --ops and no symbol file."""
+    """`image` patched natively (`kind` native, or final: with --final) or with
+    IO_DELAY_SPEC (io-delay), no --ops and no symbol file."""
     scan = pvpatch.load(image)
     backend = parse_spec_text(IO_DELAY_SPEC, scan.arch, "<io_delay spec>") \
         if kind == "io-delay" else "native"
-    rw = pvpatch.apply_plan(pvpatch.make_plan(scan, backend))
+    rw = pvpatch.apply_plan(pvpatch.make_plan(scan, backend, final=kind == "final"))
     out.write_bytes(rw.data)
     return out, rw
 
@@ -741,9 +755,11 @@ def _patch_image(image: Path, kind: str, out: Path) -> tuple[Path, Rewrite]:
 def _scenario_i386(name: str, workdir: Path) -> Boot:
     if name == "baseline":
         return Boot("i386-baseline", i386_vmlinux(), (), (), arch="i386")
-    if name in ("vmlinux-native", "vmlinux-io-delay"):
-        kernel, _rw = patched_i386(workdir, name.removeprefix("vmlinux-"))
-        return Boot(f"i386-{name}", kernel, (), (), arch="i386")
+    if name in ("vmlinux-native", "vmlinux-io-delay", "vmlinux-final"):
+        # nokaslr: image sites are read back at their link addresses.
+        kernel, rw = patched_i386(workdir, name.removeprefix("vmlinux-"))
+        return Boot(f"i386-{name}", kernel, (), (), arch="i386", append="nokaslr",
+                    reads=tuple(reads_of(rw, "vmlinux")))
     raise KeyError(f"i386-{name}")
 
 
@@ -752,6 +768,7 @@ SCENARIOS = (
     "vmlinux-final", "resigned",
     "vmlinux-native", "612-baseline", "612-native", "612-native-drop",
     "612-vmlinux-native", "i386-baseline", "i386-vmlinux-native", "i386-vmlinux-io-delay",
+    "i386-vmlinux-final",
     "nobtf-native", "nobtf-io-delay",
 )  # fmt: skip
 

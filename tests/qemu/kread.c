@@ -22,20 +22,39 @@ static int nphdrs;
 static int kcore = -1;
 static FILE *out;
 
+/* The program headers of /proc/kcore, which is ELF64 on x86-64 and ELF32 on i386. */
 static int load_kcore(void)
 {
 	Elf64_Ehdr eh;
+	Elf32_Ehdr eh32;
 
 	kcore = open("/proc/kcore", O_RDONLY | O_CLOEXEC);
-	if (kcore < 0 || pread(kcore, &eh, sizeof(eh), 0) != sizeof(eh))
+	if (kcore < 0 || pread(kcore, &eh, sizeof(eh), 0) != sizeof(eh) ||
+	    memcmp(eh.e_ident, ELFMAG, SELFMAG))
 		return -1;
-	if (memcmp(eh.e_ident, ELFMAG, SELFMAG) || eh.e_ident[EI_CLASS] != ELFCLASS64)
-		return -1;
-	nphdrs = eh.e_phnum;
+	if (eh.e_ident[EI_CLASS] == ELFCLASS64) {
+		nphdrs = eh.e_phnum;
+		phdrs = calloc(nphdrs, sizeof(*phdrs));
+		if (!phdrs || pread(kcore, phdrs, nphdrs * sizeof(*phdrs), eh.e_phoff) !=
+		    (ssize_t)(nphdrs * sizeof(*phdrs)))
+			return -1;
+		return 0;
+	}
+	memcpy(&eh32, &eh, sizeof(eh32));
+	nphdrs = eh32.e_phnum;
 	phdrs = calloc(nphdrs, sizeof(*phdrs));
-	if (!phdrs || pread(kcore, phdrs, nphdrs * sizeof(*phdrs), eh.e_phoff) !=
-	    (ssize_t)(nphdrs * sizeof(*phdrs)))
+	if (!phdrs)
 		return -1;
+	for (int i = 0; i < nphdrs; i++) {
+		Elf32_Phdr p;
+
+		if (pread(kcore, &p, sizeof(p), eh32.e_phoff + i * sizeof(p)) != sizeof(p))
+			return -1;
+		phdrs[i].p_type = p.p_type;
+		phdrs[i].p_offset = p.p_offset;
+		phdrs[i].p_vaddr = p.p_vaddr;
+		phdrs[i].p_memsz = p.p_memsz;
+	}
 	return 0;
 }
 
