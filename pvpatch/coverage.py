@@ -542,7 +542,7 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
         if outcome == "pvpatch" and is_rw and d.code is None:
             predicted = None  # a call or thunk: its bytes are known once the rewrite runs
         sites[site.index] = SiteCoverage(site.index, ordered, outcome, predicted, is_rw)
-    return Coverage(MappingProxyType(sites), tuple(edits), tuple(problems))
+    return Coverage(sites, tuple(edits), tuple(problems))  # picklable: plans cross processes
 
 
 def of_scan(scan: ScanResult) -> Coverage:
