@@ -141,10 +141,11 @@ def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
 
 # Sections only a kernel image (vmlinux) has: init code freed after boot, its export table.
 KERNEL_IMAGE_SECTIONS = (".init.text", "__ksymtab")
-KERNEL_IMAGE_THUNKS = (
-    "thunks are refused in a kernel image: a new segment past the kernel's end is memory "
-    "the kernel does not know it holds (free memory once it runs), so a call into it "
-    "would run whatever is placed there later")
+KERNEL_IMAGE_REASON = (
+    "the kernel knows nothing of memory past its end (free memory once it runs), so a call "
+    "there would run whatever is placed there later")
+KERNEL_IMAGE_THUNKS = ("thunks are refused in a kernel image: they would live in a new "
+                       f"segment past the kernel's end, and {KERNEL_IMAGE_REASON}")
 
 
 def is_kernel_image(elf: ElfFile) -> bool:
@@ -930,8 +931,8 @@ class _LinkedRewriter(_Rewriter):
                     self._linked_target(d.target)
                 assert target is not None
                 if kernel and not self._kernel_text(target):
-                    raise RewriteError(f"{d.target} at {target:#x} is not in the kernel's own "
-                                       f"text: {KERNEL_IMAGE_THUNKS.split(': ', 1)[1]}",
+                    raise RewriteError(f"{d.target} at {target:#x} is in none of the kernel "
+                                       f"image's executable sections: {KERNEL_IMAGE_REASON}",
                                        elf.path)
                 after = self.branch_bytes(d, target - (site.address + CALL_LEN)) + \
                     self.arch.nop_fill(site.len - CALL_LEN)

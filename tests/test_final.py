@@ -466,3 +466,22 @@ def test_i386_image_prediction_pads_with_the_kernels_nops() -> None:
         checked += 1
     assert checked >= 40
     assert not [f for f in plan.findings if f.rule == "PV206"]
+
+
+@pytest.mark.corpus
+def test_calls_outside_the_kernels_text_are_refused(tmp_path: Path) -> None:
+    """A spec target a symbol file places past the image's sections (where only a pvpatch
+    segment could be): refused, one line, nothing written."""
+    vml = harness.vmlinux()
+    end = max(s["sh_addr"] + s["sh_size"] for s in _elf(vml.read_bytes()).iter_sections()
+              if s["sh_flags"] & 0x4)  # SHF_EXECINSTR
+    smap = tmp_path / "System.map"
+    smap.write_text(f"{end + 0x100000:016x} T fake_target\n")
+    spec = tmp_path / "fake.toml"
+    spec.write_text('[ops."cpu.io_delay"]\naction = "call"\ntarget = "fake_target"\n')
+    out = tmp_path / "vmlinux"
+    proc = pvpatch_cli("patch", str(vml), "-o", str(out), "--backend", str(spec),
+                       "--symbols", str(smap), "--ops", f"btf:{vml}", "--no-verify")
+    assert proc.returncode == 2
+    assert "is in none of the kernel image's executable sections" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
