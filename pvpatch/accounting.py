@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from .altinstr import SECTION as ALT_SECTION
 from .elf import (
     PF_R,
     PF_X,
@@ -328,6 +329,10 @@ def _kinds() -> tuple[tuple[Callable[[_Accountant, ElfFile, Section], bool], Kin
         (lambda a, e, s: _is_rel(s) and not s.is_alloc and a.is_table(e, s.info),
          Kind("table relocations", "follow their entries (kept, or dropped with them)", True,
               1, A.table_relocations)),
+        (lambda a, e, s: _is_rel(s) and not s.is_alloc and
+         a.is_alternatives(e, e.sections[s.info] if 0 < s.info < len(e.sections) else s),
+         Kind("alternatives relocations", "follow their entries (kept, or dropped with "
+              "them)", True, 1, A.alternatives_relocations)),
         (lambda a, e, s: _is_rel(s) and not s.is_alloc,
          Kind("relocations", "differ only inside proven sites and thunks, in entries listing "
               "thunk returns, or follow what they point at in the table", True, 2,
@@ -344,6 +349,9 @@ def _kinds() -> tuple[tuple[Callable[[_Accountant, ElfFile, Section], bool], Kin
         (lambda a, e, s: a.is_table(e, s.index),
          Kind("site table", "entries kept, neutralised or dropped at proven sites", True, 1,
               A.table)),
+        (lambda a, e, s: a.is_alternatives(e, s),
+         Kind("alternatives", "entries at proven sites neutralised (NOT X86_FEATURE_ALWAYS, "
+              "--final)", True, 1, A.alternatives)),
         (lambda a, e, s: s.type == SHT_STRTAB,
          Kind("strings", "original strings kept, names appended", True, 4, A.strings)),
         (lambda a, e, s: s.name == "__versions",
@@ -413,6 +421,9 @@ class _Accountant:
         self.dropped: list[int] = []  # table entries dropped
         self.silenced: set[int] = set()  # ... and those dropped or neutralised
         self.table_done = False
+        self._entry_bytes: dict[bytes, int] | None = None  # original entry -> first index
+        self.copies: list[tuple[int, int]] = []  # (entry, the entry it now copies)
+        self.alt_done = False  # the second table (.altinstructions of 5.13-6.7) accounted
         self.table_moved: Callable[[int], int] | None = None
         self.pending_syms: list[tuple[Symbol, Symbol]] = []
         self.pending_relocs: list[tuple[str, Section, tuple[int, ...]]] = []
@@ -462,6 +473,11 @@ class _Accountant:
         if elf is self.o:
             return index == table.section.index
         return self.p2o.get(index) == table.section.index
+
+    def is_alternatives(self, elf: ElfFile, sec: Section) -> bool:
+        """An `.altinstructions` table beside the site table (5.13-6.7 kernels)."""
+        return self.scan.family == "paravirt" and sec.name == ALT_SECTION and \
+            not _is_rel(sec) and sec.type != SHT_NOBITS
 
     def is_thunk_section(self, elf: ElfFile, sec: Section) -> bool:
         return sec.name == self.thunk_name and sec.is_exec and (
@@ -1058,6 +1074,15 @@ class _Accountant:
                     continue
                 elif b == neutral(a):
                     neutralised.append(i)
+                elif not self.o.is_relocatable and i in self.entry_site and \
+                        (k := self._copied_from(od, count, stride, b, i)) is not None:
+                    # --final: a copy of kept entry k, which the kernel re-applies to k's
+                    # own site (idempotent) instead of touching this one.
+                    owner = self.entry_site[i]
+                    s = self.sites[owner]
+                    self.claim(f"entry {i} replaced by a copy of entry {k} (site {owner} at "
+                               f"{s.section}+{s.offset:#x})", p, i * stride, stride,
+                               site=owner)
                 else:
                     self.runs(f"entry {i} changed", p, a, b, i * stride)
         else:
@@ -1096,7 +1121,7 @@ class _Accountant:
                 else:
                     self.claim(what, o, i * stride, stride, site=site, gone=True)
         self.dropped = dropped
-        self.silenced = set(neutralised) | set(dropped)
+        self.silenced = set(neutralised) | set(dropped) | {i for i, _k in self.copies}
         if dropped:
             keep = [i for i in range(count) if i not in set(dropped)]
             kept = set(keep)
@@ -1110,12 +1135,97 @@ class _Accountant:
 
             self.table_moved = moved
 
+    def alternatives_relocations(self, o: Section | None, p: Section) -> None:
+        """Compared with their entries, by `alternatives`."""
+        osec, psec = self.o.section(ALT_SECTION), self.p.section(ALT_SECTION)
+        if osec is not None and psec is not None:
+            self.alternatives(osec, psec)
+
+    def alternatives(self, o: Section | None, p: Section) -> None:
+        """`--final` makes each entry of the second table at a rewritten site test NOT
+        X86_FEATURE_ALWAYS in place, or drops it with its relocations (relocatable files,
+        --drop-patched); any other change is unexplained."""
+        assert o is not None
+        if self.alt_done:
+            return
+        self.alt_done = True
+        from .coverage import _alt_table, _overlapping
+
+        alt = _alt_table(self.scan)
+        od, pd = self.odata(o), self.pdata(p)
+        if alt is None:
+            self.runs("changed (not an alternatives table pvpatch edits)", p, od, pd)
+            return
+        lay = alt.decoded.layout
+        stride = lay.stride
+        site_of: dict[int, int] = {}
+        for s in self.scan.sites:
+            for j in _overlapping(alt, s):
+                site_of.setdefault(j, s.index)
+        n_o, n_p = len(od) // stride, len(pd) // stride
+        rel_o = self._entry_relocs(self.o, o, n_o, stride, False)
+        rel_p = self._entry_relocs(self.p, p, n_p, stride, True)
+
+        def neutral(a: bytes) -> bytes | None:
+            if lay.neutral is None:
+                return None
+            at, new = lay.neutral
+            return a[:at] + new + a[at + len(new):]
+
+        j = 0
+        for i in range(n_o):
+            a = od[i * stride : (i + 1) * stride]
+            b = pd[j * stride : (j + 1) * stride] if j < n_p else None
+            site = site_of.get(i)
+            where = "" if site is None else \
+                f" (site {site} at {self.sites[site].section}+{self.sites[site].offset:#x})"
+            if b is not None and rel_o[i] == rel_p[j] and (a == b or b == neutral(a)):
+                if a != b:
+                    if site is None:
+                        self.runs(f"alternative {i} changed", p, a, b, j * stride)
+                    else:
+                        assert lay.neutral is not None
+                        at, new = lay.neutral
+                        self.claim(f"alternative {i} neutralised{where}", p, j * stride + at,
+                                   len(new), site=site)
+                j += 1
+            elif n_p < n_o and site is not None:
+                self.claim(f"alternative {i} dropped{where}", o, i * stride, stride, site=site,
+                           gone=True)
+            else:
+                self.problem(f"alternative {i} changed or dropped, at no paravirt site", o,
+                             i * stride, stride)
+                return
+        if j < n_p:
+            self.problem(f"alternatives changed, not only dropped: patched entry {j} is no "
+                         "original entry", p, j * stride, stride)
+        tail_o, tail_p = od[n_o * stride:], pd[n_p * stride:]
+        if tail_o != tail_p:
+            self.runs("changed", p, tail_o, tail_p, n_p * stride)
+
+    def _copied_from(self, od: bytes, count: int, stride: int, b: bytes, i: int
+                     ) -> int | None:
+        """The original entry (not `i`, not at a changed site) that `b` copies."""
+        if self._entry_bytes is None:
+            self._entry_bytes = {}
+            for k in range(count):
+                self._entry_bytes.setdefault(od[k * stride : (k + 1) * stride], k)
+        src = self._entry_bytes.get(b)
+        if src is None or src == i:
+            return None
+        self.copies.append((i, src))
+        return src
+
     def _table_follows(self) -> None:
         """In a family whose kernel would undo or BUG() on a rewritten site (6.8+
         DIRECT_CALL alternatives), every entry at a changed site must be silenced."""
         table = self.scan.table
         from .scan import family_of
 
+        for i, k in self.copies:
+            if self.entry_site.get(k) in self.changed:
+                self.problem(f"entry {i} copies entry {k}, whose site pvpatch changed: the "
+                             "kernel would re-patch it")
         if table is None or not family_of(table).must_neutralise:
             return
         stride = table.entry_size

@@ -78,9 +78,13 @@ def load_backend(spec: str, elf: ElfFile) -> Backend:
 
 def make_plan(
     result: ScanResult, backend: str | Backend = "native", *, drop_patched: bool = False,
-    symbols: str | os.PathLike[str] | SymbolMap | None = None,
+    symbols: str | os.PathLike[str] | SymbolMap | None = None, final: bool = False,
 ) -> Plan:
     """Decide what every site becomes; nothing is written.
+
+    `final`: every table entry the kernel would apply at a rewritten site at boot or
+    module load is dropped or made one it skips, so pvpatch's bytes are the ones that run
+    (`plan.coverage` says which entries cover each site and what the kernel does there).
 
     `symbols` (a System.map or /proc/kallsyms file, or a `SymbolMap`) gives the addresses
     of spec targets a linked image has neither in `.symtab` nor in its export table."""
@@ -90,7 +94,7 @@ def make_plan(
     be = load_backend(backend, result.elf) if isinstance(backend, str) else backend
     smap = symbols if isinstance(symbols, SymbolMap) or symbols is None \
         else SymbolMap.read(symbols)
-    return _make_plan(result, be, drop_patched=drop_patched, symbols=smap)
+    return _make_plan(result, be, drop_patched=drop_patched, symbols=smap, final=final)
 
 
 def apply_plan(the_plan: Plan, *, symvers: str | os.PathLike[str] | None = None) -> Rewrite:
@@ -205,6 +209,7 @@ class PatchOptions:
     section: str = DEFAULT_SECTION
     ops: str = "auto"
     drop_patched: bool = False
+    final: bool = False  # --final: no table entry the kernel applies left at a rewritten site
     symbols: str | os.PathLike[str] | SymbolMap | None = None
     symvers: str | os.PathLike[str] | None = None
     verify: bool = True
@@ -273,7 +278,7 @@ def patch_file(
     # have none, and naming costs more than the rest of their scan.
     result = scan_for(elf, layout=options.layout, section=options.section, ops=options.ops)
     the_plan = make_plan(result, options.backend, drop_patched=options.drop_patched,
-                         symbols=options.symbols)
+                         symbols=options.symbols, final=options.final)
     if on_plan is not None:
         on_plan(result, the_plan)
     rw = apply_plan(the_plan, symvers=options.symvers)

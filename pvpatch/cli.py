@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="native", metavar="native|SPEC.toml",
                    help="what ops become (default: native, the kernel's own replacements)")
     _common_scan_options(p)
+    p.add_argument("--final", action="store_true",
+                   help="make pvpatch's bytes the ones that run: every table entry the "
+                   "kernel would apply at a rewritten site at boot or module load "
+                   "(.parainstructions, .altinstructions of any era) is dropped or made one "
+                   "it skips (a final native image is right only off Xen PV)")
     p.add_argument("--drop-patched", action="store_true",
                    help="remove the table entries of rewritten sites (relocatable files)")
     p.add_argument("--in-place", action="store_true", help="allow OUTPUT to be INPUT")
@@ -377,7 +382,8 @@ def _patch_options(args: argparse.Namespace, signing: SigningKey | None,
 
     return PatchOptions(
         layout=args.layout, section=args.section, ops=args.ops,
-        drop_patched=args.drop_patched, symvers=args.symvers, verify=not args.no_verify,
+        drop_patched=args.drop_patched, final=args.final, symvers=args.symvers,
+        verify=not args.no_verify,
         trials=args.trials, seed=args.seed, allow_skip=args.allow_skip, workers=workers,
         signing=signing, max_decompressed=_limit(args))
 
@@ -428,7 +434,7 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
     findings = res.findings
     if len(shown) < len(findings):
         print(f"{path}: {len(findings) - len(shown)} warning(s) about kept sites "
-              "(`pvpatch check` lists them)", file=sys.stderr)
+              "or rewrites the kernel will undo (`pvpatch check` lists them)", file=sys.stderr)
     _patch_sarif(args, path, findings, len(res.scan.elf.data), EXIT_OK)
     return EXIT_OK
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from .arch import Arch, convention_changes
 from .backend import Action, Backend, OpRule, returns_to_site
@@ -20,6 +22,9 @@ from .elf import Symbol
 from .rules import Finding
 from .scan import ScanResult, Site, site_finding
 from .targets import SymbolMap, TargetAddress, resolve_target, target_address
+
+if TYPE_CHECKING:
+    from .coverage import Coverage
 
 CALL_LEN = 5  # e8/e9 rel32
 UD2 = b"\x0f\x0b"
@@ -66,6 +71,15 @@ class Plan:
     # Linked files: where each spec target is and what said so (.symtab, the image's
     # export table, a symbol file): the rewriter calls these addresses.
     targets: Mapping[str, TargetAddress] = field(default_factory=dict)
+    # --final: every run-time patcher's entry at a rewritten site is neutralised or dropped
+    final: bool = False
+
+    @cached_property
+    def coverage(self) -> Coverage:
+        """Which tables cover each site, what the kernel does there, the table edits."""
+        from .coverage import of_plan
+
+        return of_plan(self)
 
     @property
     def arch(self) -> Arch:
@@ -94,7 +108,7 @@ class Planner:
         self._inline_cache: dict[tuple[str, int, int], tuple[Action, str | None, bytes | None]] = {}
         self._targets: dict[str, Symbol | None] = {}
 
-    def plan(self, drop_patched: bool = False) -> Plan:
+    def plan(self, drop_patched: bool = False, final: bool = False) -> Plan:
         from .integrity import site_problems
 
         problems = site_problems(self.scan)
@@ -109,8 +123,16 @@ class Planner:
         kept = [f for f in problems if not (f.rule == "PV114" and f.site_index in already)]
         findings = tuple(kept) + tuple(plan_findings(self.backend, self.arch, decisions))
         targets = {n: a for n, a in self.addresses.items() if a is not None}
-        return Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()),
-                    drop_patched, findings, MappingProxyType(targets))
+        plan = Plan(self.scan, self.backend, decisions, tuple(self.thunks.values()),
+                    drop_patched, findings, MappingProxyType(targets), final)
+        from .coverage import runtime_findings
+
+        undone = runtime_findings(plan)  # PV206: rewrites the kernel will undo
+        if not undone:
+            return plan
+        again = replace(plan, findings=findings + tuple(undone))
+        again.__dict__["coverage"] = plan.coverage  # the same sites, decisions and mode
+        return again
 
     def decide(self, site: Site) -> Decision:
         if site.index in self.scan.unsafe:
@@ -301,6 +323,6 @@ def plan_findings(backend: Backend, arch: Arch, decisions: Iterable[Decision]) -
 
 
 def make_plan(scan: ScanResult, backend: Backend, *, drop_patched: bool = False,
-              symbols: SymbolMap | None = None) -> Plan:
+              symbols: SymbolMap | None = None, final: bool = False) -> Plan:
     backend.check_arch(scan.arch, scan.path)
-    return Planner(scan, backend, symbols).plan(drop_patched)
+    return Planner(scan, backend, symbols).plan(drop_patched, final)

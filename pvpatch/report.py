@@ -13,7 +13,9 @@ from .scan import ScanResult, Site
 
 if TYPE_CHECKING:
     from .arch import Arch
+    from .coverage import SiteCoverage
     from .disasm import Insn
+    from .plan import Plan
     from .rewrite import Rewrite, SitePatch
     from .symbolic import Symboliser
     from .verify import VerifyReport
@@ -75,10 +77,10 @@ UNNAMED = ("  ops unnamed: the file has no BTF, DWARF, module vermagic or kernel
            "btf:VMLINUX or dwarf:FILE")
 
 
-def site_json(result: ScanResult, site: Site, sym: Symboliser | None = None
-              ) -> dict[str, Any]:
+def site_json(result: ScanResult, site: Site, sym: Symboliser | None = None,
+              runtime: SiteCoverage | None = None) -> dict[str, Any]:
     sym = sym if sym is not None else symboliser(result)
-    return {
+    out = {
         "index": site.index,
         "section": site.section,
         "offset": site.offset,
@@ -93,10 +95,17 @@ def site_json(result: ScanResult, site: Site, sym: Symboliser | None = None
         "native": site.native.hex() if site.native is not None else None,
         "entries": list(site.entry_indices),
     }
+    if runtime is not None:
+        out["runtime"] = runtime_json(runtime)
+    return out
 
 
 def scan_json(result: ScanResult) -> dict[str, Any]:
+    from .coverage import of_scan
+
     sym = symboliser(result)
+    # Which table entries cover each site and what the kernel does there at boot or load.
+    cov = of_scan(result)
     table = None
     if result.table is not None:
         table = {
@@ -111,7 +120,7 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
         "arch": result.arch.name,
         "elf_type": result.elf_type,
         "table": table,
-        "sites": [site_json(result, s, sym) for s in result.sites],
+        "sites": [site_json(result, s, sym, cov.sites.get(s.index)) for s in result.sites],
     }
 
 
@@ -194,9 +203,65 @@ def _columns(rows: Sequence[tuple[str, ...]], right: set[int]) -> list[str]:
 ACTIONS = ("inline", "call", "thunk", "jmp", "nop", "ud2", "keep")
 
 
+def runtime_json(sc: SiteCoverage | None) -> dict[str, Any] | None:
+    """What the kernel does at a site at boot or module load, entry by entry."""
+    if sc is None:
+        return None
+    return {
+        "outcome": sc.outcome,
+        "predicted": sc.predicted.hex() if sc.predicted is not None else None,
+        "tables": [
+            {
+                "section": c.section,
+                "index": c.index,
+                "kind": c.kind,
+                "feature": c.feature,
+                "not": c.negate,
+                "applies": c.applies,
+                "edit": c.edit.kind if c.edit is not None else None,
+                "copy_of": c.edit.source if c.edit is not None else None,
+            }
+            for c in sc.covers
+        ],
+    }
+
+
+def runtime_text(plan: Plan, patches: Iterable[SitePatch]) -> list[str]:
+    """One summary line, then one line per rewritten site the kernel will change."""
+    cov = plan.coverage
+    lines: list[str] = []
+    counts: dict[str, int] = {}
+    for p in patches:
+        sc = cov.sites.get(p.decision.site.index)
+        if sc is None or not p.decision.rewrites:
+            continue
+        counts[sc.outcome] = counts.get(sc.outcome, 0) + 1
+        if sc.outcome == "pvpatch":
+            continue
+        d = p.decision
+        tables = "; ".join(c.describe() for c in sc.covers if c.applies is not False)
+        bytes_ = f" ({sc.predicted.hex(' ')})" if sc.predicted is not None else ""
+        lines.append(f"  runtime {site_location(d.site)} {d.site.op or f'type {d.site.type}'}: "
+                     f"{sc.says()}{bytes_} [{tables}]")
+    if not counts:
+        return []
+    head = ", ".join(f"{n} {RUNTIME_WORDS[k]}" for k, n in sorted(counts.items()))
+    hint = "" if counts.keys() == {"pvpatch"} else " (--final keeps pvpatch's bytes)"
+    return [f"  at run time: {head}{hint}", *lines]
+
+
+RUNTIME_WORDS = {
+    "pvpatch": "keep pvpatch's bytes",
+    "kernel": "re-patched by the kernel",
+    "native": "overwritten with the kernel's native replacement",
+    "depends": "depend on CPU features",
+}
+
+
 def patch_json(rw: Rewrite, output: str | None, verify: dict[str, Any] | None = None
                ) -> dict[str, Any]:
     plan = rw.plan
+    cov = plan.coverage
     sites = []
     for p in rw.patches:
         d, s = p.decision, p.decision.site
@@ -213,6 +278,7 @@ def patch_json(rw: Rewrite, output: str | None, verify: dict[str, Any] | None = 
             "reason": d.reason,
             "before": p.before.hex(),
             "after": p.after.hex(),
+            "runtime": runtime_json(cov.sites.get(s.index)),
         })
     counts = {a: 0 for a in ACTIONS}
     for p in rw.patches:
@@ -241,6 +307,8 @@ def patch_json(rw: Rewrite, output: str | None, verify: dict[str, Any] | None = 
         "counts": counts,
         "dropped_entries": rw.dropped_entries,
         "neutralised_entries": rw.neutralised_entries,
+        "copied_entries": rw.copied_entries,
+        "final": plan.final,
         "signature": signature_state(rw),
         "verify": verify,
     }
@@ -312,6 +380,10 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     if rw.neutralised_entries:
         lines.append(f"  neutralised {rw.neutralised_entries} table entries of rewritten sites "
                      "(the kernel skips them)")
+    if rw.copied_entries:
+        lines.append(f"  replaced {rw.copied_entries} table entries of rewritten sites by copies "
+                     "of a kept entry (the kernel re-applies that entry to its own site)")
+    lines.extend(runtime_text(plan, rw.patches))
     if rw.signed:
         lines.append("  module signed (the previous signature, if any, replaced)")
     elif rw.signature_removed:

@@ -7,7 +7,12 @@ local FUNC symbols (inserted before the globals, every symbol index remapped).
 
 Linked files: bytes are rewritten in place, call displacements computed from
 addresses, dynamic relocations inside rewritten sites are neutralised, and
-thunks go into a new read+execute PT_LOAD segment past the existing ones.
+thunks go into a new read+execute PT_LOAD segment past the existing ones (never in
+a kernel image, which knows nothing past its end).
+
+Table entries at rewritten sites are edited as the plan's coverage says
+(`pvpatch.coverage`): dropped with their relocations, neutralised in place, or (linked
+`.parainstructions`, --final) replaced by a copy of a kept entry.
 
 Everything else stays byte-identical: changed sections that still fit are
 written in place, grown ones and new ones are appended.
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from .arch import Arch
+from .coverage import TableEdit
 from .elf import (
     PF_R,
     PF_X,
@@ -54,7 +60,6 @@ from .elf import (
 )
 from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
-from .scan import family_of
 from .targets import resolve_target
 from .thunk import (
     PLAIN,
@@ -158,6 +163,8 @@ class Rewrite:
     dropped_entries: int
     signed: bool = False  # the output carries a new module signature
     neutralised_entries: int = 0  # table entries made ones the kernel skips
+    # linked .parainstructions entries replaced by a copy of a kept entry (--final)
+    copied_entries: int = 0
     # Unwind data the new thunks got: "eh_frame", "orc", or "none: why" ("" no new thunks).
     unwind: str = ""
 
@@ -185,33 +192,46 @@ class Rewrite:
 
 def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
             thunks: Iterable[PlacedThunk], signature_removed: bool, dropped: int,
-            neutralised: int = 0, unwind: str = "") -> Rewrite:
+            neutralised: int = 0, unwind: str = "", copied: int = 0) -> Rewrite:
     image = output.build() if output is not None else None
     edits = tuple(output.edits) if output is not None and image is None else ()
     return Rewrite(plan, image, edits, tuple(patches), tuple(thunks), signature_removed, dropped,
-                   neutralised_entries=neutralised, unwind=unwind)
+                   neutralised_entries=neutralised, unwind=unwind, copied_entries=copied)
 
 
-def _entries_to_silence(plan: Plan) -> list[int]:
-    """Table entries the kernel must no longer apply: every entry at a rewritten site of
-    a family whose kernel would otherwise undo pvpatch's bytes or BUG() on them."""
-    table = plan.scan.table
-    if table is None or not family_of(table).must_neutralise:
-        return []
-    return sorted({j for d in plan.decisions if d.rewrites for j in d.site.entry_indices})
+# Sections only a kernel image (vmlinux) has: init code freed after boot, its export table.
+KERNEL_IMAGE_SECTIONS = (".init.text", "__ksymtab")
+KERNEL_IMAGE_REASON = (
+    "the kernel knows nothing of memory past its end (free memory once it runs), so a call "
+    "there would run whatever is placed there later")
+KERNEL_IMAGE_THUNKS = ("thunks are refused in a kernel image: they would live in a new "
+                       f"segment past the kernel's end, and {KERNEL_IMAGE_REASON}")
 
 
-def _neutral_edits(plan: Plan, entries: list[int]) -> list[tuple[int, bytes]]:
-    """(offset in the table section, bytes) that make each entry one the kernel skips."""
-    table = plan.scan.table
-    if table is None or not entries:
-        return []
-    edit = family_of(table).entry_edit(table)
-    if edit is None:
-        raise RewriteError(f"{table.section.name} entries of layout {table.layout.name} cannot "
-                           "be made ones the kernel skips", plan.scan.path)
-    at, data = edit
-    return [(j * table.entry_size + at, data) for j in entries]
+def is_kernel_image(elf: ElfFile) -> bool:
+    """A linked kernel image (vmlinux), which loads nothing pvpatch adds past its end."""
+    return not elf.is_relocatable and all(elf.section(n) is not None
+                                          for n in KERNEL_IMAGE_SECTIONS)
+
+
+def _drops_by_section(edits: Iterable[TableEdit]) -> dict[int, dict[int, int]]:
+    """Table section index -> {entry index: stride} of the entries to drop."""
+    out: dict[int, dict[int, int]] = {}
+    for e in edits:
+        if e.kind == "drop":
+            out.setdefault(e.section_index, {})[e.index] = e.stride
+    return out
+
+
+def _table_edits(plan: Plan) -> list[TableEdit]:
+    """The plan's table edits (`pvpatch.coverage`): entries dropped, neutralised or
+    replaced so the kernel leaves rewritten sites alone; refused when one cannot be made."""
+    cov = plan.coverage
+    if cov.problems:
+        more = f" (and {len(cov.problems) - 1} more)" if len(cov.problems) > 1 else ""
+        raise RewriteError(f"cannot keep the kernel off a rewritten site: {cov.problems[0]}"
+                           f"{more}", plan.scan.path)
+    return list(cov.edits)
 
 
 def _rel32(disp: int, path: str, arch: Arch) -> bytes:
@@ -463,27 +483,25 @@ class _RelocatableRewriter(_Rewriter):
         self.addend_updates: dict[int, dict[int, int]] = {}
         self._by_text: dict[int, tuple[list[int], list[tuple[int, int, Relocation]]]] = {}
         thunks = self._place_thunks()
-        rewritten: set[int] = set()
         for d in self.plan.decisions:
             if d.rewrites:
                 self._patch_site(d, thunks)
-                rewritten.add(d.site.index)
             else:
                 self.patches.append(SitePatch(d, d.site.code, d.site.code, False))
-        silence = _entries_to_silence(self.plan)
-        neutralised = 0
-        if self.plan.drop_patched:
-            dropped = self._drop_entries(set(silence) if silence else rewritten)
-        else:
-            dropped = 0
-            neutralised = self._neutralise_entries(silence)
+        edits = _table_edits(self.plan)
+        dropped = 0
+        for index, rows in _drops_by_section(edits).items():
+            dropped += self._drop_entries(self.elf.sections[index], rows)
+        neutralised, copied = self._neutralise_entries(
+            [e for e in edits if e.kind != "drop"])
         changed_sites = any(not p.already for p in self.patches if p.decision.rewrites)
-        if not (changed_sites or self.new_thunks or dropped or neutralised):
+        if not (changed_sites or self.new_thunks or dropped or neutralised or copied):
             # Nothing to change: the file (and any signature on it) stays as it is.
             return _result(self.plan, None, self.patches, (), False, 0)
         self._emit()
         return _result(self.plan, self.output, self.patches, thunks.values(),
-                       elf.module_signature is not None, dropped, neutralised, self.unwind)
+                       elf.module_signature is not None, dropped, neutralised, self.unwind,
+                       copied)
 
     # symbols -------------------------------------------------------------
 
@@ -743,54 +761,60 @@ class _RelocatableRewriter(_Rewriter):
 
     # table -----------------------------------------------------------------
 
-    def _neutralise_entries(self, entries: list[int]) -> int:
-        """Edit the entries in place (their feature fields carry no relocation)."""
-        edits = _neutral_edits(self.plan, entries)
-        table = self.plan.scan.table
-        if not edits or table is None:
-            return 0
-        data = bytearray(self.elf.section_data(table.section))
-        changed = 0
-        for at, new in edits:
-            if data[at : at + len(new)] != new:
-                data[at : at + len(new)] = new
-                changed += 1
-        if changed:
-            self.output.set_data(table.section.index, bytes(data))
-        return changed
+    def _neutralise_entries(self, edits: list[TableEdit]) -> tuple[int, int]:
+        """Edit entries in place (a feature word, which carries no relocation).  Returns
+        (neutralised, copied) entries that changed; copies are for linked files only."""
+        counts = {"neutralise": 0, "copy": 0}
+        by_section: dict[int, list[TableEdit]] = {}
+        for e in edits:
+            by_section.setdefault(e.section_index, []).append(e)
+        for index, rows in by_section.items():
+            data = bytearray(self.elf.section_data(self.elf.sections[index]))
+            changed = False
+            for e in rows:
+                if data[e.at : e.at + len(e.data)] != e.data:
+                    data[e.at : e.at + len(e.data)] = e.data
+                    counts[e.kind] += 1
+                    changed = True
+            if changed:
+                self.output.set_data(index, bytes(data))
+        return counts["neutralise"], counts["copy"]
 
-    def _drop_entries(self, rewritten: set[int]) -> int:
-        table = self.plan.scan.table
-        if table is None or not rewritten:
+    def _drop_entries(self, sec: Section, drop: Mapping[int, int]) -> int:
+        """Remove entries (index -> stride) of the table `sec` with their relocations."""
+        if not drop:
             return 0
         elf = self.elf
-        stride = table.layout.stride
-        data = elf.section_data(table.section)
-        data += bytes(table.count * stride - len(data))
-        keep = [i for i in range(table.count) if i not in rewritten]
+        stride = next(iter(drop.values()))
+        table = self.plan.scan.table
+        count = table.count if table is not None and table.section.index == sec.index \
+            else -(-sec.size // stride)
+        data = elf.section_data(sec)
+        data += bytes(count * stride - len(data))
+        keep = [i for i in range(count) if i not in drop]
         moved = {old * stride: new * stride for new, old in enumerate(keep)}
         new = bytearray(b"".join(data[i * stride : (i + 1) * stride] for i in keep))
-        short = table.count * stride - table.section.size  # a last entry without padding
-        if short and keep and keep[-1] == table.count - 1:
+        short = count * stride - sec.size  # a last entry without padding
+        if short and keep and keep[-1] == count - 1:
             new = new[:-short]  # it is still last: it stays short
-        mover = _TableMover(table.section, stride, keep, len(new))
+        mover = _TableMover(sec, stride, keep, len(new))
         self._move_table_symbols(mover)
-        for relsec in elf.relocation_sections(table.section):
+        for relsec in elf.relocation_sections(sec):
             out = []
             for r in self._entries(relsec.index):
                 base = r.offset - r.offset % stride
                 if base in moved:
                     r = r._replace(offset=moved[base] + r.offset % stride)
-                    addend = self._moved_addend(r, table.section, mover)
+                    addend = self._moved_addend(r, sec, mover)
                     if addend is not None:
                         r = r._replace(addend=addend)
                         if not self.arch.uses_rela:  # REL: the addend is in the entry
                             self._write_addend(new, r)
                     out.append(r)
             self.replaced[relsec.index] = out
-        self.output.set_data(table.section.index, bytes(new))
-        self._move_table_references(table.section, mover)
-        return table.count - len(keep)
+        self.output.set_data(sec.index, bytes(new))
+        self._move_table_references(sec, mover)
+        return count - len(keep)
 
     def _move_table_symbols(self, mover: _TableMover) -> None:
         """Labels inside the table follow their entries; one on a dropped entry moves to
@@ -854,7 +878,7 @@ class _RelocatableRewriter(_Rewriter):
                         if relsec.type == SHT_REL:
                             self._write_addend(self.text(place.index), r._replace(addend=addend))
             if updates:
-                self.addend_updates[relsec.index] = updates
+                self.addend_updates.setdefault(relsec.index, {}).update(updates)
 
     # emit --------------------------------------------------------------------
 
@@ -1018,6 +1042,7 @@ class _LinkedRewriter(_Rewriter):
                 elf.path,
             )
         thunks = self._place_thunks()
+        kernel = is_kernel_image(elf)
         ranges: list[tuple[int, int]] = []
         for d in self.plan.decisions:
             site = d.site
@@ -1030,6 +1055,10 @@ class _LinkedRewriter(_Rewriter):
                 target = thunks[d.target].address if d.action == "thunk" else \
                     self._linked_target(d.target)
                 assert target is not None
+                if kernel and not self._kernel_text(target):
+                    raise RewriteError(f"{d.target} at {target:#x} is in none of the kernel "
+                                       f"image's executable sections: {KERNEL_IMAGE_REASON}",
+                                       elf.path)
                 after = self.branch_bytes(d, target - (site.address + CALL_LEN)) + \
                     self.arch.nop_fill(site.len - CALL_LEN)
             else:
@@ -1042,16 +1071,23 @@ class _LinkedRewriter(_Rewriter):
                 ranges.append((site.address, site.address + site.len))
             self.patches.append(SitePatch(d, site.code, after, already))
         self._neutralise_dynamic_relocs(sorted(ranges))
-        neutralised = 0
-        table = self.plan.scan.table
-        for at, new in _neutral_edits(self.plan, _entries_to_silence(self.plan)):
-            assert table is not None
-            where = table.section.offset + at
-            if self.elf.data[where : where + len(new)] != new:
-                self.output.poke(where, new)
-                neutralised += 1
+        counts = {"neutralise": 0, "copy": 0, "drop": 0}
+        for e in _table_edits(self.plan):
+            if e.kind == "drop":  # the planner never drops in linked files
+                raise RewriteError(f"{e.section} entry {e.index} cannot be removed from a "
+                                   "linked file", self.elf.path)
+            where = self.elf.sections[e.section_index].offset + e.at
+            if self.elf.data[where : where + len(e.data)] != e.data:
+                self.output.poke(where, e.data)
+                counts[e.kind] += 1
         return _result(self.plan, self.output, self.patches, thunks.values(), False, 0,
-                       neutralised, self.unwind)
+                       counts["neutralise"], self.unwind, counts["copy"])
+
+    def _kernel_text(self, addr: int) -> bool:
+        """`addr` lies in an executable section of the kernel image that is not pvpatch's."""
+        return any(sec.is_exec and sec.addr <= addr < sec.addr + sec.size
+                   and sec.name != self.plan.backend.thunk_section
+                   for sec in self.elf.sections)
 
     def _neutralise_dynamic_relocs(self, ranges: list[tuple[int, int]]) -> None:
         """A load-time relocation inside a rewritten site would write into the new bytes.
@@ -1194,6 +1230,8 @@ class _LinkedRewriter(_Rewriter):
         if not specs:
             return existing
         elf = self.elf
+        if is_kernel_image(elf):
+            raise RewriteError(KERNEL_IMAGE_THUNKS, elf.path)
         loads = [s for s in elf.segments if s.type == PT_LOAD]
         if not loads:
             raise RewriteError("no PT_LOAD segment to place thunks after", elf.path)

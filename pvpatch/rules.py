@@ -72,6 +72,11 @@ RULES: Mapping[str, Rule] = MappingProxyType(
             Rule("PV204", "duplicate-entry", "warning", "Several table entries name one site."),
             Rule("PV205", "clobber-bits", "warning",
                  "A site's clobber mask has bits no register of the layout stands for."),
+            Rule("PV206", "runtime-overwrite", "warning",
+                 "The kernel will rewrite a rewritten site again at boot or module load "
+                 "(a .parainstructions entry, or an .altinstructions entry such as "
+                 "ALT_NOT(X86_FEATURE_XENPV)): what runs is not what pvpatch wrote. "
+                 "Patch with --final to neutralise those entries."),
             Rule("PV301", "verify-failed", "error",
                  "Emulation showed a rewritten site breaking its contract."),
         )

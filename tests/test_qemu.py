@@ -8,6 +8,8 @@ loaded with finit_module(MODULE_INIT_COMPRESSED_FILE) so the kernel's own XZ dec
 pvpatch's output, and the native-patched 6.12 vmlinux booted on two CPUs.
 Each boot takes about 3-5 s of software emulation (TCG); the serial log must show every
 module loaded, /init's end marker, and no oops, BUG, relocation or symbol complaint.
+Several boots also read the running kernel's text back through /proc/kcore at every
+rewritten site: with --final it is pvpatch's output, without it what the report predicted.
 QEMU and busybox-static are installed when missing, the corpus is fetched when missing.
 """
 
@@ -24,6 +26,7 @@ from qemu import harness
 
 import pvpatch
 from pvpatch.errors import RewriteError
+from pvpatch.rewrite import Rewrite
 
 # Every test here reads the corpus; those that boot a kernel are marked qemu too.
 pytestmark = pytest.mark.corpus
@@ -266,3 +269,202 @@ def test_x86_64_image_without_btf_boots(boot: Booter, tmp_path: Path, kind: str)
         assert counts.get("call", 0) >= 100
         assert rw.plan.targets["native_io_delay"].source == "export table"
     _passed(boot(f"nobtf-{kind}"))
+
+
+# -- read-back: the bytes the running kernel holds at each rewritten site (/proc/kcore) ----
+
+
+def _read_back(result: harness.BootResult, rewrites: list[tuple[str, Rewrite]],
+               expect: str, kernel: harness.Kernel = "6.1"
+               ) -> tuple[int, list[str], dict[str, bytes]]:
+    """Compare the guest's read-back of every site and thunk of `rewrites` (prefix,
+    rewrite) with `expect`: "output" (pvpatch's bytes as the loader relocates them) or
+    "predicted" (what the report says the kernel leaves there).  Returns (places compared,
+    mismatches, label -> bytes read)."""
+    bases = harness.section_bases(result.boot.reads, result.reads)
+    compared, bad, seen = 0, [], {}
+    for prefix, rw in rewrites:
+        linked = not rw.plan.scan.elf.is_relocatable
+        module = "-" if linked else harness.module_name(rw)
+        mine = {sec: addr for (m, sec), addr in bases.items() if m == module}
+        patches = {f"{prefix}/{p.decision.site.index}": p for p in rw.patches}
+        cov = rw.plan.coverage
+        for r in harness.reads_of(rw, prefix):
+            hit = result.reads.get(r.label)
+            assert isinstance(hit, tuple), f"{r.label}: {hit}"
+            got = seen[r.label] = hit[1]
+            p = patches.get(r.label)
+            if expect == "predicted" and p is not None:
+                want = cov.sites[p.decision.site.index].predicted
+            elif linked:
+                assert p is not None
+                want = p.after
+            else:
+                want = harness.loaded_bytes(rw, r.section, r.offset, r.length, mine, kernel)
+            compared += 1
+            if got != want:
+                bad.append(f"{r.label}: running kernel holds {got.hex()}, expected "
+                           f"{want.hex() if want is not None else None}")
+    return compared, bad, seen
+
+
+def _changed_rw(kind: str, kernel: harness.Kernel = "6.1") -> list[tuple[str, Rewrite]]:
+    return [(f"{kind}/{n}", rw) for n, _p, _d, rw in harness.variant(kind, kernel)
+            if rw is not None and rw.changed]
+
+
+@pytest.mark.qemu
+def test_final_thunk_modules_run_pvpatch_bytes(boot: Booter) -> None:
+    """--final with the thunk spec: the paravirt entry dropped, the ALT_NOT(XENPV) entry
+    neutralised; the loaded modules hold pvpatch's thunk calls (relocated by the loader
+    as pyelftools computes it) and pvpatch's thunks, and load and run."""
+    rewrites = _changed_rw("final-thunk")
+    assert sum(rw.neutralised_entries for _p, rw in rewrites) >= 12
+    result = boot("final-thunk")
+    _passed(result)
+    compared, bad, got = _read_back(result, rewrites, "output")
+    assert not bad, "\n".join(bad[:20])
+    assert compared == len(result.boot.reads) >= 24
+    calls = [v for k, v in got.items() if "/thunk/" not in k]
+    assert calls and all(v[0] == 0xE8 for v in calls)  # call rel32: the thunk runs
+
+
+@pytest.mark.qemu
+def test_final_drop_thunk_modules_run_pvpatch_bytes(boot: Booter) -> None:
+    """--final --drop-patched: both entries at each site are removed with their
+    relocations (none neutralised); the modules load and hold pvpatch's bytes."""
+    rewrites = _changed_rw("final-drop-thunk")
+    sites = sum(1 for _p, rw in rewrites for p in rw.patches if p.decision.rewrites)
+    assert sum(rw.dropped_entries for _p, rw in rewrites) == 2 * sites >= 24
+    assert sum(rw.neutralised_entries for _p, rw in rewrites) == 0
+    result = boot("final-drop-thunk")
+    _passed(result)
+    compared, bad, _got = _read_back(result, rewrites, "output")
+    assert not bad, "\n".join(bad[:20])
+    assert compared == len(result.boot.reads) >= 24
+
+
+@pytest.mark.qemu
+def test_thunk_modules_without_final_run_the_kernels_choice(boot: Booter) -> None:
+    """Without --final the loader overwrites the thunk calls with the native replacement
+    of the ALT_NOT(XENPV) entry: the read-back is what the report predicted, and is not
+    pvpatch's output."""
+    rewrites = _changed_rw("thunk")
+    result = boot("thunk")
+    _passed(result)
+    compared, bad, got = _read_back(result, rewrites, "predicted")
+    assert not bad, "\n".join(bad[:20])
+    sites = {k: v for k, v in got.items() if "/thunk/" not in k}
+    assert compared > len(sites) >= 12
+    assert set(sites.values()) == {bytes.fromhex("9c580f1f4000")}  # pushf; pop %rax; nop
+    for _prefix, rw in rewrites:
+        cov = rw.plan.coverage
+        assert all(cov.sites[p.decision.site.index].outcome == "native"
+                   for p in rw.patches if p.decision.rewrites)
+
+
+@pytest.mark.qemu
+def test_native_modules_read_back_as_predicted(boot: Booter) -> None:
+    """Native, table kept, no --final: the kernel re-applies its own entries; the report
+    predicts it writes the very bytes pvpatch wrote, and the read-back agrees."""
+    rewrites = _changed_rw("native")
+    result = boot("native")
+    _passed(result)
+    compared, bad, _got = _read_back(result, rewrites, "predicted")
+    assert not bad, "\n".join(bad[:20])
+    assert compared >= 40
+    compared, bad, _got = _read_back(result, rewrites, "output")
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.qemu
+def test_final_native_vmlinux_boots_and_runs_pvpatch_bytes(boot: Booter) -> None:
+    """The 6.1 image, native, --final: each rewritten site's .parainstructions entry is a
+    copy of a kept one and its .altinstructions entry tests NOT ALWAYS; it boots, the
+    --final native modules load on it, and every rewritten site (outside init sections)
+    and module site holds pvpatch's bytes."""
+    rw = harness.vmlinux_rewrite(final=True)
+    rewritten = sum(1 for p in rw.patches if p.decision.rewrites)
+    assert rw.copied_entries == rewritten >= 2000
+    assert rw.neutralised_entries == rewritten
+    result = boot("vmlinux-final")
+    _passed(result)
+    compared, bad, _got = _read_back(result, [("vmlinux", rw), *_changed_rw("final-native")],
+                                     "output")
+    assert not bad, "\n".join(bad[:20])
+    assert compared == len(result.boot.reads) >= 2000
+
+
+@pytest.mark.qemu
+def test_612_native_modules_read_back_equal_output(boot: Booter) -> None:
+    """6.12: the default already neutralises every entry at a rewritten site."""
+    rewrites = _changed_rw("native", "6.12")
+    result = boot("612-native")
+    _passed(result)
+    compared, bad, _got = _read_back(result, rewrites, "output", "6.12")
+    assert not bad, "\n".join(bad[:20])
+    assert compared >= 40
+
+
+@pytest.mark.qemu
+def test_612_native_vmlinux_read_back_equals_output(boot: Booter) -> None:
+    rw = harness.vmlinux_rewrite("6.12")
+    result = boot("612-vmlinux-native")
+    _passed(result)
+    compared, bad, _got = _read_back(result, [("vmlinux", rw)], "output", "6.12")
+    assert not bad, "\n".join(bad[:20])
+    assert compared >= 2000
+
+
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+def test_guest_kernels_have_proc_kcore(kernel: harness.Kernel) -> None:
+    """The read-back needs /proc/kcore: the booted kernels' own configs enable it."""
+    boot_dir = harness.vmlinux(kernel).parent / "boot"
+    (config,) = boot_dir.glob("config-*")
+    assert "CONFIG_PROC_KCORE=y" in config.read_text().splitlines()
+
+
+# -- i386 6.1: the read-back through an ELF32 /proc/kcore -----------------------------------
+
+
+@pytest.mark.qemu
+def test_i386_native_image_read_back_is_the_kernels_padding(boot: Booter,
+                                                             tmp_path: Path) -> None:
+    """No --final: the NOT XENPV alternatives overwrite each inline site with the same
+    instruction padded by the i386 kernel's own NOPs (lea forms), as the report predicted,
+    not pvpatch's nopl padding."""
+    _kernel, rw = harness.patched_i386(tmp_path, "native")
+    result = boot("i386-vmlinux-native")
+    _passed(result)
+    compared, bad, got = _read_back(result, [("vmlinux", rw)], "predicted")
+    assert not bad, "\n".join(bad[:20])
+    assert compared >= 40
+    after = {f"vmlinux/{p.decision.site.index}": p.after for p in rw.patches}
+    assert sum(got[k] != after[k] for k in got) >= 10  # the padding differs
+
+
+@pytest.mark.qemu
+def test_i386_final_image_runs_pvpatch_bytes(boot: Booter, tmp_path: Path) -> None:
+    _kernel, rw = harness.patched_i386(tmp_path, "final")
+    assert rw.copied_entries == rw.neutralised_entries == 53
+    result = boot("i386-vmlinux-final")
+    _passed(result)
+    compared, bad, _got = _read_back(result, [("vmlinux", rw)], "output")
+    assert not bad, "\n".join(bad[:20])
+    assert compared == len(result.boot.reads) >= 40
+
+
+@pytest.mark.qemu
+def test_i386_io_delay_calls_are_the_kernels_own_choice(boot: Booter, tmp_path: Path) -> None:
+    """No --final: apply_paravirt re-patches every io_delay site to a call to
+    pv_ops.cpu.io_delay, which on this guest is native_io_delay: the very call pvpatch
+    wrote (the report says the kernel re-patches them)."""
+    _kernel, rw = harness.patched_i386(tmp_path, "io-delay")
+    cov = rw.plan.coverage
+    assert {cov.sites[p.decision.site.index].outcome for p in rw.patches
+            if p.decision.rewrites} == {"kernel"}
+    result = boot("i386-vmlinux-io-delay")
+    _passed(result)
+    compared, bad, _got = _read_back(result, [("vmlinux", rw)], "output")
+    assert not bad, "\n".join(bad[:20])
+    assert compared >= 100

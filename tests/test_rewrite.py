@@ -240,7 +240,7 @@ def test_patch_cli_json(tmp_path: Path) -> None:
     assert {"input", "output", "arch", "sites", "thunks", "counts", "verify"} <= set(doc)
     site = doc["sites"][0]
     assert set(site) == {"index", "section", "offset", "address", "type", "op", "len",
-                         "clobbers", "action", "reason", "before", "after"}
+                         "clobbers", "action", "reason", "before", "after", "runtime"}
     assert sum(doc["counts"].values()) == len(doc["sites"]) == 21
     by_op = {s["op"]: s for s in doc["sites"]}
     assert by_op["irq.save_fl"]["after"] == "9c580f1f4000"

@@ -81,7 +81,8 @@ def test_json_shape_exact() -> None:
     assert rec["table"]["family"] == "paravirt"
     site = rec["sites"][0]
     assert set(site) == {"index", "section", "offset", "address", "type", "op", "len",
-                         "clobbers", "clobber_regs", "bytes", "insns", "native", "entries"}
+                         "clobbers", "clobber_regs", "bytes", "insns", "native", "entries",
+                         "runtime"}
     # .parainstructions carries no native bytes: one entry per site
     assert site["native"] is None and site["entries"] == [site["index"]]
     ops = {s["type"]: s["op"] for s in rec["sites"]}

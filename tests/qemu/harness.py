@@ -17,7 +17,16 @@ kept (``native``) and with ``--drop-patched`` (``native-drop``), patched with a 
 sends ``irq.save_fl`` to the exported ``native_save_fl`` through an injected thunk
 (``thunk``), native-patched and re-signed with a throw-away key (``resigned``, with a
 corrupted-signature copy that must be refused), and the unpatched modules on a vmlinux
-patched with the native backend (``vmlinux-native``).
+patched with the native backend (``vmlinux-native``).  With ``--final``: the thunk spec
+(``final-thunk``, and with ``--drop-patched``: ``final-drop-thunk``), and the native
+``--final`` modules on the native ``--final`` vmlinux (``vmlinux-final``).
+
+Read-back: a boot with ``reads`` runs tests/qemu/kread.c after the exercises; it prints the
+bytes the running kernel holds at each place through /proc/kcore (module sections from
+/sys/module/NAME/sections/, vmlinux places at their link addresses: those boots add
+``nokaslr``), one ``PVQ-READ label address hex`` line each, for the tests to compare with
+pvpatch's output (``loaded_bytes``: relocated as the module loader does it) or with what the
+report predicted.
 
 Used by tests/test_qemu.py and scripts/qemu-harness. Needs qemu-system-x86_64 and a static
 busybox (Debian: qemu-system-x86, busybox-static; installed on demand with apt-get) and the
@@ -38,7 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import corpus
 
@@ -98,6 +107,7 @@ PROBLEMS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 
 SIG_TAINT = "module verification failed"  # pr_notice_once when a module's signature fails
 MARK = re.compile(r"PVQ-(LOAD|RUN) (\S+) (ok|fail)(.*)$", re.M)
+READ = re.compile(r"PVQ-READ (\S+) (?:([0-9a-f]+) ([0-9a-f]*)|fail (\S+))$", re.M)
 
 Expect = Literal["load", "refuse"]
 
@@ -184,6 +194,18 @@ class GuestModule:
 
 
 @dataclass(frozen=True)
+class Read:
+    """A place whose bytes the guest reads back from the running kernel (/proc/kcore):
+    `module` "-" means `offset` is a kernel virtual address."""
+
+    label: str
+    module: str
+    section: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class Boot:
     """What one QEMU boot runs: a kernel image, modules in load order, commands."""
 
@@ -196,6 +218,7 @@ class Boot:
     # i386 guests run a static `gcc -m32` /init (no busybox for them here): it loads the
     # modules and writes the same markers, and runs no exercises.
     arch: Literal["x86_64", "i386"] = "x86_64"
+    reads: tuple[Read, ...] = ()  # read back after the exercises, by tests/qemu/kread.c
 
 
 def init_script(boot: Boot) -> str:
@@ -221,6 +244,8 @@ def init_script(boot: Boot) -> str:
         lines.append(f"load {shlex.quote(m.label)} /m/{i:03d}{m.suffix}")
     for name, command in boot.exercises:
         lines.append(f"run {shlex.quote(name)} {shlex.quote(command)}")
+    if boot.reads:
+        lines.append("/bin/kread /m/reads")
     lines += [
         'mark "TAINTED $(cat /proc/sys/kernel/tainted)"',
         "mark END",
@@ -240,6 +265,9 @@ def initramfs(boot: Boot, busybox: str) -> bytes:
     entries.append(("init", 0o100755, init_script(boot).encode()))
     if any(m.suffix != ".ko" for m in boot.modules):
         entries.append(("bin/finit", 0o100755, finit_binary().read_bytes()))
+    if boot.reads:
+        entries.append(("bin/kread", 0o100755, kread_binary().read_bytes()))
+        entries.append(("m/reads", 0o100644, _reads_listing(boot.reads)))
     entries += [(f"m/{i:03d}{m.suffix}", 0o100644, m.data) for i, m in enumerate(boot.modules)]
     return cpio_newc(entries)
 
@@ -258,13 +286,34 @@ def _initramfs_i386(boot: Boot) -> bytes:
     listing = "".join(f"{m.label} /m/{i:03d}.ko\n" for i, m in enumerate(boot.modules))
     entries.append(("m/list", 0o100644, listing.encode()))
     entries += [(f"m/{i:03d}.ko", 0o100644, m.data) for i, m in enumerate(boot.modules)]
+    if boot.reads:
+        entries.append(("bin", 0o040755, b""))
+        entries.append(("bin/kread", 0o100755, kread32_binary().read_bytes()))
+        entries.append(("m/reads", 0o100644, _reads_listing(boot.reads)))
     return cpio_newc(entries)
+
+
+def _reads_listing(reads: Sequence[Read]) -> bytes:
+    return "".join(f"{r.label} {r.module} {r.section} {r.offset:x} {r.length}\n"
+                   for r in reads).encode()
+
+
+@functools.cache
+def kread32_binary() -> Path:
+    """The read-back helper for i386 guests (/proc/kcore is ELF32 there)."""
+    return _static_binary("kread.c", ["-m32"])
 
 
 @functools.cache
 def finit_binary() -> Path:
     """A static helper that loads a compressed module the way kmod 31+ does."""
     return _static_binary("finit.c", [])
+
+
+@functools.cache
+def kread_binary() -> Path:
+    """A static helper that prints the running kernel's bytes at given places."""
+    return _static_binary("kread.c", [])
 
 
 def _static_binary(source: str, flags: list[str]) -> Path:
@@ -290,6 +339,9 @@ class BootResult:
     ended: bool
     tainted: int | None
     problems: tuple[str, ...]  # "<pattern name>: <log line>"
+    # label -> (address, bytes) the running kernel held there, or the helper's complaint
+    reads: dict[str, tuple[int, bytes] | str] = field(default_factory=dict)
+    reads_ended: bool = False
 
     def failures(self) -> list[str]:
         """Everything that makes this boot a failure (empty: it passed)."""
@@ -313,6 +365,11 @@ class BootResult:
             got = self.runs.get(name)
             if got != "ok" and self.ended:
                 out.append(f"exercise {name}: {got}")
+        if self.boot.reads and not self.reads_ended:
+            out.append("the read-back helper did not finish")
+        for r in self.boot.reads:
+            if not isinstance(self.reads.get(r.label), tuple):
+                out.append(f"read {r.label}: {self.reads.get(r.label, 'no line')}")
         out.extend(self.problems)
         return out
 
@@ -329,6 +386,9 @@ def parse_log(boot: Boot, log: str, seconds: float, returncode: int | None) -> B
         value = status if status == "ok" else f"fail{rest.rstrip()}"
         (loads if kind == "LOAD" else runs)[label] = value
     tainted_m = re.search(r"PVQ-TAINTED (\d+)", log)
+    reads: dict[str, tuple[int, bytes] | str] = {}
+    for label, addr, data, why in READ.findall(log):
+        reads[label] = f"fail {why}" if why else (int(addr, 16), bytes.fromhex(data))
     problems = tuple(
         f"{name}: {line.strip()}"
         for line in log.splitlines()
@@ -346,6 +406,8 @@ def parse_log(boot: Boot, log: str, seconds: float, returncode: int | None) -> B
         ended="PVQ-END" in log,
         tainted=int(tainted_m.group(1)) if tainted_m else None,
         problems=problems,
+        reads=reads,
+        reads_ended="PVQ-READ-END" in log,
     )
 
 
@@ -456,12 +518,13 @@ reason = "only irq.save_fl is sent to native_save_fl"
 
 
 def patch(path: Path, backend: str, *, drop_patched: bool = False,
-          kernel: Kernel = "6.1") -> Rewrite:
+          kernel: Kernel = "6.1", final: bool = False) -> Rewrite:
     """Patch one file with the library API (`backend`: "native" or "thunk")."""
     scan = pvpatch.load(path, ops=ops_source(kernel))
     be = parse_spec_text(THUNK_SPEC, scan.arch, "<thunk spec>") if backend == "thunk" else backend
     # The CRCs of newly imported kernel functions come from the kernel image itself.
-    return pvpatch.apply_plan(pvpatch.make_plan(scan, be, drop_patched=drop_patched),
+    return pvpatch.apply_plan(pvpatch.make_plan(scan, be, drop_patched=drop_patched,
+                                                final=final),
                               symvers=vmlinux(kernel))
 
 
@@ -500,7 +563,8 @@ def variant(kind: str, kernel: Kernel = "6.1"
     """(name, path, bytes, rewrite) per module in load order, for one way of patching;
     the bytes are the module file as written (`.ko.xz` for 6.12).
 
-    kind: baseline | native | native-drop | thunk.
+    kind: baseline | native | native-drop | thunk, or final-native | final-thunk |
+    final-drop-thunk (--final, and --drop-patched).
     """
     out: list[tuple[str, Path, bytes, Rewrite | None]] = []
     for name in load_order(PV_MODULES, kernel):
@@ -508,8 +572,9 @@ def variant(kind: str, kernel: Kernel = "6.1"
         if kind == "baseline":
             out.append((name, path, path.read_bytes(), None))
             continue
-        backend = "thunk" if kind == "thunk" else "native"
-        rw = patch(path, backend, drop_patched=kind == "native-drop", kernel=kernel)
+        backend = "thunk" if kind.endswith("thunk") else "native"
+        rw = patch(path, backend, drop_patched="drop" in kind, kernel=kernel,
+                   final=kind.startswith("final-"))
         data = output_bytes(rw, path.name) if rw.changed else path.read_bytes()
         out.append((name, path, data, rw))
     return tuple(out)
@@ -525,12 +590,59 @@ def _guest(kind: str, data_of: Callable[[str, bytes], bytes] | None = None,
 
 
 @functools.cache
-def patched_vmlinux(workdir: Path, kernel: Kernel = "6.1") -> Path:
+def vmlinux_rewrite(kernel: Kernel = "6.1", final: bool = False) -> Rewrite:
+    """vmlinux patched with the native backend (table kept), `--final` or not."""
+    return patch(vmlinux(kernel), "native", kernel=kernel, final=final)
+
+
+@functools.cache
+def patched_vmlinux(workdir: Path, kernel: Kernel = "6.1", final: bool = False) -> Path:
     """vmlinux patched with the native backend (table kept), written under `workdir`."""
-    rw = patch(vmlinux(kernel), "native", kernel=kernel)
-    out = workdir / f"vmlinux-{kernel}.native"
+    rw = vmlinux_rewrite(kernel, final)
+    out = workdir / f"vmlinux-{kernel}.native{'-final' if final else ''}"
     out.write_bytes(rw.data)
     return out
+
+
+# Sections the kernel frees once init has run: nothing there to read back.
+def _freed_after_init(section: str) -> bool:
+    return section.startswith(".init.")
+
+
+def module_name(rw: Rewrite) -> str:
+    """The name the module has in /sys/module."""
+    return _norm(rw.plan.scan.elf.modinfo()["name"])
+
+
+def reads_of(rw: Rewrite, prefix: str) -> list[Read]:
+    """A read at every rewritten site (outside init sections) and every thunk of `rw`:
+    modules through their section bases, a vmlinux at link addresses (nokaslr)."""
+    linked = not rw.plan.scan.elf.is_relocatable
+    module = "-" if linked else module_name(rw)
+    out = []
+    for p in rw.patches:
+        site = p.decision.site
+        if not p.decision.rewrites or p.after == p.before or _freed_after_init(site.section):
+            continue
+        if linked:
+            assert site.address is not None
+            out.append(Read(f"{prefix}/{site.index}", "-", "-", site.address, site.len))
+        else:
+            out.append(Read(f"{prefix}/{site.index}", module, site.section, site.offset,
+                            site.len))
+    for t in rw.thunks:
+        if linked:
+            assert t.address is not None
+            out.append(Read(f"{prefix}/thunk/{t.spec.symbol}", "-", "-", t.address, t.size))
+        else:
+            out.append(Read(f"{prefix}/thunk/{t.spec.symbol}", module, t.section, t.offset,
+                            t.size))
+    return out
+
+
+def variant_reads(kind: str, kernel: Kernel = "6.1") -> tuple[Read, ...]:
+    return tuple(r for name, _p, _d, rw in variant(kind, kernel) if rw is not None
+                 and rw.changed for r in reads_of(rw, f"{kind}/{name}"))
 
 
 def scenario(name: str, workdir: Path) -> Boot:
@@ -543,8 +655,18 @@ def scenario(name: str, workdir: Path) -> Boot:
         kernel, _rw = patched_nobtf(workdir, name.removeprefix("nobtf-"))
         return Boot(name, kernel, (), ())
     kernel = vmlinux()
-    if name in ("baseline", "native", "native-drop", "thunk"):
+    if name in ("baseline", "native-drop"):
         return Boot(name, kernel, tuple(_guest(name)))
+    if name in ("native", "thunk", "final-thunk", "final-drop-thunk"):
+        # The running kernel's bytes at each rewritten site are read back (nokaslr: the
+        # image at its link addresses; modules through their section bases).
+        return Boot(name, kernel, tuple(_guest(name)), append="nokaslr",
+                    reads=variant_reads(name))
+    if name == "vmlinux-final":
+        rw = vmlinux_rewrite(final=True)
+        return Boot(name, patched_vmlinux(workdir, final=True),
+                    tuple(_guest("final-native")), append="nokaslr",
+                    reads=(*reads_of(rw, "vmlinux"), *variant_reads("final-native")))
     if name == "resigned":
         key, cert = throwaway_key()
         signed = {n: sign_module(d, key, cert) for n, _p, d, rw in variant("native")
@@ -572,12 +694,18 @@ def _scenario_612(name: str, workdir: Path) -> Boot:
     rewritten sites neutralised) and native-patched with --drop-patched, and the unpatched
     modules on a native-patched vmlinux."""
     args = QEMU_ARGS["6.12"]
-    if name in ("baseline", "native", "native-drop"):
+    if name in ("baseline", "native-drop"):
         return Boot(f"612-{name}", vmlinux("6.12"), tuple(_guest(name, kernel="6.12")),
                     qemu_args=args)
+    if name == "native":
+        return Boot("612-native", vmlinux("6.12"), tuple(_guest(name, kernel="6.12")),
+                    qemu_args=args, append="nokaslr",
+                    reads=variant_reads("native", "6.12"))
     if name == "vmlinux-native":
         return Boot("612-vmlinux-native", patched_vmlinux(workdir, "6.12"),
-                    tuple(_guest("baseline", kernel="6.12")), qemu_args=args)
+                    tuple(_guest("baseline", kernel="6.12")), qemu_args=args,
+                    append="nokaslr", reads=tuple(reads_of(vmlinux_rewrite("6.12"),
+                                                           "vmlinux")))
     raise KeyError(f"612-{name}")
 
 
@@ -614,11 +742,12 @@ def patched_nobtf(workdir: Path, kind: str) -> tuple[Path, Rewrite]:
 
 
 def _patch_image(image: Path, kind: str, out: Path) -> tuple[Path, Rewrite]:
-    """`image` patched natively or with IO_DELAY_SPEC, no --ops and no symbol file."""
+    """`image` patched natively (`kind` native, or final: with --final) or with
+    IO_DELAY_SPEC (io-delay), no --ops and no symbol file."""
     scan = pvpatch.load(image)
     backend = parse_spec_text(IO_DELAY_SPEC, scan.arch, "<io_delay spec>") \
         if kind == "io-delay" else "native"
-    rw = pvpatch.apply_plan(pvpatch.make_plan(scan, backend))
+    rw = pvpatch.apply_plan(pvpatch.make_plan(scan, backend, final=kind == "final"))
     out.write_bytes(rw.data)
     return out, rw
 
@@ -626,16 +755,20 @@ def _patch_image(image: Path, kind: str, out: Path) -> tuple[Path, Rewrite]:
 def _scenario_i386(name: str, workdir: Path) -> Boot:
     if name == "baseline":
         return Boot("i386-baseline", i386_vmlinux(), (), (), arch="i386")
-    if name in ("vmlinux-native", "vmlinux-io-delay"):
-        kernel, _rw = patched_i386(workdir, name.removeprefix("vmlinux-"))
-        return Boot(f"i386-{name}", kernel, (), (), arch="i386")
+    if name in ("vmlinux-native", "vmlinux-io-delay", "vmlinux-final"):
+        # nokaslr: image sites are read back at their link addresses.
+        kernel, rw = patched_i386(workdir, name.removeprefix("vmlinux-"))
+        return Boot(f"i386-{name}", kernel, (), (), arch="i386", append="nokaslr",
+                    reads=tuple(reads_of(rw, "vmlinux")))
     raise KeyError(f"i386-{name}")
 
 
 SCENARIOS = (
-    "baseline", "native", "native-drop", "thunk", "resigned",
+    "baseline", "native", "native-drop", "thunk", "final-thunk", "final-drop-thunk",
+    "vmlinux-final", "resigned",
     "vmlinux-native", "612-baseline", "612-native", "612-native-drop",
     "612-vmlinux-native", "i386-baseline", "i386-vmlinux-native", "i386-vmlinux-io-delay",
+    "i386-vmlinux-final",
     "nobtf-native", "nobtf-io-delay",
 )  # fmt: skip
 
@@ -683,3 +816,106 @@ def missing_versions(data: bytes) -> list[str]:
 
 def _elf(data: bytes) -> ElfFile:
     return ElfFile(data)
+
+
+# ---------------------------------------------------------------------------- read-back
+
+
+@functools.cache
+def vmlinux_exports(kernel: Kernel = "6.1") -> dict[str, int]:
+    """Exported symbol -> address, from vmlinux's __ksymtab{,_gpl} (x86-64 6.1/6.12: three
+    s32 offsets per entry, value then name, each relative to its own field)."""
+    elf = pvpatch.open_elf(vmlinux(kernel))
+    out: dict[str, int] = {}
+    for tab in ("__ksymtab", "__ksymtab_gpl"):
+        ks = elf.section(tab)
+        if ks is None:
+            continue
+        syms = elf.section_data(ks)
+        for i in range(len(syms) // 12):
+            value_rel, name_rel = struct.unpack_from("<ii", syms, i * 12)
+            at = elf.addr_to_offset(ks.addr + i * 12 + 4 + name_rel)
+            if at is None:
+                continue
+            name = elf.data[at : elf.data.find(b"\0", at)].decode()
+            out[name] = (ks.addr + i * 12 + value_rel) & (1 << 64) - 1
+    return out
+
+
+R_X86_64_PC32, R_X86_64_PLT32 = 2, 4
+# 6.1 apply_returns() on a CPU without X86_FEATURE_RETHUNK (QEMU's default model is not
+# affected by retbleed): each `jmp __x86_return_thunk` listed in .return_sites becomes
+# `ret` padded with int3.
+RETURN_AS_RET = bytes.fromhex("c3cccccccc")
+
+
+def loaded_bytes(rw: Rewrite, section: str, offset: int, length: int,
+                 bases: dict[str, int], kernel: Kernel = "6.1") -> bytes:
+    """What the kernel's module loader makes of `length` bytes of `rw`'s output at
+    `section`+`offset`: the bytes with every PC32/PLT32 relocation there applied, symbols
+    placed at the guest's section `bases` or the kernel's export table (read with
+    pyelftools, not pvpatch)."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.relocation import RelocationSection
+
+    ef = ELFFile(io.BytesIO(rw.data))
+    sec = ef.get_section_by_name(section)
+    data = bytearray(sec.data()[offset : offset + length])
+    where = bases[section] + offset
+    symtab = ef.get_section_by_name(".symtab")
+    for rs in ef.iter_sections():
+        if not isinstance(rs, RelocationSection) or \
+                ef.get_section(rs["sh_info"]).name != section:
+            continue
+        for r in rs.iter_relocations():
+            at = r["r_offset"] - offset
+            if not 0 <= at < length:
+                continue
+            if r["r_info_type"] not in (R_X86_64_PC32, R_X86_64_PLT32) or at + 4 > length:
+                raise AssertionError(f"relocation type {r['r_info_type']} at {section}"
+                                     f"+{r['r_offset']:#x}")
+            sym = symtab.get_symbol(r["r_info_sym"])
+            if sym["st_shndx"] == "SHN_UNDEF":
+                target = vmlinux_exports(kernel)[sym.name]
+            else:
+                target = bases[ef.get_section(sym["st_shndx"]).name] + sym["st_value"]
+            value = target + r["r_addend"] - (where + at)
+            data[at : at + 4] = struct.pack("<i", value)
+    for at in _listed_returns(ef, section, offset, length):
+        data[at : at + len(RETURN_AS_RET)] = RETURN_AS_RET
+    return bytes(data)
+
+
+def _listed_returns(ef: Any, section: str, offset: int, length: int) -> list[int]:
+    """Offsets inside the range of the `jmp __x86_return_thunk` that .return_sites lists
+    (each entry a PC32 relocation against the place)."""
+    from elftools.elf.relocation import RelocationSection
+
+    out = []
+    symtab = ef.get_section_by_name(".symtab")
+    for rs in ef.iter_sections():
+        if not isinstance(rs, RelocationSection) or \
+                ef.get_section(rs["sh_info"]).name != ".return_sites":
+            continue
+        for r in rs.iter_relocations():
+            sym = symtab.get_symbol(r["r_info_sym"])
+            if sym["st_shndx"] == "SHN_UNDEF" or \
+                    ef.get_section(sym["st_shndx"]).name != section:
+                continue
+            at = sym["st_value"] + r["r_addend"] - offset
+            if 0 <= at < length:
+                out.append(at)
+    return out
+
+
+def section_bases(reads: Sequence[Read], got: dict[str, tuple[int, bytes] | str]
+                  ) -> dict[tuple[str, str], int]:
+    """(module, section) -> the address the guest loaded it at, from the read-back."""
+    out: dict[tuple[str, str], int] = {}
+    for r in reads:
+        hit = got.get(r.label)
+        if r.module != "-" and isinstance(hit, tuple):
+            out[(r.module, r.section)] = hit[0] - r.offset
+    return out

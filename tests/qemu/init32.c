@@ -3,7 +3,8 @@
  * /init for the i386 guests (Debian's busybox-static is 64-bit): mounts proc and devtmpfs,
  * loads the modules listed in /m/list ("label path" per line) with finit_module, and writes
  * the harness's markers on /dev/kmsg (PVQ-USERSPACE, PVQ-LOAD label ok|fail, PVQ-TAINTED,
- * PVQ-END), then powers off.  Built by tests/qemu/harness.py with gcc -m32 -static.
+ * PVQ-END), runs /bin/kread /m/reads when there is one (the read-back), then powers off.
+ * Built by tests/qemu/harness.py with gcc -m32 -static.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -13,6 +14,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int kmsg = -1;
@@ -34,6 +36,7 @@ int main(void)
 
 	mount("proc", "/proc", "proc", 0, 0);
 	mount("devtmpfs", "/dev", "devtmpfs", 0, 0);
+	mount("sysfs", "/sys", "sysfs", 0, 0);
 	kmsg = open("/dev/kmsg", O_WRONLY);
 	mark("USERSPACE");
 	list = fopen("/m/list", "r");
@@ -47,6 +50,17 @@ int main(void)
 		if (fd >= 0)
 			close(fd);
 		mark(text);
+	}
+	/* The read-back helper, when the harness put one in (tests/qemu/kread.c). */
+	if (access("/bin/kread", X_OK) == 0) {
+		pid_t pid = fork();
+
+		if (pid == 0) {
+			execl("/bin/kread", "kread", "/m/reads", (char *)NULL);
+			_exit(127);
+		}
+		if (pid > 0)
+			waitpid(pid, NULL, 0);
 	}
 	fd = open("/proc/sys/kernel/tainted", O_RDONLY);
 	if (fd >= 0) {
