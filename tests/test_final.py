@@ -22,12 +22,13 @@ import pytest
 from clirun import pvpatch_cli
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
+from paths import FIX
 from qemu import harness
 
 import pvpatch
 from pvpatch.backend import parse_spec_text
 
-FIX = corpus.REPO / "fixtures" / "x86_64"
+FIX64 = FIX / "x86_64"
 OPS61 = "catalog:linux-6.1-x86_64"
 X86_FEATURE_ALWAYS, XENPV, NOT_5_13 = 117, 272, 1 << 15  # cpufeatures.h; ALTINSTR_FLAG_INV
 
@@ -231,7 +232,7 @@ def test_final_refused_when_no_entry_is_kept(tmp_path: Path) -> None:
     spec = tmp_path / "nop.toml"
     spec.write_text('arch = "x86_64"\n\n[defaults]\naction = "nop"\n')
     out = tmp_path / "prog"
-    proc = pvpatch_cli("patch", str(FIX / "prog"), "-o", str(out), "--backend", str(spec),
+    proc = pvpatch_cli("patch", str(FIX64 / "prog"), "-o", str(out), "--backend", str(spec),
                        "--ops", OPS61, "--final", "--no-verify")
     assert proc.returncode == 2
     assert "none is left to copy" in proc.stderr
@@ -243,7 +244,7 @@ def test_final_linked_fixture_copies_the_kept_entry(tmp_path: Path) -> None:
     """prog: five sites rewritten, one kept; readelf's hex dump of the output's table
     shows five copies of the kept entry."""
     out = tmp_path / "prog"
-    proc = pvpatch_cli("patch", str(FIX / "prog"), "-o", str(out), "--ops", OPS61, "--final",
+    proc = pvpatch_cli("patch", str(FIX64 / "prog"), "-o", str(out), "--ops", OPS61, "--final",
                        "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -255,7 +256,7 @@ def test_final_linked_fixture_copies_the_kept_entry(tmp_path: Path) -> None:
              for w in line.split()[1:5]]
     raw = bytes.fromhex("".join(words))
     entries = [raw[i : i + 16] for i in range(0, len(raw), 16)]
-    kept_entry = _para_entries((FIX / "prog").read_bytes())[kept[0]["index"]]
+    kept_entry = _para_entries((FIX64 / "prog").read_bytes())[kept[0]["index"]]
     assert entries.count(kept_entry) == 6
     assert all(s["runtime"]["outcome"] == "pvpatch" for s in report["sites"]
                if s["action"] != "keep")
@@ -264,7 +265,7 @@ def test_final_linked_fixture_copies_the_kept_entry(tmp_path: Path) -> None:
 def test_library_final_flag_flows_to_the_plan() -> None:
     """A relocatable file: --final drops each rewritten site's entry (as --drop-patched
     does), and readelf sees one relocation fewer per dropped entry."""
-    scan = pvpatch.load(FIX / "kernel61.o", ops=OPS61)
+    scan = pvpatch.load(FIX64 / "kernel61.o", ops=OPS61)
     be = parse_spec_text('arch = "x86_64"\n\n[defaults]\naction = "nop"\n', scan.arch,
                          "<spec>")
     plan = pvpatch.make_plan(scan, be, final=True)
@@ -273,7 +274,7 @@ def test_library_final_flag_flows_to_the_plan() -> None:
     assert [(e.kind, e.index) for e in plan.coverage.edits] == [("drop", i) for i in rewritten]
     rw = pvpatch.apply_plan(plan)
     assert rw.dropped_entries == len(rewritten)
-    orig = (FIX / "kernel61.o").read_bytes()
+    orig = (FIX64 / "kernel61.o").read_bytes()
     assert len(_relocs(rw.data, ".parainstructions")) == \
         len(_relocs(orig, ".parainstructions")) - len(rewritten)
 
@@ -405,22 +406,21 @@ def test_final_over_a_tree(tmp_path: Path) -> None:
     tree = tmp_path / "in"
     tree.mkdir()
     for name in ("prog", "kernel61.o"):
-        (tree / name).write_bytes((FIX / name).read_bytes())
+        (tree / name).write_bytes((FIX64 / name).read_bytes())
     out = tmp_path / "out"
     proc = pvpatch_cli("patch", str(tree), "-o", str(out), "--ops", OPS61, "--final",
                        "--no-verify")
     assert proc.returncode == 0, proc.stderr
     alone = tmp_path / "prog.alone"
-    assert pvpatch_cli("patch", str(FIX / "prog"), "-o", str(alone), "--ops", OPS61,
+    assert pvpatch_cli("patch", str(FIX64 / "prog"), "-o", str(alone), "--ops", OPS61,
                        "--final", "--no-verify").returncode == 0
     assert (out / "prog").read_bytes() == alone.read_bytes()
-    assert _para_entries((out / "prog").read_bytes()) != _para_entries((FIX / "prog")
+    assert _para_entries((out / "prog").read_bytes()) != _para_entries((FIX64 / "prog")
                                                                         .read_bytes())
     assert _section((out / "kernel61.o").read_bytes(), ".parainstructions") != \
-        _section((FIX / "kernel61.o").read_bytes(), ".parainstructions")
+        _section((FIX64 / "kernel61.o").read_bytes(), ".parainstructions")
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
 def test_kernel_nop_tables_decode_as_one_instruction_each(arch: str, tmp_path: Path) -> None:
     """The kernel's x86_nops[] (the padding the prediction uses) as objdump reads them:
     entry n is a single n-byte instruction; x86-64's are pvpatch's own NOPs."""
