@@ -53,8 +53,10 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .arch import Arch
-from .elf import SHT_NOBITS, Buffer, ElfFile
+from ..arch import Arch
+from ..elf import SHT_NOBITS, Buffer, ElfFile
+from ..errors import PvpatchError, VerifyError
+from ..rules import Finding
 from .emu import (
     AC_FLAG,
     ARITH_FLAGS,
@@ -78,19 +80,17 @@ from .emu import (
     exit_jump,
     load_image,
 )
-from .errors import PvpatchError, VerifyError
-from .rules import Finding
 
 EH_FRAME = ".eh_frame"
 PT_GNU_EH_FRAME = 0x6474E550
 ORC_UNWIND, ORC_UNWIND_IP, ORC_HEADER = ".orc_unwind", ".orc_unwind_ip", ".orc_header"
 
 if TYPE_CHECKING:
-    from .accounting import Difference, SectionNote
-    from .plan import Decision, Plan
-    from .rewrite import Rewrite
-    from .scan import ScanResult
-    from .unwind import CfaRow, OrcEntry
+    from ..accounting import Difference, SectionNote
+    from ..plan import Decision, Plan
+    from ..rewrite import Rewrite
+    from ..scan import ScanResult
+    from ..unwind import CfaRow, OrcEntry
 
 Status = Literal["pass", "fail", "skip"]
 DEFAULT_TRIALS = 16
@@ -205,7 +205,7 @@ class RefModel:
 @cache
 def reference_models(arch_name: str) -> Mapping[str, RefModel]:
     """Op name (and alias) -> model, from pvpatch/data/reference/ARCH.toml."""
-    text = (Path(__file__).parent / "data" / "reference" / f"{arch_name}.toml").read_text()
+    text = (Path(__file__).parent.parent / "data" / "reference" / f"{arch_name}.toml").read_text()
     doc = tomllib.loads(text)
     out: dict[str, RefModel] = {}
     for name, body in doc.get("ops", {}).items():
@@ -357,7 +357,7 @@ def verify_files(original: ScanResult, patched: ElfFile, plan: Plan, *,
 
 def _verify(plan: Plan, patched: ElfFile, trials: int, seed: int, workers: int | None,
             allow_skip: bool) -> VerifyReport:
-    from .accounting import account
+    from ..accounting import account
 
     if trials < 1:
         raise VerifyError("trials must be at least 1")
@@ -543,7 +543,7 @@ def _mix(*values: int) -> int:
 def _capstone(arch_name: str) -> Any:
     import capstone
 
-    from .disasm import capstone_mode
+    from ..disasm import capstone_mode
 
     cs = capstone.Cs(capstone.CS_ARCH_X86, capstone_mode(arch_name))
     cs.detail = True
@@ -585,14 +585,14 @@ def _plain_call(arch: Arch, code: bytes) -> bool:
 
 def _boundaries(arch: Arch, code: bytes) -> list[int]:
     """Every instruction boundary decoding `code` from its start, including the end."""
-    from .disasm import insn_starts
+    from ..disasm import insn_starts
 
     starts, stop = insn_starts(arch, code)
     return [*starts, stop]
 
 
 def _disasm(arch: Arch, code: bytes, addr: int) -> str:
-    from .disasm import disassemble
+    from ..disasm import disassemble
 
     return f"{code.hex()}: " + "; ".join(i.text for i in disassemble(arch, code, addr))
 
@@ -1024,7 +1024,7 @@ def _target_in(img: Image, name: str, addr: int | None) -> int | None:
     """The emulator address of a spec target: the symbol the linker's rule binds
     (pvpatch.targets, as the planner and the rewriter bind it), else the address the
     planner found for a linked image (export table, symbol file)."""
-    from .targets import resolve_target
+    from ..targets import resolve_target
 
     try:
         sym = resolve_target(img.elf, name)
@@ -1194,8 +1194,8 @@ def _thunk_cfi(ctx: _Context, addr: int) -> list[CfaRow] | str | None:
     FDE it names; an object: its relocated `.eh_frame`); a reason when they cannot be
     read; None when there are none for it (nothing to check: the rewriter says why in
     `Rewrite.unwind`, and accounting that the tables are the ones it writes)."""
-    from .unwind import UnwindError, cfa_rows, find_fde, hdr_lookup, parse_eh_frame
-    from .unwind import fde_at as fde_at_offset
+    from ..unwind import UnwindError, cfa_rows, find_fde, hdr_lookup, parse_eh_frame
+    from ..unwind import fde_at as fde_at_offset
 
     img = ctx.img_p
     elf = img.elf
@@ -1233,7 +1233,7 @@ def _thunk_orc(ctx: _Context, tj: _ThunkJob) -> list[tuple[int, OrcEntry]] | str
     """A kernel object's ORC entries for the thunk: (offset into the thunk, entry), read
     through `.orc_unwind_ip`'s relocations against the thunk's symbol; None when there
     are none."""
-    from .unwind import ORC_ENTRY, ORC_IP_SIZE, decode_orc, orc_layout
+    from ..unwind import ORC_ENTRY, ORC_IP_SIZE, decode_orc, orc_layout
 
     elf = ctx.img_p.elf
     orc, ip = elf.section(ORC_UNWIND), elf.section(ORC_UNWIND_IP)
@@ -1263,8 +1263,8 @@ def _check_unwind(ctx: _Context, tj: _ThunkJob, addr: int) -> list[str]:
     states (stack pointer + offset) must be the real one (the stack pointer at entry plus
     the return address), and every slot the row names must hold the return address or
     the saved register's value at entry."""
-    from .disasm import disassemble
-    from .unwind import DWARF_REGS, ORC_REG_SP, RETURN_COLUMN, row_for
+    from ..disasm import disassemble
+    from ..unwind import DWARF_REGS, ORC_REG_SP, RETURN_COLUMN, row_for
 
     rows = _thunk_cfi(ctx, addr)
     orc = _thunk_orc(ctx, tj)

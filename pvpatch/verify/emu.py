@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
-from .arch import Arch, convention_changes
-from .elf import (
+from ..arch import Arch, convention_changes
+from ..elf import (
     PT_LOAD,
     SHN_ABS,
     SHN_COMMON,
@@ -60,7 +60,7 @@ from .elf import (
     Section,
     Symbol,
 )
-from .errors import ElfFormatError, VerifyError
+from ..errors import ElfFormatError, VerifyError
 
 PAGE = 0x1000
 HLT = 0xF4
