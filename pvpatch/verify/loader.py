@@ -25,8 +25,9 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..arch import Arch
+from ..arch import ARCHES, Arch
 from ..elf import (
+    ET_DYN,
     PT_LOAD,
     SHN_ABS,
     SHN_COMMON,
@@ -43,6 +44,7 @@ from ..elf import (
     Symbol,
 )
 from ..errors import ElfFormatError, VerifyError
+from ..sites import is_ops_table
 from .runtime import (
     EXT_BASE,
     EXT_LIMIT,
@@ -173,11 +175,6 @@ class Image:
             if where <= addr < where + STUB_SIZE:
                 return name
         return None
-
-
-def is_ops_table(name: str) -> bool:
-    """`pv_ops`, or a 2.6.30-era group such as `pv_irq_ops`."""
-    return name == "pv_ops" or (name.startswith("pv_") and name.endswith("_ops"))
 
 
 def load_image(elf: ElfFile, runtime: Runtime, *,
@@ -452,21 +449,18 @@ def _kind(width: int, pc: bool, signed: bool) -> tuple[int, bool, int, int]:
     return width, pc, 0, (1 << bits) - 1
 
 
-_X64_KINDS = {1: _kind(8, False, False), 2: _kind(4, True, True), 4: _kind(4, True, True),
-              10: _kind(4, False, False), 11: _kind(4, False, True), 12: _kind(2, False, False),
-              13: _kind(2, True, True), 14: _kind(1, False, False), 15: _kind(1, True, True),
-              24: _kind(8, True, True)}
-_I386_KINDS = {1: _kind(4, False, False), 2: _kind(4, True, True), 4: _kind(4, True, True),
-               20: _kind(2, False, False), 21: _kind(2, True, True), 22: _kind(1, False, False),
-               23: _kind(1, True, True)}
-_RELOC_KINDS = {"x86_64": _X64_KINDS, "i386": _I386_KINDS}
+# The relocations of a relocatable file the loader computes, per architecture (from
+# arch.RelocType's recipes): number -> _kind (a plain dict: the hot loop's lookup).
+_RELOC_KINDS = {a.name: {n: _kind(r.width, r.formula == "S+A-P", r.signed)
+                         for n, r in a.reloc_types.items() if r.formula in ("S+A", "S+A-P")}
+                for a in ARCHES.values()}
 
 
 def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
     loads = sorted((s for s in elf.segments if s.type == PT_LOAD), key=lambda s: s.vaddr)
     if not loads:
         raise VerifyError("no PT_LOAD segment to map", elf.path)
-    base = rt.dyn_base if elf.e_type == 3 else 0
+    base = rt.dyn_base if elf.e_type == ET_DYN else 0
     # A kernel lives in the top of the address space (0xffffffff81000000), which
     # Unicorn cannot map: the kernel half is moved down as one block, keeping the
     # low 32 bits, so rip-relative references between segments still hold.
@@ -508,13 +502,10 @@ def _load_linked(elf: ElfFile, rt: ArchRuntime) -> Image:
 
 
 # Load-time relocations naming a symbol, as the dynamic loader applies them when the
-# symbol is the file's own: (width, pc-relative, adds the addend).
-_DYN_KINDS: dict[str, dict[int, tuple[int, bool, bool]]] = {
-    "x86_64": {1: (8, False, True), 2: (4, True, True), 6: (8, False, False),
-               7: (8, False, False), 10: (4, False, True), 11: (4, False, True)},
-    "i386": {1: (4, False, True), 2: (4, True, True), 6: (4, False, False),
-             7: (4, False, False)},
-}
+# symbol is the file's own (arch.RelocType.at_load): (width, pc-relative, adds the addend).
+_DYN_KINDS = {a.name: {n: (r.width, r.formula == "S+A-P", "A" in r.formula)
+                       for n, r in a.reloc_types.items() if r.at_load}
+              for a in ARCHES.values()}
 
 
 def _apply_symbolic(img: Image) -> None:

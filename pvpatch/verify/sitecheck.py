@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..arch import Arch
 from ..elf import SHT_NOBITS
 from ..errors import PvpatchError, VerifyError
+from ..sites import call_forms
 from .compare import KEPT_FLAGS, MAX_DETAIL, RESULT_REGS, SYSTEM_FLAGS, _compare, _disasm
 from .engine import _REF_RUNS, MAX_REF_RUNS, _Context
 from .jobs import _SiteJob
@@ -35,17 +36,13 @@ def _capstone(arch_name: str) -> Any:
     return cs
 
 
-_CALL_FORMS = {"x86_64": ((b"\xff\x15", True), (b"\xff\x14\x25", False)),
-               "i386": ((b"\xff\x15", False), (b"\x2e\xff\x15", False))}
-
-
 def _call_slot(arch: Arch, code: bytes, addr: int) -> int | None:
     """The memory slot of the first `call *mem` (absolute or rip-relative) in `code`."""
     from capstone import x86 as cx
 
     mask = (1 << (8 * arch.ptr_size)) - 1
     # The forms the kernel emits, at the start of the site, without a disassembler.
-    for opcode, rip in _CALL_FORMS[arch.name]:
+    for opcode, rip in call_forms(arch.name):
         if code.startswith(opcode) and len(code) >= len(opcode) + 4:
             disp = int.from_bytes(code[len(opcode) : len(opcode) + 4], "little", signed=True)
             return (addr + len(opcode) + 4 + disp if rip else disp) & mask
@@ -65,7 +62,7 @@ def _call_slot(arch: Arch, code: bytes, addr: int) -> int | None:
 def _plain_call(arch: Arch, code: bytes) -> bool:
     """`code` is one indirect call of a form `_call_slot` reads without a disassembler."""
     return any(code.startswith(opcode) and len(code) == len(opcode) + 4
-               for opcode, _rip in _CALL_FORMS[arch.name])
+               for opcode, _rip in call_forms(arch.name))
 
 
 def _boundaries(arch: Arch, code: bytes) -> list[int]:
