@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 MAX_DETAIL = 12
 
 
@@ -32,7 +31,6 @@ CALLEE_SAVED = {"x86_64": ("rbx", "rbp", "r12", "r13", "r14", "r15"),
                 "i386": ("ebx", "ebp", "esi", "edi")}
 # Registers a site may return a value in (i386: 64-bit values in edx:eax).
 RESULT_REGS = {"x86_64": ("rax",), "i386": ("eax", "edx")}
-
 
 
 def _hex(v: int) -> str:

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 POOL_SIZE = 1 << 18  # random bytes each trial's state is cut from
 
 
@@ -49,7 +48,6 @@ def _mix(*values: int) -> int:
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return x
-
 
 
 _RUNTIMES: dict[str, Runtime] = {}

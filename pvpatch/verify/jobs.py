@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from ..plan import Decision, Plan
 
 
-
 @dataclass(frozen=True)
 class _SiteJob:
     index: int

@@ -46,8 +46,6 @@ from .runtime import (
 TCG_BUFFER = 32 << 20
 
 
-
-
 @dataclass(frozen=True)
 class RunResult:
     out: tuple[int, ...]  # the out record's words

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 @dataclass(frozen=True)
 class RefModel:
     op: str

@@ -10,7 +10,6 @@ if TYPE_CHECKING:
     from ..accounting import Difference, SectionNote
 
 
-
 Status = Literal["pass", "fail", "skip"]
 
 

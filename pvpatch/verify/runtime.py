@@ -383,7 +383,6 @@ def build_runtime(rt: ArchRuntime, models: Mapping[str, bytes]) -> Runtime:
                    {"c": host_c, "callee-save": host_cs}, placed)
 
 
-
 def exit_jump(rt: ArchRuntime, at: int, target: int) -> bytes:
     """A jump from `at` to `target`: rel32 when it reaches, else through memory."""
     disp = target - (at + 5)

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 @cache
 def _capstone(arch_name: str) -> Any:
     import capstone
@@ -71,7 +70,6 @@ def _boundaries(arch: Arch, code: bytes) -> list[int]:
 
     starts, stop = insn_starts(arch, code)
     return [*starts, stop]
-
 
 
 class _SiteCheck:

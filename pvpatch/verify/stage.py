@@ -39,7 +39,6 @@ come back, the callee's return value must pass through, and on x86-64 the callee
 must be entered with rsp ≡ 8 (mod 16).
 """
 
-
 from __future__ import annotations
 
 import os
@@ -59,7 +58,6 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from ..rewrite import Rewrite
     from ..scan import ScanResult
-
 
 
 DEFAULT_TRIALS = 16
@@ -204,6 +202,8 @@ def _worker_count(total_trials: int, workers: int | None) -> int:
         return 1
     return min(cpus, total_trials // (PARALLEL_TRIALS // 2))
 
+
+# -- one job (the unit a worker process runs) ---------------------------------------
 
 
 def verify_job(job: _FileJob) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:

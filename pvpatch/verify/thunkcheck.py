@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from ..unwind import CfaRow, OrcEntry
 
 
-
 EH_FRAME = ".eh_frame"
 PT_GNU_EH_FRAME = 0x6474E550
 ORC_UNWIND, ORC_UNWIND_IP, ORC_HEADER = ".orc_unwind", ".orc_unwind_ip", ".orc_header"
