@@ -956,7 +956,7 @@ def test_a_run_that_overwrites_the_runtime_does_not_outlive_its_file() -> None:
     for machines in V._IDLE.values():
         for m in machines:
             m.uc.mem_write(RUNTIME, b"\xf4" * 0x8000)
-    V._REF_RUNS.clear()
+    V.REF_RUNS.clear()
     assert verify_rewrite(rw, workers=1).ok
 
 

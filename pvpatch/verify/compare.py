@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..arch import Arch
-from .engine import _Context
+from .engine import FilePair
 from .machine import RunResult
 from .runtime import AC_FLAG, ARITH_FLAGS, DF_FLAG, IF_FLAG, entry_sp
 
@@ -33,7 +33,7 @@ CALLEE_SAVED = {"x86_64": ("rbx", "rbp", "r12", "r13", "r14", "r15"),
 RESULT_REGS = {"x86_64": ("rax",), "i386": ("eax", "edx")}
 
 
-def _hex(v: int) -> str:
+def hex_word(v: int) -> str:
     return f"{v:#x}"
 
 
@@ -47,7 +47,7 @@ def _flag_problems(want: int, got: int, mask: int, why: str = "") -> list[str]:
     return out
 
 
-def _compare(ctx: _Context, k: int, init: list[int], preserved: Iterable[int],
+def compare_runs(ctx: FilePair, k: int, init: list[int], preserved: Iterable[int],
              results: Iterable[int], ref: RunResult | None, pat: RunResult,
              with_cr: bool, flag_mask: int = SYSTEM_FLAGS) -> list[str]:
     rt = ctx.rt
@@ -58,10 +58,10 @@ def _compare(ctx: _Context, k: int, init: list[int], preserved: Iterable[int],
     problems: list[str] = []
     sp0 = entry_sp(k)
     if out[ctx.sp] != sp0:
-        problems.append(f"{regs[ctx.sp]}: expected {_hex(sp0)} got {_hex(out[ctx.sp])}")
+        problems.append(f"{regs[ctx.sp]}: expected {hex_word(sp0)} got {hex_word(out[ctx.sp])}")
     for i in preserved:
         if out[i] != init[i]:
-            problems.append(f"{regs[i]}: expected {_hex(init[i])} got {_hex(out[i])} "
+            problems.append(f"{regs[i]}: expected {hex_word(init[i])} got {hex_word(out[i])} "
                             "(outside the clobber mask)")
     fl = rt.out_flags
     if ref is None:
@@ -69,7 +69,7 @@ def _compare(ctx: _Context, k: int, init: list[int], preserved: Iterable[int],
     r = ref.out
     for i in results:
         if out[i] != r[i]:
-            problems.append(f"{regs[i]}: expected {_hex(r[i])} got {_hex(out[i])} (result)")
+            problems.append(f"{regs[i]}: expected {hex_word(r[i])} got {hex_word(out[i])} (result)")
     # IF first: the flag most ops are about.
     problems += _flag_problems(r[fl], out[fl], flag_mask & IF_FLAG)
     problems += _flag_problems(r[fl], out[fl], flag_mask & ~IF_FLAG)
@@ -77,7 +77,7 @@ def _compare(ctx: _Context, k: int, init: list[int], preserved: Iterable[int],
         for j, name in enumerate(("cr0", "cr2", "cr3")):
             a, b = r[rt.out_cr + j], out[rt.out_cr + j]
             if a != b:
-                problems.append(f"{name}: expected {_hex(a)} got {_hex(b)}")
+                problems.append(f"{name}: expected {hex_word(a)} got {hex_word(b)}")
     if ref.writes or pat.writes:
         for addr in sorted(set(ref.writes) | set(pat.writes)):
             want = ref.writes.get(addr)
@@ -91,7 +91,7 @@ def _compare(ctx: _Context, k: int, init: list[int], preserved: Iterable[int],
     return problems
 
 
-def _disasm(arch: Arch, code: bytes, addr: int) -> str:
+def disasm_text(arch: Arch, code: bytes, addr: int) -> str:
     from ..disasm import disassemble
 
     return f"{code.hex()}: " + "; ".join(i.text for i in disassemble(arch, code, addr))

@@ -1,4 +1,4 @@
-"""A file pair loaded for emulation (`_Context`): both images in their engines, the idle
+"""A file pair loaded for emulation (`FilePair`): both images in their engines, the idle
 engines kept per process, and the trial states in batches shared by every file."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ..elf import ElfFile
-from .jobs import _FileJob
+from .jobs import FileJob
 from .loader import Image, load_image
 from .machine import Machine, RunResult
 from .models import reference_models
@@ -96,16 +96,16 @@ MAX_BATCHES = 256
 # same states: (batch key, what runs) -> runs.  The code is a reference model,
 # called from the caller stub or through the site's own `call *slot` (the
 # site's address shows only in the return address, below the stack pointer).
-_REF_RUNS: dict[tuple[object, ...], list[RunResult]] = {}
+REF_RUNS: dict[tuple[object, ...], list[RunResult]] = {}
 MAX_REF_RUNS = 4096
 
 
-def _batch_key(arch_name: str, job: _FileJob, c: int,
+def _batch_key(arch_name: str, job: FileJob, c: int,
                flags_arg: bool = False) -> tuple[str, int, int, int, bool]:
     return arch_name, job.seed, c, min(TRIAL_SLOTS, job.trials - c * TRIAL_SLOTS), flags_arg
 
 
-def _partial(job: _FileJob) -> dict[tuple[str, int], list[tuple[int, int]]] | None:
+def _partial(job: FileJob) -> dict[tuple[str, int], list[tuple[int, int]]] | None:
     """The byte ranges whose relocations matter, when only the sites' own bytes run:
     every rewrite is inline (or a nop) and there is no thunk (None: load it all).
 
@@ -125,11 +125,11 @@ def _partial(job: _FileJob) -> dict[tuple[str, int], list[tuple[int, int]]] | No
     return out
 
 
-class _Context:
+class FilePair:
     """One file pair loaded for emulation, and the trial states (in batches of
     TRIAL_SLOTS, the same for every site)."""
 
-    def __init__(self, job: _FileJob) -> None:
+    def __init__(self, job: FileJob) -> None:
         self.job = job
         orig = job.orig_elf or ElfFile(job.orig_data, job.orig_path)
         patched = job.patched_elf or ElfFile(job.patched_data, job.orig_path + " (patched)")
@@ -171,7 +171,7 @@ class _Context:
 
     def all_shared(self, ref_key: tuple[object, ...] | None, flags_arg: bool = False) -> bool:
         """Every batch of the reference runs of `ref_key` is known already."""
-        return ref_key is not None and all((b, ref_key) in _REF_RUNS
+        return ref_key is not None and all((b, ref_key) in REF_RUNS
                                            for b in self.batch_keys[flags_arg])
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class _SiteJob:
+class SiteJob:
     index: int
     section: str
     nth: int  # occurrence of the section name among allocated sections
@@ -32,7 +32,7 @@ class _SiteJob:
 
 
 @dataclass(frozen=True)
-class _ThunkJob:
+class ThunkJob:
     symbol: str
     target: str
     saves: tuple[str, ...]
@@ -43,12 +43,12 @@ class _ThunkJob:
 
 
 @dataclass(frozen=True)
-class _FileJob:
+class FileJob:
     orig_data: Buffer
     orig_path: str
     patched_data: Buffer
-    sites: tuple[_SiteJob, ...]
-    thunks: tuple[_ThunkJob, ...]
+    sites: tuple[SiteJob, ...]
+    thunks: tuple[ThunkJob, ...]
     call_targets: tuple[tuple[str, str], ...]
     trials: int
     seed: int
@@ -57,7 +57,7 @@ class _FileJob:
     orig_elf: ElfFile | None = field(default=None, compare=False, repr=False)
     patched_elf: ElfFile | None = field(default=None, compare=False, repr=False)
 
-    def portable(self) -> _FileJob:
+    def portable(self) -> FileJob:
         """The job without the parsed files, to send to another process."""
         # A mapped file does not pickle: send its bytes.
         return replace(self, orig_data=self.orig_data[:], patched_data=self.patched_data[:],
@@ -69,24 +69,24 @@ def _section_nth(elf: ElfFile, index: int) -> int:
     return sum(1 for s in elf.sections[:index] if s.is_alloc and s.name == name)
 
 
-def _site_job(plan: Plan, d: Decision) -> _SiteJob:
+def site_job(plan: Plan, d: Decision) -> SiteJob:
     s = d.site
     rule = d.rule
     target = rule.target if rule is not None and d.action in ("call", "thunk", "jmp") \
         else d.target
     found = plan.targets.get(target) if target is not None else None
-    return _SiteJob(s.index, s.section, _section_nth(plan.scan.elf, s.section_index), s.offset,
+    return SiteJob(s.index, s.section, _section_nth(plan.scan.elf, s.section_index), s.offset,
                     s.len, s.address, s.op, d.action, d.tail, s.clobber_regs, target,
                     rule.convention if rule is not None else "c",
                     found.address if found is not None else None)
 
 
-def _site_jobs(plan: Plan) -> tuple[_SiteJob, ...]:
+def site_jobs(plan: Plan) -> tuple[SiteJob, ...]:
     """A job for every site the plan rewrites."""
-    return tuple(_site_job(plan, d) for d in plan.decisions if d.rewrites)
+    return tuple(site_job(plan, d) for d in plan.decisions if d.rewrites)
 
 
-def _unplanned(d: Decision) -> SiteVerdict:
+def unplanned(d: Decision) -> SiteVerdict:
     """A site that differs although the plan keeps it: nothing says what it should do."""
     s = d.site
     why = d.reason or "the backend keeps it"
@@ -95,7 +95,7 @@ def _unplanned(d: Decision) -> SiteVerdict:
                        f"({why}): there is nothing to prove them against", 0)
 
 
-def _call_targets(plan: Plan) -> tuple[tuple[str, str], ...]:
+def called_targets(plan: Plan) -> tuple[tuple[str, str], ...]:
     found: dict[str, str] = {}
     for d in plan.decisions:
         if d.action in ("call", "thunk") and d.rule is not None and d.rule.target:

@@ -11,9 +11,9 @@ from ..arch import Arch
 from ..elf import SHT_NOBITS
 from ..errors import PvpatchError, VerifyError
 from ..sites import call_forms
-from .compare import KEPT_FLAGS, MAX_DETAIL, RESULT_REGS, SYSTEM_FLAGS, _compare, _disasm
-from .engine import _REF_RUNS, MAX_REF_RUNS, _Context
-from .jobs import _SiteJob
+from .compare import KEPT_FLAGS, MAX_DETAIL, RESULT_REGS, SYSTEM_FLAGS, compare_runs, disasm_text
+from .engine import MAX_REF_RUNS, REF_RUNS, FilePair
+from .jobs import SiteJob
 from .loader import Image
 from .machine import Machine, RunResult
 from .models import RefModel
@@ -72,8 +72,8 @@ def _boundaries(arch: Arch, code: bytes) -> list[int]:
     return [*starts, stop]
 
 
-class _SiteCheck:
-    def __init__(self, ctx: _Context, sj: _SiteJob) -> None:
+class SiteCheck:
+    def __init__(self, ctx: FilePair, sj: SiteJob) -> None:
         self.ctx = ctx
         self.sj = sj
         self.pokes: list[tuple[Machine, int, bytes, bool]] = []
@@ -133,8 +133,8 @@ class _SiteCheck:
         arch = ctx.arch
         orig_code = ctx.m_o.read(o_addr, n)
         pat_code = ctx.m_p.read(p_addr, n)
-        self.versions = lambda: (f"original: {_disasm(arch, orig_code, o_addr)}",
-                                 f"patched:  {_disasm(arch, pat_code, p_addr)}")
+        self.versions = lambda: (f"original: {disasm_text(arch, orig_code, o_addr)}",
+                                 f"patched:  {disasm_text(arch, pat_code, p_addr)}")
         unsupported = ctx.unsupported_in(p_addr, n)
         if unsupported:
             return self.verdict("fail", "relocation inside the site: " + ", ".join(unsupported),
@@ -155,7 +155,7 @@ class _SiteCheck:
                 if moved:
                     return self.verdict(
                         "fail", f"a relocation changes byte {moved[0]} of the rewritten site",
-                        detail=(f"as written: {_disasm(arch, raw, p_addr)}", *self.versions()))
+                        detail=(f"as written: {disasm_text(arch, raw, p_addr)}", *self.versions()))
         site_end = ctx.runtime.site_end
         self.poke(ctx.m_p, p_addr + n, site_end)
         # Static half of "ends exactly at the site's end": no instruction straddles it.
@@ -208,15 +208,15 @@ class _SiteCheck:
             count = len(batch.seeds)
             refs: list[RunResult] = []
             if contract is None:
-                cached = _REF_RUNS.get((batch.key, ref_key)) if ref_key is not None else None
+                cached = REF_RUNS.get((batch.key, ref_key)) if ref_key is not None else None
                 if cached is not None:
                     refs = cached
                 else:
                     refs = ctx.m_o.run_trials(count, ref_site, ref_fn, with_cr)
                     if ref_key is not None:
-                        if len(_REF_RUNS) >= MAX_REF_RUNS:
-                            _REF_RUNS.clear()
-                        _REF_RUNS[batch.key, ref_key] = refs
+                        if len(REF_RUNS) >= MAX_REF_RUNS:
+                            REF_RUNS.clear()
+                        REF_RUNS[batch.key, ref_key] = refs
             pats = ctx.m_p.run_trials(count, p_addr, 0, with_cr)
             for k in range(count):
                 t = batch.first + k
@@ -234,7 +234,7 @@ class _SiteCheck:
                             and not (pat.out[fl] ^ ref.out[fl]) & flag_mask
                             and same(pat.out) == same(ref.out))):
                     continue
-                problems = _compare(ctx, k, init, preserved, results, ref, pat, with_cr,
+                problems = compare_runs(ctx, k, init, preserved, results, ref, pat, with_cr,
                                     flag_mask)
                 if problems:
                     return self.verdict("fail", problems[0], t + 1, batch.seeds[k],

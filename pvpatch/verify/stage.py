@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING
 
 from ..elf import ElfFile
 from ..errors import VerifyError
-from .engine import _Context
-from .jobs import _call_targets, _FileJob, _site_job, _SiteJob, _ThunkJob, _unplanned
+from .engine import FilePair
+from .jobs import FileJob, SiteJob, ThunkJob, called_targets, site_job, unplanned
 from .records import SiteVerdict, ThunkVerdict, VerifyReport
-from .sitecheck import _SiteCheck
-from .thunkcheck import _check_thunk
+from .sitecheck import SiteCheck
+from .thunkcheck import check_thunk
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -109,16 +109,16 @@ def _verify(plan: Plan, patched: ElfFile, trials: int, seed: int, workers: int |
         raise VerifyError("trials must be at least 1")
     acc = account(plan, patched)
     decisions = {d.site.index: d for d in plan.decisions}
-    sites: list[_SiteJob] = []
+    sites: list[SiteJob] = []
     refused: list[SiteVerdict] = []
     for index in acc.changed_sites:
         d = decisions[index]
         if d.rewrites:
-            sites.append(_site_job(plan, d))
+            sites.append(site_job(plan, d))
         else:
-            refused.append(_unplanned(d))
+            refused.append(unplanned(d))
     specs = {t.symbol: t for t in plan.thunks}
-    thunks: list[_ThunkJob] = []
+    thunks: list[ThunkJob] = []
     strays: list[ThunkVerdict] = []
     for t in acc.thunks:
         spec = specs.get(t.symbol)
@@ -127,7 +127,7 @@ def _verify(plan: Plan, patched: ElfFile, trials: int, seed: int, workers: int |
                                        "does not make: there is nothing to prove it against",
                                        0))
         else:
-            thunks.append(_ThunkJob(spec.symbol, spec.target, spec.saves, t.section,
+            thunks.append(ThunkJob(spec.symbol, spec.target, spec.saves, t.section,
                                     t.offset, t.size, t.address))
     site_v, thunk_v = _emulate(plan, patched, tuple(sites), tuple(thunks), trials, seed,
                                workers)
@@ -139,13 +139,13 @@ def _verify(plan: Plan, patched: ElfFile, trials: int, seed: int, workers: int |
                         acc.omitted)
 
 
-def _emulate(plan: Plan, patched: ElfFile, sites: tuple[_SiteJob, ...],
-             thunks: tuple[_ThunkJob, ...], trials: int, seed: int,
+def _emulate(plan: Plan, patched: ElfFile, sites: tuple[SiteJob, ...],
+             thunks: tuple[ThunkJob, ...], trials: int, seed: int,
              workers: int | None) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
     if not sites and not thunks:
         return [], []  # nothing differs that needs running: no image is loaded
-    base = _FileJob(plan.scan.elf.data, plan.scan.path, patched.data, sites, thunks,
-                    _call_targets(plan), trials, seed, plan.scan.elf, patched)
+    base = FileJob(plan.scan.elf.data, plan.scan.path, patched.data, sites, thunks,
+                    called_targets(plan), trials, seed, plan.scan.elf, patched)
     n = min(_worker_count(len(sites) * trials, workers), len(sites))
     if n <= 1:
         return verify_job(base)
@@ -154,7 +154,7 @@ def _emulate(plan: Plan, patched: ElfFile, sites: tuple[_SiteJob, ...],
 
 
 # The loaded file a forked worker inherits (set while the workers start).
-_FORKED: _Context | None = None
+_FORKED: FilePair | None = None
 
 
 def _forked_part(k: int, n: int) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
@@ -164,7 +164,7 @@ def _forked_part(k: int, n: int) -> tuple[list[SiteVerdict], list[ThunkVerdict]]
     return _run_job(ctx, ctx.job.sites[k::n], ())
 
 
-def _verify_parallel(base: _FileJob,
+def _verify_parallel(base: FileJob,
                      n: int) -> list[tuple[list[SiteVerdict], list[ThunkVerdict]]]:
     """Every nth site in each of n processes (this one included)."""
     import multiprocessing
@@ -178,7 +178,7 @@ def _verify_parallel(base: _FileJob,
             return list(pool.map(verify_job, jobs))
     # The file is loaded and mapped once, here; the workers inherit it that way.
     try:
-        ctx = _Context(base)
+        ctx = FilePair(base)
     except VerifyError as exc:
         return [_not_emulated(base, exc)]
     try:
@@ -206,10 +206,10 @@ def _worker_count(total_trials: int, workers: int | None) -> int:
 # -- one job (the unit a worker process runs) ---------------------------------------
 
 
-def verify_job(job: _FileJob) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
+def verify_job(job: FileJob) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
     """Verify the sites and thunks of one job (the unit a worker process runs)."""
     try:
-        ctx = _Context(job)
+        ctx = FilePair(job)
     except VerifyError as exc:
         return _not_emulated(job, exc)
     try:
@@ -218,7 +218,7 @@ def verify_job(job: _FileJob) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
         ctx.close()
 
 
-def _not_emulated(job: _FileJob,
+def _not_emulated(job: FileJob,
                   exc: VerifyError) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
     # The file cannot be laid out in the emulator at all: nothing is proven,
     # which is a skip for every site and thunk, never a pass.
@@ -229,19 +229,19 @@ def _not_emulated(job: _FileJob,
              for tj in job.thunks])
 
 
-def _run_job(ctx: _Context, site_jobs: Iterable[_SiteJob],
-             thunk_jobs: Iterable[_ThunkJob]) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
+def _run_job(ctx: FilePair, site_jobs: Iterable[SiteJob],
+             thunk_jobs: Iterable[ThunkJob]) -> tuple[list[SiteVerdict], list[ThunkVerdict]]:
     sites = []
     for sj in site_jobs:
         try:
-            sites.append(_SiteCheck(ctx, sj).run())
+            sites.append(SiteCheck(ctx, sj).run())
         except VerifyError as exc:  # the site reaches outside the emulated image
             sites.append(SiteVerdict(sj.index, sj.section, sj.offset, sj.address, sj.op,
                                      sj.action, "fail", exc.message, 0))
     thunks = []
     for tj in thunk_jobs:
         try:
-            thunks.append(_check_thunk(ctx, tj))
+            thunks.append(check_thunk(ctx, tj))
         except VerifyError as exc:
             thunks.append(ThunkVerdict(tj.symbol, tj.target, tj.address, "fail", exc.message,
                                        0))

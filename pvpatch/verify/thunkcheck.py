@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .compare import CALLEE_SAVED, MAX_DETAIL, _disasm, _hex
-from .engine import _Context
-from .jobs import _ThunkJob
+from .compare import CALLEE_SAVED, MAX_DETAIL, disasm_text, hex_word
+from .engine import FilePair
+from .jobs import ThunkJob
 from .records import Status, ThunkVerdict
 from .runtime import entry_sp, exit_jump
 
@@ -22,7 +22,7 @@ ORC_UNWIND, ORC_UNWIND_IP, ORC_HEADER = ".orc_unwind", ".orc_unwind_ip", ".orc_h
 MAX_SHOWN = 256  # bytes of a thunk disassembled in a report
 
 
-def _thunk_address(ctx: _Context, tj: _ThunkJob) -> int | None:
+def _thunk_address(ctx: FilePair, tj: ThunkJob) -> int | None:
     img = ctx.img_p
     if tj.address is not None:
         return img.emu_addr(tj.address)
@@ -34,7 +34,7 @@ def _thunk_address(ctx: _Context, tj: _ThunkJob) -> int | None:
     return sec + tj.offset if sec is not None else None
 
 
-def _check_thunk(ctx: _Context, tj: _ThunkJob) -> ThunkVerdict:
+def check_thunk(ctx: FilePair, tj: ThunkJob) -> ThunkVerdict:
     def verdict(status: Status, reason: str | None, trials: int = 0, seed: int | None = None,
                 detail: Sequence[str] = ()) -> ThunkVerdict:
         shown = None if addr is None or ctx.img_p.elf.is_relocatable \
@@ -75,29 +75,29 @@ def _check_thunk(ctx: _Context, tj: _ThunkJob) -> ThunkVerdict:
                     host_ret = ctx.host_word(batch, k, ret)
                     callee_sp = out[rt.out_callee_sp]
                     if out[ctx.sp] != sp0:
-                        problems.append(f"{rt.regs[ctx.sp]}: expected {_hex(sp0)} "
-                                        f"got {_hex(out[ctx.sp])}")
+                        problems.append(f"{rt.regs[ctx.sp]}: expected {hex_word(sp0)} "
+                                        f"got {hex_word(out[ctx.sp])}")
                     for i in keep:
                         if out[i] != init[i]:
-                            problems.append(f"{rt.regs[i]}: expected {_hex(init[i])} "
-                                            f"got {_hex(out[i])} (saved by the thunk)")
+                            problems.append(f"{rt.regs[i]}: expected {hex_word(init[i])} "
+                                            f"got {hex_word(out[i])} (saved by the thunk)")
                     if callee_sp == 0:
                         problems.append(f"the thunk never called {tj.target}")
                     else:
                         if out[ret] != host_ret:
-                            problems.append(f"{rt.regs[ret]}: expected {_hex(host_ret)} got "
-                                            f"{_hex(out[ret])} (the callee's return value)")
+                            problems.append(f"{rt.regs[ret]}: expected {hex_word(host_ret)} got "
+                                            f"{hex_word(out[ret])} (the callee's return value)")
                         if rt.word == 8 and (callee_sp + 8) % 16:
-                            problems.append(f"the callee is entered with rsp={_hex(callee_sp)},"
+                            problems.append(f"the callee is entered with rsp={hex_word(callee_sp)},"
                                             " not ≡ 8 (mod 16)")
                 if problems:
                     return verdict("fail", problems[0], batch.first + k + 1, tseed,
                                    [*problems[:MAX_DETAIL],
-                                    f"thunk: {_disasm(ctx.arch, code, addr)}"])
+                                    f"thunk: {disasm_text(ctx.arch, code, addr)}"])
         problems = _check_unwind(ctx, tj, addr)
         if problems:
             return verdict("fail", problems[0], 1, ctx.first_seed(),
-                           [*problems[:MAX_DETAIL], f"thunk: {_disasm(ctx.arch, code, addr)}"])
+                           [*problems[:MAX_DETAIL], f"thunk: {disasm_text(ctx.arch, code, addr)}"])
         return verdict("pass", None, ctx.job.trials)
     finally:
         for at, old in reversed(pokes):
@@ -108,7 +108,7 @@ def _check_thunk(ctx: _Context, tj: _ThunkJob) -> ThunkVerdict:
 TRACE_WINDOW = 512
 
 
-def _thunk_cfi(ctx: _Context, addr: int) -> list[CfaRow] | str | None:
+def _thunk_cfi(ctx: FilePair, addr: int) -> list[CfaRow] | str | None:
     """The CFA rules the patched file gives the thunk at emulator address `addr`, read
     as an unwinder does (a linked file: PT_GNU_EH_FRAME's binary-search table, then the
     FDE it names; an object: its relocated `.eh_frame`); a reason when they cannot be
@@ -149,7 +149,7 @@ def _thunk_cfi(ctx: _Context, addr: int) -> list[CfaRow] | str | None:
         return f"its call-frame information cannot be read: {exc.message}"
 
 
-def _thunk_orc(ctx: _Context, tj: _ThunkJob) -> list[tuple[int, OrcEntry]] | str | None:
+def _thunk_orc(ctx: FilePair, tj: ThunkJob) -> list[tuple[int, OrcEntry]] | str | None:
     """A kernel object's ORC entries for the thunk: (offset into the thunk, entry), read
     through `.orc_unwind_ip`'s relocations against the thunk's symbol; None when there
     are none."""
@@ -178,7 +178,7 @@ def _thunk_orc(ctx: _Context, tj: _ThunkJob) -> list[tuple[int, OrcEntry]] | str
     return sorted(((a, decode_orc(layout, e)) for a, e in raw), key=lambda e: e[0])
 
 
-def _check_unwind(ctx: _Context, tj: _ThunkJob, addr: int) -> list[str]:
+def _check_unwind(ctx: FilePair, tj: ThunkJob, addr: int) -> list[str]:
     """Run the thunk once more, stopping at each of its instructions: the CFA its CFI row
     states (stack pointer + offset) must be the real one (the stack pointer at entry plus
     the return address), and every slot the row names must hold the return address or
@@ -239,7 +239,8 @@ def _check_unwind(ctx: _Context, tj: _ThunkJob, addr: int) -> list[str]:
             want = ret_addr if name == RETURN_COLUMN[arch.name] else \
                 entry.regs[rt.index(name)] if name in rt.regs else None
             if got is None or got != want:
-                shown = "?" if got is None else _hex(got)
+                shown = "?" if got is None else hex_word(got)
+                wanted = hex_word(want) if want is not None else "?"
                 return [f"{where}: the CFI says {name} is saved at CFA{slot:+d}, which "
-                        f"holds {shown}, not {name}'s {_hex(want) if want is not None else '?'}"]
+                        f"holds {shown}, not {name}'s {wanted}"]
     return []
