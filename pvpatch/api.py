@@ -242,7 +242,7 @@ class PatchResult:
         found = (*self.scan.findings, *self.plan.findings)
         if self.verify is None or self.verify.ok:
             return found
-        from .verify import verify_findings
+        from .check import verify_findings
 
         return (*found, *verify_findings(self.verify, self.plan))
 

@@ -10,6 +10,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 # ELF e_machine values.
 EM_386 = 3
@@ -58,6 +59,12 @@ class RelocType:
     name: str
     width: int  # bytes written at r_offset (0 for NONE)
     pc_relative: bool = False
+    # What the verifier's loader (pvpatch/verify/loader.py) writes, from S (the
+    # symbol), A (the addend) and P (the place): "S+A", "S+A-P" or "S"; "" for a
+    # type it leaves unapplied (and reports).
+    formula: str = ""
+    signed: bool = False  # the value must fit as a signed number (else unsigned)
+    at_load: bool = False  # the dynamic loader applies it against a symbol it binds
 
 
 @dataclass(frozen=True)
@@ -146,8 +153,13 @@ class Arch:
         return bytes(out)
 
 
-def _relocs(*entries: tuple[int, str, int, bool]) -> Mapping[int, RelocType]:
-    return MappingProxyType({n: RelocType(n, name, w, pc) for n, name, w, pc in entries})
+def _relocs(*entries: tuple[Any, ...]) -> Mapping[int, RelocType]:
+    """Rows (number, name, width, pc-relative[, formula, "signed", "load"])."""
+    out = {}
+    for n, name, w, pc, *recipe in entries:
+        formula, flags = (recipe[0], recipe[1:]) if recipe else ("", ())
+        out[n] = RelocType(n, name, w, pc, formula, "signed" in flags, "load" in flags)
+    return MappingProxyType(out)
 
 
 X86_64 = Arch(
@@ -162,21 +174,21 @@ X86_64 = Arch(
     stack_pointer="rsp",
     reloc_types=_relocs(
         (0, "R_X86_64_NONE", 0, False),
-        (1, "R_X86_64_64", 8, False),
-        (2, "R_X86_64_PC32", 4, True),
+        (1, "R_X86_64_64", 8, False, "S+A", "load"),
+        (2, "R_X86_64_PC32", 4, True, "S+A-P", "signed", "load"),
         (3, "R_X86_64_GOT32", 4, False),
-        (4, "R_X86_64_PLT32", 4, True),
+        (4, "R_X86_64_PLT32", 4, True, "S+A-P", "signed"),
         (5, "R_X86_64_COPY", 0, False),
-        (6, "R_X86_64_GLOB_DAT", 8, False),
-        (7, "R_X86_64_JUMP_SLOT", 8, False),
+        (6, "R_X86_64_GLOB_DAT", 8, False, "S", "load"),
+        (7, "R_X86_64_JUMP_SLOT", 8, False, "S", "load"),
         (8, "R_X86_64_RELATIVE", 8, False),
         (9, "R_X86_64_GOTPCREL", 4, True),
-        (10, "R_X86_64_32", 4, False),
-        (11, "R_X86_64_32S", 4, False),
-        (12, "R_X86_64_16", 2, False),
-        (13, "R_X86_64_PC16", 2, True),
-        (14, "R_X86_64_8", 1, False),
-        (15, "R_X86_64_PC8", 1, True),
+        (10, "R_X86_64_32", 4, False, "S+A", "load"),
+        (11, "R_X86_64_32S", 4, False, "S+A", "signed", "load"),
+        (12, "R_X86_64_16", 2, False, "S+A"),
+        (13, "R_X86_64_PC16", 2, True, "S+A-P", "signed"),
+        (14, "R_X86_64_8", 1, False, "S+A"),
+        (15, "R_X86_64_PC8", 1, True, "S+A-P", "signed"),
         (16, "R_X86_64_DTPMOD64", 8, False),
         (17, "R_X86_64_DTPOFF64", 8, False),
         (18, "R_X86_64_TPOFF64", 8, False),
@@ -185,7 +197,7 @@ X86_64 = Arch(
         (21, "R_X86_64_DTPOFF32", 4, False),
         (22, "R_X86_64_GOTTPOFF", 4, True),
         (23, "R_X86_64_TPOFF32", 4, False),
-        (24, "R_X86_64_PC64", 8, True),
+        (24, "R_X86_64_PC64", 8, True, "S+A-P", "signed"),
         (25, "R_X86_64_GOTOFF64", 8, False),
         (26, "R_X86_64_GOTPC32", 4, True),
         (32, "R_X86_64_SIZE32", 4, False),
@@ -229,13 +241,13 @@ I386 = Arch(
     stack_pointer="esp",
     reloc_types=_relocs(
         (0, "R_386_NONE", 0, False),
-        (1, "R_386_32", 4, False),
-        (2, "R_386_PC32", 4, True),
+        (1, "R_386_32", 4, False, "S+A", "load"),
+        (2, "R_386_PC32", 4, True, "S+A-P", "signed", "load"),
         (3, "R_386_GOT32", 4, False),
-        (4, "R_386_PLT32", 4, True),
+        (4, "R_386_PLT32", 4, True, "S+A-P", "signed"),
         (5, "R_386_COPY", 0, False),
-        (6, "R_386_GLOB_DAT", 4, False),
-        (7, "R_386_JMP_SLOT", 4, False),
+        (6, "R_386_GLOB_DAT", 4, False, "S", "load"),
+        (7, "R_386_JMP_SLOT", 4, False, "S", "load"),
         (8, "R_386_RELATIVE", 4, False),
         (9, "R_386_GOTOFF", 4, False),
         (10, "R_386_GOTPC", 4, True),
@@ -246,10 +258,10 @@ I386 = Arch(
         (17, "R_386_TLS_LE", 4, False),
         (18, "R_386_TLS_GD", 4, False),
         (19, "R_386_TLS_LDM", 4, False),
-        (20, "R_386_16", 2, False),
-        (21, "R_386_PC16", 2, True),
-        (22, "R_386_8", 1, False),
-        (23, "R_386_PC8", 1, True),
+        (20, "R_386_16", 2, False, "S+A"),
+        (21, "R_386_PC16", 2, True, "S+A-P", "signed"),
+        (22, "R_386_8", 1, False, "S+A"),
+        (23, "R_386_PC8", 1, True, "S+A-P", "signed"),
         (24, "R_386_TLS_GD_32", 4, False),
         (25, "R_386_TLS_GD_PUSH", 4, False),
         (26, "R_386_TLS_GD_CALL", 4, False),

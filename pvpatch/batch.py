@@ -300,7 +300,7 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
     verify_doc = None
     lines: list[str] = []
     if res.verify is not None:
-        from .verify import verify_json, verify_text
+        from .report import verify_json, verify_text
 
         verify_doc = verify_json(res.verify)
         if not res.ok:

@@ -21,6 +21,8 @@ from .scan import DEFAULT_SECTION, ScanResult
 
 if TYPE_CHECKING:
     from .backend import Backend
+    from .plan import Plan
+    from .verify.records import VerifyReport
 
 CALL_LEN = 5  # e8 rel32: the shortest direct call
 MAX_INSN = 15  # longest x86 instruction: enough look-ahead to see one run past a site
@@ -228,3 +230,34 @@ def reaches(findings: Sequence[Finding], fail_on: str) -> bool:
     """True when some finding is at least as severe as `fail_on`."""
     floor = severity_rank(fail_on)
     return any(severity_rank(f.severity) >= floor for f in findings)
+
+
+def verify_findings(report: VerifyReport, plan: Plan | None = None,
+                    elf: ElfFile | None = None) -> list[Finding]:
+    """PV301 findings for every failure: sites and thunks that fail (or are skipped when
+    skips are not allowed), and differences nothing accounts for.  `elf`: the file the
+    locations point into (PATCHED for `verify`); default the original."""
+    from .verify.records import SiteVerdict
+
+    sites = {d.site.index: d.site for d in plan.decisions} if plan is not None else {}
+    out = []
+    for v in report.failures:
+        if isinstance(v, SiteVerdict):
+            site = sites.get(v.index)
+            file_offset = site.file_offset if site is not None else None
+            if elf is not None:
+                sec = elf.section(v.section)
+                file_offset = sec.offset + v.offset if sec is not None else None
+            what = "not proven (skipped)" if v.status == "skip" else v.action
+            out.append(Finding("PV301", f"site {v.index} ({what}): {v.reason}",
+                               section=v.section, offset=v.offset, address=v.address,
+                               site_index=v.index, op=v.op, file_offset=file_offset,
+                               length=site.len if site is not None else None))
+        else:
+            out.append(Finding("PV301", f"thunk {v.symbol} (calls {v.target}): {v.reason}",
+                               address=v.address))
+    for d in report.unaccounted:
+        out.append(Finding("PV301", f"not accounted for: {d.what}", section=d.section,
+                           offset=d.offset, file_offset=d.file_offset,
+                           length=d.length or None))
+    return out

@@ -412,7 +412,7 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
     path, rw = res.scan.path, res.rewrite
     verify_doc = None
     if res.verify is not None:
-        from .verify import report_failures, verify_json, verify_text
+        from .report import report_failures, verify_json, verify_text
 
         verify_doc = verify_json(res.verify)
         if not res.ok:
@@ -522,7 +522,8 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .api import load, make_plan, open_elf
-    from .verify import verify_files, verify_json, verify_text
+    from .report import verify_json, verify_text
+    from .verify import verify_files
 
     original = load(args.original, layout=args.layout, section=args.section, ops=args.ops,
                     max_decompressed=_limit(args))
@@ -536,7 +537,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("\n".join(verify_text(report, args.patched)))
     status = EXIT_OK if report.ok else EXIT_FAIL
     if args.sarif:
-        from .verify import verify_findings
+        from .check import verify_findings
 
         # The failures are in the patched file: locate them there.
         _patch_sarif(args, patched.path, verify_findings(report, the_plan, patched),

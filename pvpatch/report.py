@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .errors import VerifyError
 from .rules import Finding
 from .scan import ScanResult, Site
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .rewrite import Rewrite, SitePatch
     from .symbolic import Symboliser
-    from .verify import VerifyReport
+    from .verify.records import SiteVerdict, ThunkVerdict, VerifyReport
 
 
 def symboliser(result: ScanResult) -> Symboliser:
@@ -397,3 +398,99 @@ def verify_summary(report: VerifyReport, trials: int, seed: int) -> str:
     s, t = report.summary, report.thunk_summary
     return (f"  verify: sites {s['pass']} pass, {s['fail']} fail, {s['skip']} skip; "
             f"thunks {t['pass']} pass, {t['fail']} fail ({trials} trials each, seed {seed})")
+
+
+def _where(v: SiteVerdict | ThunkVerdict) -> str:
+    from .verify.records import ThunkVerdict
+
+    if isinstance(v, ThunkVerdict):
+        return f"thunk {v.symbol}" + (f" at {v.address:#x}" if v.address is not None else "")
+    at = f"{v.address:#x} " if v.address is not None else ""
+    return f"site {v.index} {at}{v.section}+{v.offset:#x} {v.op or '?'} ({v.action})"
+
+
+def verify_json(report: VerifyReport) -> dict[str, Any]:
+    from .verify.records import SiteVerdict, ThunkVerdict
+
+    def one(v: SiteVerdict) -> dict[str, Any]:
+        return {"index": v.index, "section": v.section, "offset": v.offset,
+                "address": v.address, "op": v.op, "action": v.action, "status": v.status,
+                "reason": v.reason, "trials": v.trials, "seed": v.seed,
+                "detail": list(v.detail)}
+
+    return {
+        "sites": [one(v) for v in report.sites],
+        "thunks": [{"symbol": t.symbol, "target": t.target, "address": t.address,
+                    "status": t.status, "reason": t.reason, "trials": t.trials,
+                    "seed": t.seed, "detail": list(t.detail)} for t in report.thunks],
+        "summary": report.summary,
+        "thunk_summary": report.thunk_summary,
+        "allow_skip": report.allow_skip,
+        "unproven": [{"site": v.index if isinstance(v, SiteVerdict) else None,
+                      "thunk": v.symbol if isinstance(v, ThunkVerdict) else None,
+                      "where": _where(v), "status": v.status, "reason": v.reason,
+                      "allowed": v.status == "skip" and report.allow_skip}
+                     for v in report.unproven],
+        "accounting": {
+            "sections": [{"section": n.section, "kind": n.kind, "rule": n.rule}
+                         for n in report.sections],
+            "unaccounted": [{"section": d.section, "offset": d.offset,
+                             "file_offset": d.file_offset, "length": d.length,
+                             "what": d.what} for d in report.unaccounted],
+            "omitted": report.omitted,
+        },
+        "ok": report.ok,
+    }
+
+
+def verify_text(report: VerifyReport, path: str = "") -> list[str]:
+    """Readable lines: the summary, then every site and thunk not proven (and why), then
+    every difference nothing accounts for."""
+    s, t = report.summary, report.thunk_summary
+    bad = len(report.unaccounted) + report.omitted
+    lines = [f"{path + ': ' if path else ''}verify: sites {s['pass']} pass, {s['fail']} fail, "
+             f"{s['skip']} skip"
+             + (f"; thunks {t['pass']} pass, {t['fail']} fail, {t['skip']} skip"
+                if report.thunks else "")
+             + f"; {len(report.sections)} changed sections, "
+             + (f"{bad} differences not accounted for" if bad else "every difference "
+                "accounted for")]
+    for v in report.verdicts:
+        if v.status == "pass" and not v.reason:
+            continue
+        note = ""
+        if v.status == "skip":
+            note = " (not proven: allowed by --allow-skip)" if report.allow_skip else \
+                " (not proven: a failure without --allow-skip)"
+        lines.append(f"  {v.status:4} {_where(v)}: {v.reason}{note}"
+                     + (f" [seed {v.seed}]" if v.seed is not None else ""))
+        if v.status == "fail":
+            lines.extend(f"         {d}" for d in v.detail)
+    for d in report.unaccounted:
+        lines.append(f"  diff {d.where()}: {d.what}")
+    if report.omitted:
+        lines.append(f"  diff ... and {report.omitted} more")
+    return lines
+
+
+# -- the engine (runs in a worker or in-process) ------------------------------------
+
+
+def report_failures(report: VerifyReport) -> VerifyError | None:
+    """A VerifyError naming every failed (or unallowed skipped) site and thunk and every
+    difference nothing accounts for, or None if verification passed."""
+    from .verify.records import SiteVerdict
+
+    parts = []
+    for v in report.failures:
+        if isinstance(v, SiteVerdict):
+            parts.append(f"site {v.index} ({v.section}+{v.offset:#x} {v.op or '?'}): "
+                         f"{v.reason}" + (" (skipped)" if v.status == "skip" else ""))
+        else:
+            parts.append(f"thunk {v.symbol}: {v.reason}")
+    parts += [f"{d.where()}: {d.what}" for d in report.unaccounted]
+    if not parts and not report.omitted:
+        return None
+    more = len(parts) - 5 + report.omitted
+    return VerifyError(f"verification failed: {'; '.join(parts[:5])}"
+                       + (f" and {more} more" if more > 0 else ""))

@@ -152,18 +152,20 @@ _ABS_TYPES = {"x86_64": frozenset({10, 11}), "i386": frozenset({1})}  # 32, 32S;
 
 
 @functools.cache
-def _is_ops_table(name: str) -> bool:
-    # pv_ops (4.20 on) or the per-group tables of older kernels (pv_irq_ops, ...)
+def is_ops_table(name: str) -> bool:
+    """A table sites call through: pv_ops (4.20 on) or the per-group tables of older
+    kernels (pv_irq_ops, ...).  The scanner and the verifier's loader both ask this."""
     return name.startswith("pv_") and name.endswith("ops")
 
 
 @functools.cache
-def _forms_of(arch: str) -> tuple[tuple[bytes, bool], ...]:
+def call_forms(arch: str) -> tuple[tuple[bytes, bool], ...]:
+    """CALL_FORMS of one architecture: (opcode bytes, the field is rip-relative)."""
     return tuple((opcode, rip) for opcode, form_arch, rip in CALL_FORMS if form_arch == arch)
 
 
 def _call_form_at(arch: str, code: bytes, field_at: int) -> tuple[bytes, bool] | None:
-    for opcode, rip in _forms_of(arch):
+    for opcode, rip in call_forms(arch):
         start = field_at - len(opcode)
         if start >= 0 and code[start:field_at] == opcode:
             return opcode, rip
@@ -178,7 +180,7 @@ def call_slot_rel(
     `field_at` is where the relocated field starts inside `code`.
     """
     sym = elf.symbol(r.sym)
-    if not _is_ops_table(sym.name):
+    if not is_ops_table(sym.name):
         return None
     form = _call_form_at(elf.arch.name, code, field_at)
     if form is None:

@@ -223,7 +223,7 @@ def test_verify_files_refuses_another_arch() -> None:
 
 
 def test_unicorn_is_imported_lazily() -> None:
-    code = ("import sys, pvpatch.verify, pvpatch.emu, pvpatch.cli; "
+    code = ("import sys, pvpatch.verify, pvpatch.verify.machine, pvpatch.cli; "
             "sys.exit('unicorn' in sys.modules or 'capstone' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
@@ -946,8 +946,8 @@ def test_engines_reused_across_files_give_the_same_verdicts(prog_spec: str) -> N
 
 
 def test_a_run_that_overwrites_the_runtime_does_not_outlive_its_file() -> None:
-    from pvpatch import verify as V
-    from pvpatch.emu import RUNTIME
+    from pvpatch.verify import engine as V
+    from pvpatch.verify.runtime import RUNTIME
 
     rw = rewrite("x86_64", "kernel61.o")
     assert verify_rewrite(rw, workers=1).ok
@@ -956,7 +956,7 @@ def test_a_run_that_overwrites_the_runtime_does_not_outlive_its_file() -> None:
     for machines in V._IDLE.values():
         for m in machines:
             m.uc.mem_write(RUNTIME, b"\xf4" * 0x8000)
-    V._REF_RUNS.clear()
+    V.REF_RUNS.clear()
     assert verify_rewrite(rw, workers=1).ok
 
 
