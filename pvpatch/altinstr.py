@@ -332,6 +332,12 @@ class _AltScanner:
         self._c_clobbers = c_mask, self.clbr.regs(c_mask)
         self._callee_save = self.clbr.ret_mask, self.clbr.regs(self.clbr.ret_mask)
         self._tables = {table.index, getattr(self.replacement, "index", -1)}
+        self.relocatable = elf.is_relocatable
+        self._data, self._sections = elf.data, elf.sections
+        rep = self.replacement
+        self._rep = (rep.index, rep.size) if rep is not None else (-1, -1)
+        self._rip = elf.arch.name == "x86_64"
+        self._mask = (1 << 8 * elf.arch.ptr_size) - 1  # Arch.wrap
 
     # -- helpers -------------------------------------------------------------------
 
@@ -352,9 +358,8 @@ class _AltScanner:
         return idx
 
     def _bytes(self, loc: tuple[int, int], length: int) -> bytes:
-        sec = self.elf.sections[loc[0]]
-        start = sec.offset + loc[1]
-        return bytes(self.elf.data[start : start + length])
+        start = self._sections[loc[0]].offset + loc[1]
+        return self._data[start : start + length]  # a copy, from bytes or a map alike
 
     @cached_property
     def _pv_ops(self) -> tuple[int | None, int | None]:
@@ -407,7 +412,7 @@ class _AltScanner:
         elf, d = self.elf, self.d
         sec = elf.sections[loc[0]]
         off = loc[1]
-        relocatable = elf.is_relocatable
+        relocatable = self.relocatable
         address = None if relocatable else sec.addr + off
         base = i * d.layout.stride
         instrlen = d.instrlen[i]
@@ -464,7 +469,7 @@ class _AltScanner:
         sec = elf.sections[loc[0]]
         off = loc[1]
         field_at = len(CALL_INSN)
-        if elf.is_relocatable:
+        if self.relocatable:
             inside = self._relocs_of(sec.index).between(off, off + CALL_INSN_LEN)
             calls = [r for r in inside if r.offset == off + field_at]
             if len(calls) != 1:
@@ -477,9 +482,7 @@ class _AltScanner:
             return slot, ""
         disp = int.from_bytes(code[field_at : field_at + 4], "little", signed=True)
         # x86-64 reads rip-relative; i386 reads an absolute address.
-        address = sec.addr + off
-        target = arch.wrap(address + CALL_INSN_LEN + disp) if arch.name == "x86_64" \
-            else arch.wrap(disp)
+        target = (sec.addr + off + CALL_INSN_LEN + disp if self._rip else disp) & self._mask
         base, size = self._pv_ops
         if base is None:
             return None, "pv_ops is neither in .symtab nor exported, so no slot can be named"
@@ -539,13 +542,12 @@ class _AltScanner:
         return native, problems
 
     def _in_replacements(self, loc: tuple[int, int] | None, length: int) -> bool:
-        rep = self.replacement
-        return (loc is not None and rep is not None and loc[0] == rep.index
-                and loc[1] + length <= rep.size)
+        index, size = self._rep  # (-1, -1) when the file has no replacement section
+        return loc is not None and loc[0] == index and loc[1] + length <= size
 
     def _relocated(self, loc: tuple[int, int], length: int) -> bool:
         """A relocation inside a replacement: its bytes are not final in this file."""
-        if not self.elf.is_relocatable:
+        if not self.relocatable:
             return False
         return bool(self._relocs_of(loc[0]).between(loc[1], loc[1] + length))
 
