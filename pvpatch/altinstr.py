@@ -390,7 +390,7 @@ class _AltScanner:
                     by_loc[loc] = [i]
                 else:
                     group.append(i)
-        overlaps = _Spans(d)
+        overlaps = _Spans(d, by_loc)
         sites: list[Site] = []
         made: set[Loc] = set()
         for i in direct:
@@ -567,7 +567,7 @@ class _AltScanner:
     def _check_overlaps(self, site: Site, loc: Loc, spans: _Spans) -> None:
         """Another entry whose range overlaps the site without starting at it."""
         start, end = loc[1], loc[1] + site.len
-        if not spans.may_overlap(loc[0], start, end):
+        if loc not in spans.suspect:
             return
         rows = spans.rows
         k = bisect.bisect_left(rows, (loc[0], start - MAX_PATCH_LEN))
@@ -581,29 +581,30 @@ class _AltScanner:
 
 
 class _Spans:
-    """Every entry's instruction range, (section, start, end, entry) sorted, with the
-    farthest end reached so far in each section: most sites overlap nothing, and two
-    bisects say so."""
+    """Which sites may overlap another entry, found in one sweep over the entries' start
+    locations in order; the few that may are checked exactly against every entry's range
+    (section, start, end, entry), sorted."""
 
-    def __init__(self, d: Decoded) -> None:
-        self.rows = sorted((loc[0], loc[1], loc[1] + d.instrlen[i], i)
-                           for i, loc in enumerate(d.instr) if loc is not None)
-        reach: list[int] = []
-        sec, far = -1, 0
-        for row in self.rows:
-            if row[0] != sec:
-                sec, far = row[0], row[2]
-            elif row[2] > far:
-                far = row[2]
-            reach.append(far)
-        self.reach = reach
+    def __init__(self, d: Decoded, by_loc: Mapping[Loc, list[int]]) -> None:
+        self.d = d
+        instrlen = d.instrlen
+        suspect: set[Loc] = set()
+        locs = sorted(by_loc)
+        sec, far = -1, -1  # the farthest end of the entries starting earlier in `sec`
+        for k, loc in enumerate(locs):
+            if loc[0] != sec:
+                sec, far = loc[0], -1
+            end = loc[1] + max(instrlen[j] for j in by_loc[loc])
+            nxt = locs[k + 1] if k + 1 < len(locs) else None
+            # An earlier entry reaching past this start, or a later one starting before
+            # this location's farthest end (which is at least the site's end).
+            if far > loc[1] or (nxt is not None and nxt[0] == sec and nxt[1] < end):
+                suspect.add(loc)
+            far = max(far, end)
+        self.suspect = suspect
 
-    def may_overlap(self, sec: int, start: int, end: int) -> bool:
-        """Some entry in `sec` starts before `start` and ends after it, or starts inside
-        (start, end).  False is exact; True sends the site to the full check."""
-        rows = self.rows
-        lo = bisect.bisect_left(rows, (sec, start))
-        if lo and rows[lo - 1][0] == sec and self.reach[lo - 1] > start:
-            return True
-        hi = bisect.bisect_left(rows, (sec, end), lo)
-        return hi > lo and rows[hi - 1][1] != start
+    @cached_property
+    def rows(self) -> list[tuple[int, int, int, int]]:
+        d = self.d
+        return sorted((loc[0], loc[1], loc[1] + d.instrlen[i], i)
+                      for i, loc in enumerate(d.instr) if loc is not None)
