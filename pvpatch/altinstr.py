@@ -338,6 +338,7 @@ class _AltScanner:
         self._rep = (rep.index, rep.size) if rep is not None else (-1, -1)
         self._rip = elf.arch.name == "x86_64"
         self._mask = (1 << 8 * elf.arch.ptr_size) - 1  # Arch.wrap
+        self._named: dict[int, tuple[str | None, int, tuple[str, ...]]] = {}
 
     # -- helpers -------------------------------------------------------------------
 
@@ -433,23 +434,28 @@ class _AltScanner:
             self._entry_finding(i, f"site of {instrlen} bytes at {sec.name}+{off:#x} runs "
                                 f"past the end of {sec.name} ({sec.size:#x} bytes)", "PV103")
             return None
-        code = self._bytes(loc, instrlen)
+        start = sec.offset + off
+        code = self._data[start : start + instrlen]
         if instrlen != CALL_INSN_LEN or not code.startswith(CALL_INSN):
             self._entry_finding(i, f"DIRECT_CALL site at {sec.name}+{off:#x} is {code.hex()} "
                                 f"({instrlen} bytes), not a 6-byte call *pv_ops+off",
                                 "PV110")
             return None
-        slot, why = self._slot(loc, code)
+        slot, why = self._slot(sec, off, code)
         if slot is None:
             self._entry_finding(i, f"DIRECT_CALL site at {sec.name}+{off:#x}: {why}", "PV111")
             return None
         ops = self.ops
-        op = ops.name_of(slot) if ops is not None else None
-        callee_save = ops.is_callee_save(slot) if op is not None and ops else True
-        clob, regs = self._callee_save if callee_save else self._c_clobbers
+        named = self._named.get(slot)
+        if named is None:  # a few dozen slots, thousands of sites
+            op = ops.name_of(slot) if ops is not None else None
+            callee_save = ops.is_callee_save(slot) if op is not None and ops else True
+            named = self._named[slot] = (op, *(self._callee_save if callee_save
+                                               else self._c_clobbers))
+        op, clob, regs = named
         native, problems = self._partners(i, group)
         site = Site(i, sec.name, sec.index, off, address, slot, instrlen, clob, regs, op, code,
-                    sec.offset + off, base, slot, native, tuple(group))
+                    start, base, slot, native, tuple(group))
         if ops is not None and op is None:
             self._site_finding("PV111", site, f"the call reads pv_ops slot {slot}, outside "
                                f"the {ops.name} catalog's {len(ops.slots)} ops")
@@ -462,12 +468,10 @@ class _AltScanner:
                 self._site_finding("PV107", site, message)
         return site
 
-    def _slot(self, loc: tuple[int, int], code: bytes) -> tuple[int | None, str]:
-        """The pv_ops slot the site's call reads, or why none; a slot past the table's
-        known size comes with the complaint."""
+    def _slot(self, sec: Section, off: int, code: bytes) -> tuple[int | None, str]:
+        """The pv_ops slot the call at `off` in `sec` reads, or why none; a slot past the
+        table's known size comes with the complaint."""
         elf, arch = self.elf, self.arch
-        sec = elf.sections[loc[0]]
-        off = loc[1]
         field_at = len(CALL_INSN)
         if self.relocatable:
             inside = self._relocs_of(sec.index).between(off, off + CALL_INSN_LEN)
@@ -499,13 +503,13 @@ class _AltScanner:
         with the entries there."""
         d = self.d
         flags, instrlen, repllen = d.flags, d.instrlen, d.repllen
+        rep_index, rep_size = self._rep  # inlined _in_replacements: one call per entry
         problems: list[tuple[str, str]] = []
         rloc = d.repl[i]
-        if not self._in_replacements(rloc, repllen[i]):
+        if rloc is None or rloc[0] != rep_index or rloc[1] + repllen[i] > rep_size:
             problems.append(("PV113", "the call's placeholder lies outside "
                              f"{REPLACEMENT_SECTION}"))
-        elif rloc is None or repllen[i] != PLACEHOLDER_LEN \
-                or self._bytes(rloc, 1) != b"\xe8":
+        elif repllen[i] != PLACEHOLDER_LEN or self._bytes(rloc, 1) != b"\xe8":
             problems.append(("PV110", "the DIRECT_CALL replacement is not a 5-byte call "
                              "placeholder (the kernel BUG()s on it)"))
         native: bytes | None = None
@@ -528,22 +532,18 @@ class _AltScanner:
                 continue  # not a native form: only neutralised along with the site
             natives += 1
             rloc = d.repl[j]
-            if not self._in_replacements(rloc, repllen[j]):
+            if rloc is None or rloc[0] != rep_index or rloc[1] + repllen[j] > rep_size:
                 problems.append(("PV113", f"entry {j}'s replacement lies outside "
                                  f"{REPLACEMENT_SECTION}"))
             elif repllen[j] > instrlen[i]:
                 problems.append(("PV112", f"entry {j}'s replacement ({repllen[j]} bytes) is "
                                  "longer than the site"))
-            elif rloc is not None and not self._relocated(rloc, repllen[j]):
+            elif not self.relocatable or not self._relocated(rloc, repllen[j]):
                 native = self._bytes(rloc, repllen[j])
         if natives > 1:
             problems.append(("PV112", f"{natives} native replacements for one site"))
             native = None
         return native, problems
-
-    def _in_replacements(self, loc: tuple[int, int] | None, length: int) -> bool:
-        index, size = self._rep  # (-1, -1) when the file has no replacement section
-        return loc is not None and loc[0] == index and loc[1] + length <= size
 
     def _relocated(self, loc: tuple[int, int], length: int) -> bool:
         """A relocation inside a replacement: its bytes are not final in this file."""
