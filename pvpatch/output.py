@@ -214,25 +214,32 @@ def _coalesced(base: Buffer, edits: Iterable[tuple[int, bytes]]) -> list[tuple[i
     holds there), each applied in its original order (a later edit over an earlier one
     wins, as when written one by one).  A vmlinux has thousands of 4-byte edits a few
     bytes apart in one table: one write each would cost a system call each."""
-    ordered = sorted(enumerate(edits), key=lambda e: e[1][0])
-    runs: list[list[tuple[int, int, bytes]]] = []  # (original position, offset, data)
+    # (offset, original position, data): sorted by offset, ties in their original order.
+    rows = sorted([(offset, k, data) for k, (offset, data) in enumerate(edits)])
+    runs: list[tuple[int, list[tuple[int, int, bytes]]]] = []  # (end, rows of the run)
+    items: list[tuple[int, int, bytes]] = []
     end = -1
-    for k, (offset, data) in ordered:
-        if runs and offset <= end + COALESCE_GAP:
-            runs[-1].append((k, offset, data))
-            end = max(end, offset + len(data))
+    for row in rows:
+        stop = row[0] + len(row[2])
+        if items and row[0] <= end + COALESCE_GAP:
+            items.append(row)
+            if stop > end:
+                end = stop
         else:
-            runs.append([(k, offset, data)])
-            end = offset + len(data)
+            if items:
+                runs.append((end, items))
+            items, end = [row], stop
+    if items:
+        runs.append((end, items))
     out: list[tuple[int, bytes]] = []
-    for run in runs:
-        start = run[0][1]
-        stop = max(offset + len(data) for _k, offset, data in run)
+    for stop, run in runs:
         if len(run) == 1 or stop > len(base):  # past the loaded bytes: one by one
-            out.extend((offset, data) for _k, offset, data in sorted(run))
+            out.extend((offset, data) for offset, _k, data in
+                       sorted(run, key=lambda row: row[1]))
             continue
+        start = run[0][0]
         buf = bytearray(base[start:stop])
-        for _k, offset, data in sorted(run):
+        for offset, _k, data in sorted(run, key=lambda row: row[1]):
             buf[offset - start : offset - start + len(data)] = data
         out.append((start, bytes(buf)))
     return out
