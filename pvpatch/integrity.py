@@ -233,6 +233,8 @@ class _Checker:
 
 @dataclass(frozen=True)
 class _Func:
+    """A sized function symbol, as section offsets."""
+
     start: int  # section offsets
     end: int
     name: str

@@ -19,6 +19,8 @@ from .arch import ARCHES
 
 @dataclass(frozen=True)
 class Field:
+    """Where one field lies inside a table entry."""
+
     offset: int
     size: int
 
@@ -28,6 +30,8 @@ class Field:
 
 @dataclass(frozen=True)
 class TableLayout:
+    """One era of `struct paravirt_patch_site`: its fields, stride and CLBR bits, as data."""
+
     name: str
     arch: str
     stride: int  # every entry starts aligned to this

@@ -37,6 +37,8 @@ class ThunkSpec:
 
 @dataclass(frozen=True)
 class Decision:
+    """What one site becomes (an action), and why when it is kept."""
+
     site: Site
     action: Action
     reason: str | None = None
@@ -54,6 +56,9 @@ class Decision:
 
 @dataclass(frozen=True)
 class Plan:
+    """Every site's decision, the thunks they need and what planning found: pure data,
+    nothing written."""
+
     scan: ScanResult = field(repr=False)
     backend: Backend
     decisions: tuple[Decision, ...]
