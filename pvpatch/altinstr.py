@@ -590,17 +590,18 @@ class _Spans:
         instrlen = d.instrlen
         suspect: set[Loc] = set()
         locs = sorted(by_loc)
+        length = instrlen.__getitem__
         sec, far = -1, -1  # the farthest end of the entries starting earlier in `sec`
-        for k, loc in enumerate(locs):
+        for loc, nxt in zip(locs, [*locs[1:], (-1, 0)], strict=True):
             if loc[0] != sec:
                 sec, far = loc[0], -1
-            end = loc[1] + max(instrlen[j] for j in by_loc[loc])
-            nxt = locs[k + 1] if k + 1 < len(locs) else None
+            end = loc[1] + max(map(length, by_loc[loc]))
             # An earlier entry reaching past this start, or a later one starting before
             # this location's farthest end (which is at least the site's end).
-            if far > loc[1] or (nxt is not None and nxt[0] == sec and nxt[1] < end):
+            if far > loc[1] or (nxt[0] == sec and nxt[1] < end):
                 suspect.add(loc)
-            far = max(far, end)
+            if end > far:
+                far = end
         self.suspect = suspect
 
     @cached_property
