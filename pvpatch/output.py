@@ -216,30 +216,33 @@ def _coalesced(base: Buffer, edits: Iterable[tuple[int, bytes]]) -> list[tuple[i
     bytes apart in one table: one write each would cost a system call each."""
     # (offset, original position, data): sorted by offset, ties in their original order.
     rows = sorted([(offset, k, data) for k, (offset, data) in enumerate(edits)])
-    runs: list[tuple[int, list[tuple[int, int, bytes]]]] = []  # (end, rows of the run)
+    # (end, rows, whether two of them overlap: only then does their order matter)
+    runs: list[tuple[int, list[tuple[int, int, bytes]], bool]] = []
     items: list[tuple[int, int, bytes]] = []
-    end = -1
+    end, overlap = -1, False
     for row in rows:
         stop = row[0] + len(row[2])
         if items and row[0] <= end + COALESCE_GAP:
             items.append(row)
+            overlap = overlap or row[0] < end
             if stop > end:
                 end = stop
         else:
             if items:
-                runs.append((end, items))
-            items, end = [row], stop
+                runs.append((end, items, overlap))
+            items, end, overlap = [row], stop, False
     if items:
-        runs.append((end, items))
+        runs.append((end, items, overlap))
     out: list[tuple[int, bytes]] = []
-    for stop, run in runs:
+    for stop, run, overlapping in runs:
+        if overlapping:
+            run.sort(key=lambda row: row[1])  # as written: a later edit over an earlier one
         if len(run) == 1 or stop > len(base):  # past the loaded bytes: one by one
-            out.extend((offset, data) for offset, _k, data in
-                       sorted(run, key=lambda row: row[1]))
+            out.extend((offset, data) for offset, _k, data in run)
             continue
-        start = run[0][0]
+        start = min(run)[0]
         buf = bytearray(base[start:stop])
-        for offset, _k, data in sorted(run, key=lambda row: row[1]):
+        for offset, _k, data in run:
             buf[offset - start : offset - start + len(data)] = data
         out.append((start, bytes(buf)))
     return out
