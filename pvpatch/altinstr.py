@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -95,19 +95,26 @@ class AltLayout:
                 f.index("flags") if "flags" in f else None, f.index("instrlen"),
                 f.index("repllen"))
 
-    def entries(self, data: bytes) -> list[AltEntry]:
+    def columns(self, data: bytes) -> tuple[tuple[int, ...], ...]:
+        """Every entry's fields as columns (instr, repl, feature, flags, instrlen,
+        repllen), `flags` holding ALT_FLAG_* whatever the era: one pass in C, no object
+        per entry (a vmlinux has ten thousand)."""
+        rows = list(self._struct.iter_unpack(data))
+        if not rows:
+            return ((),) * 6
+        cols = tuple(zip(*rows, strict=True))
         i_at, r_at, c_at, f_at, il_at, rl_at = self._positions
+        cpuid = cols[c_at]
+        flags = cols[f_at] if f_at is not None else (0,) * len(rows)
         not_bit = self.not_bit
-        out = []
-        # Positional construction: a vmlinux has ten thousand entries.
-        for raw in self._struct.iter_unpack(data):
-            cpuid = raw[c_at]
-            flags = raw[f_at] if f_at is not None else 0
-            if not_bit and cpuid & not_bit:
-                cpuid &= ~not_bit
-                flags |= ALT_FLAG_NOT
-            out.append(AltEntry(raw[i_at], raw[r_at], cpuid, flags, raw[il_at], raw[rl_at]))
-        return out
+        if not_bit:
+            flags = tuple(f | ALT_FLAG_NOT if c & not_bit else f
+                          for c, f in zip(cpuid, flags, strict=True))
+            cpuid = tuple(c & ~not_bit for c in cpuid)
+        return cols[i_at], cols[r_at], cpuid, flags, cols[il_at], cols[rl_at]
+
+    def entries(self, data: bytes) -> list[AltEntry]:
+        return [AltEntry(*fields) for fields in zip(*self.columns(data), strict=True)]
 
     @property
     def direct_calls(self) -> bool:
@@ -142,24 +149,37 @@ AUTO_ALT_LAYOUTS = ("linux-alt-6.3", "linux-alt-5.13", "linux-alt-4.1")
 NEUTRAL_FLAGS = (X86_FEATURE_ALWAYS, ALT_FLAG_NOT)  # (feature, flags) of a skipped entry
 
 
+Loc = tuple[int, int]
+
+
 @dataclass(frozen=True)
 class Decoded:
-    """A table decoded with one layout: each entry and where its two pointers lead.
+    """A table decoded with one layout, as columns: entry i's fields are `feature[i]`,
+    `flags[i]` (ALT_FLAG_*), `instrlen[i]`, `repllen[i]`, and its two pointers lead to
+    `instr[i]` and `repl[i]`.
 
     A location is (section index, offset); None where the pointer leads nowhere
     usable (the reason is in `problems`)."""
 
     layout: AltLayout
-    entries: tuple[AltEntry, ...]
-    instr: tuple[tuple[int, int] | None, ...]
-    repl: tuple[tuple[int, int] | None, ...]
+    feature: tuple[int, ...]
+    flags: tuple[int, ...]
+    instrlen: tuple[int, ...]
+    repllen: tuple[int, ...]
+    instr: tuple[Loc | None, ...]
+    repl: tuple[Loc | None, ...]
     problems: Mapping[int, str]
+
+    @property
+    def count(self) -> int:
+        return len(self.flags)
 
     @property
     def paravirt(self) -> bool:
         """The table holds paravirt sites (or sites pvpatch already rewrote)."""
-        return any(e.flags & ALT_FLAG_DIRECT_CALL or (e.feature, e.flags) == NEUTRAL_FLAGS
-                   for e in self.entries) and self.layout.direct_calls
+        return self.layout.direct_calls and (
+            any(f & ALT_FLAG_DIRECT_CALL for f in self.flags)
+            or NEUTRAL_FLAGS in zip(self.feature, self.flags, strict=True))
 
 
 class _Decoder:
@@ -170,10 +190,6 @@ class _Decoder:
         self.table = table
         self._relocs: dict[int, Relocation] | None = None
         self._targets: dict[int, tuple[int, int] | str] = {}
-        execs = sorted((s.addr, s.addr + s.size, s.index) for s in elf.sections
-                       if s.is_alloc and s.is_exec and s.size)
-        self._starts = [a for a, _e, _i in execs]
-        self._execs = execs
 
     @property
     def relocs(self) -> dict[int, Relocation]:
@@ -181,32 +197,29 @@ class _Decoder:
             self._relocs = {r.offset: r for r in self.elf.relocations_for(self.table)}
         return self._relocs
 
-    def _linked_fast(self) -> Callable[[int, int], tuple[int, int] | str]:
-        """`linked`, trying the section of the last hit first: entries point into one or
-        two sections in long runs."""
-        table_addr, wrap = self.table.addr, self.elf.arch.wrap
-        last = [0, 0, -1]  # start, end, index
-
-        def find(field_at: int, value: int) -> tuple[int, int] | str:
-            addr = wrap(table_addr + field_at + value)
-            if last[0] <= addr < last[1]:
-                return last[2], addr - last[0]
-            found = self.linked(field_at, value)
-            if not isinstance(found, str):
-                sec = self.elf.sections[found[0]]
-                last[:] = [sec.addr, sec.addr + sec.size, sec.index]
-            return found
-
-        return find
-
-    def linked(self, field_at: int, value: int) -> tuple[int, int] | str:
-        addr = self.elf.arch.wrap(self.table.addr + field_at + value)
-        k = bisect.bisect_right(self._starts, addr) - 1
-        if k >= 0:
-            start, end, index = self._execs[k]
-            if addr < end:
-                return index, addr - start
-        return f"points at {addr:#x}, outside every executable section"
+    def linked(self, values: Sequence[int], field_at: int, stride: int,
+               problems: dict[int, str]) -> list[Loc | None]:
+        """Linked: each entry's field (at `field_at` in the entry) is self-relative, so
+        entry i's pointer leads to table address + i * stride + field_at + value.  One
+        pass over the column, a bisect over the executable sections per pointer."""
+        execs = sorted((s.addr, s.addr + s.size, s.index) for s in self.elf.sections
+                       if s.is_alloc and s.is_exec and s.size)
+        starts = [a for a, _e, _i in execs]
+        mask = (1 << 8 * self.elf.arch.ptr_size) - 1  # Arch.wrap
+        base = self.table.addr + field_at
+        out: list[Loc | None] = []
+        find = bisect.bisect_right
+        for i, value in enumerate(values):
+            addr = (base + i * stride + value) & mask
+            k = find(starts, addr) - 1
+            if k >= 0:
+                start, end, index = execs[k]
+                if addr < end:
+                    out.append((index, addr - start))
+                    continue
+            problems.setdefault(i, f"points at {addr:#x}, outside every executable section")
+            out.append(None)
+        return out
 
     def relocated(self, field_at: int) -> tuple[int, int] | str:
         """Relocatable: a PC32 relocation S + A - P, which the kernel turns back into S + A."""
@@ -237,11 +250,13 @@ class _Decoder:
         count, rest = divmod(table.size, stride)
         if rest or not count:
             return f"size {table.size} is not a whole number of {stride}-byte entries"
-        entries = layout.entries(elf.section_data(table))
-        instr: list[tuple[int, int] | None] = []
-        repl: list[tuple[int, int] | None] = []
+        instr_v, repl_v, feature, flags, instrlen, repllen = \
+            layout.columns(elf.section_data(table))
+        instr: list[Loc | None]
+        repl: list[Loc | None]
         problems: dict[int, str] = {}
         if elf.is_relocatable:
+            instr, repl = [], []
             offsets = self.relocs.keys()
             if len(offsets) != 2 * count or any(o % stride not in (0, 4) for o in offsets):
                 return f"its relocations are not two per {stride}-byte entry"
@@ -254,22 +269,15 @@ class _Decoder:
                     else:
                         out.append(where)
         else:
-            misses = 0
-            linked = self._linked_fast()
-            for i, e in enumerate(entries):
-                base = i * stride
-                for field_at, value, out in ((base, e.instr, instr), (base + 4, e.repl, repl)):
-                    where = linked(field_at, value)
-                    if isinstance(where, str):
-                        problems.setdefault(i, where)
-                        misses += 1
-                        out.append(None)
-                    else:
-                        out.append(where)
+            # The instr field's miss is the one reported when both miss (set first).
+            instr = self.linked(instr_v, 0, stride, problems)
+            repl = self.linked(repl_v, 4, stride, problems)
+            misses = instr.count(None) + repl.count(None)
             # A wrong stride decodes garbage: most pointers then lead nowhere.
             if misses * 8 > 2 * count:
                 return f"{misses} of {2 * count} pointers lead outside executable sections"
-        return Decoded(layout, tuple(entries), tuple(instr), tuple(repl), problems)
+        return Decoded(layout, feature, flags, instrlen, repllen, tuple(instr), tuple(repl),
+                       problems)
 
 
 def probe(elf: ElfFile, table: Section, layout: str = "auto") -> Decoded | str:
@@ -318,8 +326,19 @@ class _AltScanner:
         self.unsafe: set[int] = set()
         self._relocs: dict[int, RelocIndex] = {}
         self.replacement = elf.section(REPLACEMENT_SECTION)
-        self._c_mask = sum(1 << bit for bit, reg in enumerate(self.clbr.clobber_bits)
-                           if reg in self.arch.caller_saved or reg in self.arch.return_regs)
+        c_mask = sum(1 << bit for bit, reg in enumerate(self.clbr.clobber_bits)
+                     if reg in self.arch.caller_saved or reg in self.arch.return_regs)
+        # A site's mask and registers are one of two pairs, by the op's convention.
+        self._c_clobbers = c_mask, self.clbr.regs(c_mask)
+        self._callee_save = self.clbr.ret_mask, self.clbr.regs(self.clbr.ret_mask)
+        self._tables = {table.index, getattr(self.replacement, "index", -1)}
+        self.relocatable = elf.is_relocatable
+        self._data, self._sections = elf.data, elf.sections
+        rep = self.replacement
+        self._rep = (rep.index, rep.size) if rep is not None else (-1, -1)
+        self._rip = elf.arch.name == "x86_64"
+        self._mask = (1 << 8 * elf.arch.ptr_size) - 1  # Arch.wrap
+        self._named: dict[int, tuple[str | None, int, tuple[str, ...]]] = {}
 
     # -- helpers -------------------------------------------------------------------
 
@@ -340,9 +359,8 @@ class _AltScanner:
         return idx
 
     def _bytes(self, loc: tuple[int, int], length: int) -> bytes:
-        sec = self.elf.sections[loc[0]]
-        start = sec.offset + loc[1]
-        return bytes(self.elf.data[start : start + length])
+        start = self._sections[loc[0]].offset + loc[1]
+        return self._data[start : start + length]  # a copy, from bytes or a map alike
 
     @cached_property
     def _pv_ops(self) -> tuple[int | None, int | None]:
@@ -360,95 +378,102 @@ class _AltScanner:
 
     def run(self) -> ScanResult:
         d = self.d
+        flags, instr = d.flags, d.instr
+        direct = [i for i, f in enumerate(flags) if f & ALT_FLAG_DIRECT_CALL]
         for i, why in sorted(d.problems.items()):
-            if d.entries[i].flags & ALT_FLAG_DIRECT_CALL:
+            if flags[i] & ALT_FLAG_DIRECT_CALL:
                 self._entry_finding(i, why, "PV102")
-        by_loc: dict[tuple[int, int], list[int]] = {}
-        for i, loc in enumerate(d.instr):
+        by_loc: dict[Loc, list[int]] = {}
+        for i, loc in enumerate(instr):
             if loc is not None:
-                by_loc.setdefault(loc, []).append(i)
-        spans = sorted((loc[0], loc[1], loc[1] + d.entries[i].instrlen, i)
-                       for i, loc in enumerate(d.instr) if loc is not None)
+                group = by_loc.get(loc)
+                if group is None:
+                    by_loc[loc] = [i]
+                else:
+                    group.append(i)
+        overlaps = _Spans(d, by_loc)
         sites: list[Site] = []
-        for i, e in enumerate(d.entries):
-            loc = d.instr[i]
-            if not e.flags & ALT_FLAG_DIRECT_CALL or loc is None:
-                continue
-            group = by_loc[loc]
-            if next(j for j in group if d.entries[j].flags & ALT_FLAG_DIRECT_CALL) != i:
+        made: set[Loc] = set()
+        for i in direct:
+            loc = instr[i]
+            if loc is None or loc in made:
                 continue  # the site was made from the first DIRECT_CALL entry at it
-            site = self._site(i, e, loc, group)
+            made.add(loc)
+            site = self._site(i, loc, by_loc[loc])
             if site is not None:
-                self._check_overlaps(site, loc, spans)
+                self._check_overlaps(site, loc, overlaps)
                 sites.append(site)
         layout = d.layout
         return ScanResult(
             self.elf, self.elf.path, self.arch,
-            Table(self.table, layout, len(d.entries), "altinstructions"),
+            Table(self.table, layout, d.count, "altinstructions"),
             tuple(sites), tuple(self.findings), self.ops, self.clbr, frozenset(self.unsafe))
 
-    def _site(self, i: int, e: AltEntry, loc: tuple[int, int], group: list[int]
-              ) -> Site | None:
+    def _site(self, i: int, loc: Loc, group: list[int]) -> Site | None:
         elf, d = self.elf, self.d
         sec = elf.sections[loc[0]]
         off = loc[1]
-        relocatable = elf.is_relocatable
+        relocatable = self.relocatable
         address = None if relocatable else sec.addr + off
         base = i * d.layout.stride
-        if e.instrlen == 0 or e.instrlen > MAX_PATCH_LEN:
-            self._entry_finding(i, f"site length {e.instrlen} (must be 1..{MAX_PATCH_LEN})",
+        instrlen = d.instrlen[i]
+        if instrlen == 0 or instrlen > MAX_PATCH_LEN:
+            self._entry_finding(i, f"site length {instrlen} (must be 1..{MAX_PATCH_LEN})",
                                 "PV109")
             return None
         if sec.file_size == 0:
             self._entry_finding(i, f"site at {sec.name}+{off:#x} is in a section with no bytes "
                                 "in the file (SHT_NOBITS)", "PV102")
             return None
-        if sec.index in (self.table.index, getattr(self.replacement, "index", -1)):
+        if sec.index in self._tables:
             # Rewriting it would rewrite the tables the kernel reads.
             self._entry_finding(i, f"site at {sec.name}+{off:#x} is inside the alternatives "
                                 "tables themselves", "PV102")
             return None
-        if off + e.instrlen > sec.size:
-            self._entry_finding(i, f"site of {e.instrlen} bytes at {sec.name}+{off:#x} runs "
+        if off + instrlen > sec.size:
+            self._entry_finding(i, f"site of {instrlen} bytes at {sec.name}+{off:#x} runs "
                                 f"past the end of {sec.name} ({sec.size:#x} bytes)", "PV103")
             return None
-        code = self._bytes(loc, e.instrlen)
-        if e.instrlen != CALL_INSN_LEN or not code.startswith(CALL_INSN):
+        start = sec.offset + off
+        code = self._data[start : start + instrlen]
+        if instrlen != CALL_INSN_LEN or not code.startswith(CALL_INSN):
             self._entry_finding(i, f"DIRECT_CALL site at {sec.name}+{off:#x} is {code.hex()} "
-                                f"({e.instrlen} bytes), not a 6-byte call *pv_ops+off",
+                                f"({instrlen} bytes), not a 6-byte call *pv_ops+off",
                                 "PV110")
             return None
-        slot, why = self._slot(loc, code)
+        slot, why = self._slot(sec, off, code)
         if slot is None:
             self._entry_finding(i, f"DIRECT_CALL site at {sec.name}+{off:#x}: {why}", "PV111")
             return None
-        op = self.ops.name_of(slot) if self.ops is not None else None
-        callee_save = self.ops.is_callee_save(slot) if op is not None and self.ops else True
-        clob = self.clbr.ret_mask if callee_save else self._c_mask
-        native, problems = self._partners(i, e, group)
-        site = Site(i, sec.name, sec.index, off, address, slot, e.instrlen, clob,
-                    self.clbr.regs(clob), op, code, sec.offset + off, base, slot, native,
-                    tuple(group))
-        if self.ops is not None and op is None:
+        ops = self.ops
+        named = self._named.get(slot)
+        if named is None:  # a few dozen slots, thousands of sites
+            op = ops.name_of(slot) if ops is not None else None
+            callee_save = ops.is_callee_save(slot) if op is not None and ops else True
+            named = self._named[slot] = (op, *(self._callee_save if callee_save
+                                               else self._c_clobbers))
+        op, clob, regs = named
+        native, problems = self._partners(i, group)
+        site = Site(i, sec.name, sec.index, off, address, slot, instrlen, clob, regs, op, code,
+                    start, base, slot, native, tuple(group))
+        if ops is not None and op is None:
             self._site_finding("PV111", site, f"the call reads pv_ops slot {slot}, outside "
-                               f"the {self.ops.name} catalog's {len(self.ops.slots)} ops")
+                               f"the {ops.name} catalog's {len(ops.slots)} ops")
         elif why:  # a slot outside pv_ops' known size
             self._site_finding("PV111", site, why)
         for rule, message in problems:
             self._site_finding(rule, site, message)
         if relocatable:
-            for message in self._crossings(sec, off, e.instrlen):
+            for message in self._crossings(sec, off, instrlen):
                 self._site_finding("PV107", site, message)
         return site
 
-    def _slot(self, loc: tuple[int, int], code: bytes) -> tuple[int | None, str]:
-        """The pv_ops slot the site's call reads, or why none; a slot past the table's
-        known size comes with the complaint."""
+    def _slot(self, sec: Section, off: int, code: bytes) -> tuple[int | None, str]:
+        """The pv_ops slot the call at `off` in `sec` reads, or why none; a slot past the
+        table's known size comes with the complaint."""
         elf, arch = self.elf, self.arch
-        sec = elf.sections[loc[0]]
-        off = loc[1]
         field_at = len(CALL_INSN)
-        if elf.is_relocatable:
+        if self.relocatable:
             inside = self._relocs_of(sec.index).between(off, off + CALL_INSN_LEN)
             calls = [r for r in inside if r.offset == off + field_at]
             if len(calls) != 1:
@@ -461,9 +486,7 @@ class _AltScanner:
             return slot, ""
         disp = int.from_bytes(code[field_at : field_at + 4], "little", signed=True)
         # x86-64 reads rip-relative; i386 reads an absolute address.
-        address = sec.addr + off
-        target = arch.wrap(address + CALL_INSN_LEN + disp) if arch.name == "x86_64" \
-            else arch.wrap(disp)
+        target = (sec.addr + off + CALL_INSN_LEN + disp if self._rip else disp) & self._mask
         base, size = self._pv_ops
         if base is None:
             return None, "pv_ops is neither in .symtab nor exported, so no slot can be named"
@@ -475,18 +498,18 @@ class _AltScanner:
             return slot, f"the call reads {target:#x}, past the end of pv_ops ({size} bytes)"
         return slot, ""
 
-    def _partners(self, i: int, e: AltEntry, group: list[int]
-                  ) -> tuple[bytes | None, list[tuple[str, str]]]:
+    def _partners(self, i: int, group: list[int]) -> tuple[bytes | None, list[tuple[str, str]]]:
         """The native replacement among the other entries at the site, and what is wrong
         with the entries there."""
         d = self.d
+        flags, instrlen, repllen = d.flags, d.instrlen, d.repllen
+        rep_index, rep_size = self._rep  # inlined _in_replacements: one call per entry
         problems: list[tuple[str, str]] = []
         rloc = d.repl[i]
-        if not self._in_replacements(rloc, e.repllen):
+        if rloc is None or rloc[0] != rep_index or rloc[1] + repllen[i] > rep_size:
             problems.append(("PV113", "the call's placeholder lies outside "
                              f"{REPLACEMENT_SECTION}"))
-        elif rloc is None or e.repllen != PLACEHOLDER_LEN \
-                or self._bytes(rloc, 1) != b"\xe8":
+        elif repllen[i] != PLACEHOLDER_LEN or self._bytes(rloc, 1) != b"\xe8":
             problems.append(("PV110", "the DIRECT_CALL replacement is not a 5-byte call "
                              "placeholder (the kernel BUG()s on it)"))
         native: bytes | None = None
@@ -494,43 +517,37 @@ class _AltScanner:
         for j in group:
             if j == i:
                 continue
-            other = d.entries[j]
-            if other.flags & ALT_FLAG_DIRECT_CALL:
-                if (other.instrlen, other.repllen) != (e.instrlen, e.repllen):
+            if flags[j] & ALT_FLAG_DIRECT_CALL:
+                if (instrlen[j], repllen[j]) != (instrlen[i], repllen[i]):
                     problems.append(("PV112", f"DIRECT_CALL entries {i} and {j} name the site "
                                      "with different lengths"))
                 else:
                     problems.append(("PV204", f"entries {i} and {j} both name the site as a "
                                      "DIRECT_CALL"))
                 continue
-            if other.instrlen != e.instrlen:
-                problems.append(("PV112", f"entry {j} at the site says {other.instrlen} "
-                                 f"bytes, the call's entry {e.instrlen}"))
-            if not other.flags & ALT_FLAG_NOT or other.feature not in PARAVIRT_FEATURES:
+            if instrlen[j] != instrlen[i]:
+                problems.append(("PV112", f"entry {j} at the site says {instrlen[j]} "
+                                 f"bytes, the call's entry {instrlen[i]}"))
+            if not flags[j] & ALT_FLAG_NOT or d.feature[j] not in PARAVIRT_FEATURES:
                 continue  # not a native form: only neutralised along with the site
             natives += 1
             rloc = d.repl[j]
-            if not self._in_replacements(rloc, other.repllen):
+            if rloc is None or rloc[0] != rep_index or rloc[1] + repllen[j] > rep_size:
                 problems.append(("PV113", f"entry {j}'s replacement lies outside "
                                  f"{REPLACEMENT_SECTION}"))
-            elif other.repllen > e.instrlen:
-                problems.append(("PV112", f"entry {j}'s replacement ({other.repllen} bytes) is "
+            elif repllen[j] > instrlen[i]:
+                problems.append(("PV112", f"entry {j}'s replacement ({repllen[j]} bytes) is "
                                  "longer than the site"))
-            elif rloc is not None and not self._relocated(rloc, other.repllen):
-                native = self._bytes(rloc, other.repllen)
+            elif not self.relocatable or not self._relocated(rloc, repllen[j]):
+                native = self._bytes(rloc, repllen[j])
         if natives > 1:
             problems.append(("PV112", f"{natives} native replacements for one site"))
             native = None
         return native, problems
 
-    def _in_replacements(self, loc: tuple[int, int] | None, length: int) -> bool:
-        rep = self.replacement
-        return (loc is not None and rep is not None and loc[0] == rep.index
-                and loc[1] + length <= rep.size)
-
     def _relocated(self, loc: tuple[int, int], length: int) -> bool:
         """A relocation inside a replacement: its bytes are not final in this file."""
-        if not self.elf.is_relocatable:
+        if not self.relocatable:
             return False
         return bool(self._relocs_of(loc[0]).between(loc[1], loc[1] + length))
 
@@ -547,15 +564,48 @@ class _AltScanner:
                            f"({length} bytes)")
         return out
 
-    def _check_overlaps(self, site: Site, loc: tuple[int, int],
-                        spans: Sequence[tuple[int, int, int, int]]) -> None:
+    def _check_overlaps(self, site: Site, loc: Loc, spans: _Spans) -> None:
         """Another entry whose range overlaps the site without starting at it."""
         start, end = loc[1], loc[1] + site.len
-        k = bisect.bisect_left(spans, (loc[0], start - MAX_PATCH_LEN))
-        while k < len(spans) and spans[k][:2] < (loc[0], end):
-            sec_index, s, e, j = spans[k]
+        if loc not in spans.suspect:
+            return
+        rows = spans.rows
+        k = bisect.bisect_left(rows, (loc[0], start - MAX_PATCH_LEN))
+        while k < len(rows) and rows[k][:2] < (loc[0], end):
+            sec_index, s, e, j = rows[k]
             k += 1
             if sec_index != loc[0] or s == start or e <= start:
                 continue
             self._site_finding("PV104", site, f"entry {j} ({s:#x}..{e:#x}) overlaps the site "
                                f"at {site.section}+{start:#x} without starting at it")
+
+
+class _Spans:
+    """Which sites may overlap another entry, found in one sweep over the entries' start
+    locations in order; the few that may are checked exactly against every entry's range
+    (section, start, end, entry), sorted."""
+
+    def __init__(self, d: Decoded, by_loc: Mapping[Loc, list[int]]) -> None:
+        self.d = d
+        instrlen = d.instrlen
+        suspect: set[Loc] = set()
+        locs = sorted(by_loc)
+        length = instrlen.__getitem__
+        sec, far = -1, -1  # the farthest end of the entries starting earlier in `sec`
+        for loc, nxt in zip(locs, [*locs[1:], (-1, 0)], strict=True):
+            if loc[0] != sec:
+                sec, far = loc[0], -1
+            end = loc[1] + max(map(length, by_loc[loc]))
+            # An earlier entry reaching past this start, or a later one starting before
+            # this location's farthest end (which is at least the site's end).
+            if far > loc[1] or (nxt[0] == sec and nxt[1] < end):
+                suspect.add(loc)
+            if end > far:
+                far = end
+        self.suspect = suspect
+
+    @cached_property
+    def rows(self) -> list[tuple[int, int, int, int]]:
+        d = self.d
+        return sorted((loc[0], loc[1], loc[1] + d.instrlen[i], i)
+                      for i, loc in enumerate(d.instr) if loc is not None)

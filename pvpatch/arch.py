@@ -69,6 +69,9 @@ class RelocType:
 
 @dataclass(frozen=True)
 class Arch:
+    """What pvpatch needs to know of one architecture: registers, calling convention,
+    relocation types and NOP forms."""
+
     name: str
     machine: int
     elf_class: int  # 32 or 64

@@ -60,6 +60,8 @@ class OpRule:
 
 @dataclass(frozen=True)
 class Backend:
+    """What each op becomes: the native forms, or a user's spec, as rules by op name or type."""
+
     name: str
     arch: str | None
     rules: Mapping[str, OpRule]  # by op name or str(type)

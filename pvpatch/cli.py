@@ -7,6 +7,7 @@ Exit status: 0 success; 1 the job ran and found something that fails it
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -612,7 +613,22 @@ def _failure_sarif(args: argparse.Namespace, problem: str) -> None:
         _err(f"error: cannot write {path}: {exc}")
 
 
+# Young-generation collections every 700 new objects cost ~6% of patching a vmlinux (tens
+# of thousands of sites, each a few small objects, no garbage cycles): collect every
+# 100,000 instead while a command runs, as mypy does.
+YOUNG_GC_THRESHOLD = 100_000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    saved = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *saved[1:])
+    try:
+        return _main(argv)
+    finally:
+        gc.set_threshold(*saved)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in SARIF

@@ -264,21 +264,21 @@ def _alt_table(scan: ScanResult) -> _AltTable | None:
 
 def _alt_cover(scan: ScanResult, t: _AltTable, j: int) -> Cover:
     d = t.decoded
-    e = d.entries[j]
+    feature, flags, repllen = d.feature[j], d.flags[j], d.repllen[j]
     loc = d.instr[j]
     assert loc is not None
-    kind = _kind(e)
+    kind = _kind(feature, flags)
     repl = None
     rloc = d.repl[j]
     if kind == "alternative" and rloc is not None:
         rsec = scan.elf.sections[rloc[0]]
         index = t.repl_relocs.get(rloc[0])
-        relocated = index is not None and bool(index.between(rloc[1], rloc[1] + e.repllen))
-        if not relocated and rloc[1] + e.repllen <= rsec.size:
+        relocated = index is not None and bool(index.between(rloc[1], rloc[1] + repllen))
+        if not relocated and rloc[1] + repllen <= rsec.size:
             raw = scan.elf.section_data(rsec)
-            repl = bytes(raw[rloc[1] : rloc[1] + e.repllen])
-    return Cover(t.section_name, j, kind, loc[1], e.instrlen, e.feature,
-                 bool(e.flags & altinstr.ALT_FLAG_NOT), repl)
+            repl = bytes(raw[rloc[1] : rloc[1] + repllen])
+    return Cover(t.section_name, j, kind, loc[1], d.instrlen[j], feature,
+                 bool(flags & altinstr.ALT_FLAG_NOT), repl)
 
 
 class _OwnAlt:
@@ -301,7 +301,7 @@ class _OwnAlt:
 
     def cover(self, scan: ScanResult, site: Site, j: int) -> Cover:
         e = self.entries[j]
-        kind = _kind(e)
+        kind = _kind(e.feature, e.flags)
         negate = bool(e.flags & altinstr.ALT_FLAG_NOT)
         # The scan read the native replacement of the one NOT-paravirt entry (if final).
         repl = site.native if kind == "alternative" and negate and \
@@ -311,10 +311,10 @@ class _OwnAlt:
                      repl)
 
 
-def _kind(e: altinstr.AltEntry) -> str:
-    if e.flags & altinstr.ALT_FLAG_DIRECT_CALL:
+def _kind(feature: int, flags: int) -> str:
+    if flags & altinstr.ALT_FLAG_DIRECT_CALL:
         return "direct-call"
-    if (e.feature, e.flags & altinstr.ALT_FLAG_NOT) == altinstr.NEUTRAL_FLAGS:
+    if (feature, flags & altinstr.ALT_FLAG_NOT) == altinstr.NEUTRAL_FLAGS:
         return "skipped"
     return "alternative"
 
@@ -328,7 +328,7 @@ def _overlapping(t: _AltTable, site: Site) -> list[int]:
     while k < len(rows) and rows[k][0] < site.end:
         start, j = rows[k]
         k += 1
-        if start + d.entries[j].instrlen > site.offset:
+        if start + d.instrlen[j] > site.offset:
             out.append(j)
     return out
 

@@ -11,6 +11,8 @@ from .arch import ARCHES, Arch
 
 @dataclass(frozen=True)
 class Insn:
+    """One decoded instruction: where it starts in the bytes, its size and its text."""
+
     offset: int  # from the start of the decoded bytes
     size: int
     text: str

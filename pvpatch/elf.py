@@ -131,6 +131,8 @@ ELF32 = ElfClass(
 
 @dataclass(frozen=True)
 class Section:
+    """One section header, as the file has it."""
+
     index: int
     name: str
     type: int
@@ -163,6 +165,8 @@ class Section:
 
 @dataclass(frozen=True)
 class Segment:
+    """One program header, as the file has it."""
+
     index: int
     type: int
     flags: int
@@ -176,6 +180,8 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class Symbol:
+    """One symbol table entry, its name resolved."""
+
     index: int
     name: str
     value: int

@@ -52,10 +52,20 @@ def heads(arch_name: str) -> tuple[Head, ...]:
     return tuple(sorted(out, key=lambda h: -len(h.opcode)))
 
 
+@cache
+def _heads_by_first_byte(arch_name: str) -> dict[int, tuple[Head, ...]]:
+    """`heads` grouped by their first opcode byte, longest opcode first in each group."""
+    out: dict[int, list[Head]] = {}
+    for h in heads(arch_name):
+        out.setdefault(h.opcode[0], []).append(h)
+    return {byte: tuple(group) for byte, group in out.items()}
+
+
 def site_form(arch: Arch, code: bytes) -> Head | None:
     """The head a site's bytes are made of (then NOPs only), or None.  All-NOP sites are a
     zero-length head."""
-    for h in heads(arch.name):
+    # Only heads starting with the site's first byte can match (thousands of sites).
+    for h in _heads_by_first_byte(arch.name).get(code[0], ()) if code else ():
         if code.startswith(h.opcode) and len(code) >= h.length \
                 and arch.is_nop_fill(code[h.length :]):
             return h
@@ -233,6 +243,8 @@ class _Checker:
 
 @dataclass(frozen=True)
 class _Func:
+    """A sized function symbol, as section offsets."""
+
     start: int  # section offsets
     end: int
     name: str

@@ -19,12 +19,16 @@ from .arch import ARCHES
 
 @dataclass(frozen=True)
 class Field:
+    """Where one field lies inside a table entry."""
+
     offset: int
     size: int
 
 
 @dataclass(frozen=True)
 class TableLayout:
+    """One era of `struct paravirt_patch_site`: its fields, stride and CLBR bits, as data."""
+
     name: str
     arch: str
     stride: int  # every entry starts aligned to this

@@ -112,16 +112,22 @@ class OpCatalog:
 
 @dataclass(frozen=True)
 class _Ptr:
+    """A pointer member (an op) in a template's shape."""
+
     size: int | None  # None when the source does not record it (BTF)
 
 
 @dataclass(frozen=True)
 class _Other:
+    """A member that is neither a pointer nor a struct."""
+
     pass
 
 
 @dataclass(frozen=True)
 class _Field:
+    """A named member of a struct, at its byte offset."""
+
     name: str
     offset: int  # bytes from the start of the enclosing struct
     shape: _Shape
@@ -129,6 +135,8 @@ class _Field:
 
 @dataclass(frozen=True)
 class _Struct:
+    """A struct's shape: its size and members."""
+
     name: str
     size: int
     fields: tuple[_Field, ...]

@@ -42,6 +42,8 @@ class ThunkSpec:
 
 @dataclass(frozen=True)
 class Decision:
+    """What one site becomes (an action), and why when it is kept."""
+
     site: Site
     action: Action
     reason: str | None = None
@@ -59,6 +61,9 @@ class Decision:
 
 @dataclass(frozen=True)
 class Plan:
+    """Every site's decision, the thunks they need and what planning found: pure data,
+    nothing written."""
+
     scan: ScanResult = field(repr=False)
     backend: Backend
     decisions: tuple[Decision, ...]
@@ -107,6 +112,7 @@ class Planner:
         self.linked = not elf.is_relocatable
         self._inline_cache: dict[tuple[str, int, int], tuple[Action, str | None, bytes | None]] = {}
         self._targets: dict[str, Symbol | None] = {}
+        self._native_cache: dict[tuple[bytes, int], bytes] = {}
 
     def plan(self, drop_patched: bool = False, final: bool = False) -> Plan:
         from .integrity import site_problems
@@ -189,8 +195,12 @@ class Planner:
         kernel itself writes there on bare metal, so it fits the site by construction."""
         if len(native) > site.len:
             return Decision(site, "keep", _short(len(native), site.len), rule=rule)
-        return Decision(site, "inline", code=native + self.arch.nop_fill(site.len - len(native)),
-                        rule=rule)
+        # Thousands of sites, a handful of (form, length) pairs: each padded once.
+        key = (native, site.len)
+        code = self._native_cache.get(key)
+        if code is None:
+            code = self._native_cache[key] = native + self.arch.nop_fill(site.len - len(native))
+        return Decision(site, "inline", code=code, rule=rule)
 
     def _inline(self, site: Site, rule: OpRule) -> Decision:
         # Tables have thousands of sites of a few shapes: decide each shape once.

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import VerifyError
+from .forms import shown
 from .rules import Finding
 from .scan import ScanResult, Site
 
@@ -351,10 +352,15 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
             form = (p.after, d.target)
             head = decoded.get(form)
             if head is None:
+                # A native form is read from pvpatch/forms.py (no disassembler to import).
+                head = shown(plan.arch, p.after) \
+                    if d.action == "inline" and p.after != p.before else None
+            if head is None:
                 # Only the new form is shown: the old one (and the names it needs, which
                 # in a stripped image means reading the whole export table) is not decoded.
                 after = _after_insns(sym, p) if p.after != p.before else site_insns(sym, d.site)
-                head = decoded[form] = _code(_unpadded(plan.arch, p.after, after))
+                head = _code(_unpadded(plan.arch, p.after, after))
+            decoded[form] = head
             heads[key] = head if heads.get(key, head) == head else None
     parts = [f"{len(rw.patches)} sites", *(f"{counts[a]} {a}" for a in ACTIONS if counts.get(a))]
     if plan.scan.ops is not None:

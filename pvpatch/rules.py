@@ -16,6 +16,8 @@ Severity = Literal["error", "warning", "note"]
 
 @dataclass(frozen=True)
 class Rule:
+    """One check pvpatch reports: its id, name, severity and what it means."""
+
     id: str
     name: str
     severity: Severity
@@ -86,6 +88,8 @@ RULES: Mapping[str, Rule] = MappingProxyType(
 
 @dataclass(frozen=True)
 class Finding:
+    """One thing a check found, and where."""
+
     rule: str
     message: str
     section: str | None = None

@@ -38,6 +38,8 @@ class EntryLayout(Protocol):
 
 @dataclass(frozen=True)
 class Table:
+    """The site table a scan read: its section, entry layout, entry count and family."""
+
     section: Section
     layout: EntryLayout
     count: int
@@ -83,6 +85,8 @@ class Site:
 
 @dataclass(frozen=True)
 class ScanResult:
+    """What the scan stage hands to the planner: the file, its table, sites and findings."""
+
     elf: ElfFile = field(compare=False, repr=False)
     path: str
     arch: Arch
