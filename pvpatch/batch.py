@@ -16,15 +16,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .check import (
-    FATAL_ERRORS,
-    CheckOptions,
-    FileCheck,
-    check_path,
-    elf_kind,
-    read_input,
-)
+from .check import FATAL_ERRORS, CheckOptions, FileCheck, check_data
 from .compress import MAGIC_MAX, MAX_DECOMPRESSED, detect, named_like, unpack
+from .elf import elf_kind
 from .errors import InputError, PvpatchError, UsageError
 from .rules import Finding
 from .scan import DEFAULT_SECTION
@@ -101,6 +95,29 @@ def _looks_elf(path: str) -> bool:
     """ELF, or a compressed container (a tree of `.ko.xz` is a tree of modules)."""
     head = _head(path)
     return head.startswith(b"\x7fELF") or detect(head) is not None
+
+
+def read_input(path: str) -> bytes:
+    """Read a whole file, with the same errors `ElfFile.open` gives."""
+    try:
+        with open(path, "rb") as fh:  # read-only, as everywhere in pvpatch
+            return fh.read()
+    except FileNotFoundError:
+        raise InputError("no such file", path) from None
+    except IsADirectoryError:
+        raise InputError("is a directory", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+
+
+def check_path(path: str, options: CheckOptions, *, walked: bool = False) -> FileCheck:
+    """Check one file.  `walked`: found while walking a directory, where files that are
+    not x86 ELF are skipped silently; named files must be x86 ELF (bad input otherwise)."""
+    try:
+        data = read_input(path)
+    except InputError as exc:
+        return FileCheck(path, "bad", error=str(exc))
+    return check_data(path, data, options, walked=walked)
 
 
 def read_payload(path: str, limit: int = MAX_DECOMPRESSED) -> tuple[bytes, str | None]:
@@ -187,8 +204,6 @@ def check_input(options: CheckOptions, item: InputFile, *,
     checked like a plain one (a broken ELF payload is a PV100 finding either way)."""
     if detect(_head(item.path)) is None and named_like(item.path) is None:
         return check_path(item.path, options, walked=item.walked)
-    from .check import check_data
-
     try:
         data, compression = read_payload(item.path, max_decompressed)
     except InputError as exc:

@@ -1,4 +1,5 @@
-"""The check stage: every problem pvpatch can find in one file, as `Finding`s.
+"""The check stage: every problem pvpatch can find in one file, as `Finding`s (reading
+and sorting files is the tree runner's job, pvpatch/batch.py).
 
 `check` is the CI step: it runs the scanner (PV102..PV109, PV204), turns a
 table that cannot be decoded into PV101 and a broken ELF file into PV100
@@ -13,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .arch import ARCHES, BY_MACHINE
-from .elf import ELF_MAGIC, ElfFile
+from .arch import ARCHES
+from .elf import ElfFile, elf_kind
 from .errors import ArchMismatch, InputError, OpsError, SpecError, TableError, UsageError
 from .rules import Finding
 from .scan import DEFAULT_SECTION, ScanResult
@@ -31,8 +32,6 @@ MAX_INSN = 15  # longest x86 instruction: enough look-ahead to see one run past 
 FATAL_ERRORS: tuple[type[Exception], ...] = (UsageError, SpecError, OpsError)
 
 Status = Literal["checked", "skipped", "bad"]
-ElfKind = Literal["x86", "foreign", "not-elf"]
-_X86_MACHINES = frozenset(machine for machine, _bits in BY_MACHINE)
 
 
 @dataclass(frozen=True)
@@ -61,45 +60,9 @@ class FileCheck:
         return sum(1 for f in self.findings if f.severity == severity)
 
 
-def elf_kind(data: bytes) -> ElfKind:
-    """Sort a file before parsing: ELF for another machine is not ours to judge (firmware
-    and host tools share build trees with modules), but an x86 file that fails to parse,
-    or one too broken to say its machine, is a finding."""
-    if data[:4] != ELF_MAGIC:
-        return "not-elf"
-    if len(data) >= 20 and data[4] in (1, 2) and data[5] in (1, 2):
-        machine = int.from_bytes(data[18:20], "little" if data[5] == 1 else "big")
-        if data[5] == 2 or machine not in _X86_MACHINES:
-            return "foreign"
-    return "x86"
-
-
-def read_input(path: str) -> bytes:
-    """Read a whole file, with the same errors `ElfFile.open` gives."""
-    try:
-        with open(path, "rb") as fh:  # read-only, as everywhere in pvpatch
-            return fh.read()
-    except FileNotFoundError:
-        raise InputError("no such file", path) from None
-    except IsADirectoryError:
-        raise InputError("is a directory", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
-
-
-def check_path(path: str, options: CheckOptions, *, walked: bool = False) -> FileCheck:
-    """Check one file.  `walked`: found while walking a directory, where files that are
-    not x86 ELF are skipped silently; named files must be x86 ELF (bad input otherwise)."""
-    try:
-        data = read_input(path)
-    except InputError as exc:
-        return FileCheck(path, "bad", error=str(exc))
-    return check_data(path, data, options, walked=walked)
-
-
 def check_data(path: str, data: bytes, options: CheckOptions, *, walked: bool = False,
                compression: str | None = None) -> FileCheck:
-    """`check_path` on bytes already read (and decompressed: `compression` names the
+    """`batch.check_path` on bytes already read (and decompressed: `compression` names the
     container they came from), so a compressed module gets the same findings."""
     kind = elf_kind(data)
     if kind != "x86" and walked:

@@ -808,7 +808,8 @@ def _diff_job(options: _Options, pair: _Pair) -> _Outcome:
     """One pair of a tree: files that are not x86 ELF are skipped, a bad one is its
     error (the others go on)."""
     from .batch import read_payload
-    from .check import backend_for, elf_kind, scan_for
+    from .check import backend_for, scan_for
+    from .elf import elf_kind
 
     try:
         data, compression = read_payload(pair.original, options.max_decompressed)
@@ -852,7 +853,7 @@ def _files(top: str) -> tuple[dict[str, str], int]:
 def _kind(path: str, limit: int) -> str:
     """"x86" or "other" for a file of a tree, or why it cannot be read."""
     from .batch import read_payload
-    from .check import elf_kind
+    from .elf import elf_kind
 
     try:
         data, _compression = read_payload(path, limit)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from .arch import BY_MACHINE, Arch
 from .compress import MAX_DECOMPRESSED, unpack
@@ -230,6 +230,23 @@ class ModuleSignature:
 
     offset: int  # first byte of the signature blob: the ELF content ends here
     sig_len: int
+
+
+ElfKind = Literal["x86", "foreign", "not-elf"]
+_X86_MACHINES = frozenset(machine for machine, _bits in BY_MACHINE)
+
+
+def elf_kind(data: bytes) -> ElfKind:
+    """Sort a file before parsing: ELF for another machine is not ours to judge (firmware
+    and host tools share build trees with modules), but an x86 file that fails to parse,
+    or one too broken to say its machine, is a finding."""
+    if data[:4] != ELF_MAGIC:
+        return "not-elf"
+    if len(data) >= 20 and data[4] in (1, 2) and data[5] in (1, 2):
+        machine = int.from_bytes(data[18:20], "little" if data[5] == 1 else "big")
+        if data[5] == 2 or machine not in _X86_MACHINES:
+            return "foreign"
+    return "x86"
 
 
 def linked_elf(path: str) -> bool:

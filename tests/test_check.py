@@ -14,7 +14,9 @@ from clirun import pvpatch_cli as run
 from paths import FIX, REPO
 
 import pvpatch
-from pvpatch.check import CheckOptions, check_path, elf_kind
+from pvpatch.batch import check_path
+from pvpatch.check import CheckOptions
+from pvpatch.elf import elf_kind
 
 BROKEN = FIX / "broken"
 OPS = "catalog:linux-6.1-x86_64"
