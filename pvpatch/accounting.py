@@ -1298,8 +1298,8 @@ class _Accountant:
 
     def relr(self, o: Section | None, p: Section) -> None:
         assert o is not None
-        before = list(self.o._relr_addresses(o))
-        after = list(self.p._relr_addresses(p))
+        before = list(self.o.relr_addresses(o))
+        after = list(self.p.relr_addresses(p))
         if set(after) - set(before) or len(after) != len(set(after)):
             self.problem("packed relocations added", p, 0)
         for addr in sorted(set(before) - set(after)):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -36,18 +35,12 @@ from .elf import (
     PT_PHDR,
     SHF_ALLOC,
     SHF_EXECINSTR,
-    SHF_GROUP,
-    SHF_INFO_LINK,
-    SHN_LORESERVE,
     SHN_UNDEF,
-    SHN_XINDEX,
-    SHT_GROUP,
     SHT_NOBITS,
     SHT_PROGBITS,
     SHT_REL,
     SHT_RELA,
     SHT_RELR,
-    SHT_SYMTAB_SHNDX,
     STB_GLOBAL,
     STB_LOCAL,
     STT_FUNC,
@@ -58,7 +51,21 @@ from .elf import (
     Section,
     Symbol,
 )
-from .elfwrite import _align, _encode_relr, _Output
+from .elfwrite import (
+    DT_REL,
+    DT_RELA,
+    DT_RELACOUNT,
+    DT_RELCOUNT,
+    DT_RELRSZ,
+    ElfWriter,
+    NewSymbol,
+    SymbolTable,
+    align_up,
+    dynamic_entries,
+    encode_relr,
+    pack_program_header,
+    pack_relocations,
+)
 from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
 from .targets import resolve_target
@@ -124,7 +131,6 @@ class _LinkedUnwind:
 
 PAGE = 0x1000
 MAX_FILE_PAD = 16 << 20  # most zero padding a linked file may grow by to place thunks
-DT_RELA, DT_REL, DT_RELACOUNT, DT_RELCOUNT, DT_RELRSZ = 7, 17, 0x6FFFFFF9, 0x6FFFFFFA, 35
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,7 @@ class Rewrite:
         return len(self.image) != len(base) or self.image != base[:]  # base may be a map
 
 
-def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
+def _result(plan: Plan, output: ElfWriter | None, patches: list[SitePatch],
             thunks: Iterable[PlacedThunk], signature_removed: bool, dropped: int,
             neutralised: int = 0, unwind: str = "", copied: int = 0) -> Rewrite:
     image = output.build() if output is not None else None
@@ -278,7 +284,7 @@ class _Rewriter:
         self.crcs = crcs
         self.elf: ElfFile = plan.scan.elf
         self.arch = plan.arch
-        self.output = _Output(self.elf)
+        self.output = ElfWriter(self.elf)
         self.texts: dict[int, bytearray] = {}
         self.patches: list[SitePatch] = []
         self._targets: dict[str, Symbol | None] = {}
@@ -314,8 +320,8 @@ class _RelocatableRewriter(_Rewriter):
             raise RewriteError("a relocatable file without a symbol table", elf.path)
         self.syms = list(elf.symbols)
         self.first_global = elf.symtab.info
-        self.new_locals: list[tuple[str, int, int, int, int, int]] = []
-        self.new_globals: list[tuple[str, int, int, int, int, int]] = []
+        self.new_locals: list[NewSymbol] = []
+        self.new_globals: list[NewSymbol] = []
         self.global_index: dict[str, int] = {}
         # Edits per relocation section: positions removed, entries added, or
         # (for the table) the whole list replaced.  Built lazily, never O(n) per site.
@@ -364,7 +370,8 @@ class _RelocatableRewriter(_Rewriter):
             return sym.index
         if name not in self.global_index:
             self.global_index[name] = len(self.new_globals)
-            self.new_globals.append((name, STB_GLOBAL << 4 | STT_NOTYPE, 0, SHN_UNDEF, 0, 0))
+            self.new_globals.append(NewSymbol(name, STB_GLOBAL << 4 | STT_NOTYPE, 0, SHN_UNDEF,
+                                              0, 0))
         return self.NEW_GLOBAL + self.global_index[name]
 
     def _final(self, index: int) -> int:
@@ -403,7 +410,7 @@ class _RelocatableRewriter(_Rewriter):
         branches: list[tuple[int, str]] = []
         listed: list[tuple[str, int]] = []  # (thunk, offset in it) of each listed return
         for spec in specs:
-            code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
+            code += bytes(align_up(len(code), THUNK_ALIGN) - len(code))
             tc = thunk_code(self.arch, spec, conv)
             placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section, len(code),
                                               None, len(tc.code), conv)
@@ -412,14 +419,13 @@ class _RelocatableRewriter(_Rewriter):
             code += tc.code
         out = self.output
         self.thunk_sec = out.add_section(
-            self.plan.backend.thunk_section, type=SHT_PROGBITS,
-            flags=SHF_ALLOC | SHF_EXECINSTR, addralign=THUNK_ALIGN,
+            self.plan.backend.thunk_section, sh_type=SHT_PROGBITS,
+            sh_flags=SHF_ALLOC | SHF_EXECINSTR, sh_addralign=THUNK_ALIGN,
         )
         for spec in specs:
             p = placed[spec.symbol]
-            self.new_locals.append(
-                (spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0, self.thunk_sec, p.offset, p.size)
-            )
+            self.new_locals.append(NewSymbol(spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0,
+                                             self.thunk_sec, p.offset, p.size))
         if not self.arch.uses_rela:
             for off, _t in branches:
                 code[off : off + 4] = (-4 & 0xFFFFFFFF).to_bytes(4, "little")
@@ -518,8 +524,8 @@ class _RelocatableRewriter(_Rewriter):
         relocs = [Relocation(len(old) + k * table.entry_size, arch.r_pc32, sym, addend)
                   for k, (sym, addend) in enumerate(entries)]
         if sec is None:
-            index = out.add_section(table.section, type=SHT_PROGBITS, flags=table.flags,
-                                    addralign=table.addralign, entsize=table.entsize)
+            index = out.add_section(table.section, sh_type=SHT_PROGBITS, sh_flags=table.flags,
+                                    sh_addralign=table.addralign, sh_entsize=table.entsize)
             self.new_reloc_lists[index] = relocs
         else:
             index = sec.index
@@ -747,43 +753,17 @@ class _RelocatableRewriter(_Rewriter):
             if shift or self.new_globals:
                 fixed = [r._replace(sym=self._final(r.sym)) for r in fixed]
             fixed.sort(key=lambda r: r.offset)  # stable: equal offsets keep their order
-            out.set_data(relsec_index, self._pack_relocs(sec.type == SHT_RELA, fixed))
+            out.set_data(relsec_index, pack_relocations(elf.cls, sec.type == SHT_RELA, fixed))
         rela = self.arch.uses_rela
         for text_index, relocs in self.new_reloc_lists.items():
             if not relocs:
                 continue
-            name = (".rela" if rela else ".rel") + (
-                out.shdrs[text_index].name_str or elf.sections[text_index].name)
-            cls = elf.cls
-            in_group = text_index < len(elf.sections) and \
-                bool(elf.sections[text_index].flags & SHF_GROUP)
-            idx = out.add_section(
-                name, type=SHT_RELA if rela else SHT_REL,
-                flags=SHF_INFO_LINK | (SHF_GROUP if in_group else 0),
-                link=symtab.index, info=text_index, addralign=cls.addr.size,
-                entsize=(cls.rela if rela else cls.rel).size,
-            )
+            idx = out.add_relocation_section(text_index, symtab.index, rela)
             fixed = sorted((r._replace(sym=self._final(r.sym)) for r in relocs),
                            key=lambda r: r.offset)
-            out.set_data(idx, self._pack_relocs(rela, fixed))
-            if in_group:
-                self._join_group(text_index, idx)
+            out.set_data(idx, pack_relocations(elf.cls, rela, fixed))
         self._emit_symbols()
         self._emit_versions()
-
-    def _join_group(self, member: int, new: int) -> None:
-        """A relocation section for a section of a COMDAT group belongs to the group too
-        (gABI): it is added to the group that lists `member`."""
-        elf, out = self.elf, self.output
-        for sec in elf.sections:
-            if sec.type != SHT_GROUP:
-                continue
-            current = out.shdrs[sec.index].data
-            data = current if current is not None else elf.section_data(sec)
-            members = [v for (v,) in struct.iter_unpack("<I", data[4 : len(data) // 4 * 4])]
-            if member in members:
-                out.set_data(sec.index, data + struct.pack("<I", new))
-                return
 
     def _emit_versions(self) -> None:
         """Modules with symbol versions need a CRC for every symbol they now import."""
@@ -793,7 +773,7 @@ class _RelocatableRewriter(_Rewriter):
         data = self.elf.section_data(sec)
         from . import modversions  # only modules that gain symbols need it
 
-        extra = modversions.versions_for([g[0] for g in self.new_globals], self.crcs,
+        extra = modversions.versions_for([g.name for g in self.new_globals], self.crcs,
                                          modversions.names_in(data, self.arch), self.arch,
                                          self.elf.path)
         if extra:
@@ -812,69 +792,14 @@ class _RelocatableRewriter(_Rewriter):
         kept = [r for pos, r in enumerate(orig) if pos not in removed] if removed else list(orig)
         return kept + self.added.get(relsec_index, [])
 
-    def _pack_relocs(self, rela: bool, relocs: list[Relocation]) -> bytes:
-        cls = self.elf.cls
-        if rela:
-            return b"".join(cls.rela.pack(r.offset, cls.r_info(r.sym, r.type), r.addend)
-                            for r in relocs)
-        return b"".join(cls.rel.pack(r.offset, cls.r_info(r.sym, r.type)) for r in relocs)
-
     def _emit_symbols(self) -> None:
-        elf, out = self.elf, self.output
-        symtab = elf.symtab
+        symtab = self.elf.symtab
         assert symtab is not None
-        fmt = elf.cls.sym
-        size = fmt.size
-        raw = elf.section_data(symtab)
-        if self.symbol_updates:
-            table = bytearray(raw)
-            for index, (value, sym_size) in self.symbol_updates.items():
-                name, info, other, shndx, _value, _size = elf.cls.unpack_sym(table, index * size)
-                table[index * size : (index + 1) * size] = elf.cls.pack_sym(
-                    name, info, other, shndx, value, sym_size)
-            raw = bytes(table)
-            out.set_data(symtab.index, raw)
-        if not self.new_locals and not self.new_globals:
-            return
-        strsec = elf.sections[symtab.link]
-        strtab = bytearray(elf.section_data(strsec))
-
-        def pack(entry: tuple[str, int, int, int, int, int]) -> bytes:
-            name, info, other, shndx, value, sz = entry
-            name_off = len(strtab)
-            strtab.extend(name.encode() + b"\0")
-            # New entries hold SHN_UNDEF or a real section number (never SHN_ABS/COMMON):
-            # one past 0xfeff is written as SHN_XINDEX, the number going to .symtab_shndx.
-            if shndx >= SHN_LORESERVE:
-                shndx = SHN_XINDEX
-            return elf.cls.pack_sym(name_off, info, other, shndx, value, sz)
-
-        def xindex(entries: list[tuple[str, int, int, int, int, int]]) -> bytes:
-            return b"".join(struct.pack("<I", e[3] if e[3] >= SHN_LORESERVE else 0)
-                            for e in entries)
-
-        fg = self.first_global
-        locals_blob = b"".join(pack(e) for e in self.new_locals)
-        globals_blob = b"".join(pack(e) for e in self.new_globals)
-        new = raw[: fg * size] + locals_blob + raw[fg * size :] + globals_blob
-        out.set_data(symtab.index, new)
-        out.shdrs[symtab.index].info = fg + len(self.new_locals)
-        out.set_data(strsec.index, bytes(strtab))
-        shndx_sec = elf.symtab_shndx(symtab)
-        new_x = xindex(self.new_locals), xindex(self.new_globals)
-        if shndx_sec is not None:
-            data = elf.section_data(shndx_sec)
-            out.set_data(shndx_sec.index, data[: fg * 4] + new_x[0] + data[fg * 4 :] + new_x[1])
-        elif any(new_x[0]) or any(new_x[1]):
-            # The first symbol in a section numbered past 0xfeff: the file gains the
-            # table (every earlier symbol's index fits its own field, so theirs are 0).
-            idx = out.add_section(".symtab_shndx", type=SHT_SYMTAB_SHNDX, link=symtab.index,
-                                  addralign=4, entsize=4)
-            out.set_data(idx, bytes(4 * fg) + new_x[0] + bytes((len(raw) - fg * size) // size * 4)
-                         + new_x[1])
-        for sec in elf.sections:
-            if sec.type == SHT_GROUP and sec.link == symtab.index and sec.info >= fg:
-                out.shdrs[sec.index].info = sec.info + len(self.new_locals)
+        table = SymbolTable(self.elf, symtab)
+        for index, (value, size) in self.symbol_updates.items():
+            table.update(index, value, size)
+        table.locals, table.globals = self.new_locals, self.new_globals
+        table.write(self.output)
 
 
 class _LinkedRewriter(_Rewriter):
@@ -973,7 +898,7 @@ class _LinkedRewriter(_Rewriter):
                 rows[k][1] = 0  # r_info: R_*_NONE against no symbol
             self.output.set_data(sec.index, b"".join(fmt.pack(*r) for r in rows) + raw[whole:])
             if count_at is not None:
-                self._set_dynamic(count_at[0], count)
+                self.output.set_dynamic(count_at[0], count)
 
     def _drop_relr(self, ranges: list[tuple[int, int]], starts: list[int]) -> None:
         """RELR (packed RELATIVE) entries inside rewritten sites are dropped and the table
@@ -983,50 +908,30 @@ class _LinkedRewriter(_Rewriter):
         for sec in elf.sections:
             if sec.type != SHT_RELR or not sec.is_alloc:
                 continue
-            addrs = list(elf._relr_addresses(sec))
+            addrs = list(elf.relr_addresses(sec))
             keep = [a for a in addrs
                     if not ((pos := bisect.bisect_right(starts, a) - 1) >= 0
                             and a < ranges[pos][1])]
             if len(keep) == len(addrs):
                 continue
-            packed = _encode_relr(keep, word)
+            packed = encode_relr(keep, word)
             if len(packed) > sec.size:
                 raise RewriteError("dropping a RELR relocation inside a rewritten site would "
                                    "grow .relr.dyn", elf.path)
             self.output.set_data(sec.index, packed)
-            for i, (tag, _value) in enumerate(self._dynamic()):
-                if tag == DT_RELRSZ:
-                    self._set_dynamic(i, len(packed))
+            for i, entry in enumerate(dynamic_entries(elf)):
+                if entry.d_tag == DT_RELRSZ:
+                    self.output.set_dynamic(i, len(packed))
 
     def _relative_counts(self) -> dict[int, tuple[int, int]]:
         """Address of the REL/RELA table -> (index in .dynamic of its count tag, count)."""
-        dyn = self._dynamic()
+        dyn = dynamic_entries(self.elf)
         tags = {tag: (i, val) for i, (tag, val) in enumerate(dyn)}
         out = {}
         for table_tag, count_tag in ((DT_RELA, DT_RELACOUNT), (DT_REL, DT_RELCOUNT)):
             if table_tag in tags and count_tag in tags:
                 out[tags[table_tag][1]] = (tags[count_tag][0], tags[count_tag][1])
         return out
-
-    def _dynamic(self) -> list[tuple[int, int]]:
-        sec = self.elf.section(".dynamic")
-        if sec is None:
-            return []
-        word = self.elf.cls.addr.size
-        data = self.elf.section_data(sec)
-        fmt = "<qQ" if word == 8 else "<iI"
-        return [(t, v) for t, v in struct.iter_unpack(fmt, data[: len(data) // (2 * word)
-                                                                   * 2 * word])]
-
-    def _set_dynamic(self, index: int, value: int) -> None:
-        sec = self.elf.section(".dynamic")
-        assert sec is not None
-        word = self.elf.cls.addr.size
-        current = self.output.shdrs[sec.index].data
-        data = bytearray(current if current is not None else self.elf.section_data(sec))
-        at = index * 2 * word + word
-        data[at : at + word] = value.to_bytes(word, "little")
-        self.output.set_data(sec.index, bytes(data))
 
     def _existing_thunks(self) -> dict[str, PlacedThunk]:
         """Thunks an earlier run placed in this linked file, recognised by their bytes."""
@@ -1088,10 +993,10 @@ class _LinkedRewriter(_Rewriter):
         # vmlinux's percpu segment sits at vaddr 0 with an unrelated paddr).
         last = max(loads, key=lambda s: s.vaddr + s.memsz)
         end_vaddr = last.vaddr + last.memsz
-        offset = _align(elf.content_end, PAGE)
+        offset = align_up(elf.content_end, PAGE)
         vaddr = bias + offset
         if vaddr < end_vaddr:
-            gap = _align(end_vaddr - vaddr, PAGE)
+            gap = align_up(end_vaddr - vaddr, PAGE)
             if gap <= max(len(elf.data), MAX_FILE_PAD):
                 # Pad the file so vaddr - offset stays that of the first segment:
                 # kernels before 5.18 compute AT_PHDR assuming so.
@@ -1099,7 +1004,7 @@ class _LinkedRewriter(_Rewriter):
                 vaddr += gap
             else:
                 # A large bss: place the segment past it without padding the file.
-                vaddr = _align(end_vaddr, PAGE) + offset % PAGE
+                vaddr = align_up(end_vaddr, PAGE) + offset % PAGE
         if vaddr + PAGE > 1 << (8 * elf.arch.ptr_size):
             raise RewriteError("no address space left past the last segment for the thunks",
                                elf.path)
@@ -1109,9 +1014,9 @@ class _LinkedRewriter(_Rewriter):
         ph_size = phnum * elf.cls.phdr.size
         code = bytearray()
         placed: dict[str, PlacedThunk] = {}
-        base = _align(ph_size, THUNK_ALIGN)
+        base = align_up(ph_size, THUNK_ALIGN)
         for spec in specs:
-            code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
+            code += bytes(align_up(len(code), THUNK_ALIGN) - len(code))
             addr = vaddr + base + len(code)
             body = self._thunk_at(spec, addr)
             # offset within the thunk section, as for relocatable files
@@ -1124,41 +1029,43 @@ class _LinkedRewriter(_Rewriter):
             total = unwind.end - vaddr
         rows: list[bytes] = []
         paddr = vaddr - (last.vaddr - last.paddr)
+        cls = elf.cls
         for s in elf.segments:
             if s.type == PT_PHDR:
-                rows.append(self._phdr_row(s.type, s.flags, offset, vaddr,
-                                           paddr,
-                                           ph_size, ph_size, s.align))
+                rows.append(pack_program_header(cls, s.type, s.flags, offset, vaddr, paddr,
+                                                ph_size, ph_size, s.align))
             elif s.type == PT_GNU_EH_FRAME and unwind is not None:
                 # The unwinders (libgcc, glibc) find the new table through this header.
-                rows.append(self._phdr_row(s.type, s.flags, offset + unwind.hdr_addr - vaddr,
-                                           unwind.hdr_addr, paddr + unwind.hdr_addr - vaddr,
-                                           len(unwind.hdr), len(unwind.hdr), s.align))
+                hdr_at = unwind.hdr_addr - vaddr
+                rows.append(pack_program_header(cls, s.type, s.flags, offset + hdr_at,
+                                                unwind.hdr_addr, paddr + hdr_at,
+                                                len(unwind.hdr), len(unwind.hdr), s.align))
             else:
-                rows.append(self._phdr_row(s.type, s.flags, s.offset, s.vaddr, s.paddr,
-                                           s.filesz, s.memsz, s.align))
-        rows.append(self._phdr_row(PT_LOAD, PF_R | PF_X, offset, vaddr, paddr, total, total,
-                                   PAGE))
+                rows.append(pack_program_header(cls, s.type, s.flags, s.offset, s.vaddr,
+                                                s.paddr, s.filesz, s.memsz, s.align))
+        rows.append(pack_program_header(cls, PT_LOAD, PF_R | PF_X, offset, vaddr, paddr, total,
+                                        total, PAGE))
         out = self.output
-        pad = offset - len(out.out)
-        out.out.extend(bytes(pad) + bytes(total))
-        out.out[offset + base : offset + base + len(code)] = code
-        out.phdr_change = (offset, phnum, rows)
-        sec = out.add_section(self.plan.backend.thunk_section, type=SHT_PROGBITS,
-                              flags=SHF_ALLOC | SHF_EXECINSTR, addr=vaddr + base,
-                              addralign=THUNK_ALIGN)
-        out.shdrs[sec].offset = offset + base
-        out.shdrs[sec].size = len(code)
-        out.shdrs[sec].data = None
+        image = out.image
+        pad = offset - len(image)
+        image.extend(bytes(pad) + bytes(total))
+        image[offset + base : offset + base + len(code)] = code
+        out.set_program_headers(offset, rows)
+        sec = out.add_section(self.plan.backend.thunk_section, sh_type=SHT_PROGBITS,
+                              sh_flags=SHF_ALLOC | SHF_EXECINSTR, sh_addr=vaddr + base,
+                              sh_addralign=THUNK_ALIGN)
+        thunk_header = out.headers[sec]
+        thunk_header.sh_offset, thunk_header.sh_size = offset + base, len(code)
+        thunk_header.data = None  # written into the new segment above
         if unwind is not None:
             for index, at, blob in ((unwind.eh_index, unwind.eh_addr, unwind.eh),
                                     (unwind.hdr_index, unwind.hdr_addr, unwind.hdr)):
                 where = offset + at - vaddr
-                out.out[where : where + len(blob)] = blob
+                image[where : where + len(blob)] = blob
                 # The section header follows its table into the new segment; the old
                 # bytes stay where they were, loaded but no longer looked up.
-                sh = out.shdrs[index]
-                sh.addr, sh.offset, sh.size, sh.data = at, where, len(blob), None
+                sh = out.headers[index]
+                sh.sh_addr, sh.sh_offset, sh.sh_size, sh.data = at, where, len(blob), None
         self._name_thunks(sec, [placed[s.symbol] for s in specs],
                           unwind.moves(elf) if unwind is not None else {})
         self.unwind = "eh_frame" if unwind is not None else self.unwind
@@ -1177,7 +1084,7 @@ class _LinkedRewriter(_Rewriter):
             self.unwind = "none: no .eh_frame_hdr named by PT_GNU_EH_FRAME"
             return None
         word = self.arch.ptr_size
-        eh_addr = _align(at, word)
+        eh_addr = align_up(at, word)
         try:
             old = rebase_eh_frame(self.elf.section_data(eh), eh.addr, eh_addr, word)
             frames = []
@@ -1188,7 +1095,7 @@ class _LinkedRewriter(_Rewriter):
             new = eh_frame_entries(self.arch, frames, eh_addr + len(old),
                                    [t.address for t in thunks if t.address is not None])
             data = old + new.data + bytes(4)  # the zero terminator
-            hdr_addr = _align(eh_addr + len(data), 4)
+            hdr_addr = align_up(eh_addr + len(data), 4)
             table = eh_frame_hdr(data, eh_addr, hdr_addr, word)
         except UnwindError as exc:
             self.unwind = f"none: {exc.message}"
@@ -1202,66 +1109,21 @@ class _LinkedRewriter(_Rewriter):
         (inserted before the first global; relocation sections naming `.symtab`'s symbols
         follow the renumbering).  Labels in a table that moved (`moves`: section index ->
         new address of an old one; `__GNU_EH_FRAME_HDR`, `__FRAME_END__`) follow it."""
-        elf, out = self.elf, self.output
+        elf = self.elf
         symtab = elf.symtab
-        if symtab is None or not thunks:
-            return
-        cls = elf.cls
-        size = cls.sym.size
-        fg = symtab.info
-        raw = elf.section_data(symtab)
-        if not 0 < symtab.link < len(elf.sections) or fg * size > len(raw) or len(raw) % size:
-            return  # a symbol table pvpatch cannot extend consistently: left as it is
-        strsec = elf.sections[symtab.link]
-        strtab = bytearray(elf.section_data(strsec))
-        shndx = sec if sec < SHN_LORESERVE else SHN_XINDEX
-        blob = bytearray()
+        if symtab is None or not thunks or not SymbolTable.extendable(elf, symtab):
+            return  # none, or one pvpatch cannot extend consistently: left as it is
+        table = SymbolTable(elf, symtab)
+        for k in range(table.count) if moves else ():
+            _name, _info, _other, shndx, value, size = table.entry(k)
+            if shndx in moves:
+                table.update(k, moves[shndx](value), size)
         for t in thunks:
-            name = len(strtab)
-            strtab += t.spec.symbol.encode() + b"\0"
             assert t.address is not None
-            blob += cls.pack_sym(name, STB_LOCAL << 4 | STT_FUNC, 0, shndx, t.address, t.size)
-        if moves:
-            table = bytearray(raw)
-            for at in range(0, len(table), size):
-                name, info, other, shndx, value, sym_size = cls.unpack_sym(table, at)
-                if shndx in moves:
-                    table[at : at + size] = cls.pack_sym(name, info, other, shndx,
-                                                         moves[shndx](value), sym_size)
-            raw = bytes(table)
-        out.set_data(symtab.index, raw[: fg * size] + bytes(blob) + raw[fg * size :])
-        out.shdrs[symtab.index].info = fg + len(thunks)
-        out.set_data(strsec.index, bytes(strtab))
-        xtable = elf.symtab_shndx(symtab)
-        if xtable is not None or shndx == SHN_XINDEX:
-            data = elf.section_data(xtable) if xtable is not None else \
-                bytes(4 * (len(raw) // size))
-            extra = struct.pack("<I", sec if shndx == SHN_XINDEX else 0) * len(thunks)
-            if xtable is None:
-                xtable_index = out.add_section(".symtab_shndx", type=SHT_SYMTAB_SHNDX,
-                                               link=symtab.index, addralign=4, entsize=4)
-            else:
-                xtable_index = xtable.index
-            out.set_data(xtable_index, data[: fg * 4] + extra + data[fg * 4 :])
-        n = len(thunks)
-        for relsec in elf.sections:
-            if relsec.type not in (SHT_REL, SHT_RELA) or relsec.link != symtab.index:
-                continue
-            fmt = cls.rela if relsec.type == SHT_RELA else cls.rel
-            rows = []
-            data = elf.section_data(relsec)
-            for rec in fmt.iter_unpack(data[: len(data) - len(data) % fmt.size]):
-                sym, rtype = cls.split_info(rec[1])
-                rows.append(fmt.pack(rec[0], cls.r_info(sym + n if sym >= fg else sym, rtype),
-                                     *rec[2:]))
-            out.set_data(relsec.index, b"".join(rows) + data[len(data) - len(data) % fmt.size :])
-
-    def _phdr_row(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
-                  filesz: int, memsz: int, align: int) -> bytes:
-        # Physical addresses are derived by subtraction: wrap them as the field does.
-        cls = self.elf.cls
-        paddr &= (1 << cls.bits) - 1
-        return cls.pack_phdr(ptype, flags, offset, vaddr, paddr, filesz, memsz, align)
+            table.locals.append(NewSymbol(t.spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0, sec,
+                                          t.address, t.size))
+        table.write(self.output)
+        table.renumber_relocations(self.output)
 
 
 def apply_plan(plan: Plan, *, crcs: Mapping[str, int] | None = None) -> Rewrite:
