@@ -297,9 +297,16 @@ class _Rewriter:
             buf = self.texts[index] = bytearray(self.elf.section_data(self.elf.sections[index]))
         return buf
 
-    def branch_bytes(self, decision: Decision, disp: int) -> bytes:
-        opcode = b"\xe9" if decision.action == "jmp" else b"\xe8"
-        return opcode + _rel32(disp, self.elf.path, self.arch)
+    def site_bytes(self, d: Decision, disp: int) -> bytes:
+        """A rewritten site's new bytes: the plan's own, or the branch it asks for with
+        `disp` in its rel32 (the one place either kind of file makes branch bytes)."""
+        b = d.branch
+        if b is None:
+            assert d.code is not None
+            return d.code
+        opcode = b"\xe9" if b.opcode == "jmp" else b"\xe8"
+        return opcode + _rel32(disp, self.elf.path, self.arch) + \
+            self.arch.nop_fill(b.length - CALL_LEN)
 
     def target_symbol(self, name: str) -> Symbol | None:
         """The symbol a spec target binds to (pvpatch.targets: the planner's rule too)."""
@@ -564,17 +571,14 @@ class _RelocatableRewriter(_Rewriter):
         arch = self.arch
         inside = self._site_relocs(d)
         want_reloc: Relocation | None = None
-        if d.action in ("call", "thunk", "jmp"):
-            assert d.target is not None
-            disp = 0 if arch.uses_rela else -4
-            after = self.branch_bytes(d, disp) + arch.nop_fill(site.len - CALL_LEN)
-            target_index = self._thunk_symbol_index(d.target) if d.action == "thunk" \
-                else self.symbol_index(d.target)
+        # RELA: the addend is in the relocation; REL: in the field (-4, from the field's end).
+        after = self.site_bytes(d, 0 if arch.uses_rela else -4)
+        b = d.branch
+        if b is not None:
+            target_index = self._thunk_symbol_index(b.symbol) if b.thunk is not None \
+                else self.symbol_index(b.symbol)
             # GNU as relocates `call sym` and `jmp sym` alike (PLT32 / PC32).
             want_reloc = Relocation(site.offset + 1, arch.r_call, target_index, -4)
-        else:
-            assert d.code is not None
-            after = d.code
         if after == site.code and self._already(inside, want_reloc, d):
             self.patches.append(SitePatch(d, site.code, after, True))
             return
@@ -820,20 +824,18 @@ class _LinkedRewriter(_Rewriter):
             if not d.rewrites:
                 self.patches.append(SitePatch(d, site.code, site.code, False))
                 continue
-            if d.action in ("call", "thunk", "jmp"):
-                assert d.target is not None
-                target = thunks[d.target].address if d.action == "thunk" else \
-                    self._linked_target(d.target)
+            b = d.branch
+            disp = 0
+            if b is not None:
+                target = thunks[b.symbol].address if b.thunk is not None else \
+                    self._linked_target(b.symbol)
                 assert target is not None
                 if kernel and not self._kernel_text(target):
-                    raise RewriteError(f"{d.target} at {target:#x} is in none of the kernel "
+                    raise RewriteError(f"{b.symbol} at {target:#x} is in none of the kernel "
                                        f"image's executable sections: {KERNEL_IMAGE_REASON}",
                                        elf.path)
-                after = self.branch_bytes(d, target - (site.address + CALL_LEN)) + \
-                    self.arch.nop_fill(site.len - CALL_LEN)
-            else:
-                assert d.code is not None
-                after = d.code
+                disp = target - (site.address + CALL_LEN)
+            after = self.site_bytes(d, disp)
             already = after == site.code
             if not already:
                 # Sites of a linked file are patched in the output image directly.
