@@ -152,6 +152,22 @@ class PlacedThunk:
 
 
 @dataclass(frozen=True)
+class NewThunk:
+    """A thunk this rewrite adds: where it goes, and its code (branches not yet bound)."""
+
+    placed: PlacedThunk
+    code: ThunkCode
+
+
+def _thunk_section(thunks: Iterable[NewThunk], bodies: Iterable[bytes]) -> bytearray:
+    """The thunk section's bytes: each body at its thunk's offset, zeros between."""
+    code = bytearray()
+    for t, body in zip(thunks, bodies, strict=True):
+        code += bytes(t.placed.offset - len(code)) + body
+    return code
+
+
+@dataclass(frozen=True)
 class Rewrite:
     """The result of applying a plan: the output file, in memory.
 
@@ -319,6 +335,21 @@ class _Rewriter:
         """What thunks placed in this file look like (read from the input)."""
         return file_conventions(self.elf, self.plan.backend.thunk_section)
 
+    def lay_out_thunks(self, specs: Iterable[ThunkSpec], address: int | None) -> list[NewThunk]:
+        """The thunks this rewrite adds, laid out THUNK_ALIGN apart in the thunk section
+        (the one layout of relocatable and linked files); `address`: the section's, when
+        the file is linked."""
+        out: list[NewThunk] = []
+        end = 0
+        for spec in specs:
+            at = align_up(end, THUNK_ALIGN)
+            tc = thunk_code(self.arch, spec, self.conventions)
+            out.append(NewThunk(PlacedThunk(spec, self.plan.backend.thunk_section, at,
+                                            None if address is None else address + at,
+                                            len(tc.code), self.conventions), tc))
+            end = at + len(tc.code)
+        return out
+
 
 class _RelocatableRewriter(_Rewriter):
     def run(self) -> Rewrite:
@@ -412,18 +443,12 @@ class _RelocatableRewriter(_Rewriter):
             self.thunk_sec = None
             return existing
         conv = self.conventions
-        code = bytearray()
-        placed: dict[str, PlacedThunk] = {}
-        branches: list[tuple[int, str]] = []
-        listed: list[tuple[str, int]] = []  # (thunk, offset in it) of each listed return
-        for spec in specs:
-            code += bytes(align_up(len(code), THUNK_ALIGN) - len(code))
-            tc = thunk_code(self.arch, spec, conv)
-            placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section, len(code),
-                                              None, len(tc.code), conv)
-            branches += [(len(code) + b.field, b.symbol) for b in tc.branches]
-            listed += [(spec.symbol, at) for at in tc.listed]
-            code += tc.code
+        new = self.lay_out_thunks(specs, None)
+        placed = {t.placed.spec.symbol: t.placed for t in new}
+        code = _thunk_section(new, (t.code.code for t in new))
+        branches = [(t.placed.offset + b.field, b.symbol) for t in new for b in t.code.branches]
+        # (thunk, offset in it) of each listed return
+        listed = [(t.placed.spec.symbol, at) for t in new for at in t.code.listed]
         out = self.output
         self.thunk_sec = out.add_section(
             self.plan.backend.thunk_section, sh_type=SHT_PROGBITS,
@@ -446,11 +471,10 @@ class _RelocatableRewriter(_Rewriter):
         if listed:
             self._list_in_table(conv.returns, [(self._thunk_symbol_index(name), at)
                                                for name, at in listed])
-        self._describe_frames([(placed[spec.symbol], thunk_code(self.arch, spec, conv))
-                               for spec in specs])
+        self._describe_frames(new)
         return {**existing, **placed}
 
-    def _describe_frames(self, thunks: list[tuple[PlacedThunk, ThunkCode]]) -> None:
+    def _describe_frames(self, thunks: list[NewThunk]) -> None:
         """Unwind data for the new thunks: a CIE and an FDE per thunk appended to the
         object's `.eh_frame` (the linker merges it into the program's and indexes it in
         `.eh_frame_hdr`), each FDE's address a PC32 relocation against its thunk.  An
@@ -460,11 +484,11 @@ class _RelocatableRewriter(_Rewriter):
             self._orc_frames(thunks)
             return
         old = self.elf.section_data(sec)
-        entries = eh_frame_entries(self.arch, [tc.frame for _s, tc in thunks
-                                               if tc.frame is not None])
+        entries = eh_frame_entries(self.arch, [t.code.frame for t in thunks
+                                               if t.code.frame is not None])
         relocs = [Relocation(len(old) + field, self.arch.r_pc32,
-                             self._thunk_symbol_index(p.spec.symbol), 0)
-                  for (p, _tc), field in zip(thunks, entries.pc_fields, strict=True)]
+                             self._thunk_symbol_index(t.placed.spec.symbol), 0)
+                  for t, field in zip(thunks, entries.pc_fields, strict=True)]
         relsecs = self.elf.relocation_sections(sec)
         if relsecs:
             self.added.setdefault(relsecs[0].index, []).extend(relocs)
@@ -473,7 +497,7 @@ class _RelocatableRewriter(_Rewriter):
         self.output.set_data(sec.index, old + entries.data)
         self.unwind = "eh_frame"
 
-    def _orc_frames(self, thunks: list[tuple[PlacedThunk, ThunkCode]]) -> None:
+    def _orc_frames(self, thunks: list[NewThunk]) -> None:
         """A kernel object's unwind data: ORC entries for every point where a thunk's stack
         changes and a terminator after it, appended to `.orc_unwind`, their addresses to
         `.orc_unwind_ip` (a PC32 relocation each, against the thunk's symbol: the module
@@ -492,10 +516,10 @@ class _RelocatableRewriter(_Rewriter):
             return
         placed = []
         offsets = {}
-        for p, tc in thunks:
-            assert tc.frame is not None
-            placed.append((p.offset, tc.frame))
-            offsets[p.offset] = p.spec.symbol
+        for t in thunks:
+            assert t.code.frame is not None
+            placed.append((t.placed.offset, t.code.frame))
+            offsets[t.placed.offset] = t.placed.spec.symbol
         entries = orc_entries(layout, placed)
         starts = sorted(offsets)
         ips: list[Relocation] = []
@@ -964,8 +988,11 @@ class _LinkedRewriter(_Rewriter):
 
     def _thunk_at(self, spec: ThunkSpec, addr: int) -> bytes:
         """The bytes of `spec`'s thunk placed at `addr` (its branches resolved)."""
+        return self._bound(thunk_code(self.arch, spec, self.conventions), addr)
+
+    def _bound(self, tc: ThunkCode, addr: int) -> bytes:
+        """A thunk's code placed at `addr`, its branches bound to their targets."""
         conv = self.conventions
-        tc = thunk_code(self.arch, spec, conv)
         body = bytearray(tc.code)
         for b in tc.branches:
             if b.symbol == conv.returns.symbol and conv.return_address is not None:
@@ -1014,19 +1041,12 @@ class _LinkedRewriter(_Rewriter):
         # and then the thunks: there is rarely room to grow the old table.
         phnum = len(elf.segments) + 1
         ph_size = phnum * elf.cls.phdr.size
-        code = bytearray()
-        placed: dict[str, PlacedThunk] = {}
         base = align_up(ph_size, THUNK_ALIGN)
-        for spec in specs:
-            code += bytes(align_up(len(code), THUNK_ALIGN) - len(code))
-            addr = vaddr + base + len(code)
-            body = self._thunk_at(spec, addr)
-            # offset within the thunk section, as for relocatable files
-            placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section,
-                                              len(code), addr, len(body), self.conventions)
-            code += body
+        new = self.lay_out_thunks(specs, vaddr + base)
+        code = _thunk_section(new, (self._bound(t.code, vaddr + base + t.placed.offset)
+                                    for t in new))
         total = base + len(code)
-        unwind = self._unwind_tables(vaddr + total, [placed[s.symbol] for s in specs])
+        unwind = self._unwind_tables(vaddr + total, new)
         if unwind is not None:
             total = unwind.end - vaddr
         rows: list[bytes] = []
@@ -1068,12 +1088,12 @@ class _LinkedRewriter(_Rewriter):
                 # bytes stay where they were, loaded but no longer looked up.
                 sh = out.headers[index]
                 sh.sh_addr, sh.sh_offset, sh.sh_size, sh.data = at, where, len(blob), None
-        self._name_thunks(sec, [placed[s.symbol] for s in specs],
+        self._name_thunks(sec, [t.placed for t in new],
                           unwind.moves(elf) if unwind is not None else {})
         self.unwind = "eh_frame" if unwind is not None else self.unwind
-        return {**existing, **placed}
+        return {**existing, **{t.placed.spec.symbol: t.placed for t in new}}
 
-    def _unwind_tables(self, at: int, thunks: list[PlacedThunk]) -> _LinkedUnwind | None:
+    def _unwind_tables(self, at: int, thunks: list[NewThunk]) -> _LinkedUnwind | None:
         """A new `.eh_frame` (the old entries, rebased, then a CIE and an FDE per thunk) and
         a new `.eh_frame_hdr` over all of them, laid out from address `at` on; None when
         the file has no `.eh_frame_hdr` that PT_GNU_EH_FRAME names (a kernel image) or
@@ -1091,11 +1111,11 @@ class _LinkedRewriter(_Rewriter):
             old = rebase_eh_frame(self.elf.section_data(eh), eh.addr, eh_addr, word)
             frames = []
             for t in thunks:
-                frame = thunk_code(self.arch, t.spec, self.conventions).frame
-                assert frame is not None and t.address is not None
-                frames.append(frame)
+                assert t.code.frame is not None and t.placed.address is not None
+                frames.append(t.code.frame)
             new = eh_frame_entries(self.arch, frames, eh_addr + len(old),
-                                   [t.address for t in thunks if t.address is not None])
+                                   [t.placed.address for t in thunks
+                                    if t.placed.address is not None])
             data = old + new.data + bytes(4)  # the zero terminator
             hdr_addr = align_up(eh_addr + len(data), 4)
             table = eh_frame_hdr(data, eh_addr, hdr_addr, word)
