@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 from .arch import Arch
 from .coverage import TableEdit
@@ -46,6 +47,7 @@ from .elf import (
     STT_FUNC,
     STT_NOTYPE,
     STT_SECTION,
+    Buffer,
     ElfFile,
     Relocation,
     Section,
@@ -151,6 +153,14 @@ class PlacedThunk:
     conventions: Conventions = PLAIN  # how it returns (thunks of an earlier run: unknown)
 
 
+class SiteRelocation(NamedTuple):
+    """A relocation inside a site: its relocation section, its position there, the entry."""
+
+    section: int
+    position: int
+    relocation: Relocation
+
+
 @dataclass(frozen=True)
 class NewThunk:
     """A thunk this rewrite adds: where it goes, and its code (branches not yet bound)."""
@@ -194,11 +204,16 @@ class Rewrite:
         """The same rewrite with its output replaced (signed, or altered by a test)."""
         return dataclasses.replace(self, image=image, edits=(), signed=signed)
 
+    @property
+    def _input(self) -> Buffer:
+        """The input file's bytes, which `edits` apply to."""
+        return self.plan.scan.elf.data
+
     @cached_property
     def data(self) -> bytes:
         if self.image is not None:
             return self.image
-        out = bytearray(self.plan.scan.elf.data)
+        out = bytearray(self._input)
         for offset, new in self.edits:
             out[offset : offset + len(new)] = new
         return bytes(out)
@@ -206,9 +221,9 @@ class Rewrite:
     @property
     def changed(self) -> bool:
         if self.image is None:
-            base = self.plan.scan.elf.data
+            base = self._input
             return any(base[o : o + len(b)] != b for o, b in self.edits)
-        base = self.plan.scan.elf.data
+        base = self._input
         return len(self.image) != len(base) or self.image != base[:]  # base may be a map
 
 
@@ -370,7 +385,8 @@ class _RelocatableRewriter(_Rewriter):
         self.symbol_updates: dict[int, tuple[int, int]] = {}  # index -> (value, size)
         # relocation section -> position -> new addend (references into a shrunk table)
         self.addend_updates: dict[int, dict[int, int]] = {}
-        self._by_text: dict[int, tuple[list[int], list[tuple[int, int, Relocation]]]] = {}
+        # text section -> its relocations sorted by offset, and those offsets (for bisect)
+        self._by_text: dict[int, tuple[list[int], list[SiteRelocation]]] = {}
         thunks = self._place_thunks()
         for d in self.plan.decisions:
             if d.rewrites:
@@ -569,18 +585,18 @@ class _RelocatableRewriter(_Rewriter):
 
     # sites -----------------------------------------------------------------
 
-    def _site_relocs(self, d: Decision) -> list[tuple[int, int, Relocation]]:
-        """(relocation section, position, entry) of the relocations inside a site."""
+    def _site_relocs(self, d: Decision) -> list[SiteRelocation]:
+        """The relocations inside a site."""
         site = d.site
         index = self._by_text.get(site.section_index)
         if index is None:
             rows = []
             for relsec in self.elf.relocation_sections(self.elf.sections[site.section_index]):
-                rows += [(r.offset, relsec.index, pos, r)
+                rows += [SiteRelocation(relsec.index, pos, r)
                          for pos, r in enumerate(self.elf.relocations(relsec))]
-            rows.sort(key=lambda row: row[0])
+            rows.sort(key=lambda row: row.relocation.offset)
             index = self._by_text[site.section_index] = (
-                [row[0] for row in rows], [row[1:] for row in rows])
+                [row.relocation.offset for row in rows], rows)
         offsets, entries = index
         lo = bisect.bisect_left(offsets, site.offset)
         hi = bisect.bisect_left(offsets, site.offset + site.len, lo)
@@ -588,7 +604,7 @@ class _RelocatableRewriter(_Rewriter):
             return []
         # Only a site named twice in the table finds its relocations already removed.
         removed = self.removed
-        return [e for e in entries[lo:hi] if e[1] not in removed.get(e[0], ())]
+        return [e for e in entries[lo:hi] if e.position not in removed.get(e.section, ())]
 
     def _patch_site(self, d: Decision, thunks: dict[str, PlacedThunk]) -> None:
         site = d.site
@@ -608,8 +624,8 @@ class _RelocatableRewriter(_Rewriter):
             return
         text = self.text(site.section_index)
         text[site.offset : site.end] = after
-        for relsec_index, pos, _r in inside:
-            self.removed.setdefault(relsec_index, set()).add(pos)
+        for e in inside:
+            self.removed.setdefault(e.section, set()).add(e.position)
         if want_reloc is not None:
             relsecs = self.elf.relocation_sections(self.elf.sections[site.section_index])
             if relsecs:
@@ -627,13 +643,13 @@ class _RelocatableRewriter(_Rewriter):
             return sym.index
         raise RewriteError(f"thunk {symbol} was not placed", self.elf.path)
 
-    def _already(self, inside: list[tuple[int, int, Relocation]], want: Relocation | None,
+    def _already(self, inside: list[SiteRelocation], want: Relocation | None,
                  d: Decision) -> bool:
         if want is None:
             return not inside
         if len(inside) != 1:
             return False
-        r = inside[0][2]
+        r = inside[0].relocation
         # The same symbol, not just the same name: an `ld -r` output may hold two.
         return (r.offset == want.offset and r.type == want.type and r.addend == want.addend
                 and r.sym == want.sym)
