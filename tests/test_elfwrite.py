@@ -81,8 +81,9 @@ def test_locals_go_before_the_globals_and_relocations_follow(arch: str, tmp_path
     assert symtab is not None and text is not None
     first_global = symtab.info
     before = ElfFile.open(src)
-    names_global = [r for s in elf.sections if s.type in (SHT_REL, SHT_RELA) and s.link == symtab.index
-                    for r in elf.relocations(s) if r.sym >= first_global]
+    relsecs = [s for s in elf.sections if s.type in (SHT_REL, SHT_RELA) and
+               s.link == symtab.index]
+    names_global = [r for s in relsecs for r in elf.relocations(s) if r.sym >= first_global]
     assert names_global, "prog.o names no global in a relocation: the test proves nothing"
     out = ElfWriter(elf)
     table = SymbolTable(elf, symtab)
