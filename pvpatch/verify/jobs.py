@@ -98,9 +98,10 @@ def unplanned(d: Decision) -> SiteVerdict:
 def called_targets(plan: Plan) -> tuple[tuple[str, str], ...]:
     found: dict[str, str] = {}
     for d in plan.decisions:
-        if d.action in ("call", "thunk") and d.rule is not None and d.rule.target:
-            conv = "c" if d.action == "thunk" else d.rule.convention
+        b = d.branch
+        if b is not None and b.opcode == "call" and d.rule is not None and b.target:
+            conv = "c" if b.thunk is not None else d.rule.convention
             # The more hostile convention wins when a target is reached both ways.
-            if found.get(d.rule.target) != "c":
-                found[d.rule.target] = conv
+            if found.get(b.target) != "c":
+                found[b.target] = conv
     return tuple(sorted(found.items()))
