@@ -75,7 +75,6 @@ SHT_DYNAMIC = 6
 DT_RELA, DT_REL, DT_RELRSZ = 7, 17, 35
 DT_RELACOUNT, DT_RELCOUNT = 0x6FFFFFF9, 0x6FFFFFFA
 NEW_SYMBOL = 1 << 40  # a patched symbol with no original counterpart, in relocation keys
-THUNK_ALIGN = 16
 PAGE = 0x1000
 # objtool's lists of instructions (s32 self-relative entries, one PC32 relocation each)
 # that pvpatch appends to when a thunk's return must be listed (CONFIG_RETHUNK).
@@ -1370,18 +1369,15 @@ class _Accountant:
 
     def _linked_thunks(self, p: Section, key: tuple[str, int]) -> None:
         """Where the rewriter puts each thunk of the plan: 16-aligned, in plan order."""
-        from .thunk import planned_thunk_code
+        from .thunk import planned_thunk_layout
 
-        off = 0
-        for spec in self.plan.thunks:
-            off = (off + THUNK_ALIGN - 1) // THUNK_ALIGN * THUNK_ALIGN
-            # as the rewriter writes it in this file: its return form, its padding
-            size = len(planned_thunk_code(self.plan, spec).code)
+        # as the rewriter writes each in this file: its return form, its padding
+        for slot in planned_thunk_layout(self.plan):
+            off, size = slot.offset, len(slot.code.code)
             if off + size > p.size:
                 break
-            self.thunk_places.append(ThunkPlace(spec.symbol, key[0], key[1], off, size,
+            self.thunk_places.append(ThunkPlace(slot.spec.symbol, key[0], key[1], off, size,
                                                 p.addr + off))
-            off += size
         places = {(t.symbol, t.offset, t.size) for t in self.thunk_places}
         for name, at, size in self.linked_syms:
             if (name, at, size) not in places:

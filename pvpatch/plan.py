@@ -41,7 +41,7 @@ class ThunkSpec:
 
 
 @dataclass(frozen=True)
-class Branch:
+class BranchEdit:
     """The edit a call, jmp or thunk site asks for: `opcode` (e8 call / e9 jmp) with a
     rel32 to `symbol`, nop-padded to `length` bytes.  `symbol` is the thunk's when the
     branch goes through one (`thunk`); `target` is the function that finally runs."""
@@ -73,13 +73,13 @@ class Decision:
         return self.action != "keep"
 
     @property
-    def branch(self) -> Branch | None:
+    def branch(self) -> BranchEdit | None:
         """The branch to write at the site (call, jmp, thunk), else None: then `code`, when
         the site is rewritten, is its complete new bytes."""
         if self.action not in ("call", "thunk", "jmp"):
             return None
         assert self.target is not None
-        return Branch("jmp" if self.action == "jmp" else "call", self.target, self.site.len,
+        return BranchEdit("jmp" if self.action == "jmp" else "call", self.target, self.site.len,
                       self.thunk)
 
 

@@ -78,6 +78,7 @@ from .thunk import (
     ReturnForm,
     ThunkCode,
     file_conventions,
+    lay_out_thunks,
     thunk_code,
 )
 from .unwind import (
@@ -354,16 +355,11 @@ class _Rewriter:
         """The thunks this rewrite adds, laid out THUNK_ALIGN apart in the thunk section
         (the one layout of relocatable and linked files); `address`: the section's, when
         the file is linked."""
-        out: list[NewThunk] = []
-        end = 0
-        for spec in specs:
-            at = align_up(end, THUNK_ALIGN)
-            tc = thunk_code(self.arch, spec, self.conventions)
-            out.append(NewThunk(PlacedThunk(spec, self.plan.backend.thunk_section, at,
-                                            None if address is None else address + at,
-                                            len(tc.code), self.conventions), tc))
-            end = at + len(tc.code)
-        return out
+        section, conv = self.plan.backend.thunk_section, self.conventions
+        return [NewThunk(PlacedThunk(slot.spec, section, slot.offset,
+                                     None if address is None else address + slot.offset,
+                                     len(slot.code.code), conv), slot.code)
+                for slot in lay_out_thunks(self.arch, specs, conv)]
 
 
 class _RelocatableRewriter(_Rewriter):
