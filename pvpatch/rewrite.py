@@ -351,7 +351,7 @@ class _Rewriter:
         """What thunks placed in this file look like (read from the input)."""
         return file_conventions(self.elf, self.plan.backend.thunk_section)
 
-    def lay_out_thunks(self, specs: Iterable[ThunkSpec], address: int | None) -> list[NewThunk]:
+    def laid_out(self, specs: Iterable[ThunkSpec], address: int | None) -> list[NewThunk]:
         """The thunks this rewrite adds, laid out THUNK_ALIGN apart in the thunk section
         (the one layout of relocatable and linked files); `address`: the section's, when
         the file is linked."""
@@ -455,7 +455,7 @@ class _RelocatableRewriter(_Rewriter):
             self.thunk_sec = None
             return existing
         conv = self.conventions
-        new = self.lay_out_thunks(specs, None)
+        new = self.laid_out(specs, None)
         placed = {t.placed.spec.symbol: t.placed for t in new}
         code = _thunk_section(new, (t.code.code for t in new))
         branches = [(t.placed.offset + b.field, b.symbol) for t in new for b in t.code.branches]
@@ -1054,7 +1054,7 @@ class _LinkedRewriter(_Rewriter):
         phnum = len(elf.segments) + 1
         ph_size = phnum * elf.cls.phdr.size
         base = align_up(ph_size, THUNK_ALIGN)
-        new = self.lay_out_thunks(specs, vaddr + base)
+        new = self.laid_out(specs, vaddr + base)
         code = _thunk_section(new, (self._bound(t.code, vaddr + base + t.placed.offset)
                                     for t in new))
         total = base + len(code)
