@@ -63,6 +63,7 @@ from .elf import (
     Section,
     Symbol,
 )
+from .elfwrite import DT_REL, DT_RELA, DT_RELACOUNT, DT_RELCOUNT, DT_RELRSZ, dynamic_entries
 from .modversions import MODULE_NAME_LEN
 
 if TYPE_CHECKING:
@@ -72,8 +73,6 @@ if TYPE_CHECKING:
 
 MAX_LISTED = 200  # differences kept per file: past this, one line says how many more
 SHT_DYNAMIC = 6
-DT_RELA, DT_REL, DT_RELRSZ = 7, 17, 35
-DT_RELACOUNT, DT_RELCOUNT = 0x6FFFFFF9, 0x6FFFFFFA
 NEW_SYMBOL = 1 << 40  # a patched symbol with no original counterpart, in relocation keys
 PAGE = 0x1000
 # objtool's lists of instructions (s32 self-relative entries, one PC32 relocation each)
@@ -1309,15 +1308,9 @@ class _Accountant:
                 self.changed.add(s.index)
                 self.claim(f"packed relocation at {addr:#x} dropped", p, 0, 0, site=s.index)
 
-    def _dyn_rows(self, elf: ElfFile, sec: Section) -> list[tuple[int, int]]:
-        word = elf.cls.addr.size
-        data = elf.section_data(sec)
-        fmt = "<qQ" if word == 8 else "<iI"
-        return list(struct.iter_unpack(fmt, data[: len(data) // (2 * word) * 2 * word]))
-
     def dynamic(self, o: Section | None, p: Section) -> None:
         assert o is not None
-        a, b = self._dyn_rows(self.o, o), self._dyn_rows(self.p, p)
+        a, b = dynamic_entries(self.o, o), dynamic_entries(self.p, p)
         tags = dict(b)
         word = self.p.cls.addr.size
         for k, (x, y) in enumerate(zip(a, b, strict=True)):

@@ -404,9 +404,10 @@ class DynamicEntry(NamedTuple):
     d_val: int
 
 
-def dynamic_entries(elf: ElfFile) -> list[DynamicEntry]:
-    """The input's `.dynamic` entries (none without one)."""
-    sec = elf.section(".dynamic")
+def dynamic_entries(elf: ElfFile, sec: Section | None = None) -> list[DynamicEntry]:
+    """The entries of a dynamic section (default: the file's `.dynamic`; none without one)."""
+    if sec is None:
+        sec = elf.section(".dynamic")
     if sec is None:
         return []
     word = elf.cls.addr.size
