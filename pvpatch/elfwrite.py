@@ -326,10 +326,6 @@ class SymbolTable:
         self._edited[index * cls.sym.size : (index + 1) * cls.sym.size] = cls.pack_sym(
             name, info, other, shndx, st_value, st_size)
 
-    def renumber(self, index: int) -> int:
-        """Where input symbol `index` is once the new locals are inserted."""
-        return index + len(self.locals) if index >= self.first_global else index
-
     def write(self, out: ElfWriter) -> None:
         elf, symtab = self.elf, self.section
         raw = bytes(self._edited) if self._edited is not None else self.raw
