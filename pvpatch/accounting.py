@@ -63,6 +63,7 @@ from .elf import (
     Section,
     Symbol,
 )
+from .elfwrite import DT_REL, DT_RELA, DT_RELACOUNT, DT_RELCOUNT, DT_RELRSZ, dynamic_entries
 from .modversions import MODULE_NAME_LEN
 
 if TYPE_CHECKING:
@@ -72,10 +73,7 @@ if TYPE_CHECKING:
 
 MAX_LISTED = 200  # differences kept per file: past this, one line says how many more
 SHT_DYNAMIC = 6
-DT_RELA, DT_REL, DT_RELRSZ = 7, 17, 35
-DT_RELACOUNT, DT_RELCOUNT = 0x6FFFFFF9, 0x6FFFFFFA
 NEW_SYMBOL = 1 << 40  # a patched symbol with no original counterpart, in relocation keys
-THUNK_ALIGN = 16
 PAGE = 0x1000
 # objtool's lists of instructions (s32 self-relative entries, one PC32 relocation each)
 # that pvpatch appends to when a thunk's return must be listed (CONFIG_RETHUNK).
@@ -1298,8 +1296,8 @@ class _Accountant:
 
     def relr(self, o: Section | None, p: Section) -> None:
         assert o is not None
-        before = list(self.o._relr_addresses(o))
-        after = list(self.p._relr_addresses(p))
+        before = list(self.o.relr_addresses(o))
+        after = list(self.p.relr_addresses(p))
         if set(after) - set(before) or len(after) != len(set(after)):
             self.problem("packed relocations added", p, 0)
         for addr in sorted(set(before) - set(after)):
@@ -1310,15 +1308,9 @@ class _Accountant:
                 self.changed.add(s.index)
                 self.claim(f"packed relocation at {addr:#x} dropped", p, 0, 0, site=s.index)
 
-    def _dyn_rows(self, elf: ElfFile, sec: Section) -> list[tuple[int, int]]:
-        word = elf.cls.addr.size
-        data = elf.section_data(sec)
-        fmt = "<qQ" if word == 8 else "<iI"
-        return list(struct.iter_unpack(fmt, data[: len(data) // (2 * word) * 2 * word]))
-
     def dynamic(self, o: Section | None, p: Section) -> None:
         assert o is not None
-        a, b = self._dyn_rows(self.o, o), self._dyn_rows(self.p, p)
+        a, b = dynamic_entries(self.o, o), dynamic_entries(self.p, p)
         tags = dict(b)
         word = self.p.cls.addr.size
         for k, (x, y) in enumerate(zip(a, b, strict=True)):
@@ -1370,18 +1362,15 @@ class _Accountant:
 
     def _linked_thunks(self, p: Section, key: tuple[str, int]) -> None:
         """Where the rewriter puts each thunk of the plan: 16-aligned, in plan order."""
-        from .thunk import planned_thunk_code
+        from .thunk import planned_thunk_layout
 
-        off = 0
-        for spec in self.plan.thunks:
-            off = (off + THUNK_ALIGN - 1) // THUNK_ALIGN * THUNK_ALIGN
-            # as the rewriter writes it in this file: its return form, its padding
-            size = len(planned_thunk_code(self.plan, spec).code)
+        # as the rewriter writes each in this file: its return form, its padding
+        for slot in planned_thunk_layout(self.plan):
+            off, size = slot.offset, len(slot.code.code)
             if off + size > p.size:
                 break
-            self.thunk_places.append(ThunkPlace(spec.symbol, key[0], key[1], off, size,
+            self.thunk_places.append(ThunkPlace(slot.spec.symbol, key[0], key[1], off, size,
                                                 p.addr + off))
-            off += size
         places = {(t.symbol, t.offset, t.size) for t in self.thunk_places}
         for name, at, size in self.linked_syms:
             if (name, at, size) not in places:

@@ -727,7 +727,7 @@ class ElfFile:
             if not sec.is_alloc or sec.type not in (SHT_REL, SHT_RELA, SHT_RELR):
                 continue
             if sec.type == SHT_RELR:
-                for addr in self._relr_addresses(sec):
+                for addr in self.relr_addresses(sec):
                     out[addr] = self._word_at_addr(addr)
                 continue
             rela = sec.type == SHT_RELA
@@ -747,24 +747,15 @@ class ElfFile:
             raise self._fail(f"relocation at {addr:#x} is outside every section")
         return self.read_word(off, self.cls.addr.size)
 
-    def _relr_addresses(self, sec: Section) -> Iterator[int]:
+    def relr_addresses(self, sec: Section) -> Iterator[int]:
+        """The addresses a RELR section relocates (decoded by `pvpatch.elfwrite`, beside
+        its encoder)."""
+        from .elfwrite import decode_relr  # the writer imports this module
+
         word = self.cls.addr.size
         if sec.size % word:
             raise self._fail(f"RELR section {sec.name!r} is not a whole number of words")
-        bits = word * 8 - 1
-        base = 0
-        for (entry,) in self.cls.addr.iter_unpack(self.section_data(sec)):
-            if entry & 1 == 0:
-                yield entry
-                base = entry + word
-            else:
-                bitmap, i = entry >> 1, 0
-                while bitmap:
-                    if bitmap & 1:
-                        yield base + i * word
-                    bitmap >>= 1
-                    i += 1
-                base += bits * word
+        return decode_relr(self.section_data(sec), word)
 
     # -- extras -----------------------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .arch import Arch, convention_changes
 from .backend import Action, Backend, OpRule, returns_to_site
@@ -41,6 +41,22 @@ class ThunkSpec:
 
 
 @dataclass(frozen=True)
+class BranchEdit:
+    """The edit a call, jmp or thunk site asks for: `opcode` (e8 call / e9 jmp) with a
+    rel32 to `symbol`, nop-padded to `length` bytes.  `symbol` is the thunk's when the
+    branch goes through one (`thunk`); `target` is the function that finally runs."""
+
+    opcode: Literal["call", "jmp"]
+    symbol: str
+    length: int
+    thunk: ThunkSpec | None = None
+
+    @property
+    def target(self) -> str:
+        return self.thunk.target if self.thunk is not None else self.symbol
+
+
+@dataclass(frozen=True)
 class Decision:
     """What one site becomes (an action), and why when it is kept."""
 
@@ -57,6 +73,16 @@ class Decision:
     @property
     def rewrites(self) -> bool:
         return self.action != "keep"
+
+    @property
+    def branch(self) -> BranchEdit | None:
+        """The branch to write at the site (call, jmp, thunk), else None: then `code`, when
+        the site is rewritten, is its complete new bytes."""
+        if self.action not in ("call", "thunk", "jmp"):
+            return None
+        assert self.target is not None
+        return BranchEdit("jmp" if self.action == "jmp" else "call", self.target, self.site.len,
+                      self.thunk)
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 from .arch import Arch
 from .coverage import TableEdit
@@ -36,27 +36,37 @@ from .elf import (
     PT_PHDR,
     SHF_ALLOC,
     SHF_EXECINSTR,
-    SHF_GROUP,
-    SHF_INFO_LINK,
-    SHN_LORESERVE,
     SHN_UNDEF,
-    SHN_XINDEX,
-    SHT_GROUP,
     SHT_NOBITS,
     SHT_PROGBITS,
     SHT_REL,
     SHT_RELA,
     SHT_RELR,
-    SHT_SYMTAB_SHNDX,
     STB_GLOBAL,
     STB_LOCAL,
     STT_FUNC,
     STT_NOTYPE,
     STT_SECTION,
+    Buffer,
     ElfFile,
     Relocation,
     Section,
     Symbol,
+)
+from .elfwrite import (
+    DT_REL,
+    DT_RELA,
+    DT_RELACOUNT,
+    DT_RELCOUNT,
+    DT_RELRSZ,
+    ElfWriter,
+    NewSymbol,
+    SymbolTable,
+    align_up,
+    dynamic_entries,
+    encode_relr,
+    pack_program_header,
+    pack_relocations,
 )
 from .errors import RewriteError
 from .plan import CALL_LEN, Decision, Plan, ThunkSpec
@@ -68,6 +78,7 @@ from .thunk import (
     ReturnForm,
     ThunkCode,
     file_conventions,
+    lay_out_thunks,
     thunk_code,
 )
 from .unwind import (
@@ -122,9 +133,7 @@ class _LinkedUnwind:
         return {self.eh_index: eh, self.hdr_index: hdr}
 
 PAGE = 0x1000
-MAX_SECTION_ALIGN = 1 << 16  # most a moved section may be aligned to (padding is zeros)
 MAX_FILE_PAD = 16 << 20  # most zero padding a linked file may grow by to place thunks
-DT_RELA, DT_REL, DT_RELACOUNT, DT_RELCOUNT, DT_RELRSZ = 7, 17, 0x6FFFFFF9, 0x6FFFFFFA, 35
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,30 @@ class PlacedThunk:
     address: int | None
     size: int
     conventions: Conventions = PLAIN  # how it returns (thunks of an earlier run: unknown)
+
+
+class SiteRelocation(NamedTuple):
+    """A relocation inside a site: its relocation section, its position there, the entry."""
+
+    section: int
+    position: int
+    relocation: Relocation
+
+
+@dataclass(frozen=True)
+class NewThunk:
+    """A thunk this rewrite adds: where it goes, and its code (branches not yet bound)."""
+
+    placed: PlacedThunk
+    code: ThunkCode
+
+
+def _thunk_section(thunks: Iterable[NewThunk], bodies: Iterable[bytes]) -> bytearray:
+    """The thunk section's bytes: each body at its thunk's offset, zeros between."""
+    code = bytearray()
+    for t, body in zip(thunks, bodies, strict=True):
+        code += bytes(t.placed.offset - len(code)) + body
+    return code
 
 
 @dataclass(frozen=True)
@@ -172,11 +205,16 @@ class Rewrite:
         """The same rewrite with its output replaced (signed, or altered by a test)."""
         return dataclasses.replace(self, image=image, edits=(), signed=signed)
 
+    @property
+    def _input(self) -> Buffer:
+        """The input file's bytes, which `edits` apply to."""
+        return self.plan.scan.elf.data
+
     @cached_property
     def data(self) -> bytes:
         if self.image is not None:
             return self.image
-        out = bytearray(self.plan.scan.elf.data)
+        out = bytearray(self._input)
         for offset, new in self.edits:
             out[offset : offset + len(new)] = new
         return bytes(out)
@@ -184,13 +222,13 @@ class Rewrite:
     @property
     def changed(self) -> bool:
         if self.image is None:
-            base = self.plan.scan.elf.data
+            base = self._input
             return any(base[o : o + len(b)] != b for o, b in self.edits)
-        base = self.plan.scan.elf.data
+        base = self._input
         return len(self.image) != len(base) or self.image != base[:]  # base may be a map
 
 
-def _result(plan: Plan, output: _Output | None, patches: list[SitePatch],
+def _result(plan: Plan, output: ElfWriter | None, patches: list[SitePatch],
             thunks: Iterable[PlacedThunk], signature_removed: bool, dropped: int,
             neutralised: int = 0, unwind: str = "", copied: int = 0) -> Rewrite:
     image = output.build() if output is not None else None
@@ -246,161 +284,6 @@ def _rel32(disp: int, path: str, arch: Arch) -> bytes:
     return (disp & 0xFFFFFFFF).to_bytes(4, "little")
 
 
-def _align(value: int, align: int) -> int:
-    return value if align <= 1 else (value + align - 1) // align * align
-
-
-# -- section header bookkeeping -------------------------------------------
-
-
-@dataclass
-class _Shdr:
-    """A mutable section header while the output is assembled."""
-
-    name: int
-    type: int
-    flags: int
-    addr: int
-    offset: int
-    size: int
-    link: int
-    info: int
-    addralign: int
-    entsize: int
-    data: bytes | None = None  # new contents; None = unchanged
-    name_str: str = ""
-
-    @classmethod
-    def of(cls, s: Section) -> _Shdr:
-        return cls(s.name_offset, s.type, s.flags, s.addr, s.offset, s.size, s.link, s.info,
-                   s.addralign, s.entsize, None, s.name)
-
-    def fields(self) -> tuple[int, ...]:
-        return (self.name, self.type, self.flags, self.addr, self.offset, self.size, self.link,
-                self.info, self.addralign, self.entsize)
-
-
-class _Output:
-    """Assembles the output file: original bytes, changed and new sections, headers."""
-
-    def __init__(self, elf: ElfFile) -> None:
-        self.elf = elf
-        # The output starts as the input (less any signature).  Changes that keep
-        # the layout are recorded as edits; the whole image is built only when
-        # something must be appended or moved, which for a large linked file is
-        # the exception.
-        self._buf: bytearray | None = None
-        self.edits: list[tuple[int, bytes]] = []
-        self.shdrs = [_Shdr.of(s) for s in elf.sections]
-        self.new_names: list[tuple[_Shdr, str]] = []
-        self.phdr_change: tuple[int, int, list[bytes]] | None = None
-
-    @property
-    def out(self) -> bytearray:
-        if self._buf is None:
-            self._buf = bytearray(self.elf.data[: self.elf.content_end])
-            for offset, data in self.edits:
-                self._buf[offset : offset + len(data)] = data
-            self.edits = []
-        return self._buf
-
-    def poke(self, offset: int, data: bytes) -> None:
-        if self._buf is None:
-            self.edits.append((offset, data))
-        else:
-            self._buf[offset : offset + len(data)] = data
-
-    def set_data(self, index: int, data: bytes) -> None:
-        self.shdrs[index].data = data
-
-    def add_section(self, name: str, **fields: int) -> int:
-        sh = _Shdr(0, fields["type"], fields.get("flags", 0), fields.get("addr", 0), 0, 0,
-                   fields.get("link", 0), fields.get("info", 0), fields.get("addralign", 1),
-                   fields.get("entsize", 0), b"", name)
-        self.shdrs.append(sh)
-        self.new_names.append((sh, name))
-        return len(self.shdrs) - 1
-
-    def _append(self, data: bytes, align: int) -> int:
-        if align > MAX_SECTION_ALIGN:
-            raise RewriteError(f"a section to move asks for {align}-byte alignment, more than "
-                               f"{MAX_SECTION_ALIGN}", self.elf.path)
-        buf = self.out
-        pos = _align(len(buf), max(align, 1))
-        buf.extend(bytes(pos - len(buf)))
-        buf.extend(data)
-        return pos
-
-    def build(self) -> bytes | None:
-        """The output image, or None when `edits` applied to the input make it."""
-        elf = self.elf
-        if self.new_names:
-            shstr = self.shdrs[elf.shstrndx]
-            # Start from the table as this rewrite left it: LLVM objects keep symbol
-            # names in the same section, which may have grown already.
-            table = bytearray(shstr.data if shstr.data is not None
-                              else elf.section_data(elf.sections[elf.shstrndx]))
-            for sh, name in self.new_names:
-                sh.name = len(table)
-                table += name.encode() + b"\0"
-            shstr.data = bytes(table)
-        for i, sh in enumerate(self.shdrs):
-            if sh.data is None:
-                continue
-            old = elf.sections[i] if i < len(elf.sections) else None
-            room = old.file_size if old is not None else 0
-            if old is not None and len(sh.data) <= room:
-                # Fits where it was: write in place, clear what it no longer uses.
-                self.poke(old.offset, sh.data + bytes(room - len(sh.data)))
-            else:
-                if old is not None and room:
-                    self.out[old.offset : old.offset + room] = bytes(room)
-                sh.offset = self._append(sh.data, sh.addralign)
-            sh.size = len(sh.data)
-        if self.phdr_change is not None:
-            self._write_phdrs()
-        self._write_shdrs()
-        if self._buf is None and self.elf.content_end == len(self.elf.data):
-            return None
-        return bytes(self.out)
-
-    def _write_phdrs(self) -> None:
-        assert self.phdr_change is not None
-        phoff, phnum, rows = self.phdr_change
-        blob = b"".join(rows)
-        self.out[phoff : phoff + len(blob)] = blob
-        self._patch_ehdr(e_phoff=phoff, e_phnum=phnum)
-
-    def _write_shdrs(self) -> None:
-        elf = self.elf
-        fmt = elf.cls.shdr
-        blob = b"".join(fmt.pack(*sh.fields()) for sh in self.shdrs)
-        if len(self.shdrs) == len(elf.sections):
-            if blob != elf.data[elf.e_shoff : elf.e_shoff + len(blob)]:
-                self.poke(elf.e_shoff, blob)
-            return
-        old_len = len(elf.sections) * fmt.size
-        self.out[elf.e_shoff : elf.e_shoff + old_len] = bytes(old_len)
-        count = len(self.shdrs)
-        if count >= SHN_LORESERVE:
-            # Extended numbering (gABI): e_shnum is 0 and section 0's sh_size holds the
-            # count; an e_shstrndx of SHN_XINDEX already points at its sh_link.
-            self.shdrs[0].size = count
-            blob = b"".join(fmt.pack(*sh.fields()) for sh in self.shdrs)
-        shoff = self._append(blob, 8)
-        self._patch_ehdr(e_shoff=shoff, e_shnum=count if count < SHN_LORESERVE else 0)
-
-    def _patch_ehdr(self, **values: int) -> None:
-        elf = self.elf
-        names = ("ident", "e_type", "e_machine", "e_version", "e_entry", "e_phoff", "e_shoff",
-                 "e_flags", "e_ehsize", "e_phentsize", "e_phnum", "e_shentsize", "e_shnum",
-                 "e_shstrndx")
-        rec = list(elf.cls.ehdr.unpack_from(self.out, 0))
-        for k, v in values.items():
-            rec[names.index(k)] = v
-        elf.cls.ehdr.pack_into(self.out, 0, *rec)
-
-
 @dataclass(frozen=True)
 class _TableMover:
     """Where an offset in a table section goes when entries are dropped (`keep`: the
@@ -433,7 +316,7 @@ class _Rewriter:
         self.crcs = crcs
         self.elf: ElfFile = plan.scan.elf
         self.arch = plan.arch
-        self.output = _Output(self.elf)
+        self.output = ElfWriter(self.elf)
         self.texts: dict[int, bytearray] = {}
         self.patches: list[SitePatch] = []
         self._targets: dict[str, Symbol | None] = {}
@@ -446,9 +329,16 @@ class _Rewriter:
             buf = self.texts[index] = bytearray(self.elf.section_data(self.elf.sections[index]))
         return buf
 
-    def branch_bytes(self, decision: Decision, disp: int) -> bytes:
-        opcode = b"\xe9" if decision.action == "jmp" else b"\xe8"
-        return opcode + _rel32(disp, self.elf.path, self.arch)
+    def site_bytes(self, d: Decision, disp: int) -> bytes:
+        """A rewritten site's new bytes: the plan's own, or the branch it asks for with
+        `disp` in its rel32 (the one place either kind of file makes branch bytes)."""
+        b = d.branch
+        if b is None:
+            assert d.code is not None
+            return d.code
+        opcode = b"\xe9" if b.opcode == "jmp" else b"\xe8"
+        return opcode + _rel32(disp, self.elf.path, self.arch) + \
+            self.arch.nop_fill(b.length - CALL_LEN)
 
     def target_symbol(self, name: str) -> Symbol | None:
         """The symbol a spec target binds to (pvpatch.targets: the planner's rule too)."""
@@ -461,6 +351,16 @@ class _Rewriter:
         """What thunks placed in this file look like (read from the input)."""
         return file_conventions(self.elf, self.plan.backend.thunk_section)
 
+    def laid_out(self, specs: Iterable[ThunkSpec], address: int | None) -> list[NewThunk]:
+        """The thunks this rewrite adds, laid out THUNK_ALIGN apart in the thunk section
+        (the one layout of relocatable and linked files); `address`: the section's, when
+        the file is linked."""
+        section, conv = self.plan.backend.thunk_section, self.conventions
+        return [NewThunk(PlacedThunk(slot.spec, section, slot.offset,
+                                     None if address is None else address + slot.offset,
+                                     len(slot.code.code), conv), slot.code)
+                for slot in lay_out_thunks(self.arch, specs, conv)]
+
 
 class _RelocatableRewriter(_Rewriter):
     def run(self) -> Rewrite:
@@ -469,8 +369,8 @@ class _RelocatableRewriter(_Rewriter):
             raise RewriteError("a relocatable file without a symbol table", elf.path)
         self.syms = list(elf.symbols)
         self.first_global = elf.symtab.info
-        self.new_locals: list[tuple[str, int, int, int, int, int]] = []
-        self.new_globals: list[tuple[str, int, int, int, int, int]] = []
+        self.new_locals: list[NewSymbol] = []
+        self.new_globals: list[NewSymbol] = []
         self.global_index: dict[str, int] = {}
         # Edits per relocation section: positions removed, entries added, or
         # (for the table) the whole list replaced.  Built lazily, never O(n) per site.
@@ -481,7 +381,8 @@ class _RelocatableRewriter(_Rewriter):
         self.symbol_updates: dict[int, tuple[int, int]] = {}  # index -> (value, size)
         # relocation section -> position -> new addend (references into a shrunk table)
         self.addend_updates: dict[int, dict[int, int]] = {}
-        self._by_text: dict[int, tuple[list[int], list[tuple[int, int, Relocation]]]] = {}
+        # text section -> its relocations sorted by offset, and those offsets (for bisect)
+        self._by_text: dict[int, tuple[list[int], list[SiteRelocation]]] = {}
         thunks = self._place_thunks()
         for d in self.plan.decisions:
             if d.rewrites:
@@ -519,7 +420,8 @@ class _RelocatableRewriter(_Rewriter):
             return sym.index
         if name not in self.global_index:
             self.global_index[name] = len(self.new_globals)
-            self.new_globals.append((name, STB_GLOBAL << 4 | STT_NOTYPE, 0, SHN_UNDEF, 0, 0))
+            self.new_globals.append(NewSymbol(name, STB_GLOBAL << 4 | STT_NOTYPE, 0, SHN_UNDEF,
+                                              0, 0))
         return self.NEW_GLOBAL + self.global_index[name]
 
     def _final(self, index: int) -> int:
@@ -553,28 +455,21 @@ class _RelocatableRewriter(_Rewriter):
             self.thunk_sec = None
             return existing
         conv = self.conventions
-        code = bytearray()
-        placed: dict[str, PlacedThunk] = {}
-        branches: list[tuple[int, str]] = []
-        listed: list[tuple[str, int]] = []  # (thunk, offset in it) of each listed return
-        for spec in specs:
-            code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
-            tc = thunk_code(self.arch, spec, conv)
-            placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section, len(code),
-                                              None, len(tc.code), conv)
-            branches += [(len(code) + b.field, b.symbol) for b in tc.branches]
-            listed += [(spec.symbol, at) for at in tc.listed]
-            code += tc.code
+        new = self.laid_out(specs, None)
+        placed = {t.placed.spec.symbol: t.placed for t in new}
+        code = _thunk_section(new, (t.code.code for t in new))
+        branches = [(t.placed.offset + b.field, b.symbol) for t in new for b in t.code.branches]
+        # (thunk, offset in it) of each listed return
+        listed = [(t.placed.spec.symbol, at) for t in new for at in t.code.listed]
         out = self.output
         self.thunk_sec = out.add_section(
-            self.plan.backend.thunk_section, type=SHT_PROGBITS,
-            flags=SHF_ALLOC | SHF_EXECINSTR, addralign=THUNK_ALIGN,
+            self.plan.backend.thunk_section, sh_type=SHT_PROGBITS,
+            sh_flags=SHF_ALLOC | SHF_EXECINSTR, sh_addralign=THUNK_ALIGN,
         )
         for spec in specs:
             p = placed[spec.symbol]
-            self.new_locals.append(
-                (spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0, self.thunk_sec, p.offset, p.size)
-            )
+            self.new_locals.append(NewSymbol(spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0,
+                                             self.thunk_sec, p.offset, p.size))
         if not self.arch.uses_rela:
             for off, _t in branches:
                 code[off : off + 4] = (-4 & 0xFFFFFFFF).to_bytes(4, "little")
@@ -588,11 +483,10 @@ class _RelocatableRewriter(_Rewriter):
         if listed:
             self._list_in_table(conv.returns, [(self._thunk_symbol_index(name), at)
                                                for name, at in listed])
-        self._describe_frames([(placed[spec.symbol], thunk_code(self.arch, spec, conv))
-                               for spec in specs])
+        self._describe_frames(new)
         return {**existing, **placed}
 
-    def _describe_frames(self, thunks: list[tuple[PlacedThunk, ThunkCode]]) -> None:
+    def _describe_frames(self, thunks: list[NewThunk]) -> None:
         """Unwind data for the new thunks: a CIE and an FDE per thunk appended to the
         object's `.eh_frame` (the linker merges it into the program's and indexes it in
         `.eh_frame_hdr`), each FDE's address a PC32 relocation against its thunk.  An
@@ -602,11 +496,11 @@ class _RelocatableRewriter(_Rewriter):
             self._orc_frames(thunks)
             return
         old = self.elf.section_data(sec)
-        entries = eh_frame_entries(self.arch, [tc.frame for _s, tc in thunks
-                                               if tc.frame is not None])
+        entries = eh_frame_entries(self.arch, [t.code.frame for t in thunks
+                                               if t.code.frame is not None])
         relocs = [Relocation(len(old) + field, self.arch.r_pc32,
-                             self._thunk_symbol_index(p.spec.symbol), 0)
-                  for (p, _tc), field in zip(thunks, entries.pc_fields, strict=True)]
+                             self._thunk_symbol_index(t.placed.spec.symbol), 0)
+                  for t, field in zip(thunks, entries.pc_fields, strict=True)]
         relsecs = self.elf.relocation_sections(sec)
         if relsecs:
             self.added.setdefault(relsecs[0].index, []).extend(relocs)
@@ -615,7 +509,7 @@ class _RelocatableRewriter(_Rewriter):
         self.output.set_data(sec.index, old + entries.data)
         self.unwind = "eh_frame"
 
-    def _orc_frames(self, thunks: list[tuple[PlacedThunk, ThunkCode]]) -> None:
+    def _orc_frames(self, thunks: list[NewThunk]) -> None:
         """A kernel object's unwind data: ORC entries for every point where a thunk's stack
         changes and a terminator after it, appended to `.orc_unwind`, their addresses to
         `.orc_unwind_ip` (a PC32 relocation each, against the thunk's symbol: the module
@@ -634,10 +528,10 @@ class _RelocatableRewriter(_Rewriter):
             return
         placed = []
         offsets = {}
-        for p, tc in thunks:
-            assert tc.frame is not None
-            placed.append((p.offset, tc.frame))
-            offsets[p.offset] = p.spec.symbol
+        for t in thunks:
+            assert t.code.frame is not None
+            placed.append((t.placed.offset, t.code.frame))
+            offsets[t.placed.offset] = t.placed.spec.symbol
         entries = orc_entries(layout, placed)
         starts = sorted(offsets)
         ips: list[Relocation] = []
@@ -673,8 +567,8 @@ class _RelocatableRewriter(_Rewriter):
         relocs = [Relocation(len(old) + k * table.entry_size, arch.r_pc32, sym, addend)
                   for k, (sym, addend) in enumerate(entries)]
         if sec is None:
-            index = out.add_section(table.section, type=SHT_PROGBITS, flags=table.flags,
-                                    addralign=table.addralign, entsize=table.entsize)
+            index = out.add_section(table.section, sh_type=SHT_PROGBITS, sh_flags=table.flags,
+                                    sh_addralign=table.addralign, sh_entsize=table.entsize)
             self.new_reloc_lists[index] = relocs
         else:
             index = sec.index
@@ -687,18 +581,18 @@ class _RelocatableRewriter(_Rewriter):
 
     # sites -----------------------------------------------------------------
 
-    def _site_relocs(self, d: Decision) -> list[tuple[int, int, Relocation]]:
-        """(relocation section, position, entry) of the relocations inside a site."""
+    def _site_relocs(self, d: Decision) -> list[SiteRelocation]:
+        """The relocations inside a site."""
         site = d.site
         index = self._by_text.get(site.section_index)
         if index is None:
             rows = []
             for relsec in self.elf.relocation_sections(self.elf.sections[site.section_index]):
-                rows += [(r.offset, relsec.index, pos, r)
+                rows += [SiteRelocation(relsec.index, pos, r)
                          for pos, r in enumerate(self.elf.relocations(relsec))]
-            rows.sort(key=lambda row: row[0])
+            rows.sort(key=lambda row: row.relocation.offset)
             index = self._by_text[site.section_index] = (
-                [row[0] for row in rows], [row[1:] for row in rows])
+                [row.relocation.offset for row in rows], rows)
         offsets, entries = index
         lo = bisect.bisect_left(offsets, site.offset)
         hi = bisect.bisect_left(offsets, site.offset + site.len, lo)
@@ -706,31 +600,28 @@ class _RelocatableRewriter(_Rewriter):
             return []
         # Only a site named twice in the table finds its relocations already removed.
         removed = self.removed
-        return [e for e in entries[lo:hi] if e[1] not in removed.get(e[0], ())]
+        return [e for e in entries[lo:hi] if e.position not in removed.get(e.section, ())]
 
     def _patch_site(self, d: Decision, thunks: dict[str, PlacedThunk]) -> None:
         site = d.site
         arch = self.arch
         inside = self._site_relocs(d)
         want_reloc: Relocation | None = None
-        if d.action in ("call", "thunk", "jmp"):
-            assert d.target is not None
-            disp = 0 if arch.uses_rela else -4
-            after = self.branch_bytes(d, disp) + arch.nop_fill(site.len - CALL_LEN)
-            target_index = self._thunk_symbol_index(d.target) if d.action == "thunk" \
-                else self.symbol_index(d.target)
+        # RELA: the addend is in the relocation; REL: in the field (-4, from the field's end).
+        after = self.site_bytes(d, 0 if arch.uses_rela else -4)
+        b = d.branch
+        if b is not None:
+            target_index = self._thunk_symbol_index(b.symbol) if b.thunk is not None \
+                else self.symbol_index(b.symbol)
             # GNU as relocates `call sym` and `jmp sym` alike (PLT32 / PC32).
             want_reloc = Relocation(site.offset + 1, arch.r_call, target_index, -4)
-        else:
-            assert d.code is not None
-            after = d.code
         if after == site.code and self._already(inside, want_reloc, d):
             self.patches.append(SitePatch(d, site.code, after, True))
             return
         text = self.text(site.section_index)
         text[site.offset : site.end] = after
-        for relsec_index, pos, _r in inside:
-            self.removed.setdefault(relsec_index, set()).add(pos)
+        for e in inside:
+            self.removed.setdefault(e.section, set()).add(e.position)
         if want_reloc is not None:
             relsecs = self.elf.relocation_sections(self.elf.sections[site.section_index])
             if relsecs:
@@ -748,13 +639,13 @@ class _RelocatableRewriter(_Rewriter):
             return sym.index
         raise RewriteError(f"thunk {symbol} was not placed", self.elf.path)
 
-    def _already(self, inside: list[tuple[int, int, Relocation]], want: Relocation | None,
+    def _already(self, inside: list[SiteRelocation], want: Relocation | None,
                  d: Decision) -> bool:
         if want is None:
             return not inside
         if len(inside) != 1:
             return False
-        r = inside[0][2]
+        r = inside[0].relocation
         # The same symbol, not just the same name: an `ld -r` output may hold two.
         return (r.offset == want.offset and r.type == want.type and r.addend == want.addend
                 and r.sym == want.sym)
@@ -902,43 +793,17 @@ class _RelocatableRewriter(_Rewriter):
             if shift or self.new_globals:
                 fixed = [r._replace(sym=self._final(r.sym)) for r in fixed]
             fixed.sort(key=lambda r: r.offset)  # stable: equal offsets keep their order
-            out.set_data(relsec_index, self._pack_relocs(sec.type == SHT_RELA, fixed))
+            out.set_data(relsec_index, pack_relocations(elf.cls, sec.type == SHT_RELA, fixed))
         rela = self.arch.uses_rela
         for text_index, relocs in self.new_reloc_lists.items():
             if not relocs:
                 continue
-            name = (".rela" if rela else ".rel") + (
-                out.shdrs[text_index].name_str or elf.sections[text_index].name)
-            cls = elf.cls
-            in_group = text_index < len(elf.sections) and \
-                bool(elf.sections[text_index].flags & SHF_GROUP)
-            idx = out.add_section(
-                name, type=SHT_RELA if rela else SHT_REL,
-                flags=SHF_INFO_LINK | (SHF_GROUP if in_group else 0),
-                link=symtab.index, info=text_index, addralign=cls.addr.size,
-                entsize=(cls.rela if rela else cls.rel).size,
-            )
+            idx = out.add_relocation_section(text_index, symtab.index, rela)
             fixed = sorted((r._replace(sym=self._final(r.sym)) for r in relocs),
                            key=lambda r: r.offset)
-            out.set_data(idx, self._pack_relocs(rela, fixed))
-            if in_group:
-                self._join_group(text_index, idx)
+            out.set_data(idx, pack_relocations(elf.cls, rela, fixed))
         self._emit_symbols()
         self._emit_versions()
-
-    def _join_group(self, member: int, new: int) -> None:
-        """A relocation section for a section of a COMDAT group belongs to the group too
-        (gABI): it is added to the group that lists `member`."""
-        elf, out = self.elf, self.output
-        for sec in elf.sections:
-            if sec.type != SHT_GROUP:
-                continue
-            current = out.shdrs[sec.index].data
-            data = current if current is not None else elf.section_data(sec)
-            members = [v for (v,) in struct.iter_unpack("<I", data[4 : len(data) // 4 * 4])]
-            if member in members:
-                out.set_data(sec.index, data + struct.pack("<I", new))
-                return
 
     def _emit_versions(self) -> None:
         """Modules with symbol versions need a CRC for every symbol they now import."""
@@ -948,7 +813,7 @@ class _RelocatableRewriter(_Rewriter):
         data = self.elf.section_data(sec)
         from . import modversions  # only modules that gain symbols need it
 
-        extra = modversions.versions_for([g[0] for g in self.new_globals], self.crcs,
+        extra = modversions.versions_for([g.name for g in self.new_globals], self.crcs,
                                          modversions.names_in(data, self.arch), self.arch,
                                          self.elf.path)
         if extra:
@@ -967,69 +832,14 @@ class _RelocatableRewriter(_Rewriter):
         kept = [r for pos, r in enumerate(orig) if pos not in removed] if removed else list(orig)
         return kept + self.added.get(relsec_index, [])
 
-    def _pack_relocs(self, rela: bool, relocs: list[Relocation]) -> bytes:
-        cls = self.elf.cls
-        if rela:
-            return b"".join(cls.rela.pack(r.offset, cls.r_info(r.sym, r.type), r.addend)
-                            for r in relocs)
-        return b"".join(cls.rel.pack(r.offset, cls.r_info(r.sym, r.type)) for r in relocs)
-
     def _emit_symbols(self) -> None:
-        elf, out = self.elf, self.output
-        symtab = elf.symtab
+        symtab = self.elf.symtab
         assert symtab is not None
-        fmt = elf.cls.sym
-        size = fmt.size
-        raw = elf.section_data(symtab)
-        if self.symbol_updates:
-            table = bytearray(raw)
-            for index, (value, sym_size) in self.symbol_updates.items():
-                name, info, other, shndx, _value, _size = elf.cls.unpack_sym(table, index * size)
-                table[index * size : (index + 1) * size] = elf.cls.pack_sym(
-                    name, info, other, shndx, value, sym_size)
-            raw = bytes(table)
-            out.set_data(symtab.index, raw)
-        if not self.new_locals and not self.new_globals:
-            return
-        strsec = elf.sections[symtab.link]
-        strtab = bytearray(elf.section_data(strsec))
-
-        def pack(entry: tuple[str, int, int, int, int, int]) -> bytes:
-            name, info, other, shndx, value, sz = entry
-            name_off = len(strtab)
-            strtab.extend(name.encode() + b"\0")
-            # New entries hold SHN_UNDEF or a real section number (never SHN_ABS/COMMON):
-            # one past 0xfeff is written as SHN_XINDEX, the number going to .symtab_shndx.
-            if shndx >= SHN_LORESERVE:
-                shndx = SHN_XINDEX
-            return elf.cls.pack_sym(name_off, info, other, shndx, value, sz)
-
-        def xindex(entries: list[tuple[str, int, int, int, int, int]]) -> bytes:
-            return b"".join(struct.pack("<I", e[3] if e[3] >= SHN_LORESERVE else 0)
-                            for e in entries)
-
-        fg = self.first_global
-        locals_blob = b"".join(pack(e) for e in self.new_locals)
-        globals_blob = b"".join(pack(e) for e in self.new_globals)
-        new = raw[: fg * size] + locals_blob + raw[fg * size :] + globals_blob
-        out.set_data(symtab.index, new)
-        out.shdrs[symtab.index].info = fg + len(self.new_locals)
-        out.set_data(strsec.index, bytes(strtab))
-        shndx_sec = elf.symtab_shndx(symtab)
-        new_x = xindex(self.new_locals), xindex(self.new_globals)
-        if shndx_sec is not None:
-            data = elf.section_data(shndx_sec)
-            out.set_data(shndx_sec.index, data[: fg * 4] + new_x[0] + data[fg * 4 :] + new_x[1])
-        elif any(new_x[0]) or any(new_x[1]):
-            # The first symbol in a section numbered past 0xfeff: the file gains the
-            # table (every earlier symbol's index fits its own field, so theirs are 0).
-            idx = out.add_section(".symtab_shndx", type=SHT_SYMTAB_SHNDX, link=symtab.index,
-                                  addralign=4, entsize=4)
-            out.set_data(idx, bytes(4 * fg) + new_x[0] + bytes((len(raw) - fg * size) // size * 4)
-                         + new_x[1])
-        for sec in elf.sections:
-            if sec.type == SHT_GROUP and sec.link == symtab.index and sec.info >= fg:
-                out.shdrs[sec.index].info = sec.info + len(self.new_locals)
+        table = SymbolTable(self.elf, symtab)
+        for index, (value, size) in self.symbol_updates.items():
+            table.update(index, value, size)
+        table.locals, table.globals = self.new_locals, self.new_globals
+        table.write(self.output)
 
 
 class _LinkedRewriter(_Rewriter):
@@ -1050,20 +860,18 @@ class _LinkedRewriter(_Rewriter):
             if not d.rewrites:
                 self.patches.append(SitePatch(d, site.code, site.code, False))
                 continue
-            if d.action in ("call", "thunk", "jmp"):
-                assert d.target is not None
-                target = thunks[d.target].address if d.action == "thunk" else \
-                    self._linked_target(d.target)
+            b = d.branch
+            disp = 0
+            if b is not None:
+                target = thunks[b.symbol].address if b.thunk is not None else \
+                    self._linked_target(b.symbol)
                 assert target is not None
                 if kernel and not self._kernel_text(target):
-                    raise RewriteError(f"{d.target} at {target:#x} is in none of the kernel "
+                    raise RewriteError(f"{b.symbol} at {target:#x} is in none of the kernel "
                                        f"image's executable sections: {KERNEL_IMAGE_REASON}",
                                        elf.path)
-                after = self.branch_bytes(d, target - (site.address + CALL_LEN)) + \
-                    self.arch.nop_fill(site.len - CALL_LEN)
-            else:
-                assert d.code is not None
-                after = d.code
+                disp = target - (site.address + CALL_LEN)
+            after = self.site_bytes(d, disp)
             already = after == site.code
             if not already:
                 # Sites of a linked file are patched in the output image directly.
@@ -1128,7 +936,7 @@ class _LinkedRewriter(_Rewriter):
                 rows[k][1] = 0  # r_info: R_*_NONE against no symbol
             self.output.set_data(sec.index, b"".join(fmt.pack(*r) for r in rows) + raw[whole:])
             if count_at is not None:
-                self._set_dynamic(count_at[0], count)
+                self.output.set_dynamic(count_at[0], count)
 
     def _drop_relr(self, ranges: list[tuple[int, int]], starts: list[int]) -> None:
         """RELR (packed RELATIVE) entries inside rewritten sites are dropped and the table
@@ -1138,50 +946,30 @@ class _LinkedRewriter(_Rewriter):
         for sec in elf.sections:
             if sec.type != SHT_RELR or not sec.is_alloc:
                 continue
-            addrs = list(elf._relr_addresses(sec))
+            addrs = list(elf.relr_addresses(sec))
             keep = [a for a in addrs
                     if not ((pos := bisect.bisect_right(starts, a) - 1) >= 0
                             and a < ranges[pos][1])]
             if len(keep) == len(addrs):
                 continue
-            packed = _encode_relr(keep, word)
+            packed = encode_relr(keep, word)
             if len(packed) > sec.size:
                 raise RewriteError("dropping a RELR relocation inside a rewritten site would "
                                    "grow .relr.dyn", elf.path)
             self.output.set_data(sec.index, packed)
-            for i, (tag, _value) in enumerate(self._dynamic()):
-                if tag == DT_RELRSZ:
-                    self._set_dynamic(i, len(packed))
+            for i, entry in enumerate(dynamic_entries(elf)):
+                if entry.d_tag == DT_RELRSZ:
+                    self.output.set_dynamic(i, len(packed))
 
     def _relative_counts(self) -> dict[int, tuple[int, int]]:
         """Address of the REL/RELA table -> (index in .dynamic of its count tag, count)."""
-        dyn = self._dynamic()
+        dyn = dynamic_entries(self.elf)
         tags = {tag: (i, val) for i, (tag, val) in enumerate(dyn)}
         out = {}
         for table_tag, count_tag in ((DT_RELA, DT_RELACOUNT), (DT_REL, DT_RELCOUNT)):
             if table_tag in tags and count_tag in tags:
                 out[tags[table_tag][1]] = (tags[count_tag][0], tags[count_tag][1])
         return out
-
-    def _dynamic(self) -> list[tuple[int, int]]:
-        sec = self.elf.section(".dynamic")
-        if sec is None:
-            return []
-        word = self.elf.cls.addr.size
-        data = self.elf.section_data(sec)
-        fmt = "<qQ" if word == 8 else "<iI"
-        return [(t, v) for t, v in struct.iter_unpack(fmt, data[: len(data) // (2 * word)
-                                                                   * 2 * word])]
-
-    def _set_dynamic(self, index: int, value: int) -> None:
-        sec = self.elf.section(".dynamic")
-        assert sec is not None
-        word = self.elf.cls.addr.size
-        current = self.output.shdrs[sec.index].data
-        data = bytearray(current if current is not None else self.elf.section_data(sec))
-        at = index * 2 * word + word
-        data[at : at + word] = value.to_bytes(word, "little")
-        self.output.set_data(sec.index, bytes(data))
 
     def _existing_thunks(self) -> dict[str, PlacedThunk]:
         """Thunks an earlier run placed in this linked file, recognised by their bytes."""
@@ -1212,8 +1000,11 @@ class _LinkedRewriter(_Rewriter):
 
     def _thunk_at(self, spec: ThunkSpec, addr: int) -> bytes:
         """The bytes of `spec`'s thunk placed at `addr` (its branches resolved)."""
+        return self._bound(thunk_code(self.arch, spec, self.conventions), addr)
+
+    def _bound(self, tc: ThunkCode, addr: int) -> bytes:
+        """A thunk's code placed at `addr`, its branches bound to their targets."""
         conv = self.conventions
-        tc = thunk_code(self.arch, spec, conv)
         body = bytearray(tc.code)
         for b in tc.branches:
             if b.symbol == conv.returns.symbol and conv.return_address is not None:
@@ -1243,10 +1034,10 @@ class _LinkedRewriter(_Rewriter):
         # vmlinux's percpu segment sits at vaddr 0 with an unrelated paddr).
         last = max(loads, key=lambda s: s.vaddr + s.memsz)
         end_vaddr = last.vaddr + last.memsz
-        offset = _align(elf.content_end, PAGE)
+        offset = align_up(elf.content_end, PAGE)
         vaddr = bias + offset
         if vaddr < end_vaddr:
-            gap = _align(end_vaddr - vaddr, PAGE)
+            gap = align_up(end_vaddr - vaddr, PAGE)
             if gap <= max(len(elf.data), MAX_FILE_PAD):
                 # Pad the file so vaddr - offset stays that of the first segment:
                 # kernels before 5.18 compute AT_PHDR assuming so.
@@ -1254,7 +1045,7 @@ class _LinkedRewriter(_Rewriter):
                 vaddr += gap
             else:
                 # A large bss: place the segment past it without padding the file.
-                vaddr = _align(end_vaddr, PAGE) + offset % PAGE
+                vaddr = align_up(end_vaddr, PAGE) + offset % PAGE
         if vaddr + PAGE > 1 << (8 * elf.arch.ptr_size):
             raise RewriteError("no address space left past the last segment for the thunks",
                                elf.path)
@@ -1262,64 +1053,59 @@ class _LinkedRewriter(_Rewriter):
         # and then the thunks: there is rarely room to grow the old table.
         phnum = len(elf.segments) + 1
         ph_size = phnum * elf.cls.phdr.size
-        code = bytearray()
-        placed: dict[str, PlacedThunk] = {}
-        base = _align(ph_size, THUNK_ALIGN)
-        for spec in specs:
-            code += bytes(_align(len(code), THUNK_ALIGN) - len(code))
-            addr = vaddr + base + len(code)
-            body = self._thunk_at(spec, addr)
-            # offset within the thunk section, as for relocatable files
-            placed[spec.symbol] = PlacedThunk(spec, self.plan.backend.thunk_section,
-                                              len(code), addr, len(body), self.conventions)
-            code += body
+        base = align_up(ph_size, THUNK_ALIGN)
+        new = self.laid_out(specs, vaddr + base)
+        code = _thunk_section(new, (self._bound(t.code, vaddr + base + t.placed.offset)
+                                    for t in new))
         total = base + len(code)
-        unwind = self._unwind_tables(vaddr + total, [placed[s.symbol] for s in specs])
+        unwind = self._unwind_tables(vaddr + total, new)
         if unwind is not None:
             total = unwind.end - vaddr
         rows: list[bytes] = []
         paddr = vaddr - (last.vaddr - last.paddr)
+        cls = elf.cls
         for s in elf.segments:
             if s.type == PT_PHDR:
-                rows.append(self._phdr_row(s.type, s.flags, offset, vaddr,
-                                           paddr,
-                                           ph_size, ph_size, s.align))
+                rows.append(pack_program_header(cls, s.type, s.flags, offset, vaddr, paddr,
+                                                ph_size, ph_size, s.align))
             elif s.type == PT_GNU_EH_FRAME and unwind is not None:
                 # The unwinders (libgcc, glibc) find the new table through this header.
-                rows.append(self._phdr_row(s.type, s.flags, offset + unwind.hdr_addr - vaddr,
-                                           unwind.hdr_addr, paddr + unwind.hdr_addr - vaddr,
-                                           len(unwind.hdr), len(unwind.hdr), s.align))
+                hdr_at = unwind.hdr_addr - vaddr
+                rows.append(pack_program_header(cls, s.type, s.flags, offset + hdr_at,
+                                                unwind.hdr_addr, paddr + hdr_at,
+                                                len(unwind.hdr), len(unwind.hdr), s.align))
             else:
-                rows.append(self._phdr_row(s.type, s.flags, s.offset, s.vaddr, s.paddr,
-                                           s.filesz, s.memsz, s.align))
-        rows.append(self._phdr_row(PT_LOAD, PF_R | PF_X, offset, vaddr, paddr, total, total,
-                                   PAGE))
+                rows.append(pack_program_header(cls, s.type, s.flags, s.offset, s.vaddr,
+                                                s.paddr, s.filesz, s.memsz, s.align))
+        rows.append(pack_program_header(cls, PT_LOAD, PF_R | PF_X, offset, vaddr, paddr, total,
+                                        total, PAGE))
         out = self.output
-        pad = offset - len(out.out)
-        out.out.extend(bytes(pad) + bytes(total))
-        out.out[offset + base : offset + base + len(code)] = code
-        out.phdr_change = (offset, phnum, rows)
-        sec = out.add_section(self.plan.backend.thunk_section, type=SHT_PROGBITS,
-                              flags=SHF_ALLOC | SHF_EXECINSTR, addr=vaddr + base,
-                              addralign=THUNK_ALIGN)
-        out.shdrs[sec].offset = offset + base
-        out.shdrs[sec].size = len(code)
-        out.shdrs[sec].data = None
+        image = out.image
+        pad = offset - len(image)
+        image.extend(bytes(pad) + bytes(total))
+        image[offset + base : offset + base + len(code)] = code
+        out.set_program_headers(offset, rows)
+        sec = out.add_section(self.plan.backend.thunk_section, sh_type=SHT_PROGBITS,
+                              sh_flags=SHF_ALLOC | SHF_EXECINSTR, sh_addr=vaddr + base,
+                              sh_addralign=THUNK_ALIGN)
+        thunk_header = out.headers[sec]
+        thunk_header.sh_offset, thunk_header.sh_size = offset + base, len(code)
+        thunk_header.data = None  # written into the new segment above
         if unwind is not None:
             for index, at, blob in ((unwind.eh_index, unwind.eh_addr, unwind.eh),
                                     (unwind.hdr_index, unwind.hdr_addr, unwind.hdr)):
                 where = offset + at - vaddr
-                out.out[where : where + len(blob)] = blob
+                image[where : where + len(blob)] = blob
                 # The section header follows its table into the new segment; the old
                 # bytes stay where they were, loaded but no longer looked up.
-                sh = out.shdrs[index]
-                sh.addr, sh.offset, sh.size, sh.data = at, where, len(blob), None
-        self._name_thunks(sec, [placed[s.symbol] for s in specs],
+                sh = out.headers[index]
+                sh.sh_addr, sh.sh_offset, sh.sh_size, sh.data = at, where, len(blob), None
+        self._name_thunks(sec, [t.placed for t in new],
                           unwind.moves(elf) if unwind is not None else {})
         self.unwind = "eh_frame" if unwind is not None else self.unwind
-        return {**existing, **placed}
+        return {**existing, **{t.placed.spec.symbol: t.placed for t in new}}
 
-    def _unwind_tables(self, at: int, thunks: list[PlacedThunk]) -> _LinkedUnwind | None:
+    def _unwind_tables(self, at: int, thunks: list[NewThunk]) -> _LinkedUnwind | None:
         """A new `.eh_frame` (the old entries, rebased, then a CIE and an FDE per thunk) and
         a new `.eh_frame_hdr` over all of them, laid out from address `at` on; None when
         the file has no `.eh_frame_hdr` that PT_GNU_EH_FRAME names (a kernel image) or
@@ -1332,18 +1118,18 @@ class _LinkedRewriter(_Rewriter):
             self.unwind = "none: no .eh_frame_hdr named by PT_GNU_EH_FRAME"
             return None
         word = self.arch.ptr_size
-        eh_addr = _align(at, word)
+        eh_addr = align_up(at, word)
         try:
             old = rebase_eh_frame(self.elf.section_data(eh), eh.addr, eh_addr, word)
             frames = []
             for t in thunks:
-                frame = thunk_code(self.arch, t.spec, self.conventions).frame
-                assert frame is not None and t.address is not None
-                frames.append(frame)
+                assert t.code.frame is not None and t.placed.address is not None
+                frames.append(t.code.frame)
             new = eh_frame_entries(self.arch, frames, eh_addr + len(old),
-                                   [t.address for t in thunks if t.address is not None])
+                                   [t.placed.address for t in thunks
+                                    if t.placed.address is not None])
             data = old + new.data + bytes(4)  # the zero terminator
-            hdr_addr = _align(eh_addr + len(data), 4)
+            hdr_addr = align_up(eh_addr + len(data), 4)
             table = eh_frame_hdr(data, eh_addr, hdr_addr, word)
         except UnwindError as exc:
             self.unwind = f"none: {exc.message}"
@@ -1357,92 +1143,21 @@ class _LinkedRewriter(_Rewriter):
         (inserted before the first global; relocation sections naming `.symtab`'s symbols
         follow the renumbering).  Labels in a table that moved (`moves`: section index ->
         new address of an old one; `__GNU_EH_FRAME_HDR`, `__FRAME_END__`) follow it."""
-        elf, out = self.elf, self.output
+        elf = self.elf
         symtab = elf.symtab
-        if symtab is None or not thunks:
-            return
-        cls = elf.cls
-        size = cls.sym.size
-        fg = symtab.info
-        raw = elf.section_data(symtab)
-        if not 0 < symtab.link < len(elf.sections) or fg * size > len(raw) or len(raw) % size:
-            return  # a symbol table pvpatch cannot extend consistently: left as it is
-        strsec = elf.sections[symtab.link]
-        strtab = bytearray(elf.section_data(strsec))
-        shndx = sec if sec < SHN_LORESERVE else SHN_XINDEX
-        blob = bytearray()
+        if symtab is None or not thunks or not SymbolTable.extendable(elf, symtab):
+            return  # none, or one pvpatch cannot extend consistently: left as it is
+        table = SymbolTable(elf, symtab)
+        for k in range(table.count) if moves else ():
+            _name, _info, _other, shndx, value, size = table.entry(k)
+            if shndx in moves:
+                table.update(k, moves[shndx](value), size)
         for t in thunks:
-            name = len(strtab)
-            strtab += t.spec.symbol.encode() + b"\0"
             assert t.address is not None
-            blob += cls.pack_sym(name, STB_LOCAL << 4 | STT_FUNC, 0, shndx, t.address, t.size)
-        if moves:
-            table = bytearray(raw)
-            for at in range(0, len(table), size):
-                name, info, other, shndx, value, sym_size = cls.unpack_sym(table, at)
-                if shndx in moves:
-                    table[at : at + size] = cls.pack_sym(name, info, other, shndx,
-                                                         moves[shndx](value), sym_size)
-            raw = bytes(table)
-        out.set_data(symtab.index, raw[: fg * size] + bytes(blob) + raw[fg * size :])
-        out.shdrs[symtab.index].info = fg + len(thunks)
-        out.set_data(strsec.index, bytes(strtab))
-        xtable = elf.symtab_shndx(symtab)
-        if xtable is not None or shndx == SHN_XINDEX:
-            data = elf.section_data(xtable) if xtable is not None else \
-                bytes(4 * (len(raw) // size))
-            extra = struct.pack("<I", sec if shndx == SHN_XINDEX else 0) * len(thunks)
-            if xtable is None:
-                xtable_index = out.add_section(".symtab_shndx", type=SHT_SYMTAB_SHNDX,
-                                               link=symtab.index, addralign=4, entsize=4)
-            else:
-                xtable_index = xtable.index
-            out.set_data(xtable_index, data[: fg * 4] + extra + data[fg * 4 :])
-        n = len(thunks)
-        for relsec in elf.sections:
-            if relsec.type not in (SHT_REL, SHT_RELA) or relsec.link != symtab.index:
-                continue
-            fmt = cls.rela if relsec.type == SHT_RELA else cls.rel
-            rows = []
-            data = elf.section_data(relsec)
-            for rec in fmt.iter_unpack(data[: len(data) - len(data) % fmt.size]):
-                sym, rtype = cls.split_info(rec[1])
-                rows.append(fmt.pack(rec[0], cls.r_info(sym + n if sym >= fg else sym, rtype),
-                                     *rec[2:]))
-            out.set_data(relsec.index, b"".join(rows) + data[len(data) - len(data) % fmt.size :])
-
-    def _phdr_row(self, ptype: int, flags: int, offset: int, vaddr: int, paddr: int,
-                  filesz: int, memsz: int, align: int) -> bytes:
-        # Physical addresses are derived by subtraction: wrap them as the field does.
-        cls = self.elf.cls
-        paddr &= (1 << cls.bits) - 1
-        return cls.pack_phdr(ptype, flags, offset, vaddr, paddr, filesz, memsz, align)
-
-
-def _encode_relr(addrs: list[int], word: int) -> bytes:
-    """Encode sorted, word-aligned addresses as RELR: an address, then bitmaps of the
-    following words (bit 0 set marks a bitmap)."""
-    bits = word * 8 - 1
-    fmt = "<Q" if word == 8 else "<I"
-    out = bytearray()
-    i = 0
-    addrs = sorted(addrs)
-    while i < len(addrs):
-        base = addrs[i]
-        out += struct.pack(fmt, base)
-        i += 1
-        base += word
-        while True:
-            bitmap = 0
-            while i < len(addrs) and addrs[i] - base < bits * word and \
-                    (addrs[i] - base) % word == 0:
-                bitmap |= 1 << ((addrs[i] - base) // word)
-                i += 1
-            if not bitmap:
-                break
-            out += struct.pack(fmt, (bitmap << 1) | 1)
-            base += bits * word
-    return bytes(out)
+            table.locals.append(NewSymbol(t.spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0, sec,
+                                          t.address, t.size))
+        table.write(self.output)
+        table.renumber_relocations(self.output)
 
 
 def apply_plan(plan: Plan, *, crcs: Mapping[str, int] | None = None) -> Rewrite:

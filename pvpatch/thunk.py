@@ -21,6 +21,7 @@ A thunk follows the conventions of the object it goes into, read from the file
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .arch import Arch
@@ -158,6 +159,33 @@ def thunk_code(arch: Arch, spec: ThunkSpec, conventions: Conventions = PLAIN) ->
     out += conventions.padding
     listed = (returns_at,) if conventions.listed and form.table is not None else ()
     return ThunkCode(bytes(out), call_field, tuple(branches), listed, frame.frame(len(out)))
+
+
+@dataclass(frozen=True)
+class ThunkSlot:
+    """A thunk's place in the thunk section and its code (branches not yet bound)."""
+
+    spec: ThunkSpec
+    offset: int
+    code: ThunkCode
+
+
+def lay_out_thunks(arch: Arch, specs: Iterable[ThunkSpec],
+                   conventions: Conventions) -> Iterator[ThunkSlot]:
+    """Where the rewriter puts each thunk in the thunk section it creates: THUNK_ALIGN
+    apart, in the order given (the plan's), from offset 0."""
+    end = 0
+    for spec in specs:
+        at = (end + THUNK_ALIGN - 1) // THUNK_ALIGN * THUNK_ALIGN
+        tc = thunk_code(arch, spec, conventions)
+        yield ThunkSlot(spec, at, tc)
+        end = at + len(tc.code)
+
+
+def planned_thunk_layout(plan: Plan) -> Iterator[ThunkSlot]:
+    """The plan's thunks where the rewriter puts them in a section of their own."""
+    return lay_out_thunks(plan.arch, plan.thunks,
+                          file_conventions(plan.scan.elf, plan.backend.thunk_section))
 
 
 def planned_thunk_code(plan: Plan, spec: ThunkSpec) -> ThunkCode:

@@ -263,7 +263,7 @@ def test_spec_error_lines(text: str, line: int, words: str, tmp_path: Path) -> N
 def test_packed_relative_relocations(arch: str, spec: Path, tmp_path: Path) -> None:
     """A PIE linked with -z pack-relative-relocs (RELR): the table is decoded through RELR,
     and on i386 the RELR entries inside rewritten sites are dropped (re-encoded)."""
-    from pvpatch.rewrite import _encode_relr
+    from pvpatch.elfwrite import encode_relr
 
     m32 = ["-m32"] if arch == "i386" else []
     obj, exe = tmp_path / "p.o", tmp_path / "p"
@@ -276,7 +276,7 @@ def test_packed_relative_relocations(arch: str, spec: Path, tmp_path: Path) -> N
     relr = elf.section(".relr.dyn")
     assert relr is not None
     # the encoder reproduces the linker's encoding of the same addresses
-    assert _encode_relr(list(elf._relr_addresses(relr)), elf.cls.addr.size) == \
+    assert encode_relr(list(elf.relr_addresses(relr)), elf.cls.addr.size) == \
         elf.section_data(relr)
     res = pvpatch.load(exe, ops="none")
     assert len(res.sites) == 6 and not res.findings

@@ -72,8 +72,8 @@ def _section_nth(elf: ElfFile, index: int) -> int:
 def site_job(plan: Plan, d: Decision) -> SiteJob:
     s = d.site
     rule = d.rule
-    target = rule.target if rule is not None and d.action in ("call", "thunk", "jmp") \
-        else d.target
+    branch = d.branch  # the function that finally runs, through a thunk or not
+    target = branch.target if branch is not None else d.target
     found = plan.targets.get(target) if target is not None else None
     return SiteJob(s.index, s.section, _section_nth(plan.scan.elf, s.section_index), s.offset,
                     s.len, s.address, s.op, d.action, d.tail, s.clobber_regs, target,
@@ -98,9 +98,10 @@ def unplanned(d: Decision) -> SiteVerdict:
 def called_targets(plan: Plan) -> tuple[tuple[str, str], ...]:
     found: dict[str, str] = {}
     for d in plan.decisions:
-        if d.action in ("call", "thunk") and d.rule is not None and d.rule.target:
-            conv = "c" if d.action == "thunk" else d.rule.convention
+        b = d.branch
+        if b is not None and b.opcode == "call" and d.rule is not None and b.target:
+            conv = "c" if b.thunk is not None else d.rule.convention
             # The more hostile convention wins when a target is reached both ways.
-            if found.get(d.rule.target) != "c":
-                found[d.rule.target] = conv
+            if found.get(b.target) != "c":
+                found[b.target] = conv
     return tuple(sorted(found.items()))
