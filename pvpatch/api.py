@@ -22,6 +22,7 @@ from .scan import DEFAULT_SECTION, ScanResult, scan_elf
 
 if TYPE_CHECKING:
     from .backend import Backend
+    from .ops import OpCatalog
     from .output import OutputFile
     from .plan import Plan
     from .rewrite import Rewrite
@@ -56,13 +57,24 @@ def load(
 
 
 def scan_file(
-    elf: ElfFile, *, layout: str = "auto", section: str = DEFAULT_SECTION, ops: str = "auto"
+    elf: ElfFile, *, layout: str = "auto", section: str = DEFAULT_SECTION, ops: str = "auto",
+    lazy_ops: bool = False,
 ) -> ScanResult:
-    """Scan an already opened file."""
+    """Scan an already opened file.
+
+    `lazy_ops`: look for op names only once a table is found (a file without one gets
+    `ops` None): most files of a module tree have none, and naming ops (BTF, vermagic)
+    costs more than the rest of their scan."""
     from .opsource import catalog_fits
 
-    catalog = resolve_ops(ops, elf)
-    result = scan_elf(elf, layout=layout, section=section, ops=catalog)
+    found: list[OpCatalog | None] = []
+
+    def named() -> OpCatalog | None:
+        found.append(resolve_ops(ops, elf))
+        return found[0]
+
+    result = scan_elf(elf, layout=layout, section=section, ops=named if lazy_ops else named())
+    catalog = found[0] if found else None
     if catalog is not None and "(release " in catalog.name and not catalog_fits(result):
         # A guess from the release string that the sites contradict names nothing.
         result = scan_elf(elf, layout=layout, section=section, ops=None)

@@ -124,17 +124,10 @@ def _scan(elf: ElfFile, options: CheckOptions) -> ScanResult:
 
 
 def scan_for(elf: ElfFile, *, layout: str, section: str, ops: str) -> ScanResult:
-    """`api.scan_file`, minus naming ops for a file without a table: most files of a
-    module tree have none, and finding their op names (BTF, vermagic) costs more than
-    the rest of their scan."""
-    from .scan import scan_elf
-
-    bare = scan_elf(elf, layout=layout, section=section, ops=None)
-    if not bare.sites:
-        return bare
+    """`api.scan_file`, naming ops only for a file with a table (`lazy_ops`)."""
     from .api import scan_file
 
-    return scan_file(elf, layout=layout, section=section, ops=ops)
+    return scan_file(elf, layout=layout, section=section, ops=ops, lazy_ops=True)
 
 
 def _finding_order(f: Finding) -> tuple[int, str, int]:

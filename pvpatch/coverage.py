@@ -293,21 +293,22 @@ class _OwnAlt:
         self.section_index = table.section.index
         self.layout = altinstr.ALT_LAYOUTS[table.layout.name]
         data = scan.elf.section_data(table.section)
-        self.entries = self.layout.entries(bytes(data[: len(data) - len(data) %
-                                                     self.layout.stride]))
+        # Columns, not an object per entry: a vmlinux has ten thousand.
+        _instr, _repl, self.feature, self.flags, self.instrlen, self.repllen = \
+            self.layout.columns(bytes(data[: len(data) - len(data) % self.layout.stride]))
 
     def overlapping(self, site: Site) -> list[int]:
         return list(site.entry_indices)
 
     def cover(self, scan: ScanResult, site: Site, j: int) -> Cover:
-        e = self.entries[j]
-        kind = _kind(e.feature, e.flags)
-        negate = bool(e.flags & altinstr.ALT_FLAG_NOT)
+        feature, flags = self.feature[j], self.flags[j]
+        kind = _kind(feature, flags)
+        negate = bool(flags & altinstr.ALT_FLAG_NOT)
         # The scan read the native replacement of the one NOT-paravirt entry (if final).
         repl = site.native if kind == "alternative" and negate and \
-            e.feature in altinstr.PARAVIRT_FEATURES and site.native is not None and \
-            len(site.native) == e.repllen else None
-        return Cover(self.section_name, j, kind, site.offset, e.instrlen, e.feature, negate,
+            feature in altinstr.PARAVIRT_FEATURES and site.native is not None and \
+            len(site.native) == self.repllen[j] else None
+        return Cover(self.section_name, j, kind, site.offset, self.instrlen[j], feature, negate,
                      repl)
 
 

@@ -142,15 +142,19 @@ def scan_elf(
     *,
     layout: str = "auto",
     section: str = DEFAULT_SECTION,
-    ops: OpCatalog | None = None,
+    ops: OpCatalog | Callable[[], OpCatalog | None] | None = None,
 ) -> ScanResult:
-    """Find the file's site table and decode every entry into sites, with findings."""
+    """Find the file's site table and decode every entry into sites, with findings.
+
+    `ops` may be a function giving the catalog: it is called only once a family claims
+    a table (a file without one keeps `ops` None)."""
     for family, name in _candidates(section, layout):
         sec = elf.section(name)
         if sec is None or sec.type == SHT_NOBITS:
             continue
         token = family.claim(elf, sec, layout)
         if token is not None:
-            return family.scan(elf, sec, layout, ops, token)
+            return family.scan(elf, sec, layout, ops() if callable(ops) else ops, token)
     lay = LAYOUTS[AUTO_LAYOUTS[elf.arch.name][0]] if layout == "auto" else None
-    return ScanResult(elf, elf.path, elf.arch, None, (), (), ops, lay)
+    return ScanResult(elf, elf.path, elf.arch, None, (), (),
+                      None if callable(ops) else ops, lay)
