@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .verify.records import VerifyReport
 
-CALL_LEN = 5  # e8 rel32: the shortest direct call
-MAX_INSN = 15  # longest x86 instruction: enough look-ahead to see one run past a site
-
 # Problems with the request rather than with one file: they end the run (exit 2).
 FATAL_ERRORS: tuple[type[Exception], ...] = (UsageError, SpecError, OpsError)
 
