@@ -182,13 +182,13 @@ class Btf:
     def _parse_endian(self) -> str:
         if len(self._bytes) < HEADER_MIN_LEN:
             raise OpsError(f"BTF too short ({len(self._bytes)} bytes)", self.path)
-        if self._bytes[0] == 0x9F and self._bytes[1] == 0xEB:
-            return "<"
-        if self._bytes[0] == 0xEB and self._bytes[1] == 0x9F:
-            return ">"
+        # The magic is written in the file's byte order: which way it reads says that order.
+        for order in ("<", ">"):
+            if int.from_bytes(self._bytes[:2], "little" if order == "<" else "big") == BTF_MAGIC:
+                return order
         raise OpsError(
-            f"bad BTF magic {self._bytes[0]:02x}{self._bytes[1]:02x} (want eb9f)", self.path
-        )
+            f"bad BTF magic {self._bytes[0]:02x}{self._bytes[1]:02x} (want {BTF_MAGIC:x})",
+            self.path)
 
     def _unpack(self, fmt: str, offset: int, what: str) -> tuple[int, ...]:
         size = struct.calcsize(self._endian + fmt)

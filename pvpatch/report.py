@@ -37,15 +37,6 @@ def site_insns(sym: Symboliser, site: Site) -> list[Insn]:
                      offset=site.offset)
 
 
-def patch_insns(sym: Symboliser, p: SitePatch) -> tuple[list[Insn], list[Insn]]:
-    """A rewritten site before and after, symbolised.  The new relocations exist only in
-    the output, so a new call or jmp is named from the plan (`call native_save_fl`)."""
-    before = site_insns(sym, p.decision.site)
-    if p.after == p.before:
-        return before, before
-    return before, _after_insns(sym, p)
-
-
 def _after_insns(sym: Symboliser, p: SitePatch) -> list[Insn]:
     site, d = p.decision.site, p.decision
     target = d.target if d.action in ("call", "thunk", "jmp") else None

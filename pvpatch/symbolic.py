@@ -352,10 +352,6 @@ class Symboliser:
         return None
 
 
-def insn_texts(insns: Iterable[Insn]) -> list[str]:
-    return [i.text for i in insns]
-
-
 def extra_names(names: Mapping[str, int]) -> list[Named]:
     """Names with addresses and no known size (spec targets a plan found)."""
     return [Named(a, 0, n) for n, a in names.items()]
