@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
@@ -122,6 +123,14 @@ class Arch:
 
     def reloc_name(self, number: int) -> str:
         return self.reloc(number).name
+
+    @cached_property
+    def field32_relocs(self) -> Mapping[bool, frozenset[int]]:
+        """The types that fill a 32-bit instruction field with a symbol's address:
+        pc-relative (True: PC32, PLT32) or absolute (False: 32, 32S; R_386_32)."""
+        return MappingProxyType({pc: frozenset(
+            r.number for r in self.reloc_types.values()
+            if r.width == 4 and r.formula == ("S+A-P" if pc else "S+A")) for pc in (True, False)})
 
     def wrap(self, value: int) -> int:
         """`value` as an address of this architecture (modulo the address width)."""

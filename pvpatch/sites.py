@@ -151,10 +151,6 @@ CALL_FORMS: tuple[tuple[bytes, str, bool], ...] = (
 )
 
 
-_RIP_TYPES = {"x86_64": frozenset({2, 4}), "i386": frozenset()}  # PC32, PLT32
-_ABS_TYPES = {"x86_64": frozenset({10, 11}), "i386": frozenset({1})}  # 32, 32S; R_386_32
-
-
 @functools.cache
 def is_ops_table(name: str) -> bool:
     """A table sites call through: pv_ops (4.20 on) or the per-group tables of older
@@ -192,7 +188,7 @@ def call_slot_rel(
     _opcode, rip = form
     # The field's relocation must compute what the encoding reads: pc-relative for a
     # rip-relative operand, absolute otherwise (a GOT-relative one names no slot).
-    if r.type not in (_RIP_TYPES if rip else _ABS_TYPES)[elf.arch.name]:
+    if r.type not in elf.arch.field32_relocs[rip]:
         return None
     # A rip-relative field ends the instruction: memory = S + A + 4 - 4 (P is the field).
     offset = r.addend + 4 if rip else r.addend

@@ -94,6 +94,20 @@ def test_the_relocation_recipes_agree_with_their_pc_relative_flag() -> None:
         assert ptr.formula == "S+A" and ptr.at_load and ptr.width == a.ptr_size
 
 
+def test_the_field_relocations_the_scanner_reads_a_slot_through() -> None:
+    # A pv_ops slot is named by the relocation filling the call's 32-bit operand field:
+    # pc-relative for `call *pv_ops+off(%rip)`, absolute for `call *pv_ops+off`.
+    # Named as pyelftools names the numbers (the psABI's table).
+    def names(arch: str, pc: bool) -> set[str]:
+        with (FIX / arch / "kernel61.o").open("rb") as fh:
+            elf = ELFFile(fh)
+            return {describe_reloc_type(n, elf) for n in ARCHES[arch].field32_relocs[pc]}
+
+    assert names("x86_64", True) == {"R_X86_64_PC32", "R_X86_64_PLT32"}
+    assert names("x86_64", False) == {"R_X86_64_32", "R_X86_64_32S"}
+    assert names("i386", False) == {"R_386_32"}
+
+
 def test_the_harness_jump_is_what_gas_encodes(arch: str) -> None:
     rt = arch_runtime(ARCHES[arch])
     assert jump_through(rt, C_EXIT) == gas(arch, f"jmp *{C_EXIT:#x}")
