@@ -621,11 +621,37 @@ YOUNG_GC_THRESHOLD = 100_000
 
 def main(argv: Sequence[str] | None = None) -> int:
     saved = gc.get_threshold()
-    gc.set_threshold(YOUNG_GC_THRESHOLD, *saved[1:])
     try:
-        return _main(argv)
-    finally:
-        gc.set_threshold(*saved)
+        gc.set_threshold(YOUNG_GC_THRESHOLD, *saved[1:])
+        try:
+            return _main(argv)
+        finally:
+            gc.set_threshold(*saved)
+    except KeyboardInterrupt:  # landed between a command's own handler and here
+        _err("interrupted")
+        return 130
+
+
+def run() -> None:
+    """The `pvpatch` program: `main()`, then exit without a window for a late signal.
+
+    Once `main()` returns, outputs are either renamed into place or removed, so a SIGINT
+    or SIGTERM arriving now has nothing left to clean up; blocked, it cannot turn a
+    finished run into a traceback on the way out (pending signals die with the process).
+    """
+    import signal
+
+    late = {signal.SIGINT, signal.SIGTERM}
+    try:
+        try:
+            code = main()
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, late)
+    except KeyboardInterrupt:
+        signal.pthread_sigmask(signal.SIG_BLOCK, late)
+        _err("interrupted")
+        code = 130
+    sys.exit(code)
 
 
 def _main(argv: Sequence[str] | None) -> int:
