@@ -24,23 +24,23 @@ _EXPORTS = {
     "patch_file": "api",
     "PatchOptions": "api",
     "PatchResult": "api",
-    "OutputFile": "output",
+    "OutputFile": "rewrite.output",
     "load_backend": "api",
-    "Plan": "plan",
-    "Decision": "plan",
-    "ThunkSpec": "plan",
-    "Rewrite": "rewrite",
-    "SitePatch": "rewrite",
-    "Backend": "backend",
+    "Plan": "plan.stage",
+    "Decision": "plan.stage",
+    "ThunkSpec": "plan.stage",
+    "Rewrite": "rewrite.stage",
+    "SitePatch": "rewrite.stage",
+    "Backend": "plan.backend",
     "verify_rewrite": "verify",
     "verify_files": "verify",
     "verify_json": "verify",
     "VerifyReport": "verify",
     "SiteVerdict": "verify",
     "ThunkVerdict": "verify",
-    "ScanResult": "scan",
-    "Site": "scan",
-    "Table": "scan",
+    "ScanResult": "scan.stage",
+    "Site": "scan.stage",
+    "Table": "scan.stage",
     "Finding": "rules",
     "RULES": "rules",
     "PvpatchError": "errors",
@@ -54,12 +54,12 @@ _EXPORTS = {
     "RewriteError": "errors",
     "OutputError": "errors",
     "VerifyError": "errors",
-    "diff_files": "diff",
-    "diff_json": "diff",
-    "DiffReport": "diff",
-    "FileDiff": "diff",
-    "SiteDiff": "diff",
-    "diff_html": "htmlreport",
+    "diff_files": "report.diff",
+    "diff_json": "report.diff",
+    "DiffReport": "report.diff",
+    "FileDiff": "report.diff",
+    "SiteDiff": "report.diff",
+    "diff_html": "report.html",
 }
 
 __all__ = [
@@ -126,8 +126,6 @@ if TYPE_CHECKING:
         scan_file,
         write_output,
     )
-    from .backend import Backend
-    from .diff import DiffReport, FileDiff, SiteDiff, diff_files, diff_json
     from .errors import (
         ArchMismatch,
         ElfFormatError,
@@ -141,12 +139,14 @@ if TYPE_CHECKING:
         UsageError,
         VerifyError,
     )
-    from .htmlreport import diff_html
-    from .output import OutputFile
-    from .plan import Decision, Plan, ThunkSpec
-    from .rewrite import Rewrite, SitePatch
+    from .plan.backend import Backend
+    from .plan.stage import Decision, Plan, ThunkSpec
+    from .report.diff import DiffReport, FileDiff, SiteDiff, diff_files, diff_json
+    from .report.html import diff_html
+    from .rewrite.output import OutputFile
+    from .rewrite.stage import Rewrite, SitePatch
     from .rules import RULES, Finding
-    from .scan import ScanResult, Site, Table
+    from .scan.stage import ScanResult, Site, Table
     from .verify import (
         SiteVerdict,
         ThunkVerdict,

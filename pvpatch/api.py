@@ -14,20 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .compress import MAX_DECOMPRESSED
-from .elf import ElfFile
+from .elf.compress import MAX_DECOMPRESSED
+from .elf.reader import ElfFile
 from .errors import InputError, UsageError
-from .opsource import resolve_ops
-from .scan import DEFAULT_SECTION, ScanResult, scan_elf
+from .scan.opsource import resolve_ops
+from .scan.stage import DEFAULT_SECTION, ScanResult, scan_elf
 
 if TYPE_CHECKING:
-    from .backend import Backend
-    from .ops import OpCatalog
-    from .output import OutputFile
-    from .plan import Plan
-    from .rewrite import Rewrite
+    from .plan.backend import Backend
+    from .plan.stage import Plan
+    from .plan.targets import SymbolMap
+    from .rewrite.output import OutputFile
+    from .rewrite.stage import Rewrite
     from .rules import Finding
-    from .targets import SymbolMap
+    from .scan.ops import OpCatalog
     from .verify import VerifyReport
 
 
@@ -65,7 +65,7 @@ def scan_file(
     `lazy_ops`: look for op names only once a table is found (a file without one gets
     `ops` None): most files of a module tree have none, and naming ops (BTF, vermagic)
     costs more than the rest of their scan."""
-    from .opsource import catalog_fits
+    from .scan.opsource import catalog_fits
 
     found: list[OpCatalog | None] = []
 
@@ -83,7 +83,7 @@ def scan_file(
 
 def load_backend(spec: str, elf: ElfFile) -> Backend:
     """`native` (the kernel's own replacements) or a path to a TOML spec."""
-    from .backend import load_backend as _load
+    from .plan.backend import load_backend as _load
 
     return _load(spec, elf.arch)
 
@@ -100,8 +100,8 @@ def make_plan(
 
     `symbols` (a System.map or /proc/kallsyms file, or a `SymbolMap`) gives the addresses
     of spec targets a linked image has neither in `.symtab` nor in its export table."""
-    from .plan import make_plan as _make_plan
-    from .targets import SymbolMap
+    from .plan.stage import make_plan as _make_plan
+    from .plan.targets import SymbolMap
 
     be = load_backend(backend, result.elf) if isinstance(backend, str) else backend
     smap = symbols if isinstance(symbols, SymbolMap) or symbols is None \
@@ -115,8 +115,8 @@ def apply_plan(the_plan: Plan, *, symvers: str | os.PathLike[str] | None = None)
     `symvers` (a Module.symvers file or the kernel's vmlinux) gives the CRCs a
     module with symbol versions needs for kernel functions it newly calls.
     """
-    from .modversions import read_crcs
-    from .rewrite import apply_plan as _apply_plan
+    from .rewrite.modversions import read_crcs
+    from .rewrite.stage import apply_plan as _apply_plan
 
     crcs = read_crcs(symvers) if symvers is not None else None
     return _apply_plan(the_plan, crcs=crcs)
@@ -147,7 +147,7 @@ class SigningKey:
 
 def sign_output(result: Rewrite, signing: SigningKey) -> Rewrite:
     """Sign the output module (replacing any signature it has) like scripts/sign-file."""
-    from .sign import sign_module
+    from .elf.sign import sign_module
 
     elf = result.plan.scan.elf
     if not elf.is_relocatable:
@@ -171,8 +171,8 @@ def prepare_output(
             rw = pvpatch.apply_plan(pvpatch.make_plan(pvpatch.load("vmlinux")))
             pvpatch.write_output(rw, out)
     """
-    from .elf import linked_elf
-    from .output import OutputFile, check_output_path
+    from .elf.reader import linked_elf
+    from .rewrite.output import OutputFile, check_output_path
 
     check_output_path(input, output, in_place)
     # Only linked files are copied ahead: they are the large ones (a vmlinux) and are
@@ -189,7 +189,7 @@ def write_output(
     """Write a rewrite's bytes to `output` atomically (never over the input unless asked).
 
     `output` is a path, or an `OutputFile` from `prepare_output` (which checked it)."""
-    from .output import OutputFile, check_output_path
+    from .rewrite.output import OutputFile, check_output_path
 
     src = result.plan.scan.path
     if isinstance(output, OutputFile):
@@ -280,7 +280,7 @@ def patch_file(
         (True, True, None)
     """
     from .check import scan_for
-    from .output import OutputFile
+    from .rewrite.output import OutputFile
 
     elf = source if isinstance(source, ElfFile) else \
         ElfFile.open(source, max_decompressed=options.max_decompressed)

@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .check import FATAL_ERRORS, CheckOptions, FileCheck, check_data
-from .compress import MAGIC_MAX, MAX_DECOMPRESSED, detect, named_like, unpack
-from .elf import elf_kind
+from .elf.compress import MAGIC_MAX, MAX_DECOMPRESSED, detect, named_like, unpack
+from .elf.reader import elf_kind
 from .errors import InputError, PvpatchError, UsageError
 from .rules import Finding
-from .scan import DEFAULT_SECTION
+from .scan.stage import DEFAULT_SECTION
 
 if TYPE_CHECKING:
     from .api import PatchOptions as FileOptions
-    from .targets import SymbolMap
+    from .plan.targets import SymbolMap
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -137,7 +137,7 @@ def _warm_up() -> None:
     """Import what every job needs once, before forking, instead of once per worker."""
     import importlib
 
-    for name in ("api", "check", "plan", "report", "opsource", "disasm"):
+    for name in ("api", "check", "plan.stage", "report.stage", "scan.opsource", "disasm"):
         importlib.import_module(f".{name}", __package__)
     import capstone  # noqa: F401  (the disassembler: sites are decoded in every job)
 
@@ -233,8 +233,8 @@ class ScanOutcome:
 
 def scan_input(options: ScanOptions, item: InputFile) -> ScanOutcome:
     from .check import scan_for
-    from .elf import ElfFile
-    from .report import scan_json, scan_text
+    from .elf.reader import ElfFile
+    from .report.stage import scan_json, scan_text
 
     try:
         data, compression = read_payload(item.path, options.max_decompressed)
@@ -287,8 +287,8 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
 
     from .api import patch_file
     from .check import backend_for
-    from .elf import ElfFile
-    from .report import patch_json, patch_text, verify_summary
+    from .elf.reader import ElfFile
+    from .report.stage import patch_json, patch_text, verify_summary
 
     out = os.path.join(options.outdir, item.rel)
     try:
@@ -315,7 +315,7 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
     verify_doc = None
     lines: list[str] = []
     if res.verify is not None:
-        from .report import verify_json, verify_text
+        from .report.stage import verify_json, verify_text
 
         verify_doc = verify_json(res.verify)
         if not res.ok:
@@ -335,7 +335,7 @@ def patch_input(options: PatchOptions, item: InputFile) -> PatchOutcome:
 @functools.lru_cache(maxsize=4)
 def _symbol_map(path: str | None) -> SymbolMap | None:
     """One read per process of a symbol file shared by every file of a tree."""
-    from .targets import SymbolMap
+    from .plan.targets import SymbolMap
 
     return SymbolMap.read(path) if path is not None else None
 

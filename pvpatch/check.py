@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .arch import ARCHES
-from .elf import ElfFile, elf_kind
+from .elf.reader import ElfFile, elf_kind
 from .errors import ArchMismatch, InputError, OpsError, SpecError, TableError, UsageError
 from .rules import Finding
-from .scan import DEFAULT_SECTION, ScanResult
+from .scan.stage import DEFAULT_SECTION, ScanResult
 
 if TYPE_CHECKING:
-    from .backend import Backend
-    from .plan import Plan
+    from .plan.backend import Backend
+    from .plan.stage import Plan
     from .verify.records import VerifyReport
 
 # Problems with the request rather than with one file: they end the run (exit 2).
@@ -90,7 +90,7 @@ def check_elf(elf: ElfFile, options: CheckOptions) -> FileCheck:
     actions: dict[str, int] = {}
     try:
         if result.sites:
-            from .plan import make_plan
+            from .plan.stage import make_plan
 
             plan = make_plan(result, backend_for(options.backend, elf.arch.name))
             actions = plan.counts()
@@ -104,7 +104,7 @@ def check_elf(elf: ElfFile, options: CheckOptions) -> FileCheck:
     findings.sort(key=_finding_order)
     record = None
     if options.records:
-        from .report import finding_json, scan_json
+        from .report.stage import finding_json, scan_json
 
         record = scan_json(result)
         record["findings"] = [finding_json(f) for f in findings]
@@ -133,7 +133,7 @@ def _finding_order(f: Finding) -> tuple[int, str, int]:
 
 
 def _empty_record(path: str, elf: ElfFile | None, findings: Sequence[Finding]) -> dict[str, Any]:
-    from .report import finding_json
+    from .report.stage import finding_json
 
     return {
         "path": path,
@@ -153,7 +153,7 @@ def _broken(path: str, size: int, exc: InputError, elf: ElfFile | None,
 
 
 def _table_broken(elf: ElfFile, exc: TableError, options: CheckOptions) -> FileCheck:
-    from .scan import table_section
+    from .scan.stage import table_section
 
     sec = table_section(elf, options.section, options.layout)
     finding = Finding(
@@ -170,7 +170,7 @@ def _table_broken(elf: ElfFile, exc: TableError, options: CheckOptions) -> FileC
 @functools.lru_cache(maxsize=16)
 def backend_for(spec: str, arch_name: str) -> Backend:
     """Backends are loaded once per process: a tree has thousands of files, one spec."""
-    from .backend import load_backend
+    from .plan.backend import load_backend
 
     return load_backend(spec, ARCHES[arch_name])
 

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from .api import PatchOptions as FileOptions
     from .api import SigningKey
     from .batch import Inputs
-    from .output import OutputFile
-    from .plan import Plan
+    from .plan.stage import Plan
+    from .rewrite.output import OutputFile
     from .rules import Finding
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD = 0, 1, 2
@@ -42,7 +42,7 @@ def _common_scan_options(p: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
-    from .compress import parse_size
+    from .elf.compress import parse_size
 
     try:
         return parse_size(text)
@@ -52,7 +52,7 @@ def _size(text: str) -> int:
 
 def _limit(args: argparse.Namespace) -> int:
     """--max-decompressed, or the library's default."""
-    from .compress import MAX_DECOMPRESSED
+    from .elf.compress import MAX_DECOMPRESSED
 
     return int(args.max_decompressed or MAX_DECOMPRESSED)
 
@@ -219,14 +219,14 @@ def _jobs(args: argparse.Namespace) -> int:
 def _write_sarif(path: str, doc: dict[str, Any]) -> None:
     import json
 
-    from .output import write_atomic
+    from .rewrite.output import write_atomic
 
     # Atomic like every other output: an upload step never sees half a file.
     write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def _actions_text(actions: dict[str, int]) -> str:
-    from .report import ACTIONS
+    from .report.stage import ACTIONS
 
     return ", ".join(f"{actions[a]} {a}" for a in ACTIONS if actions.get(a)) or "none"
 
@@ -239,7 +239,7 @@ def _add_counts(total: dict[str, int], more: dict[str, int]) -> None:
 def cmd_scan(args: argparse.Namespace) -> int:
     from .batch import ScanOptions, job, run_ordered, scan_input
     from .progress import open_progress
-    from .report import findings_text
+    from .report.stage import findings_text
 
     started = time.monotonic()
     inputs, problems = _expand(args.paths)
@@ -284,7 +284,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .batch import check_input, job, run_ordered
     from .check import CheckOptions, FileCheck, reaches
     from .progress import open_progress
-    from .report import findings_text
+    from .report.stage import findings_text
 
     started = time.monotonic()
     inputs, problems = _expand(args.paths)
@@ -337,7 +337,7 @@ def _tree_report(args: argparse.Namespace,
                  status: int, text: str) -> None:
     """What a run over a tree ends with: the SARIF file if asked, then JSON or one line."""
     if args.sarif:
-        from .sarif import ArtifactFindings, sarif_log
+        from .report.sarif import ArtifactFindings, sarif_log
 
         _write_sarif(args.sarif, sarif_log(
             [ArtifactFindings(path, tuple(found), size) for path, found, size in artifacts],
@@ -365,7 +365,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
     from .api import prepare_output
 
     if args.dry_run:
-        from .output import check_output_path
+        from .rewrite.output import check_output_path
 
         check_output_path(args.input, args.output, args.in_place)
         return _patch_one(args, signing, None)
@@ -394,8 +394,8 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
     from dataclasses import replace
 
     from .api import patch_file
-    from .report import findings_text, patch_json, patch_text, verify_summary
-    from .scan import ScanResult
+    from .report.stage import findings_text, patch_json, patch_text, verify_summary
+    from .scan.stage import ScanResult
 
     options = replace(_patch_options(args, signing), backend=args.backend,
                       symbols=args.symbols)
@@ -413,7 +413,7 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
     path, rw = res.scan.path, res.rewrite
     verify_doc = None
     if res.verify is not None:
-        from .report import report_failures, verify_json, verify_text
+        from .report.stage import report_failures, verify_json, verify_text
 
         verify_doc = verify_json(res.verify)
         if not res.ok:
@@ -443,7 +443,7 @@ def _patch_one(args: argparse.Namespace, signing: SigningKey | None,
 def _patch_sarif(args: argparse.Namespace, path: str, findings: Sequence[Finding],
                  size: int | None, status: int) -> None:
     if args.sarif:
-        from .sarif import ArtifactFindings, sarif_log
+        from .report.sarif import ArtifactFindings, sarif_log
 
         _write_sarif(args.sarif, sarif_log([ArtifactFindings(path, tuple(findings), size)],
                                            exit_code=status, arguments=args.argv))
@@ -476,7 +476,7 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
         backend=args.backend, symbols=args.symbols, dry_run=args.dry_run, json=args.json)
     bar = open_progress(args.progress, len(inputs.files), "patch", sys.stderr)
     from .batch import PatchOutcome
-    from .report import findings_text
+    from .report.stage import findings_text
 
     done: list[PatchOutcome] = []
     try:
@@ -523,7 +523,7 @@ def cmd_patch_tree(args: argparse.Namespace, signing: SigningKey | None = None) 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .api import load, make_plan, open_elf
-    from .report import verify_json, verify_text
+    from .report.stage import verify_json, verify_text
     from .verify import verify_files
 
     original = load(args.original, layout=args.layout, section=args.section, ops=args.ops,
@@ -549,8 +549,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     import json
 
-    from .diff import diff_files, diff_json, diff_text
     from .errors import InputError
+    from .report.diff import diff_files, diff_json, diff_text
 
     verify = None
     if args.verify_json:
@@ -565,8 +565,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
                         layout=args.layout, section=args.section, verify=verify,
                         max_decompressed=_limit(args), jobs=_jobs(args))
     if args.html:
-        from .htmlreport import diff_html
-        from .output import write_atomic
+        from .report.html import diff_html
+        from .rewrite.output import write_atomic
 
         write_atomic(args.html, diff_html(report).encode())
     if args.json:
@@ -579,8 +579,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_layouts(args: argparse.Namespace) -> int:
-    from .altinstr import ALT_LAYOUTS
-    from .layouts import LAYOUTS
+    from .scan.altinstr import ALT_LAYOUTS
+    from .scan.layouts import LAYOUTS
 
     rows = [(lay.name, lay.description) for lay in LAYOUTS.values()]
     rows += [(lay.name, lay.description) for lay in ALT_LAYOUTS.values()]
@@ -590,7 +590,7 @@ def cmd_layouts(args: argparse.Namespace) -> int:
 
 
 def cmd_catalogs(args: argparse.Namespace) -> int:
-    from .ops import builtin_catalog, builtin_catalog_names
+    from .scan.ops import builtin_catalog, builtin_catalog_names
 
     for name in builtin_catalog_names():
         cat = builtin_catalog(name)
@@ -604,7 +604,7 @@ def _failure_sarif(args: argparse.Namespace, problem: str) -> None:
     path = getattr(args, "sarif", None)
     if not path:
         return
-    from .sarif import sarif_log
+    from .report.sarif import sarif_log
 
     try:
         _write_sarif(path, sarif_log([], exit_code=EXIT_BAD, problems=[problem],

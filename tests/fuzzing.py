@@ -20,7 +20,7 @@ from pathlib import Path
 from paths import FIX
 
 import pvpatch
-from pvpatch.elf import SHT_REL, SHT_RELA, SHT_SYMTAB, ElfFile
+from pvpatch.elf.reader import SHT_REL, SHT_RELA, SHT_SYMTAB, ElfFile
 
 SEEDS = [
     FIX / "x86_64" / "kernel61.o",
@@ -191,7 +191,7 @@ def _addend_fields(elf: ElfFile, sec: object, stride: int, ptr_at: int
                    ) -> dict[int, tuple[int, int]]:
     """Entry index -> (file offset, size) of the addend that places its site (RELA files:
     the relocation's r_addend; REL files: the implicit addend in the entry itself)."""
-    from pvpatch.elf import Section
+    from pvpatch.elf.reader import Section
 
     assert isinstance(sec, Section)
     out: dict[int, tuple[int, int]] = {}
@@ -473,7 +473,7 @@ def rewrites_only_honest_sites(data: bytes, spec: Path | None = None) -> str:
     """The oracle for lying entries: whatever the table says, every site a plan rewrites
     holds a paravirt call (or a form pvpatch writes) padded with NOPs, overlaps no other
     site, and the patch gives bytes.  Returns the outcome like `exercise`."""
-    from pvpatch.integrity import site_form
+    from pvpatch.scan.integrity import site_form
 
     try:
         elf = ElfFile(data, "<fuzz>")
@@ -534,7 +534,7 @@ class Unexpected(AssertionError):
 def exercise(data: bytes, *, verify: bool = False, spec: Path | None = None) -> str:
     """Every library entry point on `data`: it must succeed or raise PvpatchError."""
     from pvpatch.check import CheckOptions, check_elf
-    from pvpatch.sarif import ArtifactFindings, sarif_log
+    from pvpatch.report.sarif import ArtifactFindings, sarif_log
 
     try:
         elf = ElfFile(data, "<fuzz>")
@@ -836,8 +836,7 @@ def pack_variants(payload: bytes) -> list[tuple[str, bytes]]:
 
     import zstandard
 
-    from pvpatch import compress
-
+    from pvpatch.elf import compress
     small_blocks = zstandard.ZstdCompressionParameters.from_level(3, window_log=10,
                                                                    write_checksum=True)
     return [
@@ -859,8 +858,7 @@ def load_container_seeds(paths: list[Path] | None = None,
                          variants: bool = True) -> list[Packed]:
     """Compressed seeds: every fixture (or each of `paths`) in every container; a file
     that is already compressed (a shipped .ko.xz) is a seed as it is, too."""
-    from pvpatch import compress
-
+    from pvpatch.elf import compress
     out = []
     for path in paths or SEEDS:
         data = path.read_bytes()
@@ -881,8 +879,7 @@ def mutate_container(seed: Packed, draw: Draw) -> bytes:
     something after the stream (another stream, a skippable frame, NUL padding, garbage),
     or the ELF payload mutated and compressed again.  xz's header and index CRC32s are
     recomputed half the time, so what they guard is reached."""
-    from pvpatch import compress
-
+    from pvpatch.elf import compress
     buf = bytearray(seed.data)
     for _ in range(draw(1, 3)):
         kind = draw(0, 8)
@@ -946,8 +943,7 @@ def exercise_container(data: bytes, *, limit: int, verify: bool = False,
 def _exercise_container(data: bytes, limit: int, verify: bool, path: Path | None
                         ) -> tuple[str, int]:
     """`exercise_container`, and the size of the payload it decompressed (0: none)."""
-    from pvpatch import compress
-
+    from pvpatch.elf import compress
     try:
         if path is not None:
             path.write_bytes(data)

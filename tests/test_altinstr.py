@@ -14,7 +14,7 @@ from paths import FIX
 
 import pvpatch
 from pvpatch.arch import ARCHES
-from pvpatch.rewrite import Rewrite
+from pvpatch.rewrite.stage import Rewrite
 
 CAT612 = {"x86_64": "catalog:linux-6.12-x86_64", "i386": "catalog:linux-6.12-i386"}
 NEUTRAL = (117, 1)  # NOT(X86_FEATURE_ALWAYS): an entry the kernel always skips

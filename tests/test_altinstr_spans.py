@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from types import MappingProxyType
 
-from pvpatch.altinstr import ALT_LAYOUTS, Decoded, Loc, _Spans
+from pvpatch.scan.altinstr import ALT_LAYOUTS, Decoded, Loc, _Spans
 
 
 def _decoded(instr: list[Loc | None], instrlen: list[int]) -> Decoded:

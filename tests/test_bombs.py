@@ -33,8 +33,8 @@ import corpus
 import pytest
 from paths import REPO
 
-from pvpatch import compress
-from pvpatch.elf import ElfFile
+from pvpatch.elf import compress
+from pvpatch.elf.reader import ElfFile
 
 FIX = REPO / "fixtures" / "x86_64"
 AS_LIMIT = 2 << 30

@@ -16,7 +16,7 @@ from paths import FIX, REPO
 import pvpatch
 from pvpatch.batch import check_path
 from pvpatch.check import CheckOptions
-from pvpatch.elf import elf_kind
+from pvpatch.elf.reader import elf_kind
 
 BROKEN = FIX / "broken"
 OPS = "catalog:linux-6.1-x86_64"

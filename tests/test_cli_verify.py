@@ -74,7 +74,7 @@ CAT68 = {a: f"catalog:{FIX / 'catalogs' / f'prog68-{a}.toml'}" for a in ("x86_64
 
 
 def _section_offset(path: Path, name: str) -> int:
-    from pvpatch.elf import ElfFile
+    from pvpatch.elf.reader import ElfFile
 
     sec = ElfFile(path.read_bytes()).section(name)
     assert sec is not None

@@ -24,8 +24,8 @@ from clirun import pvpatch_cli as run
 from paths import REPO
 
 import pvpatch
-from pvpatch import compress
-from pvpatch.elf import MODULE_SIG_MAGIC, ElfFile
+from pvpatch.elf import compress
+from pvpatch.elf.reader import MODULE_SIG_MAGIC, ElfFile
 from pvpatch.errors import InputError, OutputError
 
 FIX = REPO / "fixtures" / "x86_64"

@@ -25,7 +25,7 @@ from paths import FIX, REPO
 
 import pvpatch
 from pvpatch import api
-from pvpatch.diff import DiffReport, FileDiff, SiteDiff, diff_files, diff_json, diff_text
+from pvpatch.report.diff import DiffReport, FileDiff, SiteDiff, diff_files, diff_json, diff_text
 
 OPS = {"x86_64": "catalog:linux-6.1-x86_64",
        "i386": f"catalog:{FIX / 'catalogs' / 'fixtures-i386.toml'}"}

@@ -10,10 +10,10 @@ import corpus
 import pytest
 
 import pvpatch
-from pvpatch.elf import ElfFile
-from pvpatch.ops import builtin_catalog
-from pvpatch.opsource import catalog_fits, kernel_release
-from pvpatch.scan import scan_elf
+from pvpatch.elf.reader import ElfFile
+from pvpatch.scan.ops import builtin_catalog
+from pvpatch.scan.opsource import catalog_fits, kernel_release
+from pvpatch.scan.stage import scan_elf
 
 pytestmark = pytest.mark.corpus
 
@@ -79,7 +79,7 @@ IO_DELAY = '[ops."cpu.io_delay"]\naction = "call"\ntarget = "native_io_delay"\n'
 
 def _exported(path: Path, name: str) -> int:
     """`name`'s address from the export table, read here with readelf's section list and
-    12-byte self-relative entries (x86 since 5.4): independent of pvpatch.ksymtab."""
+    12-byte self-relative entries (x86 since 5.4): independent of pvpatch.elf.ksymtab."""
     import struct
 
     import independent
@@ -102,7 +102,7 @@ def _exported(path: Path, name: str) -> int:
 def test_spec_targets_come_from_the_export_table(kind: str, tmp_path: Path) -> None:
     """No .symtab and no symbol file: native_io_delay's address is the image's own export,
     every io_delay site becomes a direct call to it, and verify proves each."""
-    from pvpatch.backend import parse_spec_text
+    from pvpatch.plan.backend import parse_spec_text
 
     vmlinux = corpus.i386_vmlinux() if kind == "i386" else corpus.x86_64_vmlinux()
     assert vmlinux is not None
@@ -131,7 +131,7 @@ def test_spec_targets_come_from_the_export_table(kind: str, tmp_path: Path) -> N
 
 def test_a_symbol_file_supplies_what_the_image_does_not(tmp_path: Path) -> None:
     path = _without_btf(corpus.x86_64_vmlinux(), tmp_path)
-    from pvpatch.backend import parse_spec_text
+    from pvpatch.plan.backend import parse_spec_text
 
     result = pvpatch.load(path)
     spec = parse_spec_text(IO_DELAY.replace("native_io_delay", "not_exported_fn"),

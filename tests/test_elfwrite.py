@@ -1,4 +1,4 @@
-"""pvpatch.elfwrite on its own: what it writes is what binutils reads back."""
+"""pvpatch.elf.writer on its own: what it writes is what binutils reads back."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from gnu import check_links, readelf_relocs
 from paths import FIX
 
-from pvpatch.elf import (
+from pvpatch.elf.reader import (
     SHF_ALLOC,
     SHF_EXECINSTR,
     SHN_UNDEF,
@@ -24,7 +24,7 @@ from pvpatch.elf import (
     STT_NOTYPE,
     ElfFile,
 )
-from pvpatch.elfwrite import ElfWriter, NewSymbol, SymbolTable, decode_relr, encode_relr
+from pvpatch.elf.writer import ElfWriter, NewSymbol, SymbolTable, decode_relr, encode_relr
 
 
 def _readelf(*args: str) -> str:

@@ -26,7 +26,7 @@ from paths import FIX
 from qemu import harness
 
 import pvpatch
-from pvpatch.backend import parse_spec_text
+from pvpatch.plan.backend import parse_spec_text
 
 FIX64 = FIX / "x86_64"
 OPS61 = "catalog:linux-6.1-x86_64"
@@ -425,7 +425,7 @@ def test_kernel_nop_tables_decode_as_one_instruction_each(arch: str, tmp_path: P
     """The kernel's x86_nops[] (the padding the prediction uses) as objdump reads them:
     entry n is a single n-byte instruction; x86-64's are pvpatch's own NOPs."""
     from pvpatch.arch import X86_64
-    from pvpatch.coverage import KERNEL_NOPS, kernel_nops
+    from pvpatch.plan.coverage import KERNEL_NOPS, kernel_nops
 
     table = KERNEL_NOPS[arch]
     for n in range(1, len(table)):
@@ -447,7 +447,7 @@ def test_i386_image_prediction_pads_with_the_kernels_nops() -> None:
     """Debian's i386 6.1 image: an inline site the NOT XENPV alternative overwrites is
     predicted as the replacement plus the i386 table's NOPs, which differ from pvpatch's;
     check does not warn about a difference in padding alone."""
-    from pvpatch.coverage import KERNEL_NOPS
+    from pvpatch.plan.coverage import KERNEL_NOPS
 
     image = corpus.i386_vmlinux()
     assert image is not None

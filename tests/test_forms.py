@@ -1,4 +1,4 @@
-"""pvpatch/forms.py: the native forms a patch summary shows without a disassembler.
+"""pvpatch/report/forms.py: the native forms a patch summary shows without a disassembler.
 
 Every row is checked against objdump (instruction boundaries, mnemonics, operands) and
 against the symboliser the summary used before (the exact text, padded or not, in linked
@@ -19,10 +19,10 @@ import corpus
 import pytest
 
 from pvpatch.arch import ARCHES
-from pvpatch.elf import ElfFile
-from pvpatch.forms import SHOWN, shown
-from pvpatch.report import _code, _unpadded
-from pvpatch.symbolic import Symboliser
+from pvpatch.elf.reader import ElfFile
+from pvpatch.report.forms import SHOWN, shown
+from pvpatch.report.stage import _code, _unpadded
+from pvpatch.report.symbolic import Symboliser
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "fixtures"
@@ -93,9 +93,9 @@ def test_every_native_backend_form_is_listed(arch_name: str) -> None:
 
 SUMMARY = r"""
 import contextlib, io, json, sys
-import pvpatch.forms
+import pvpatch.report.forms
 if sys.argv[1] == "decode":
-    pvpatch.forms.SHOWN = {}  # every form through the symboliser, as before the table
+    pvpatch.report.forms.SHOWN = {}  # every form through the symboliser, as before the table
 from pvpatch.cli import main
 out = io.StringIO()
 with contextlib.redirect_stdout(out):

@@ -125,7 +125,7 @@ ALT_AIMS = {
 
 def test_alt_mutations_reach_what_they_aim_at() -> None:
     from pvpatch.check import CheckOptions, check_elf
-    from pvpatch.elf import ElfFile
+    from pvpatch.elf.reader import ElfFile
     from pvpatch.errors import PvpatchError
 
     for kind, aims in ALT_AIMS.items():

@@ -14,7 +14,7 @@ import pytest
 from clirun import pvpatch_cli as cli
 from paths import PROG_SPEC, REPO
 
-from pvpatch import compress
+from pvpatch.elf import compress
 from pvpatch.errors import InputError
 
 FOLDER = REPO / "fixtures" / "malformed"
@@ -99,7 +99,7 @@ def _payload(path: Path) -> bytes:
 def test_call_inside_the_table_never_reaches_an_output(tmp_path: Path) -> None:
     """A call planted inside an executable .altinstructions (found by scripts/fuzz): the
     entry naming it is PV102, and the table's own bytes are the same in the output."""
-    from pvpatch.elf import ElfFile
+    from pvpatch.elf.reader import ElfFile
 
     path = FOLDER / "found-2266a4e53070fdc7.elf"
     out = tmp_path / "out"

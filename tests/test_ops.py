@@ -1,4 +1,4 @@
-"""Tests for pvpatch.btf and pvpatch.ops.
+"""Tests for pvpatch.elf.btf and pvpatch.scan.ops.
 
 Real-kernel checks (marked ``corpus``) use the x86_64 corpus (Debian's 6.1 cloud kernel
 pinned in scripts/corpus-pins, see tests/corpus.py) and cross-check against bpftool, an
@@ -21,9 +21,9 @@ import corpus
 import pytest
 from paths import REPO
 
-from pvpatch.btf import KIND_NAMES, KIND_STRUCT, KIND_UNION, Btf, read_elf_btf
+from pvpatch.elf.btf import KIND_NAMES, KIND_STRUCT, KIND_UNION, Btf, read_elf_btf
 from pvpatch.errors import OpsError
-from pvpatch.ops import (
+from pvpatch.scan.ops import (
     OpCatalog,
     builtin_catalog,
     builtin_catalog_names,

@@ -6,7 +6,7 @@ import os
 import random
 from pathlib import Path
 
-from pvpatch.output import COALESCE_GAP, OutputFile, _coalesced
+from pvpatch.rewrite.output import COALESCE_GAP, OutputFile, _coalesced
 
 
 def _one_by_one(base: bytes, edits: list[tuple[int, bytes]]) -> bytes:

@@ -63,7 +63,7 @@ def test_installed_wheel_runs_outside_the_repository(dist: Path, tmp_path: Path)
     assert "version" in project["dynamic"]
     assert version.stdout.strip() == f"pvpatch {pvpatch.__version__}"
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import pvpatch.ops as o; print(o._data_dir())"],
+                            "import pvpatch.scan.ops as o; print(o._data_dir())"],
                            capture_output=True, text=True, cwd=work)
     assert str(venv) in where.stdout, where.stdout + where.stderr
     scan = run("scan", "--json", "--ops", "catalog:linux-6.12-x86_64", "k.o")

@@ -26,7 +26,7 @@ from qemu import harness
 
 import pvpatch
 from pvpatch.errors import RewriteError
-from pvpatch.rewrite import Rewrite
+from pvpatch.rewrite.stage import Rewrite
 
 # Every test here reads the corpus; those that boot a kernel are marked qemu too.
 pytestmark = pytest.mark.corpus
@@ -57,7 +57,7 @@ def _passed(result: harness.BootResult) -> None:
         pytest.fail(f"{result.boot.name}: {listed}\n--- serial log tail ---\n{tail}")
 
 
-def _changed(kind: str) -> list[tuple[str, pvpatch.rewrite.Rewrite]]:
+def _changed(kind: str) -> list[tuple[str, pvpatch.rewrite.stage.Rewrite]]:
     return [(n, rw) for n, _p, _d, rw in harness.variant(kind) if rw is not None and rw.changed]
 
 
@@ -98,7 +98,7 @@ def test_thunk_spec_injects_thunks_into_modules() -> None:
     for _name, rw in with_thunks:
         (thunk,) = rw.thunks
         assert (thunk.section, thunk.spec.target) == (".text.pvpatch", "native_save_fl")
-        elf = pvpatch.elf.ElfFile(rw.data)
+        elf = pvpatch.elf.reader.ElfFile(rw.data)
         assert elf.section(".text.pvpatch") is not None
         undefined = {s.name for s in elf.symbols if s.shndx == 0}
         assert "native_save_fl" in undefined
@@ -111,14 +111,14 @@ def test_thunk_spec_modules_load(boot: Booter) -> None:
 
 
 def test_added_symbol_versions_match_the_kernel() -> None:
-    """pvpatch's CRCs (pvpatch.modversions) agree with the harness's own export-table reader."""
-    from pvpatch import modversions
-
+    """pvpatch's CRCs (pvpatch.rewrite.modversions) agree with the harness's own
+    export-table reader."""
+    from pvpatch.rewrite import modversions
     mine = modversions.read_crcs(harness.vmlinux())
     theirs = harness.vmlinux_crcs()
     assert mine == theirs and mine["native_save_fl"] == 0x9D70541A
     for _name, rw in _changed("thunk"):
-        elf = pvpatch.elf.ElfFile(rw.data)
+        elf = pvpatch.elf.reader.ElfFile(rw.data)
         sec = elf.section("__versions")
         assert sec is not None
         assert "native_save_fl" in modversions.names_in(elf.section_data(sec), elf.arch)

@@ -20,8 +20,8 @@ from paths import FIX, REPO
 
 import pvpatch
 from pvpatch.arch import ARCHES, I386, X86_64, Arch
-from pvpatch.backend import parse_spec_text
-from pvpatch.rewrite import Rewrite
+from pvpatch.plan.backend import parse_spec_text
+from pvpatch.rewrite.stage import Rewrite
 
 CAT = {"x86_64": "catalog:linux-6.1-x86_64",
        "i386": f"catalog:{FIX / 'catalogs' / 'fixtures-i386.toml'}"}
@@ -425,7 +425,7 @@ def test_thunk_segment_follows_physical_layout(tmp_path: Path) -> None:
     exe = _kernel_like(tmp_path)
     res = pvpatch.load(exe, ops="none")
     rw = with_c_spec(exe)
-    out = pvpatch.elf.ElfFile(rw.data)
+    out = pvpatch.elf.reader.ElfFile(rw.data)
     loads = [s for s in out.segments if s.type == 1]
     new = loads[-1]
     assert new.flags == 5 and new.vaddr > 0xFFFFFFFF81200000
@@ -480,8 +480,7 @@ _KSYMTAB_SHAPES = {
 
 @pytest.mark.parametrize("shape", sorted(_KSYMTAB_SHAPES))
 def test_crcs_from_every_ksymtab_shape(shape: str, tmp_path: Path) -> None:
-    from pvpatch import modversions
-
+    from pvpatch.rewrite import modversions
     arch, entry = _KSYMTAB_SHAPES[shape]
     names = {"alpha": 0x11111111, "native_save_fl": 0x9D70541A, "omega": 0xFFFFFFFE}
     src = [".text"] + [f"v_{n}: ret" for n in names] + ['.section __ksymtab_strings,"a"']
@@ -501,8 +500,7 @@ def test_crcs_from_every_ksymtab_shape(shape: str, tmp_path: Path) -> None:
 def test_crcs_from_vmlinux_match_the_modules(arch: str) -> None:
     """Debian's kernel against its own modules: every symbol a module imports has, in its
     __versions, the CRC pvpatch reads from the vmlinux's export tables."""
-    from pvpatch import modversions
-
+    from pvpatch.rewrite import modversions
     vmlinux = corpus.x86_64_vmlinux() if arch == "x86_64" else corpus.i386_vmlinux()
     assert vmlinux is not None
     crcs = modversions.read_crcs(vmlinux)
@@ -528,8 +526,7 @@ def test_i386_modules_call_native_io_delay(tmp_path: Path) -> None:
     """Every i386 6.1 module site is cpu.io_delay (no native inline form). A spec sends it
     to the exported native_io_delay: each site gets what GNU as writes for the call, the
     module stays linkable, and __versions gains the CRC the kernel's export table holds."""
-    from pvpatch import modversions
-
+    from pvpatch.rewrite import modversions
     vmlinux = corpus.i386_vmlinux()
     assert vmlinux is not None
     modules = corpus.i386_pv_modules()
@@ -650,7 +647,7 @@ def test_ambiguous_target_is_refused(name: str, tmp_path: Path) -> None:
 def test_resolve_target_rules(tmp_path: Path) -> None:
     """The rule itself: one global wins over locals, several globals (possible in a
     hand-made object) are refused, an undefined name is the reference, an unknown None."""
-    from pvpatch.targets import resolve_target
+    from pvpatch.plan.targets import resolve_target
 
     obj = assemble(tmp_path, "g",
         ".text\n.globl a\n.type a,@function\na: ret\n.weak b\n.type b,@function\nb: ret\n"

@@ -17,7 +17,7 @@ from independent import compare_record
 from paths import FIX, REPO
 
 import pvpatch
-from pvpatch.elf import ElfFile
+from pvpatch.elf.reader import ElfFile
 
 WITH_TABLE = [
     FIX / "x86_64" / n for n in ("kernel61.o", "seed.o", "legacy.o", "prog.o", "prog", "prog-pie",

@@ -1,4 +1,4 @@
-"""pvpatch.sign against independent tools: `openssl cms -verify` and the kernel's own sign-file.
+"""pvpatch.elf.sign against independent tools: `openssl cms -verify` and the kernel's own sign-file.
 
 sign-file comes from Debian's linux-kbuild-6.1 (installed when missing); with an RSA key
 PKCS#1 v1.5 signatures are deterministic, so its output and ours must be the same bytes.
@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 import pvpatch
-from pvpatch.elf import MODULE_SIG_MAGIC
+from pvpatch.elf.reader import MODULE_SIG_MAGIC
+from pvpatch.elf.sign import HASHES, read_trailer, sign_module, signature_blob, strip_signature
 from pvpatch.errors import InputError, UsageError
-from pvpatch.sign import HASHES, read_trailer, sign_module, signature_blob, strip_signature
 
 FIXTURE = corpus.REPO / "fixtures" / "x86_64" / "kernel61.o"
 KBUILD_PACKAGE = "linux-kbuild-6.1"
@@ -104,7 +104,7 @@ def test_trailer_layout(rsa_pair: tuple[bytes, bytes]) -> None:
     trailer = read_trailer(signed)
     assert trailer is not None and (trailer.offset, trailer.sig_len) == (len(data), sig_len)
     # pvpatch's own ELF model agrees on where the content ends.
-    assert pvpatch.elf.ElfFile(signed).content_end == len(data)
+    assert pvpatch.elf.reader.ElfFile(signed).content_end == len(data)
 
 
 @pytest.mark.parametrize("hash_name", HASHES)

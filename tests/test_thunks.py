@@ -12,8 +12,8 @@ from clirun import pvpatch_cli
 from paths import FIX
 
 import pvpatch
-from pvpatch.backend import parse_spec_text
-from pvpatch.elf import ElfFile
+from pvpatch.elf.reader import ElfFile
+from pvpatch.plan.backend import parse_spec_text
 
 # prog.c's own pv_ops functions: plain C that clobbers every caller-saved register.
 SPEC_FILE = FIX / "specs" / "prog.toml"
@@ -263,7 +263,7 @@ def test_spec_error_lines(text: str, line: int, words: str, tmp_path: Path) -> N
 def test_packed_relative_relocations(arch: str, spec: Path, tmp_path: Path) -> None:
     """A PIE linked with -z pack-relative-relocs (RELR): the table is decoded through RELR,
     and on i386 the RELR entries inside rewritten sites are dropped (re-encoded)."""
-    from pvpatch.elfwrite import encode_relr
+    from pvpatch.elf.writer import encode_relr
 
     m32 = ["-m32"] if arch == "i386" else []
     obj, exe = tmp_path / "p.o", tmp_path / "p"
@@ -562,7 +562,7 @@ def _patch_lib(src: Path, spec: Path | str, ops: str = CAT64) -> bytes:
 def test_conventions_are_read_from_the_code(name: str) -> None:
     """What pvpatch reads from each fixture is what gcc was told, as objdump shows it:
     return jmps relocated against __x86_return_thunk, int3 after indirect jmps/rets."""
-    from pvpatch.thunk import file_conventions
+    from pvpatch.rewrite.thunk import file_conventions
 
     rethunk, sls = RETURN_CONVENTIONS[name]
     path = FIX / "x86_64" / name
@@ -637,12 +637,12 @@ def test_objtool_agrees(follow: bool, tmp_path: Path, monkeypatch: pytest.Monkey
     the thunk, and rebuilding .return_sites from scratch lists exactly what pvpatch listed.
     A thunk made with a bare ret (the control) gets objtool's SLS warning and is not
     listed: the check can fail."""
-    import pvpatch.rewrite
-    from pvpatch.thunk import PLAIN
+    import pvpatch.rewrite.stage
+    from pvpatch.rewrite.thunk import PLAIN
 
     assert OBJTOOL is not None
     if not follow:
-        monkeypatch.setattr(pvpatch.rewrite, "file_conventions", lambda _elf, _sec: PLAIN)
+        monkeypatch.setattr(pvpatch.rewrite.stage, "file_conventions", lambda _elf, _sec: PLAIN)
     out = tmp_path / "out.o"
     out.write_bytes(_patch_lib(FIX / "x86_64" / "rethunk-sls.o",
                                '[ops."irq.save_fl"]\naction = "call"\ntarget = "c_save_fl"\n'))

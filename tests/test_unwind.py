@@ -527,7 +527,7 @@ def test_verify_fails_a_thunk_whose_orc_entry_is_off_by_one_push(tmp_path: Path)
     import corpus
 
     import pvpatch
-    from pvpatch.backend import parse_spec_text
+    from pvpatch.plan.backend import parse_spec_text
     from pvpatch.verify import verify_rewrite
 
     vmlinux = corpus.x86_64_vmlinux()
@@ -579,8 +579,8 @@ def test_mutated_eh_frame_gives_unwind_error_only() -> None:
     package's own error or works (it decides between new tables and none)."""
     import random
 
-    from pvpatch.elf import ElfFile
-    from pvpatch.unwind import (
+    from pvpatch.elf.reader import ElfFile
+    from pvpatch.rewrite.unwind import (
         UnwindError,
         cfa_rows,
         eh_frame_hdr,

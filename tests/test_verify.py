@@ -14,9 +14,9 @@ import pytest
 from paths import FIX, REPO
 
 from pvpatch import api
-from pvpatch.elf import SHT_REL, SHT_RELA, ElfFile
+from pvpatch.elf.reader import SHT_REL, SHT_RELA, ElfFile
 from pvpatch.errors import VerifyError
-from pvpatch.rewrite import Rewrite
+from pvpatch.rewrite.stage import Rewrite
 from pvpatch.verify import (
     VerifyReport,
     reference_models,
@@ -230,7 +230,7 @@ def test_unicorn_is_imported_lazily() -> None:
 
 def test_reference_models_assemble() -> None:
     from pvpatch.arch import ARCHES
-    from pvpatch.backend import assemble
+    from pvpatch.plan.backend import assemble
 
     for arch in ("x86_64", "i386"):
         text = (REPO / "pvpatch" / "data" / "reference" / f"{arch}.toml").read_text()
@@ -723,7 +723,7 @@ def test_relocation_walk_agrees_with_a_full_comparison() -> None:
     to that comparison."""
     import random
 
-    from pvpatch.accounting import _differences, _walk
+    from pvpatch.verify.accounting import _differences, _walk
 
     rng = random.Random(11)
     row = struct.Struct("<QQq")
@@ -889,7 +889,7 @@ def test_dropped_entries_are_accounted_for(arch: str, tmp_path: Path) -> None:
 
 
 def test_module_signature_removed_is_accounted_for(tmp_path: Path) -> None:
-    from pvpatch.elf import MODULE_SIG_MAGIC
+    from pvpatch.elf.reader import MODULE_SIG_MAGIC
 
     signature = bytes(range(32))
     info = bytes(8) + len(signature).to_bytes(4, "big")

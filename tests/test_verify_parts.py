@@ -17,8 +17,8 @@ from gnu import gas
 from paths import FIX
 
 from pvpatch.arch import ARCHES
-from pvpatch.elf import ElfFile
-from pvpatch.sites import is_ops_table
+from pvpatch.elf.reader import ElfFile
+from pvpatch.scan.sites import is_ops_table
 from pvpatch.verify.loader import OPS_TABLE_SIZE, STUB_SIZE, load_image
 from pvpatch.verify.machine import Machine
 from pvpatch.verify.runtime import (

@@ -12,12 +12,12 @@ The modules, by job:
 - `runtime`, `loader`, `machine`: the harness code, the ELF-to-emulator loader and
   the Unicorn engine (imported lazily: `pvpatch --help` does not load it).
 
-The report's text, JSON and error are made in pvpatch/report.py, its findings in
+The report's text, JSON and error are made in pvpatch/report/stage.py, its findings in
 pvpatch/check.py; they are re-exported here.
 """
 
 from ..check import verify_findings
-from ..report import report_failures, verify_json, verify_text
+from ..report.stage import report_failures, verify_json, verify_text
 from .models import reference_models
 from .records import SiteVerdict, ThunkVerdict, VerifyReport
 from .stage import verify_files, verify_rewrite

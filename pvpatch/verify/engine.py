@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from ..elf import ElfFile
+from ..elf.reader import ElfFile
 from .jobs import FileJob
 from .loader import Image, load_image
 from .machine import Machine, RunResult

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from ..elf import Buffer, ElfFile
+from ..elf.reader import Buffer, ElfFile
 from .records import SiteVerdict
 
 if TYPE_CHECKING:
-    from ..plan import Decision, Plan
+    from ..plan.stage import Decision, Plan
 
 
 @dataclass(frozen=True)

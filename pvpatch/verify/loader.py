@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..arch import ARCHES, Arch
-from ..elf import (
+from ..elf.reader import (
     ET_DYN,
     PT_LOAD,
     SHN_ABS,
@@ -44,7 +44,7 @@ from ..elf import (
     Symbol,
 )
 from ..errors import ElfFormatError, VerifyError
-from ..sites import is_ops_table
+from ..scan.sites import is_ops_table
 from .runtime import (
     EXT_BASE,
     EXT_LIMIT,

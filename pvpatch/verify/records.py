@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from ..accounting import Difference, SectionNote
+    from .accounting import Difference, SectionNote
 
 
 Status = Literal["pass", "fail", "skip"]

@@ -8,9 +8,9 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ..arch import Arch
-from ..elf import SHT_NOBITS
+from ..elf.reader import SHT_NOBITS
 from ..errors import PvpatchError, VerifyError
-from ..sites import call_forms
+from ..scan.sites import call_forms
 from .compare import KEPT_FLAGS, MAX_DETAIL, RESULT_REGS, SYSTEM_FLAGS, compare_runs, disasm_text
 from .engine import MAX_REF_RUNS, REF_RUNS, FilePair
 from .jobs import SiteJob
@@ -244,9 +244,9 @@ class SiteCheck:
 
 def _target_in(img: Image, name: str, addr: int | None) -> int | None:
     """The emulator address of a spec target: the symbol the linker's rule binds
-    (pvpatch.targets, as the planner and the rewriter bind it), else the address the
+    (pvpatch.plan.targets, as the planner and the rewriter bind it), else the address the
     planner found for a linked image (export table, symbol file)."""
-    from ..targets import resolve_target
+    from ..plan.targets import resolve_target
 
     try:
         sym = resolve_target(img.elf, name)

@@ -1,7 +1,7 @@
 """The verify stage: prove by emulation that PATCHED keeps ORIGINAL's site contracts,
 and account for every other byte that differs.
 
-What is checked comes from what differs (pvpatch/accounting.py), not from a plan:
+What is checked comes from what differs (pvpatch/verify/accounting.py), not from a plan:
 every site whose bytes or relocations differ is emulated, every new thunk too, and
 every other difference must be one pvpatch's rewriter makes by construction (table
 entries of proven sites neutralised or dropped, relocations, symbols, headers...),
@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..elf import ElfFile
+from ..elf.reader import ElfFile
 from ..errors import VerifyError
 from .engine import FilePair
 from .jobs import FileJob, SiteJob, ThunkJob, called_targets, site_job, unplanned
@@ -55,9 +55,9 @@ from .sitecheck import SiteCheck
 from .thunkcheck import check_thunk
 
 if TYPE_CHECKING:
-    from ..plan import Plan
-    from ..rewrite import Rewrite
-    from ..scan import ScanResult
+    from ..plan.stage import Plan
+    from ..rewrite.stage import Rewrite
+    from ..scan.stage import ScanResult
 
 
 DEFAULT_TRIALS = 16
@@ -103,7 +103,7 @@ def verify_files(original: ScanResult, patched: ElfFile, plan: Plan, *,
 
 def _verify(plan: Plan, patched: ElfFile, trials: int, seed: int, workers: int | None,
             allow_skip: bool) -> VerifyReport:
-    from ..accounting import account
+    from .accounting import account
 
     if trials < 1:
         raise VerifyError("trials must be at least 1")

@@ -1,5 +1,5 @@
 """The thunk check: each thunk run alone against a hostile callee, and its unwind data
-(DWARF CFI or the kernel's ORC, pvpatch/unwind.py) checked against a traced run."""
+(DWARF CFI or the kernel's ORC, pvpatch/rewrite/unwind.py) checked against a traced run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .records import Status, ThunkVerdict
 from .runtime import entry_sp, exit_jump
 
 if TYPE_CHECKING:
-    from ..unwind import CfaRow, OrcEntry
+    from ..rewrite.unwind import CfaRow, OrcEntry
 
 
 EH_FRAME = ".eh_frame"
@@ -114,8 +114,8 @@ def _thunk_cfi(ctx: FilePair, addr: int) -> list[CfaRow] | str | None:
     FDE it names; an object: its relocated `.eh_frame`); a reason when they cannot be
     read; None when there are none for it (nothing to check: the rewriter says why in
     `Rewrite.unwind`, and accounting that the tables are the ones it writes)."""
-    from ..unwind import UnwindError, cfa_rows, find_fde, hdr_lookup, parse_eh_frame
-    from ..unwind import fde_at as fde_at_offset
+    from ..rewrite.unwind import UnwindError, cfa_rows, find_fde, hdr_lookup, parse_eh_frame
+    from ..rewrite.unwind import fde_at as fde_at_offset
 
     img = ctx.img_p
     elf = img.elf
@@ -153,7 +153,7 @@ def _thunk_orc(ctx: FilePair, tj: ThunkJob) -> list[tuple[int, OrcEntry]] | str 
     """A kernel object's ORC entries for the thunk: (offset into the thunk, entry), read
     through `.orc_unwind_ip`'s relocations against the thunk's symbol; None when there
     are none."""
-    from ..unwind import ORC_ENTRY, ORC_IP_SIZE, decode_orc, orc_layout
+    from ..rewrite.unwind import ORC_ENTRY, ORC_IP_SIZE, decode_orc, orc_layout
 
     elf = ctx.img_p.elf
     orc, ip = elf.section(ORC_UNWIND), elf.section(ORC_UNWIND_IP)
@@ -184,7 +184,7 @@ def _check_unwind(ctx: FilePair, tj: ThunkJob, addr: int) -> list[str]:
     the return address), and every slot the row names must hold the return address or
     the saved register's value at entry."""
     from ..disasm import disassemble
-    from ..unwind import DWARF_REGS, ORC_REG_SP, RETURN_COLUMN, row_for
+    from ..rewrite.unwind import DWARF_REGS, ORC_REG_SP, RETURN_COLUMN, row_for
 
     rows = _thunk_cfi(ctx, addr)
     orc = _thunk_orc(ctx, tj)

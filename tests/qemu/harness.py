@@ -52,10 +52,10 @@ from typing import Any, Literal
 import corpus
 
 import pvpatch
-from pvpatch.backend import parse_spec_text
-from pvpatch.elf import ElfFile
-from pvpatch.rewrite import Rewrite
-from pvpatch.sign import sign_module
+from pvpatch.elf.reader import ElfFile
+from pvpatch.elf.sign import sign_module
+from pvpatch.plan.backend import parse_spec_text
+from pvpatch.rewrite.stage import Rewrite
 
 QEMU = "qemu-system-x86_64"
 QEMU_I386 = "qemu-system-i386"  # boots the i386 vmlinux through its PVH entry note
@@ -548,7 +548,7 @@ def throwaway_key() -> tuple[bytes, bytes]:
 
 def corrupt_signature(signed: bytes) -> bytes:
     """`signed` with its PKCS#7 blob's outer SEQUENCE tag broken (the kernel must refuse)."""
-    from pvpatch.sign import read_trailer
+    from pvpatch.elf.sign import read_trailer
 
     trailer = read_trailer(signed)
     assert trailer is not None
