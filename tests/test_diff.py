@@ -503,9 +503,10 @@ def test_patch_reports_name_what_sites_become(tmp_path: Path) -> None:
                "--ops", OPS["x86_64"], "--dry-run").stdout
     assert re.search(r"inline +3 +irq.irq_disable -> cli$", text, re.M), text
     assert re.search(r"inline +2 +irq.save_fl -> pushf; pop %rax$", text, re.M), text
-    # A kept site shows the call it keeps, named from its relocation (objdump: pv_ops-0x4).
-    assert "kept   .text+0x110 cpu.io_delay: no native form and no target " \
-        "[call *pv_ops(%rip)]" in text
+    # Kept sites show the call they keep, named from its relocation (objdump: pv_ops-0x4),
+    # one line per (op, reason, call) with where they are.
+    assert "  kept       2  cpu.io_delay: no native form and no target " \
+        "[call *pv_ops(%rip)] at .text+0x110, .init.text+0xc\n" in text, text
     assert not (tmp_path / "p").exists() and not (tmp_path / "k").exists()
 
 

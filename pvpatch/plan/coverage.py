@@ -190,8 +190,10 @@ class Cover:
             return None
         return feat.present != self.negate
 
-    def describe(self) -> str:
-        what = f"{self.section}[{self.index}]"
+    def describe(self, *, indexed: bool = True) -> str:
+        """What the entry does; `indexed=False` leaves out its index (for a line that
+        speaks for several sites alike)."""
+        what = f"{self.section}[{self.index}]" if indexed else self.section
         if self.edit is not None:
             return f"{what} {self.edit.kind} -> skipped"
         if self.kind == "alternative" and self.feature is not None:

@@ -220,9 +220,10 @@ def runtime_json(sc: SiteCoverage | None) -> dict[str, Any] | None:
 
 
 def runtime_text(plan: Plan, patches: Iterable[SitePatch]) -> list[str]:
-    """One summary line, then one line per rewritten site the kernel will change."""
+    """One summary line, then one line per group of rewritten sites the kernel will change
+    alike (op, outcome, predicted bytes, the tables that act); `--json` has every site."""
     cov = plan.coverage
-    lines: list[str] = []
+    groups: dict[tuple[str, str, str], list[Site]] = {}
     counts: dict[str, int] = {}
     for p in patches:
         sc = cov.sites.get(p.decision.site.index)
@@ -231,16 +232,29 @@ def runtime_text(plan: Plan, patches: Iterable[SitePatch]) -> list[str]:
         counts[sc.outcome] = counts.get(sc.outcome, 0) + 1
         if sc.outcome == "pvpatch":
             continue
-        d = p.decision
-        tables = "; ".join(c.describe() for c in sc.covers if c.applies is not False)
+        site = p.decision.site
+        tables = "; ".join(c.describe(indexed=False) for c in sc.covers
+                           if c.applies is not False)
         bytes_ = f" ({sc.predicted.hex(' ')})" if sc.predicted is not None else ""
-        lines.append(f"  runtime {site_location(d.site)} {d.site.op or f'type {d.site.type}'}: "
-                     f"{sc.says()}{bytes_} [{tables}]")
+        key = (site.op or f"type {site.type}", f"{sc.says()}{bytes_}", tables)
+        groups.setdefault(key, []).append(site)
     if not counts:
         return []
     head = ", ".join(f"{n} {RUNTIME_WORDS[k]}" for k, n in sorted(counts.items()))
     hint = "" if counts.keys() == {"pvpatch"} else " (--final keeps pvpatch's bytes)"
-    return [f"  at run time: {head}{hint}", *lines]
+    return [f"  at run time: {head}{hint}",
+            *(f"  runtime {len(sites):5}  {op}: {says} [{tables}] at {places(sites)}"
+              for (op, says, tables), sites in sorted(groups.items()))]
+
+
+PLACES_SHOWN = 3  # locations named on a grouped line; `--json` lists every site
+
+
+def places(sites: Sequence[Site]) -> str:
+    """`.text+0x10, .text+0x40, .text+0x90 and 12 more`."""
+    named = ", ".join(site_location(s) for s in sites[:PLACES_SHOWN])
+    more = len(sites) - PLACES_SHOWN
+    return f"{named} and {more} more" if more > 0 else named
 
 
 RUNTIME_WORDS = {
@@ -368,11 +382,15 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
         where = f"{t.address:#x}" if t.address is not None else f"{t.section}+{t.offset:#x}"
         lines.append(f"  thunk  {t.spec.symbol} at {where}: saves {', '.join(t.spec.saves)}, "
                      f"calls {t.spec.target}")
-    kept = [p for p in rw.patches if p.decision.action == "keep"]
-    for p in kept:
+    # Kept sites, one line per (op, reason, call): a vmlinux keeps a thousand or more.
+    kept: dict[tuple[str, str, str], list[Site]] = {}
+    for p in rw.patches:
         d = p.decision
-        lines.append(f"  kept   {site_location(d.site)} {d.site.op or f'type {d.site.type}'}: "
-                     f"{d.reason} [{_kept_code(sym, d.site)}]")
+        if d.action == "keep":
+            group = (d.site.op or f"type {d.site.type}", d.reason or "", _kept_code(sym, d.site))
+            kept.setdefault(group, []).append(d.site)
+    for (op, reason, code), sites in sorted(kept.items()):
+        lines.append(f"  kept   {len(sites):5}  {op}: {reason} [{code}] at {places(sites)}")
     if rw.dropped_entries:
         lines.append(f"  dropped {rw.dropped_entries} table entries of rewritten sites")
     if rw.neutralised_entries:
