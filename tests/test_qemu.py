@@ -10,6 +10,8 @@ Each boot takes about 3-5 s of software emulation (TCG); the serial log must sho
 module loaded, /init's end marker, and no oops, BUG, relocation or symbol complaint.
 Several boots also read the running kernel's text back through /proc/kcore at every
 rewritten site: with --final it is pvpatch's output, without it what the report predicted.
+The final-thunk boot also takes kernel stacks at hardware breakpoints in a module's thunk:
+the kernel's ORC unwinder walks through it (and stops there when its ORC entry is wrong).
 QEMU and busybox-static are installed when missing, the corpus is fetched when missing.
 """
 
@@ -468,3 +470,121 @@ def test_i386_io_delay_calls_are_the_kernels_own_choice(boot: Booter, tmp_path: 
     compared, bad, _got = _read_back(result, [("vmlinux", rw)], "output")
     assert not bad, "\n".join(bad[:20])
     assert compared >= 100
+
+
+# -- the running kernel's unwinder walks through an injected thunk (issue 16) --------------
+
+
+def _site_returns(rw: Rewrite) -> dict[str, int]:
+    """Function name -> offset in it of the return address of its call to the thunk (the
+    frame the unwinder must find above the thunk), from the module's .symtab (pyelftools)."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    ef = ELFFile(io.BytesIO(rw.data))
+    funcs = [s for s in ef.get_section_by_name(".symtab").iter_symbols()
+             if s["st_info"]["type"] == "STT_FUNC" and isinstance(s["st_shndx"], int)]
+    out = {}
+    for p in rw.patches:
+        site = p.decision.site
+        if not p.decision.rewrites:
+            continue
+        shndx = next(i for i, sec in enumerate(ef.iter_sections()) if sec.name == site.section)
+        (fn,) = [s for s in funcs if s["st_shndx"] == shndx
+                 and s["st_value"] <= site.offset < s["st_value"] + s["st_size"]]
+        out[fn.name] = site.offset + 5 - fn["st_value"]  # call rel32
+    return out
+
+
+def _kstacks(result: harness.BootResult, label: str
+             ) -> tuple[dict[str, list[harness.Stack]], list[harness.Stack]]:
+    """kstack's stacks of one boot: thunk place name -> its stacks, and the references."""
+    rw = harness.variant_rewrite("final-thunk", harness.KSTACK_MODULE)
+    (thunk,) = rw.thunks
+    stacks = result.stacks[label]
+    module = harness.module_name(rw)
+    by_place = {name: [s for s in stacks
+                       if s.place == f"{module}:{thunk.spec.symbol}+{off:#x}"]
+                for name, off in harness.kstack_places(rw).items()}
+    refs = [s for s in stacks if s.place in harness.KSTACK_REFERENCE]
+    return by_place, refs
+
+
+@pytest.mark.qemu
+def test_kernel_unwinds_through_the_thunk(boot: Booter) -> None:
+    """Breakpoints in aes_ti's thunk (its first instruction, and the one its callee
+    native_save_fl returns to, where the unwinder uses the ORC entry it uses to step out of
+    the callee) while the kernel self-tests cbc(aes-fixed-time): the running kernel's ORC
+    unwinder names the thunk (kallsyms has its local symbol), finds the site's function at
+    the call's return address, and walks on to the kernel thread's first frame
+    (ret_from_fork), exactly the callers a stack taken in aes_encrypt (called from the same
+    frame, no thunk involved) has; no unwinder warning."""
+    rw = harness.variant_rewrite("final-thunk", harness.KSTACK_MODULE)
+    (thunk,) = rw.thunks
+    returns = _site_returns(rw)
+    assert set(returns) == {"aesti_encrypt", "aesti_decrypt"}
+    result = boot("final-thunk")
+    _passed(result)
+    label = "final-thunk/kstack"
+    assert result.loads[label].startswith("fail")  # tcrypt never stays loaded (EAGAIN)
+    by_place, refs = _kstacks(result, label)
+    module = harness.module_name(rw)
+    # the references: <- aesti_{en,de}crypt <- crypto_cbc_* ... <- ret_from_fork
+    tails = {}
+    for ref in refs:
+        assert ref.frames[1].symbol in returns and ref.frames[1].module == module, ref
+        assert ref.frames[-1].symbol == "ret_from_fork", ref
+        tails.setdefault(ref.frames[1].symbol, set()).add(
+            tuple(f.address for f in ref.frames[2:]))
+    assert set(tails) == set(returns)
+    for place, offset in harness.kstack_places(rw).items():
+        stacks = by_place[place]
+        assert {s.frames[1].symbol for s in stacks} == set(returns), (place, stacks)
+        for s in stacks:
+            shown = " <- ".join(map(str, s.frames))
+            top, caller = s.frames[0], s.frames[1]
+            assert (top.symbol, top.offset, top.module) == (thunk.spec.symbol, offset,
+                                                            module), shown
+            assert (caller.offset, caller.module) == (returns[caller.symbol], module), shown
+            assert "?" not in s.names() and s.names()[-1] == "ret_from_fork", shown
+            # the thunk's frame is the only difference from the stack without it
+            assert tuple(f.address for f in s.frames[2:]) in tails[caller.symbol], shown
+    assert sum(s.hits for stacks in by_place.values() for s in stacks) >= 100
+
+
+def test_orc_off_by_one_changes_the_entry_the_callee_returns_into() -> None:
+    rw = harness.variant_rewrite("final-thunk", harness.KSTACK_MODULE)
+    (thunk,) = rw.thunks
+    ret = harness.kstack_places(rw)["return"]
+    code = rw.data  # the thunk's bytes, through its section in the output
+    elf = pvpatch.elf.ElfFile(code)
+    sec = elf.section(thunk.section)
+    assert sec is not None
+    body = elf.section_data(sec)[thunk.offset : thunk.offset + thunk.size]
+    assert body[ret - 5] == 0xE8  # call rel32 just before the return place
+    data, entry = harness.orc_off_by_one(rw)
+    before = harness.thunk_orc(rw.data, thunk.spec.symbol)
+    after = harness.thunk_orc(data, thunk.spec.symbol)
+    # the entry in force at ret - 1 (ORC's lookup for a return address): pushes of 8
+    # registers, the lea of 8 and the return address make sp+80; now sp+88
+    assert entry.offset <= ret - 1 < min(e.offset for e in before if e.offset > entry.offset)
+    assert entry.sp_offset == 80
+    assert [(e.offset, e.sp_offset + 8 * (e.index == entry.index)) for e in before] == \
+        [(e.offset, e.sp_offset) for e in after]
+
+
+@pytest.mark.qemu
+def test_kernel_unwind_stops_at_a_thunk_whose_orc_entry_is_off_by_one(boot: Booter) -> None:
+    """The negative control: the same aes_ti with the ORC entry in force where the callee
+    returns stating one push too many.  From there the kernel's unwinder reads the return
+    address from the wrong slot and the stack ends at the thunk; from the thunk's first
+    instruction (its entry left right) it still reaches ret_from_fork.  So the stacks above
+    are the kernel reading pvpatch's entries, not a lucky guess."""
+    result = boot("kstack-orc-off-by-one")
+    _passed(result)
+    by_place, refs = _kstacks(result, "kstack-orc-off-by-one/kstack")
+    assert refs and all(r.names()[-1] == "ret_from_fork" for r in refs)
+    assert by_place["return"] and all(len(s.frames) == 1 for s in by_place["return"])
+    assert by_place["entry"] and all(s.names()[-1] == "ret_from_fork"
+                                     for s in by_place["entry"])
