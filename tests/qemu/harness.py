@@ -28,7 +28,9 @@ prints the kernel stack the running kernel's ORC unwinder walks at each hit, one
 with tcrypt instantiating cbc(aes-fixed-time) under breakpoints in aes_ti's thunk and on
 aes_encrypt/aes_decrypt (the same frame without the thunk); ``kstack-orc-off-by-one`` is
 its negative control: aes_ti alone with the thunk's ORC entry at the callee's return
-address one push off.
+address one push off.  final-thunk also loads tests/qemu/pvq, a small module built against
+Debian's own headers, whose paravirt site is sent through a thunk to a C function that calls
+dump_stack() (``BootResult.dumps``), and the same module with that ORC entry one push off.
 
 Read-back: a boot with ``reads`` runs tests/qemu/kread.c after the exercises; it prints the
 bytes the running kernel holds at each place through /proc/kcore (module sections from
@@ -121,6 +123,13 @@ STACK = re.compile(r"PVQ-STACK (\S+) (\d+) (\S+) hits=(\d+) frames=(\d+)$", re.M
 FRAME = re.compile(r"PVQ-FRAME (\S+) (\d+) (\d+) ([0-9a-f]+) (\S+?)(?:\+0x([0-9a-f]+))?"
                    r"(?: \[(\S+)\])?$", re.M)
 STACK_END = re.compile(r"PVQ-STACK-END (\S+) (.*)$", re.M)
+# tests/qemu/pvq's dump_stack(), bracketed by its own lines; the frame lines of the
+# kernel's show_trace_log_lvl(): " [? ]SYMBOL+0xOFF/0xSIZE [MODULE]", or " [? ]0xVALUE" for
+# a value with no symbol (printk's %pBb).
+DUMP_BEGIN = re.compile(r"PVQ-DUMP (\S+) begin$")
+DUMP_END = re.compile(r"PVQ-DUMP (\S+) end$")
+DUMP_FRAME = re.compile(r"^(?:\[\s*\d+\.\d+\])?  (\? )?(?:0x([0-9a-f]+)|([\w.]+)\+0x([0-9a-f]+)"
+                        r"/0x([0-9a-f]+)(?: \[(\w+)\])?)$")
 
 Expect = Literal["load", "refuse"]
 
@@ -387,6 +396,56 @@ class Stack:
 
 
 @dataclass(frozen=True)
+class TraceLine:
+    """One line of a kernel "Call Trace:" (show_trace_log_lvl): `reliable` False for the
+    "? " lines (a text address found by scanning the stack, not a frame the unwinder
+    reached); `symbol` None for a value kallsyms names nothing for (then `value` is it)."""
+
+    reliable: bool
+    symbol: str | None
+    offset: int = 0
+    size: int = 0
+    module: str | None = None
+    value: int = 0
+
+    def __str__(self) -> str:
+        mark = "" if self.reliable else "? "
+        if self.symbol is None:
+            return f"{mark}{self.value:#x}"
+        where = f" [{self.module}]" if self.module else ""
+        return f"{mark}{self.symbol}+{self.offset:#x}/{self.size:#x}{where}"
+
+
+@dataclass(frozen=True)
+class Dump:
+    """One dump_stack() printed by tests/qemu/pvq: its Call Trace lines, in order."""
+
+    trace: tuple[TraceLine, ...]
+    lines: tuple[str, ...] = field(repr=False)  # the raw log lines between begin and end
+
+    @classmethod
+    def parse(cls, lines: Sequence[str]) -> Dump:
+        trace = []
+        for line in lines:
+            m = DUMP_FRAME.match(line.strip("\r"))
+            if m is None:
+                continue
+            unsure, value, sym, off, size, mod = m.groups()
+            if sym is None:
+                trace.append(TraceLine(unsure is None, None, value=int(value, 16)))
+            else:
+                trace.append(TraceLine(unsure is None, sym, int(off, 16), int(size, 16), mod))
+        return cls(tuple(trace), tuple(lines))
+
+    def walk(self) -> list[str]:
+        """The frames the unwinder reached (no "? "), by name."""
+        return [t.symbol or f"{t.value:#x}" for t in self.trace if t.reliable]
+
+    def __str__(self) -> str:
+        return " <- ".join(map(str, self.trace))
+
+
+@dataclass(frozen=True)
 class BootResult:
     boot: Boot = field(repr=False)
     log: str = field(repr=False)
@@ -405,6 +464,8 @@ class BootResult:
     # its end line ("samples=N lost=L rc=RC", or "fail why")
     stacks: dict[str, list[Stack]] = field(default_factory=dict)
     stacks_ended: dict[str, str] = field(default_factory=dict)
+    # tag -> each dump_stack() tests/qemu/pvq printed under that tag, in log order
+    dumps: dict[str, list[Dump]] = field(default_factory=dict)
 
     def failures(self) -> list[str]:
         """Everything that makes this boot a failure (empty: it passed)."""
@@ -464,11 +525,13 @@ def parse_log(boot: Boot, log: str, seconds: float, returncode: int | None) -> B
     for label, k, sym, hits, _n in STACK.findall(log):
         stacks.setdefault(label, []).append(
             Stack(sym, int(hits), tuple(frames.get((label, int(k)), ()))))
+    dumps, inside = _dumps(log)
+    # A "Call Trace:" that pvq asked for is no problem; everything else in it still is.
     problems = tuple(
         f"{name}: {line.strip()}"
-        for line in log.splitlines()
+        for n, line in enumerate(log.splitlines())
         for name, rx in PROBLEMS
-        if rx.search(line)
+        if rx.search(line) and not (name == "call trace" and n in inside)
     )
     return BootResult(
         boot=boot,
@@ -485,7 +548,28 @@ def parse_log(boot: Boot, log: str, seconds: float, returncode: int | None) -> B
         reads_ended="PVQ-READ-END" in log,
         stacks=stacks,
         stacks_ended=_stack_ends(log),
+        dumps=dumps,
     )
+
+
+def _dumps(log: str) -> tuple[dict[str, list[Dump]], set[int]]:
+    """pvq's dumps (tag -> Dump per begin/end pair), and the numbers of the log lines
+    inside them."""
+    out: dict[str, list[Dump]] = {}
+    inside: set[int] = set()
+    tag: str | None = None
+    lines: list[str] = []
+    for n, line in enumerate(log.splitlines()):
+        begin, end = DUMP_BEGIN.search(line), DUMP_END.search(line)
+        if begin:
+            tag, lines = begin.group(1), []
+        elif end and tag == end.group(1):
+            out.setdefault(tag, []).append(Dump.parse(lines))
+            tag = None
+        elif tag is not None:
+            inside.add(n)
+            lines.append(line)
+    return out, inside
 
 
 def _stack_ends(log: str) -> dict[str, str]:
@@ -748,8 +832,10 @@ def scenario(name: str, workdir: Path) -> Boot:
         # image at its link addresses; modules through their section bases).
         modules = _guest(name)
         if name == "final-thunk":
-            # and then the kernel stacks in aes_ti's thunk (kstack_probe)
+            # and then the kernel stacks in aes_ti's thunk (kstack_probe), and pvq's dumps
+            # from its thunk's callee, right and with the thunk's ORC entry off by one
             modules.append(kstack_probe(variant_rewrite(name, KSTACK_MODULE), name))
+            modules.extend(pvq_guests(name))
         return Boot(name, kernel, tuple(modules), append="nokaslr",
                     reads=variant_reads(name))
     if name == "kstack-orc-off-by-one":
@@ -899,6 +985,66 @@ def orc_off_by_one(rw: Rewrite) -> tuple[bytes, OrcSlot]:
     data = bytearray(rw.data)
     struct.pack_into("<h", data, table_at + 6 * entry.index, entry.sp_offset + 8)
     return bytes(data), entry
+
+
+# tests/qemu/pvq: a module built here against Debian's headers for the booted kernel, whose
+# one paravirt site (irq.save_fl in pvq_site) PVQ_SPEC sends through an injected thunk to
+# pvq_save_fl, a C function in the module that calls dump_stack().  The thunk's callee is
+# then code the kernel lets us run anything in (native_save_fl, aes_ti's callee, is
+# noinstr: no kprobe there), and the dump is the kernel's own: show_trace_log_lvl() walks
+# the ORC unwinder and marks "? " every text address on the stack it did not reach.
+PVQ_DIR = Path(__file__).with_name("pvq")
+PVQ_SPEC = """\
+arch = "x86_64"
+
+[ops."irq.save_fl"]
+action = "call"
+target = "pvq_save_fl"      # defined in the module itself: a plain C function
+convention = "c"            # save_fl sites (CLBR_RET_REG) need a thunk
+
+[defaults]
+action = "keep"
+reason = "pvq has one site"
+"""
+PVQ_CALLEE, PVQ_SITE, PVQ_INIT = "pvq_save_fl", "pvq_site", "pvq_init"
+PVQ_TAGS = ("thunk", "orc-off-by-one")  # final-thunk loads pvq twice, with these tags
+
+
+@functools.cache
+def pvq_module() -> Path:
+    """tests/qemu/pvq built with `make -C <Debian's headers> M=...` (kbuild, modpost,
+    objtool and gcc-12 as Debian builds its own modules): its vermagic and symbol CRCs are
+    the corpus kernel's."""
+    headers = corpus.x86_64_headers()
+    build = Path(tempfile.mkdtemp(prefix="pvq-mod-"))
+    for src in PVQ_DIR.iterdir():
+        if src.suffix in (".c", "") and src.is_file():
+            shutil.copy(src, build / src.name)
+    proc = subprocess.run(["make", "-C", str(headers), f"M={build}", "modules"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building tests/qemu/pvq failed:\n{proc.stdout}\n{proc.stderr}")
+    return build / "pvq.ko"
+
+
+@functools.cache
+def pvq_rewrite() -> Rewrite:
+    """pvq patched with PVQ_SPEC and --final (the kernel keeps the call to the thunk)."""
+    scan = pvpatch.load(pvq_module(), ops=ops_source())
+    spec = parse_spec_text(PVQ_SPEC, scan.arch, "<pvq spec>")
+    return pvpatch.apply_plan(pvpatch.make_plan(scan, spec, final=True),
+                              symvers=vmlinux())
+
+
+def pvq_guests(prefix: str) -> tuple[GuestModule, ...]:
+    """pvq as patched, then with its thunk's ORC entry at the callee's return address one
+    push off (orc_off_by_one): each dumps the stack from pvq_save_fl under its tag, then
+    refuses to stay loaded."""
+    rw = pvq_rewrite()
+    bad, _entry = orc_off_by_one(rw)
+    good_tag, bad_tag = PVQ_TAGS
+    return (GuestModule(f"{prefix}/pvq", rw.data, "refuse", params=(f"tag={good_tag}",)),
+            GuestModule(f"{prefix}/pvq-{bad_tag}", bad, "refuse", params=(f"tag={bad_tag}",)))
 
 
 def _scenario_612(name: str, workdir: Path) -> Boot:
