@@ -11,7 +11,10 @@ module loaded, /init's end marker, and no oops, BUG, relocation or symbol compla
 Several boots also read the running kernel's text back through /proc/kcore at every
 rewritten site: with --final it is pvpatch's output, without it what the report predicted.
 The final-thunk boot also takes kernel stacks at hardware breakpoints in a module's thunk:
-the kernel's ORC unwinder walks through it (and stops there when its ORC entry is wrong).
+the kernel's ORC unwinder walks through it (and stops there when its ORC entry is wrong);
+and it loads tests/qemu/pvq (built against Debian's headers for that kernel), whose thunk's
+callee calls dump_stack(): the kernel's own Call Trace walks through the thunk (and loses
+the site's function when the thunk's ORC entry is off by one).
 QEMU and busybox-static are installed when missing, the corpus is fetched when missing.
 """
 
@@ -588,3 +591,128 @@ def test_kernel_unwind_stops_at_a_thunk_whose_orc_entry_is_off_by_one(boot: Boot
     assert by_place["return"] and all(len(s.frames) == 1 for s in by_place["return"])
     assert by_place["entry"] and all(s.names()[-1] == "ret_from_fork"
                                      for s in by_place["entry"])
+
+
+# -- a stack dump taken inside the thunk's callee (tests/qemu/pvq, issue 16) ---------------
+
+OBJTOOL = Path("/usr/lib/linux-kbuild-6.1/tools/objtool/objtool")
+
+
+def _objtool_orc(data: bytes, symbol: str, tmp_path: Path) -> list[tuple[int, str]]:
+    """(offset, "sp:...") of each ORC entry objtool --dump=orc lists inside `symbol`."""
+    path = tmp_path / "dump.ko"
+    path.write_bytes(data)
+    out = subprocess.run([str(OBJTOOL), "--dump=orc", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        where, _sep, rest = line.partition(": ")
+        name, _plus, off = where.rpartition("+")
+        if name == symbol:
+            rows.append((int(off, 16), rest.split()[0]))
+    return rows
+
+
+def test_pvq_is_built_against_debians_headers_and_gets_an_orc_covered_thunk(
+        tmp_path: Path) -> None:
+    """tests/qemu/pvq, built with Debian's headers and kbuild, carries the kernel's vermagic
+    and one irq.save_fl site in pvq_site; PVQ_SPEC sends it through a thunk to pvq_save_fl,
+    a function of the module itself, and the thunk has an ORC entry at each stack change
+    (pyelftools and objtool read the same ones)."""
+    path = harness.pvq_module()
+    aes_ti = harness.module_paths()["aes_ti"]
+    vermagic = pvpatch.open_elf(path).modinfo()["vermagic"]
+    assert vermagic == pvpatch.open_elf(aes_ti).modinfo()["vermagic"]
+    rw = harness.pvq_rewrite()
+    sites = [p.decision.site for p in rw.patches]
+    assert [(s.op, s.section) for s in sites] == [("irq.save_fl", ".text")]
+    assert _site_returns(rw) == {harness.PVQ_SITE: 0xA}  # after `call __fentry__`; call
+    (thunk,) = rw.thunks
+    assert thunk.spec.target == harness.PVQ_CALLEE
+    elf = pvpatch.elf.ElfFile(rw.data)
+    callee = [s for s in elf.symbols if s.name == harness.PVQ_CALLEE]
+    assert len(callee) == 1 and callee[0].shndx != 0  # defined in pvq, not imported
+    assert rw.neutralised_entries + rw.dropped_entries >= 1  # --final: the kernel keeps it
+    mine = harness.thunk_orc(rw.data, thunk.spec.symbol)
+    # push x8, lea -8, call, lea +8, pop x8, jmp: 8..80 and back, then the end entry
+    defined = [(e.offset, f"sp:sp+{e.sp_offset}") for e in mine[:-1]]
+    assert [sp for _o, sp in defined] == [f"sp:sp+{8 * n}" for n in
+                                          (*range(1, 11), *range(9, 0, -1))]
+    assert mine[-1].offset == thunk.size
+    if OBJTOOL.is_file():
+        theirs = _objtool_orc(rw.data, thunk.spec.symbol, tmp_path)
+        assert theirs[:-1] == defined and theirs[-1] == (thunk.size, "sp:(und)")
+
+
+def _pvq_dumps(result: harness.BootResult, tag: str) -> tuple[list[harness.Dump], int]:
+    """pvq's dumps under `tag` and the address of its init function (which it prints)."""
+    dumps = result.dumps.get(tag, [])
+    inits = {int(m, 16) for m in
+             (ln.rsplit("init=", 1)[1] for ln in result.lines(rf"PVQ-SAVEFL {tag} "))}
+    assert len(inits) == 1, result.lines("PVQ-SAVEFL")
+    # busybox insmod runs init through finit_module, then again through init_module
+    assert len(dumps) == 2, [str(d) for d in dumps]
+    return dumps, inits.pop()
+
+
+@pytest.mark.qemu
+def test_stack_dump_in_the_thunks_callee_walks_through_the_thunk(boot: Booter) -> None:
+    """dump_stack() inside pvq_save_fl, the C function pvq's paravirt site reaches through
+    pvpatch's thunk: the kernel's ORC unwinder steps from the callee into the thunk (named,
+    at the instruction after its call), then to the site's function at the return address
+    of its call to the thunk, to the init function, do_one_initcall and on to the system
+    call entry (the user registers follow).  Every frame is a reliable one: the "? " lines
+    between them are only pvq_init's own address, left in a register the thunk saved (it
+    names no function); no unwinder warning anywhere in the boot."""
+    rw = harness.pvq_rewrite()
+    (thunk,) = rw.thunks
+    result = boot("final-thunk")
+    _passed(result)  # includes: no "WARNING:" line, no Call Trace outside pvq's dumps
+    assert result.loads["final-thunk/pvq"].startswith("fail 11")  # -EAGAIN, by design
+    dumps, init = _pvq_dumps(result, harness.PVQ_TAGS[0])
+    chain = ["dump_stack_lvl", harness.PVQ_CALLEE, thunk.spec.symbol, harness.PVQ_SITE,
+             harness.PVQ_INIT, "do_one_initcall", "do_init_module"]
+    places = {thunk.spec.symbol: harness.kstack_places(rw)["return"],
+              **_site_returns(rw)}
+    for dump in dumps:
+        shown = str(dump)
+        walk = dump.walk()
+        assert walk[: len(chain)] == chain, shown
+        assert walk[len(chain)] in ("__do_sys_finit_module", "__do_sys_init_module"), shown
+        assert walk[-2:] == ["do_syscall_64", "entry_SYSCALL_64_after_hwframe"], shown
+        assert any("RIP: 0033:" in ln for ln in dump.lines), shown  # user mode's registers
+        lines = list(dump.trace)
+        first = next(i for i, t in enumerate(lines) if t.symbol == harness.PVQ_CALLEE)
+        last = next(i for i, t in enumerate(lines) if t.symbol == "do_one_initcall")
+        for t in lines[first:last]:
+            if not t.reliable:
+                assert t.symbol is None and t.value == init, shown
+            elif t.symbol in places:
+                assert (t.offset, t.module) == (places[t.symbol], "pvq"), shown
+            else:
+                assert t.module == "pvq" or t.symbol == "do_one_initcall", shown
+        assert not [ln for ln in dump.lines if "WARNING" in ln or "unwind" in ln], shown
+
+
+@pytest.mark.qemu
+def test_stack_dump_through_a_thunk_whose_orc_entry_is_off_by_one_loses_the_site(
+        boot: Booter) -> None:
+    """The control, in the same boot: pvq with the thunk's ORC entry at its callee's
+    return address stating one push too many.  Stepping out of the thunk, the unwinder
+    reads the slot above the real return address: pvq_site's own return into pvq_init.
+    pvq_site drops out of the walk and shows up only as a "? " line found by the stack
+    scan, so the dump above is the kernel reading pvpatch's entries, not a lucky scan."""
+    rw = harness.pvq_rewrite()
+    (thunk,) = rw.thunks
+    _data, entry = harness.orc_off_by_one(rw)
+    assert entry.sp_offset == 80
+    result = boot("final-thunk")
+    _passed(result)
+    dumps, _init = _pvq_dumps(result, harness.PVQ_TAGS[1])
+    for dump in dumps:
+        shown = str(dump)
+        walk = dump.walk()
+        assert harness.PVQ_SITE not in walk, shown
+        assert walk[:5] == ["dump_stack_lvl", harness.PVQ_CALLEE, thunk.spec.symbol,
+                            harness.PVQ_INIT, "do_one_initcall"], shown
+        assert any(not t.reliable and t.symbol == harness.PVQ_SITE for t in dump.trace), shown
