@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -222,3 +223,24 @@ def x86_64_612_modules() -> list[Path]:
     """Every 6.12 module, as shipped: ``*.ko.xz``, sorted."""
     ensure("x86_64-6.12")
     return list(_modules("x86_64-6.12", ".ko.xz"))
+
+
+def x86_64_headers() -> Path:
+    """Debian's kernel headers for the x86_64 kind's kernel, as `make -C` takes them (the
+    packages pinned in X86_64_HEADERS_PACKAGES, unpacked by ``fetch-corpus --headers``,
+    which also installs make, gcc-12 and linux-kbuild-6.1 when missing)."""
+    ensure("x86_64")
+    pins = _pins()
+    stamp = f"{pins['X86_64_HEADERS_PACKAGES']}={pins['X86_64_HEADERS_VERSION']}"
+    root = corpus_root() / "x86_64-headers"
+    marker = root / ".complete"
+    name = pins["X86_64_HEADERS_PACKAGES"].split()[0].partition(":")[0]
+    path = root / "usr" / "src" / name
+    # The headers' scripts/ reach the installed linux-kbuild: a machine without it (or
+    # without make or gcc-12) asks fetch-corpus again, which installs them.
+    tools = all(shutil.which(c) for c in ("make", "gcc-12")) and (path / "scripts").is_dir()
+    if not (marker.is_file() and marker.read_text().strip() == stamp and tools):
+        subprocess.run([str(FETCH_SCRIPT), "--headers"], check=True, stdout=subprocess.DEVNULL)
+    if not (path / "Makefile").is_file():
+        raise RuntimeError(f"{FETCH_SCRIPT} --headers ran but {path} has no Makefile")
+    return path

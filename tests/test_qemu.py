@@ -10,6 +10,11 @@ Each boot takes about 3-5 s of software emulation (TCG); the serial log must sho
 module loaded, /init's end marker, and no oops, BUG, relocation or symbol complaint.
 Several boots also read the running kernel's text back through /proc/kcore at every
 rewritten site: with --final it is pvpatch's output, without it what the report predicted.
+The final-thunk boot also takes kernel stacks at hardware breakpoints in a module's thunk:
+the kernel's ORC unwinder walks through it (and stops there when its ORC entry is wrong);
+and it loads tests/qemu/pvq (built against Debian's headers for that kernel), whose thunk's
+callee calls dump_stack(): the kernel's own Call Trace walks through the thunk (and loses
+the site's function when the thunk's ORC entry is off by one).
 QEMU and busybox-static are installed when missing, the corpus is fetched when missing.
 """
 
@@ -468,3 +473,247 @@ def test_i386_io_delay_calls_are_the_kernels_own_choice(boot: Booter, tmp_path: 
     compared, bad, _got = _read_back(result, [("vmlinux", rw)], "output")
     assert not bad, "\n".join(bad[:20])
     assert compared >= 100
+
+
+# -- the running kernel's unwinder walks through an injected thunk (issue 16) --------------
+
+
+def _site_returns(rw: Rewrite) -> dict[str, int]:
+    """Function name -> offset in it of the return address of its call to the thunk (the
+    frame the unwinder must find above the thunk), from the module's .symtab (pyelftools)."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    ef = ELFFile(io.BytesIO(rw.data))
+    funcs = [s for s in ef.get_section_by_name(".symtab").iter_symbols()
+             if s["st_info"]["type"] == "STT_FUNC" and isinstance(s["st_shndx"], int)]
+    out = {}
+    for p in rw.patches:
+        site = p.decision.site
+        if not p.decision.rewrites:
+            continue
+        shndx = next(i for i, sec in enumerate(ef.iter_sections()) if sec.name == site.section)
+        (fn,) = [s for s in funcs if s["st_shndx"] == shndx
+                 and s["st_value"] <= site.offset < s["st_value"] + s["st_size"]]
+        out[fn.name] = site.offset + 5 - fn["st_value"]  # call rel32
+    return out
+
+
+def _kstacks(result: harness.BootResult, label: str
+             ) -> tuple[dict[str, list[harness.Stack]], list[harness.Stack]]:
+    """kstack's stacks of one boot: thunk place name -> its stacks, and the references."""
+    rw = harness.variant_rewrite("final-thunk", harness.KSTACK_MODULE)
+    (thunk,) = rw.thunks
+    stacks = result.stacks[label]
+    module = harness.module_name(rw)
+    by_place = {name: [s for s in stacks
+                       if s.place == f"{module}:{thunk.spec.symbol}+{off:#x}"]
+                for name, off in harness.kstack_places(rw).items()}
+    refs = [s for s in stacks if s.place in harness.KSTACK_REFERENCE]
+    return by_place, refs
+
+
+@pytest.mark.qemu
+def test_kernel_unwinds_through_the_thunk(boot: Booter) -> None:
+    """Breakpoints in aes_ti's thunk (its first instruction, and the one its callee
+    native_save_fl returns to, where the unwinder uses the ORC entry it uses to step out of
+    the callee) while the kernel self-tests cbc(aes-fixed-time): the running kernel's ORC
+    unwinder names the thunk (kallsyms has its local symbol), finds the site's function at
+    the call's return address, and walks on to the kernel thread's first frame
+    (ret_from_fork), exactly the callers a stack taken in aes_encrypt (called from the same
+    frame, no thunk involved) has; no unwinder warning."""
+    rw = harness.variant_rewrite("final-thunk", harness.KSTACK_MODULE)
+    (thunk,) = rw.thunks
+    returns = _site_returns(rw)
+    assert set(returns) == {"aesti_encrypt", "aesti_decrypt"}
+    result = boot("final-thunk")
+    _passed(result)
+    label = "final-thunk/kstack"
+    assert result.loads[label].startswith("fail")  # tcrypt never stays loaded (EAGAIN)
+    by_place, refs = _kstacks(result, label)
+    module = harness.module_name(rw)
+    # the references: <- aesti_{en,de}crypt <- crypto_cbc_* ... <- ret_from_fork
+    tails = {}
+    for ref in refs:
+        assert ref.frames[1].symbol in returns and ref.frames[1].module == module, ref
+        assert ref.frames[-1].symbol == "ret_from_fork", ref
+        tails.setdefault(ref.frames[1].symbol, set()).add(
+            tuple(f.address for f in ref.frames[2:]))
+    assert set(tails) == set(returns)
+    for place, offset in harness.kstack_places(rw).items():
+        stacks = by_place[place]
+        assert {s.frames[1].symbol for s in stacks} == set(returns), (place, stacks)
+        for s in stacks:
+            shown = " <- ".join(map(str, s.frames))
+            top, caller = s.frames[0], s.frames[1]
+            assert (top.symbol, top.offset, top.module) == (thunk.spec.symbol, offset,
+                                                            module), shown
+            assert (caller.offset, caller.module) == (returns[caller.symbol], module), shown
+            assert "?" not in s.names() and s.names()[-1] == "ret_from_fork", shown
+            # the thunk's frame is the only difference from the stack without it
+            assert tuple(f.address for f in s.frames[2:]) in tails[caller.symbol], shown
+    assert sum(s.hits for stacks in by_place.values() for s in stacks) >= 100
+
+
+def test_orc_off_by_one_changes_the_entry_the_callee_returns_into() -> None:
+    rw = harness.variant_rewrite("final-thunk", harness.KSTACK_MODULE)
+    (thunk,) = rw.thunks
+    ret = harness.kstack_places(rw)["return"]
+    code = rw.data  # the thunk's bytes, through its section in the output
+    elf = pvpatch.elf.ElfFile(code)
+    sec = elf.section(thunk.section)
+    assert sec is not None
+    body = elf.section_data(sec)[thunk.offset : thunk.offset + thunk.size]
+    assert body[ret - 5] == 0xE8  # call rel32 just before the return place
+    data, entry = harness.orc_off_by_one(rw)
+    before = harness.thunk_orc(rw.data, thunk.spec.symbol)
+    after = harness.thunk_orc(data, thunk.spec.symbol)
+    # the entry in force at ret - 1 (ORC's lookup for a return address): pushes of 8
+    # registers, the lea of 8 and the return address make sp+80; now sp+88
+    assert entry.offset <= ret - 1 < min(e.offset for e in before if e.offset > entry.offset)
+    assert entry.sp_offset == 80
+    assert [(e.offset, e.sp_offset + 8 * (e.index == entry.index)) for e in before] == \
+        [(e.offset, e.sp_offset) for e in after]
+
+
+@pytest.mark.qemu
+def test_kernel_unwind_stops_at_a_thunk_whose_orc_entry_is_off_by_one(boot: Booter) -> None:
+    """The negative control: the same aes_ti with the ORC entry in force where the callee
+    returns stating one push too many.  From there the kernel's unwinder reads the return
+    address from the wrong slot and the stack ends at the thunk; from the thunk's first
+    instruction (its entry left right) it still reaches ret_from_fork.  So the stacks above
+    are the kernel reading pvpatch's entries, not a lucky guess."""
+    result = boot("kstack-orc-off-by-one")
+    _passed(result)
+    by_place, refs = _kstacks(result, "kstack-orc-off-by-one/kstack")
+    assert refs and all(r.names()[-1] == "ret_from_fork" for r in refs)
+    assert by_place["return"] and all(len(s.frames) == 1 for s in by_place["return"])
+    assert by_place["entry"] and all(s.names()[-1] == "ret_from_fork"
+                                     for s in by_place["entry"])
+
+
+# -- a stack dump taken inside the thunk's callee (tests/qemu/pvq, issue 16) ---------------
+
+OBJTOOL = Path("/usr/lib/linux-kbuild-6.1/tools/objtool/objtool")
+
+
+def _objtool_orc(data: bytes, symbol: str, tmp_path: Path) -> list[tuple[int, str]]:
+    """(offset, "sp:...") of each ORC entry objtool --dump=orc lists inside `symbol`."""
+    path = tmp_path / "dump.ko"
+    path.write_bytes(data)
+    out = subprocess.run([str(OBJTOOL), "--dump=orc", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        where, _sep, rest = line.partition(": ")
+        name, _plus, off = where.rpartition("+")
+        if name == symbol:
+            rows.append((int(off, 16), rest.split()[0]))
+    return rows
+
+
+def test_pvq_is_built_against_debians_headers_and_gets_an_orc_covered_thunk(
+        tmp_path: Path) -> None:
+    """tests/qemu/pvq, built with Debian's headers and kbuild, carries the kernel's vermagic
+    and one irq.save_fl site in pvq_site; PVQ_SPEC sends it through a thunk to pvq_save_fl,
+    a function of the module itself, and the thunk has an ORC entry at each stack change
+    (pyelftools and objtool read the same ones)."""
+    path = harness.pvq_module()
+    aes_ti = harness.module_paths()["aes_ti"]
+    vermagic = pvpatch.open_elf(path).modinfo()["vermagic"]
+    assert vermagic == pvpatch.open_elf(aes_ti).modinfo()["vermagic"]
+    rw = harness.pvq_rewrite()
+    sites = [p.decision.site for p in rw.patches]
+    assert [(s.op, s.section) for s in sites] == [("irq.save_fl", ".text")]
+    assert _site_returns(rw) == {harness.PVQ_SITE: 0xA}  # after `call __fentry__`; call
+    (thunk,) = rw.thunks
+    assert thunk.spec.target == harness.PVQ_CALLEE
+    elf = pvpatch.elf.ElfFile(rw.data)
+    callee = [s for s in elf.symbols if s.name == harness.PVQ_CALLEE]
+    assert len(callee) == 1 and callee[0].shndx != 0  # defined in pvq, not imported
+    assert rw.neutralised_entries + rw.dropped_entries >= 1  # --final: the kernel keeps it
+    mine = harness.thunk_orc(rw.data, thunk.spec.symbol)
+    # push x8, lea -8, call, lea +8, pop x8, jmp: 8..80 and back, then the end entry
+    defined = [(e.offset, f"sp:sp+{e.sp_offset}") for e in mine[:-1]]
+    assert [sp for _o, sp in defined] == [f"sp:sp+{8 * n}" for n in
+                                          (*range(1, 11), *range(9, 0, -1))]
+    assert mine[-1].offset == thunk.size
+    if OBJTOOL.is_file():
+        theirs = _objtool_orc(rw.data, thunk.spec.symbol, tmp_path)
+        assert theirs[:-1] == defined and theirs[-1] == (thunk.size, "sp:(und)")
+
+
+def _pvq_dumps(result: harness.BootResult, tag: str) -> tuple[list[harness.Dump], int]:
+    """pvq's dumps under `tag` and the address of its init function (which it prints)."""
+    dumps = result.dumps.get(tag, [])
+    inits = {int(m, 16) for m in
+             (ln.rsplit("init=", 1)[1] for ln in result.lines(rf"PVQ-SAVEFL {tag} "))}
+    assert len(inits) == 1, result.lines("PVQ-SAVEFL")
+    # busybox insmod runs init through finit_module, then (refused) through init_module
+    assert 1 <= len(dumps) == len(result.lines(rf"PVQ-SAVEFL {tag} ")) <= 2, \
+        [str(d) for d in dumps]
+    return dumps, inits.pop()
+
+
+@pytest.mark.qemu
+def test_stack_dump_in_the_thunks_callee_walks_through_the_thunk(boot: Booter) -> None:
+    """dump_stack() inside pvq_save_fl, the C function pvq's paravirt site reaches through
+    pvpatch's thunk: the kernel's ORC unwinder steps from the callee into the thunk (named,
+    at the instruction after its call), then to the site's function at the return address
+    of its call to the thunk, to the init function, do_one_initcall and on to the system
+    call entry (the user registers follow).  Every frame is a reliable one: the "? " lines
+    between them are only pvq_init's own address, left in a register the thunk saved (it
+    names no function); no unwinder warning anywhere in the boot."""
+    rw = harness.pvq_rewrite()
+    (thunk,) = rw.thunks
+    result = boot("final-thunk")
+    _passed(result)  # includes: no "WARNING:" line, no Call Trace outside pvq's dumps
+    assert result.loads["final-thunk/pvq"].startswith("fail 11")  # -EAGAIN, by design
+    dumps, init = _pvq_dumps(result, harness.PVQ_TAGS[0])
+    chain = ["dump_stack_lvl", harness.PVQ_CALLEE, thunk.spec.symbol, harness.PVQ_SITE,
+             harness.PVQ_INIT, "do_one_initcall", "do_init_module"]
+    places = {thunk.spec.symbol: harness.kstack_places(rw)["return"],
+              **_site_returns(rw)}
+    for dump in dumps:
+        shown = str(dump)
+        walk = dump.walk()
+        assert walk[: len(chain)] == chain, shown
+        assert walk[len(chain)] in ("__do_sys_finit_module", "__do_sys_init_module"), shown
+        assert walk[-2:] == ["do_syscall_64", "entry_SYSCALL_64_after_hwframe"], shown
+        assert any("RIP: 0033:" in ln for ln in dump.lines), shown  # user mode's registers
+        lines = list(dump.trace)
+        first = next(i for i, t in enumerate(lines) if t.symbol == harness.PVQ_CALLEE)
+        last = next(i for i, t in enumerate(lines) if t.symbol == "do_one_initcall")
+        for t in lines[first:last]:
+            if not t.reliable:
+                assert t.symbol is None and t.value == init, shown
+            elif t.symbol in places:
+                assert (t.offset, t.module) == (places[t.symbol], "pvq"), shown
+            else:
+                assert t.module == "pvq" or t.symbol == "do_one_initcall", shown
+        assert not [ln for ln in dump.lines if "WARNING" in ln or "unwind" in ln], shown
+
+
+@pytest.mark.qemu
+def test_stack_dump_through_a_thunk_whose_orc_entry_is_off_by_one_loses_the_site(
+        boot: Booter) -> None:
+    """The control, in the same boot: pvq with the thunk's ORC entry at its callee's
+    return address stating one push too many.  Stepping out of the thunk, the unwinder
+    reads the slot above the real return address: pvq_site's own return into pvq_init.
+    pvq_site drops out of the walk and shows up only as a "? " line found by the stack
+    scan, so the dump above is the kernel reading pvpatch's entries, not a lucky scan."""
+    rw = harness.pvq_rewrite()
+    (thunk,) = rw.thunks
+    _data, entry = harness.orc_off_by_one(rw)
+    assert entry.sp_offset == 80
+    result = boot("final-thunk")
+    _passed(result)
+    dumps, _init = _pvq_dumps(result, harness.PVQ_TAGS[1])
+    for dump in dumps:
+        shown = str(dump)
+        walk = dump.walk()
+        assert harness.PVQ_SITE not in walk, shown
+        assert walk[:5] == ["dump_stack_lvl", harness.PVQ_CALLEE, thunk.spec.symbol,
+                            harness.PVQ_INIT, "do_one_initcall"], shown
+        assert any(not t.reliable and t.symbol == harness.PVQ_SITE for t in dump.trace), shown

@@ -21,6 +21,17 @@ patched with the native backend (``vmlinux-native``).  With ``--final``: the thu
 (``final-thunk``, and with ``--drop-patched``: ``final-drop-thunk``), and the native
 ``--final`` modules on the native ``--final`` vmlinux (``vmlinux-final``).
 
+Kernel stacks: a module with ``stacks`` is loaded under tests/qemu/kstack.c, which sets
+execute hardware breakpoints (perf_event_open, system-wide) at the code places it names and
+prints the kernel stack the running kernel's ORC unwinder walks at each hit, one
+``PVQ-STACK``/``PVQ-FRAME`` line each, named through /proc/kallsyms.  ``final-thunk`` ends
+with tcrypt instantiating cbc(aes-fixed-time) under breakpoints in aes_ti's thunk and on
+aes_encrypt/aes_decrypt (the same frame without the thunk); ``kstack-orc-off-by-one`` is
+its negative control: aes_ti alone with the thunk's ORC entry at the callee's return
+address one push off.  final-thunk also loads tests/qemu/pvq, a small module built against
+Debian's own headers, whose paravirt site is sent through a thunk to a C function that calls
+dump_stack() (``BootResult.dumps``), and the same module with that ORC entry one push off.
+
 Read-back: a boot with ``reads`` runs tests/qemu/kread.c after the exercises; it prints the
 bytes the running kernel holds at each place through /proc/kcore (module sections from
 /sys/module/NAME/sections/, vmlinux places at their link addresses: those boots add
@@ -108,6 +119,17 @@ PROBLEMS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 SIG_TAINT = "module verification failed"  # pr_notice_once when a module's signature fails
 MARK = re.compile(r"PVQ-(LOAD|RUN) (\S+) (ok|fail)(.*)$", re.M)
 READ = re.compile(r"PVQ-READ (\S+) (?:([0-9a-f]+) ([0-9a-f]*)|fail (\S+))$", re.M)
+STACK = re.compile(r"PVQ-STACK (\S+) (\d+) (\S+) hits=(\d+) frames=(\d+)$", re.M)
+FRAME = re.compile(r"PVQ-FRAME (\S+) (\d+) (\d+) ([0-9a-f]+) (\S+?)(?:\+0x([0-9a-f]+))?"
+                   r"(?: \[(\S+)\])?$", re.M)
+STACK_END = re.compile(r"PVQ-STACK-END (\S+) (.*)$", re.M)
+# tests/qemu/pvq's dump_stack(), bracketed by its own lines; the frame lines of the
+# kernel's show_trace_log_lvl(): " [? ]SYMBOL+0xOFF/0xSIZE [MODULE]", or " [? ]0xVALUE" for
+# a value with no symbol (printk's %pBb).
+DUMP_BEGIN = re.compile(r"PVQ-DUMP (\S+) begin$")
+DUMP_END = re.compile(r"PVQ-DUMP (\S+) end$")
+DUMP_FRAME = re.compile(r"^(?:\[\s*\d+\.\d+\])?  (\? )?(?:0x([0-9a-f]+)|([\w.]+)\+0x([0-9a-f]+)"
+                        r"/0x([0-9a-f]+)(?: \[(\w+)\])?)$")
 
 Expect = Literal["load", "refuse"]
 
@@ -187,6 +209,11 @@ class GuestModule:
     label: str
     data: bytes = field(repr=False)
     expect: Expect = "load"
+    # Kernel code places (comma-separated, see tests/qemu/kstack.c) to break on while
+    # this module loads: each hit's kernel stack, as the running kernel's unwinder walks
+    # it, is printed by tests/qemu/kstack.c (BootResult.stacks).
+    stacks: str = ""
+    params: tuple[str, ...] = ()  # module parameters for insmod
 
     @property
     def suffix(self) -> str:
@@ -229,10 +256,12 @@ def init_script(boot: Boot) -> str:
         "/bin/busybox mount -t devtmpfs devtmpfs /dev",
         "/bin/busybox --install -s /bin",
         'mark() { echo "PVQ-$*" > /dev/kmsg; }',
-        "load() {",
-        '  case "$2" in *.xz) out=$(/bin/finit "$2" 2>&1); rc=$? ;;',
-        '  *) out=$(insmod "$2" 2>&1); rc=$? ;; esac',
-        '  if [ $rc -eq 0 ]; then mark "LOAD $1 ok"; else mark "LOAD $1 fail $rc" $out; fi',
+        "load() {",  # load LABEL FILE [BREAKPOINTS [PARAM...]]
+        '  l=$1; f=$2; w=; [ -n "$3" ] && w="/bin/kstack $l $3 --"; shift; shift',
+        '  [ $# -gt 0 ] && shift',
+        '  case "$f" in *.xz) out=$($w /bin/finit "$f" 2>&1); rc=$? ;;',
+        '  *) out=$($w insmod "$f" "$@" 2>&1); rc=$? ;; esac',
+        '  if [ $rc -eq 0 ]; then mark "LOAD $l ok"; else mark "LOAD $l fail $rc" $out; fi',
         "}",
         "run() {",
         '  name=$1; out=$(sh -c "$2" 2>&1); rc=$?',
@@ -241,7 +270,9 @@ def init_script(boot: Boot) -> str:
         "mark USERSPACE",
     ]
     for i, m in enumerate(boot.modules):
-        lines.append(f"load {shlex.quote(m.label)} /m/{i:03d}{m.suffix}")
+        extra = [m.stacks, *m.params] if m.stacks or m.params else []
+        lines.append(" ".join(["load", shlex.quote(m.label), f"/m/{i:03d}{m.suffix}",
+                               *map(shlex.quote, extra)]))
     for name, command in boot.exercises:
         lines.append(f"run {shlex.quote(name)} {shlex.quote(command)}")
     if boot.reads:
@@ -268,6 +299,8 @@ def initramfs(boot: Boot, busybox: str) -> bytes:
     if boot.reads:
         entries.append(("bin/kread", 0o100755, kread_binary().read_bytes()))
         entries.append(("m/reads", 0o100644, _reads_listing(boot.reads)))
+    if any(m.stacks for m in boot.modules):
+        entries.append(("bin/kstack", 0o100755, kstack_binary().read_bytes()))
     entries += [(f"m/{i:03d}{m.suffix}", 0o100644, m.data) for i, m in enumerate(boot.modules)]
     return cpio_newc(entries)
 
@@ -316,6 +349,12 @@ def kread_binary() -> Path:
     return _static_binary("kread.c", [])
 
 
+@functools.cache
+def kstack_binary() -> Path:
+    """A static helper that prints the kernel stacks hardware breakpoints catch."""
+    return _static_binary("kstack.c", [])
+
+
 def _static_binary(source: str, flags: list[str]) -> Path:
     """A guest helper from tests/qemu/, built static (the initramfs has no libc)."""
     out = Path(tempfile.mkdtemp(prefix="pvq-bin-")) / source.removesuffix(".c")
@@ -325,6 +364,85 @@ def _static_binary(source: str, flags: list[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------- boot
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a kernel stack the guest printed: the address, and the name
+    /proc/kallsyms gives it (`module` None: vmlinux)."""
+
+    address: int
+    symbol: str
+    offset: int
+    module: str | None
+
+    def __str__(self) -> str:
+        where = f" [{self.module}]" if self.module else ""
+        return f"{self.symbol}+{self.offset:#x}{where}"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A distinct kernel stack seen at a breakpoint (`place`, as kstack was given it),
+    `hits` times; frame 0 is the breakpoint's own address, then the return addresses the
+    kernel's unwinder found."""
+
+    place: str
+    hits: int
+    frames: tuple[Frame, ...]
+
+    def names(self) -> list[str]:
+        return [f.symbol for f in self.frames]
+
+
+@dataclass(frozen=True)
+class TraceLine:
+    """One line of a kernel "Call Trace:" (show_trace_log_lvl): `reliable` False for the
+    "? " lines (a text address found by scanning the stack, not a frame the unwinder
+    reached); `symbol` None for a value kallsyms names nothing for (then `value` is it)."""
+
+    reliable: bool
+    symbol: str | None
+    offset: int = 0
+    size: int = 0
+    module: str | None = None
+    value: int = 0
+
+    def __str__(self) -> str:
+        mark = "" if self.reliable else "? "
+        if self.symbol is None:
+            return f"{mark}{self.value:#x}"
+        where = f" [{self.module}]" if self.module else ""
+        return f"{mark}{self.symbol}+{self.offset:#x}/{self.size:#x}{where}"
+
+
+@dataclass(frozen=True)
+class Dump:
+    """One dump_stack() printed by tests/qemu/pvq: its Call Trace lines, in order."""
+
+    trace: tuple[TraceLine, ...]
+    lines: tuple[str, ...] = field(repr=False)  # the raw log lines between begin and end
+
+    @classmethod
+    def parse(cls, lines: Sequence[str]) -> Dump:
+        trace = []
+        for line in lines:
+            m = DUMP_FRAME.match(line.strip("\r"))
+            if m is None:
+                continue
+            unsure, value, sym, off, size, mod = m.groups()
+            if sym is None:
+                trace.append(TraceLine(unsure is None, None, value=int(value, 16)))
+            else:
+                trace.append(TraceLine(unsure is None, sym, int(off, 16), int(size, 16), mod))
+        return cls(tuple(trace), tuple(lines))
+
+    def walk(self) -> list[str]:
+        """The frames the unwinder reached (no "? "), by name."""
+        return [t.symbol or f"{t.value:#x}" for t in self.trace if t.reliable]
+
+    def __str__(self) -> str:
+        return " <- ".join(map(str, self.trace))
 
 
 @dataclass(frozen=True)
@@ -342,6 +460,12 @@ class BootResult:
     # label -> (address, bytes) the running kernel held there, or the helper's complaint
     reads: dict[str, tuple[int, bytes] | str] = field(default_factory=dict)
     reads_ended: bool = False
+    # module label -> the kernel stacks tests/qemu/kstack.c printed while it loaded, and
+    # its end line ("samples=N lost=L rc=RC", or "fail why")
+    stacks: dict[str, list[Stack]] = field(default_factory=dict)
+    stacks_ended: dict[str, str] = field(default_factory=dict)
+    # tag -> each dump_stack() tests/qemu/pvq printed under that tag, in log order
+    dumps: dict[str, list[Dump]] = field(default_factory=dict)
 
     def failures(self) -> list[str]:
         """Everything that makes this boot a failure (empty: it passed)."""
@@ -367,6 +491,10 @@ class BootResult:
                 out.append(f"exercise {name}: {got}")
         if self.boot.reads and not self.reads_ended:
             out.append("the read-back helper did not finish")
+        for m in self.boot.modules:
+            end = self.stacks_ended.get(m.label)
+            if m.stacks and (end is None or "fail" in end):
+                out.append(f"stacks of {m.label}: {end or 'the helper did not finish'}")
         for r in self.boot.reads:
             if not isinstance(self.reads.get(r.label), tuple):
                 out.append(f"read {r.label}: {self.reads.get(r.label, 'no line')}")
@@ -389,11 +517,21 @@ def parse_log(boot: Boot, log: str, seconds: float, returncode: int | None) -> B
     reads: dict[str, tuple[int, bytes] | str] = {}
     for label, addr, data, why in READ.findall(log):
         reads[label] = f"fail {why}" if why else (int(addr, 16), bytes.fromhex(data))
+    frames: dict[tuple[str, int], list[Frame]] = {}
+    for label, k, _i, addr, sym, off, mod in FRAME.findall(log):
+        frames.setdefault((label, int(k)), []).append(
+            Frame(int(addr, 16), sym, int(off or "0", 16), mod or None))
+    stacks: dict[str, list[Stack]] = {}
+    for label, k, sym, hits, _n in STACK.findall(log):
+        stacks.setdefault(label, []).append(
+            Stack(sym, int(hits), tuple(frames.get((label, int(k)), ()))))
+    dumps, inside = _dumps(log)
+    # A "Call Trace:" that pvq asked for is no problem; everything else in it still is.
     problems = tuple(
         f"{name}: {line.strip()}"
-        for line in log.splitlines()
+        for n, line in enumerate(log.splitlines())
         for name, rx in PROBLEMS
-        if rx.search(line)
+        if rx.search(line) and not (name == "call trace" and n in inside)
     )
     return BootResult(
         boot=boot,
@@ -408,7 +546,39 @@ def parse_log(boot: Boot, log: str, seconds: float, returncode: int | None) -> B
         problems=problems,
         reads=reads,
         reads_ended="PVQ-READ-END" in log,
+        stacks=stacks,
+        stacks_ended=_stack_ends(log),
+        dumps=dumps,
     )
+
+
+def _dumps(log: str) -> tuple[dict[str, list[Dump]], set[int]]:
+    """pvq's dumps (tag -> Dump per begin/end pair), and the numbers of the log lines
+    inside them."""
+    out: dict[str, list[Dump]] = {}
+    inside: set[int] = set()
+    tag: str | None = None
+    lines: list[str] = []
+    for n, line in enumerate(log.splitlines()):
+        begin, end = DUMP_BEGIN.search(line), DUMP_END.search(line)
+        if begin:
+            tag, lines = begin.group(1), []
+        elif end and tag == end.group(1):
+            out.setdefault(tag, []).append(Dump.parse(lines))
+            tag = None
+        elif tag is not None:
+            inside.add(n)
+            lines.append(line)
+    return out, inside
+
+
+def _stack_ends(log: str) -> dict[str, str]:
+    """label -> kstack's end line; a failure line (a place it could not break on) wins."""
+    out: dict[str, str] = {}
+    for label, rest in STACK_END.findall(log):
+        if "fail" not in out.get(label, ""):
+            out[label] = rest.strip()
+    return out
 
 
 def run_boot(
@@ -660,8 +830,21 @@ def scenario(name: str, workdir: Path) -> Boot:
     if name in ("native", "thunk", "final-thunk", "final-drop-thunk"):
         # The running kernel's bytes at each rewritten site are read back (nokaslr: the
         # image at its link addresses; modules through their section bases).
-        return Boot(name, kernel, tuple(_guest(name)), append="nokaslr",
+        modules = _guest(name)
+        if name == "final-thunk":
+            # and then the kernel stacks in aes_ti's thunk (kstack_probe), and pvq's dumps
+            # from its thunk's callee, right and with the thunk's ORC entry off by one
+            modules.append(kstack_probe(variant_rewrite(name, KSTACK_MODULE), name))
+            modules.extend(pvq_guests(name))
+        return Boot(name, kernel, tuple(modules), append="nokaslr",
                     reads=variant_reads(name))
+    if name == "kstack-orc-off-by-one":
+        # The negative control of final-thunk's stacks: aes_ti alone, its thunk's ORC entry
+        # for the callee's return address one push too far.
+        rw = variant_rewrite("final-thunk", KSTACK_MODULE)
+        data, _entry = orc_off_by_one(rw)
+        return Boot(name, kernel, (GuestModule(f"orc-off-by-one/{KSTACK_MODULE}", data),
+                                   kstack_probe(rw, name)), ())
     if name == "vmlinux-final":
         rw = vmlinux_rewrite(final=True)
         return Boot(name, patched_vmlinux(workdir, final=True),
@@ -687,6 +870,181 @@ def scenario(name: str, workdir: Path) -> Boot:
     if name == "vmlinux-native":
         return Boot(name, patched_vmlinux(workdir), tuple(_guest("baseline")))
     raise KeyError(name)
+
+
+# -------------------------------------------------------------------- kernel stacks
+
+# aes_ti runs its thunk (irq.save_fl -> native_save_fl, THUNK_SPEC) in aesti_encrypt and
+# aesti_decrypt, then calls aes_encrypt / aes_decrypt from the same frame: a stack taken
+# there is the reference (the same unwind without the thunk).  Once aes_ti is loaded,
+# tcrypt instantiates cbc(aes-fixed-time), whose self-test runs aesti_encrypt/decrypt while
+# insmod waits (then tcrypt refuses to stay loaded: EAGAIN, as designed).  The breakpoints
+# sit in the thunk, not in its callee: native_save_fl is noinstr, and the kernel refuses a
+# kprobe or an execute breakpoint there (perf_event_open says EINVAL).  At the instruction
+# the callee returns to, the unwinder uses the very ORC entry it uses to step out of the
+# callee (ORC looks a return address up at address - 1, a trap address as it is).
+KSTACK_MODULE = "aes_ti"
+KSTACK_CRYPTO = ("alg=cbc(aes-fixed-time)", "type=5")  # 5: CRYPTO_ALG_TYPE_SKCIPHER
+KSTACK_REFERENCE = ("aes_encrypt", "aes_decrypt")
+
+
+def kstack_places(rw: Rewrite) -> dict[str, int]:
+    """Where kstack breaks in `rw`'s thunk: name -> offset in the thunk (its first
+    instruction, and the instruction the callee returns to, where the stack is deepest).
+    With the two reference functions that makes the four debug registers x86 has."""
+    (thunk,) = rw.thunks
+    return {"entry": 0, "return": thunk_call_return(rw.data, thunk.spec.symbol)}
+
+
+def kstack_probe(rw: Rewrite, prefix: str) -> GuestModule:
+    """tcrypt, loaded with breakpoints in `rw`'s thunk and on the reference functions."""
+    (thunk,) = rw.thunks
+    module = module_name(rw)
+    places = [f"{module}:{thunk.spec.symbol}+{off:#x}" for off in kstack_places(rw).values()]
+    path = module_paths()["tcrypt"]
+    return GuestModule(f"{prefix}/kstack", path.read_bytes(), "refuse",
+                       stacks=",".join([*places, *KSTACK_REFERENCE]), params=KSTACK_CRYPTO)
+
+
+def variant_rewrite(kind: str, name: str, kernel: Kernel = "6.1") -> Rewrite:
+    (rw,) = [rw for n, _p, _d, rw in variant(kind, kernel) if n == name]
+    assert rw is not None
+    return rw
+
+
+@dataclass(frozen=True)
+class OrcSlot:
+    """One .orc_unwind entry of a thunk: its index, the thunk offset it starts at, and
+    the 6.1 fields (sp_offset, and the word holding sp_reg, bp_reg, type, end)."""
+
+    index: int
+    offset: int
+    sp_offset: int
+    word: int
+
+
+def thunk_orc(data: bytes, thunk: str) -> list[OrcSlot]:
+    """The ORC entries (6.1 layout: s16 sp_offset, s16 bp_offset, u16 fields) whose
+    .orc_unwind_ip slot is relocated against thunk `thunk` (by name or through its
+    section's symbol), read with pyelftools rather than pvpatch."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    ef = ELFFile(io.BytesIO(data))
+    symtab = ef.get_section_by_name(".symtab")
+    (sym,) = [s for s in symtab.iter_symbols() if s.name == thunk]
+    table = ef.get_section_by_name(".orc_unwind").data()
+    out = []
+    for r in ef.get_section_by_name(".rela.orc_unwind_ip").iter_relocations():
+        target = symtab.get_symbol(r["r_info_sym"])
+        if target["st_shndx"] != sym["st_shndx"]:
+            continue
+        at = (target["st_value"] if target.name else 0) + r["r_addend"] - sym["st_value"]
+        if 0 <= at <= sym["st_size"]:
+            index = r["r_offset"] // 4
+            sp, _bp, word = struct.unpack_from("<hhH", table, 6 * index)
+            out.append(OrcSlot(index, at, sp, word))
+    return sorted(out, key=lambda e: e.offset)
+
+
+def thunk_call_return(data: bytes, thunk: str) -> int:
+    """The offset in `thunk` its call to the callee returns to (the end of its one
+    `call rel32`, found through the PLT32 relocation in the thunk's section)."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    ef = ELFFile(io.BytesIO(data))
+    symtab = ef.get_section_by_name(".symtab")
+    (sym,) = [s for s in symtab.iter_symbols() if s.name == thunk]
+    section = ef.get_section(sym["st_shndx"])
+    code = section.data()
+    rels = ef.get_section_by_name(f".rela{section.name}")
+    (call,) = [r for r in rels.iter_relocations() if r["r_info_type"] == R_X86_64_PLT32
+               and sym["st_value"] <= r["r_offset"] < sym["st_value"] + sym["st_size"]
+               and code[r["r_offset"] - 1] == 0xE8]  # call rel32 (the return is a jmp)
+    return call["r_offset"] + 4 - sym["st_value"]
+
+
+def orc_off_by_one(rw: Rewrite) -> tuple[bytes, OrcSlot]:
+    """`rw`'s output with the ORC entry its thunk's callee returns into (the one the
+    kernel's unwinder uses to step from the callee through the thunk) stating one push
+    more than the real stack: the unwinder then reads the return address from the wrong
+    slot.  Returns the bytes and the entry changed (before the change)."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    (thunk,) = rw.thunks
+    name = thunk.spec.symbol
+    ret = thunk_call_return(rw.data, name)
+    entry = max((e for e in thunk_orc(rw.data, name) if e.offset <= ret - 1),
+                key=lambda e: e.offset)
+    table_at = ELFFile(io.BytesIO(rw.data)).get_section_by_name(".orc_unwind")["sh_offset"]
+    data = bytearray(rw.data)
+    struct.pack_into("<h", data, table_at + 6 * entry.index, entry.sp_offset + 8)
+    return bytes(data), entry
+
+
+# tests/qemu/pvq: a module built here against Debian's headers for the booted kernel, whose
+# one paravirt site (irq.save_fl in pvq_site) PVQ_SPEC sends through an injected thunk to
+# pvq_save_fl, a C function in the module that calls dump_stack().  The thunk's callee is
+# then code the kernel lets us run anything in (native_save_fl, aes_ti's callee, is
+# noinstr: no kprobe there), and the dump is the kernel's own: show_trace_log_lvl() walks
+# the ORC unwinder and marks "? " every text address on the stack it did not reach.
+PVQ_DIR = Path(__file__).with_name("pvq")
+PVQ_SPEC = """\
+arch = "x86_64"
+
+[ops."irq.save_fl"]
+action = "call"
+target = "pvq_save_fl"      # defined in the module itself: a plain C function
+convention = "c"            # save_fl sites (CLBR_RET_REG) need a thunk
+
+[defaults]
+action = "keep"
+reason = "pvq has one site"
+"""
+PVQ_CALLEE, PVQ_SITE, PVQ_INIT = "pvq_save_fl", "pvq_site", "pvq_init"
+PVQ_TAGS = ("thunk", "orc-off-by-one")  # final-thunk loads pvq twice, with these tags
+
+
+@functools.cache
+def pvq_module() -> Path:
+    """tests/qemu/pvq built with `make -C <Debian's headers> M=...` (kbuild, modpost,
+    objtool and gcc-12 as Debian builds its own modules): its vermagic and symbol CRCs are
+    the corpus kernel's."""
+    headers = corpus.x86_64_headers()
+    build = Path(tempfile.mkdtemp(prefix="pvq-mod-"))
+    for src in PVQ_DIR.iterdir():
+        if src.suffix in (".c", "") and src.is_file():
+            shutil.copy(src, build / src.name)
+    proc = subprocess.run(["make", "-C", str(headers), f"M={build}", "modules"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building tests/qemu/pvq failed:\n{proc.stdout}\n{proc.stderr}")
+    return build / "pvq.ko"
+
+
+@functools.cache
+def pvq_rewrite() -> Rewrite:
+    """pvq patched with PVQ_SPEC and --final (the kernel keeps the call to the thunk)."""
+    scan = pvpatch.load(pvq_module(), ops=ops_source())
+    spec = parse_spec_text(PVQ_SPEC, scan.arch, "<pvq spec>")
+    return pvpatch.apply_plan(pvpatch.make_plan(scan, spec, final=True),
+                              symvers=vmlinux())
+
+
+def pvq_guests(prefix: str) -> tuple[GuestModule, ...]:
+    """pvq as patched, then with its thunk's ORC entry at the callee's return address one
+    push off (orc_off_by_one): each dumps the stack from pvq_save_fl under its tag, then
+    refuses to stay loaded."""
+    rw = pvq_rewrite()
+    bad, _entry = orc_off_by_one(rw)
+    good_tag, bad_tag = PVQ_TAGS
+    return (GuestModule(f"{prefix}/pvq", rw.data, "refuse", params=(f"tag={good_tag}",)),
+            GuestModule(f"{prefix}/pvq-{bad_tag}", bad, "refuse", params=(f"tag={bad_tag}",)))
 
 
 def _scenario_612(name: str, workdir: Path) -> Boot:
@@ -765,7 +1123,7 @@ def _scenario_i386(name: str, workdir: Path) -> Boot:
 
 SCENARIOS = (
     "baseline", "native", "native-drop", "thunk", "final-thunk", "final-drop-thunk",
-    "vmlinux-final", "resigned",
+    "kstack-orc-off-by-one", "vmlinux-final", "resigned",
     "vmlinux-native", "612-baseline", "612-native", "612-native-drop",
     "612-vmlinux-native", "i386-baseline", "i386-vmlinux-native", "i386-vmlinux-io-delay",
     "i386-vmlinux-final",
