@@ -14,6 +14,7 @@ is skipped.  This module is pure data and decoding: a `Cover` per entry at a sit
 from __future__ import annotations
 
 import bisect
+import functools
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ KERNEL_NOPS: Mapping[str, tuple[bytes, ...]] = MappingProxyType({
 FIXED_NOPS_ERAS = frozenset({"linux-alt-5.13", "linux-alt-6.3"})
 
 
+@functools.cache  # a handful of lengths, asked for at every predicted site
 def kernel_nops(arch: str, length: int) -> bytes:
     """`add_nops(length)` of 5.13+ kernels."""
     table = KERNEL_NOPS[arch]
@@ -242,6 +244,19 @@ class _AltTable:
     spans: Mapping[int, list[tuple[int, int]]]
     repl_relocs: Mapping[int, RelocIndex]  # replacement section -> its relocations
 
+    def overlapping(self, site: Site) -> list[int]:
+        return _overlapping(self, site)
+
+    def head(self, j: int, site: Site) -> tuple[str, int, int]:
+        """Entry j's kind, start and length, before its `Cover` is made."""
+        d = self.decoded
+        loc = d.instr[j]
+        assert loc is not None
+        return _kind(d.feature[j], d.flags[j]), loc[1], d.instrlen[j]
+
+    def cover(self, scan: ScanResult, site: Site, j: int, edit: TableEdit | None) -> Cover:
+        return _alt_cover(scan, self, j, edit)
+
 
 def _alt_table(scan: ScanResult) -> _AltTable | None:
     elf = scan.elf
@@ -264,7 +279,7 @@ def _alt_table(scan: ScanResult) -> _AltTable | None:
     return _AltTable(sec.name, sec.index, found, found.layout, spans, relocs)
 
 
-def _alt_cover(scan: ScanResult, t: _AltTable, j: int) -> Cover:
+def _alt_cover(scan: ScanResult, t: _AltTable, j: int, edit: TableEdit | None) -> Cover:
     d = t.decoded
     feature, flags, repllen = d.feature[j], d.flags[j], d.repllen[j]
     loc = d.instr[j]
@@ -280,7 +295,7 @@ def _alt_cover(scan: ScanResult, t: _AltTable, j: int) -> Cover:
             raw = scan.elf.section_data(rsec)
             repl = bytes(raw[rloc[1] : rloc[1] + repllen])
     return Cover(t.section_name, j, kind, loc[1], d.instrlen[j], feature,
-                 bool(flags & altinstr.ALT_FLAG_NOT), repl)
+                 bool(flags & altinstr.ALT_FLAG_NOT), repl, edit)
 
 
 class _OwnAlt:
@@ -302,7 +317,11 @@ class _OwnAlt:
     def overlapping(self, site: Site) -> list[int]:
         return list(site.entry_indices)
 
-    def cover(self, scan: ScanResult, site: Site, j: int) -> Cover:
+    def head(self, j: int, site: Site) -> tuple[str, int, int]:
+        """Entry j's kind, start and length, before its `Cover` is made."""
+        return _kind(self.feature[j], self.flags[j]), site.offset, self.instrlen[j]
+
+    def cover(self, scan: ScanResult, site: Site, j: int, edit: TableEdit | None) -> Cover:
         feature, flags = self.feature[j], self.flags[j]
         kind = _kind(feature, flags)
         negate = bool(flags & altinstr.ALT_FLAG_NOT)
@@ -311,7 +330,7 @@ class _OwnAlt:
             feature in altinstr.PARAVIRT_FEATURES and site.native is not None and \
             len(site.native) == self.repllen[j] else None
         return Cover(self.section_name, j, kind, site.offset, self.instrlen[j], feature, negate,
-                     repl)
+                     repl, edit)
 
 
 def _kind(feature: int, flags: int) -> str:
@@ -491,45 +510,46 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
             edits.append(edit)
         return edit
 
+    # Loop invariants hoisted: this runs once per site, thousands of times in a vmlinux.
+    own_table = scan.table if scan.family == "paravirt" else None
+    alt_first = order.index("altinstructions") < order.index("paravirt")
+    silence = own_alt or final  # which alternatives at a rewritten site are silenced
+    effect = {name: k.effect for name, k in ENTRY_KINDS.items()}
     for d in decisions:
         site = d.site
-        is_rw = site.index in rewritten
-        covers: dict[str, list[Cover]] = {"paravirt": [], "altinstructions": []}
-        if scan.family == "paravirt":
-            edit = add(_own_edit(scan, site, site.index, final=final, drop=drop_patched,
+        index = site.index
+        is_rw = index in rewritten
+        own: tuple[Cover, ...] = ()
+        if own_table is not None:
+            edit = add(_own_edit(scan, site, index, final=final, drop=drop_patched,
                                  kept=kept)) if is_rw else None
-            table = scan.table
-            assert table is not None
-            covers["paravirt"].append(Cover(table.section.name, site.index, "paravirt",
-                                            site.offset, site.len, edit=edit))
+            own = (Cover(own_table.section.name, index, "paravirt", site.offset, site.len,
+                         edit=edit),)
+        alts: list[Cover] = []
         if alt is not None:
-            found = alt.overlapping(site) if isinstance(alt, _OwnAlt) else \
-                _overlapping(alt, site)
-            for j in found:
-                c = alt.cover(scan, site, j) if isinstance(alt, _OwnAlt) else \
-                    _alt_cover(scan, alt, j)
+            for j in alt.overlapping(site):
+                kind, start, length = alt.head(j, site)
                 edit = None
                 # The 6.8+ family's own entries are always silenced at a rewritten site
                 # (the kernel BUG()s or undoes it); others only with --final.
-                if is_rw and c.kind != "skipped" and (own_alt or final):
-                    if c.start != site.offset and not own_alt:
+                if is_rw and silence and kind != "skipped":
+                    if start != site.offset and not own_alt:
                         problems.append(
                             f"{alt.section_name} entry {j} spans {site.section}"
-                            f"+{c.start:#x}..{c.start + c.length:#x}, beyond the site at "
+                            f"+{start:#x}..{start + length:#x}, beyond the site at "
                             f"+{site.offset:#x}: disabling it would change other code")
                     else:
                         edit = add(_alt_edit(scan, alt, j, drop_patched))
-                if edit is not None:
-                    c = Cover(c.section, c.index, c.kind, c.start, c.length, c.feature,
-                              c.negate, c.replacement, edit)
-                covers["altinstructions"].append(c)
-        others = [Cover(name, j, "site-list", off, 1) for name, j, off in
-                  listed.get(site.index, ())]
-        if others and final:
-            problems.append(f"{others[0].section} entry {others[0].index} names "
-                            f"{site.section}+{others[0].start:#x}, inside a rewritten site: "
-                            "the kernel would patch pvpatch's bytes there")
-        ordered = tuple(c for fam in order for c in covers[fam]) + tuple(others)
+                alts.append(alt.cover(scan, site, j, edit))
+        ordered = (*alts, *own) if alt_first else (*own, *alts)
+        if listed:
+            others = tuple(Cover(name, j, "site-list", off, 1) for name, j, off in
+                           listed.get(index, ()))
+            if others:
+                problems.append(f"{others[0].section} entry {others[0].index} names "
+                                f"{site.section}+{others[0].start:#x}, inside a rewritten "
+                                "site: the kernel would patch pvpatch's bytes there")
+                ordered += others
         outcome: Outcome = "pvpatch"
         predicted = d.code if is_rw else site.code
         for c in ordered:
@@ -538,13 +558,13 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
                 continue
             if applies is None:
                 outcome, predicted = "depends", None
-            elif ENTRY_KINDS[c.kind].effect == "repatch":
+            elif effect[c.kind] == "repatch":
                 outcome, predicted = "kernel", None
             else:
                 outcome, predicted = "native", _predict(scan, site, c, era)
         if outcome == "pvpatch" and is_rw and d.code is None:
             predicted = None  # a call or thunk: its bytes are known once the rewrite runs
-        sites[site.index] = SiteCoverage(site.index, ordered, outcome, predicted, is_rw)
+        sites[index] = SiteCoverage(index, ordered, outcome, predicted, is_rw)
     return Coverage(sites, tuple(edits), tuple(problems))  # picklable: plans cross processes
 
 
