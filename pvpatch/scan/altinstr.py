@@ -209,14 +209,18 @@ class _Decoder:
         base = self.table.addr + field_at
         out: list[Loc | None] = []
         find = bisect.bisect_right
+        # Consecutive entries mostly point into one section: try the last one found first.
+        start, end, index = execs[0] if execs else (0, 0, 0)
         for i, value in enumerate(values):
             addr = (base + i * stride + value) & mask
+            if start <= addr < end:
+                out.append((index, addr - start))
+                continue
             k = find(starts, addr) - 1
-            if k >= 0:
+            if k >= 0 and addr < execs[k][1]:
                 start, end, index = execs[k]
-                if addr < end:
-                    out.append((index, addr - start))
-                    continue
+                out.append((index, addr - start))
+                continue
             problems.setdefault(i, f"points at {addr:#x}, outside every executable section")
             out.append(None)
         return out
