@@ -336,9 +336,7 @@ class _Rewriter:
         if b is None:
             assert d.code is not None
             return d.code
-        opcode = b"\xe9" if b.opcode == "jmp" else b"\xe8"
-        return opcode + _rel32(disp, self.elf.path, self.arch) + \
-            self.arch.nop_fill(b.length - CALL_LEN)
+        return b.encode(self.arch, _rel32(disp, self.elf.path, self.arch))
 
     def target_symbol(self, name: str) -> Symbol | None:
         """The symbol a spec target binds to (pvpatch.plan.targets: the planner's rule too)."""
