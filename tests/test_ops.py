@@ -19,9 +19,10 @@ from pathlib import Path
 
 import corpus
 import pytest
+from elftools.elf.elffile import ELFFile
 from paths import REPO
 
-from pvpatch.elf.btf import KIND_NAMES, KIND_STRUCT, KIND_UNION, Btf, read_elf_btf
+from pvpatch.elf.btf import KIND_NAMES, KIND_STRUCT, KIND_UNION, Btf
 from pvpatch.errors import OpsError
 from pvpatch.scan.ops import (
     OpCatalog,
@@ -62,11 +63,18 @@ def _tool(name: str) -> str:
     return found
 
 
+def _elf_btf(path: Path) -> bytes | None:
+    """The raw `.BTF` section of an ELF file as pyelftools reads it, or None."""
+    with open(path, "rb") as fh:
+        sec = ELFFile(fh).get_section_by_name(".BTF")
+        return bytes(sec.data()) if sec is not None else None
+
+
 @pytest.fixture(scope="module")
 def vmlinux_btf() -> bytes:
     vmlinux = corpus.x86_64_vmlinux()
     assert vmlinux == VMLINUX
-    data = read_elf_btf(vmlinux)
+    data = _elf_btf(vmlinux)
     assert data is not None
     return data
 
@@ -218,7 +226,7 @@ def test_btf_struct_lookup_is_lazy_and_matches_bpftool(vmlinux_btf: bytes) -> No
 @pytest.mark.corpus
 def test_split_btf_module(vmlinux_btf: bytes) -> None:
     module = _module()
-    mod = read_elf_btf(module)
+    mod = _elf_btf(module)
     assert mod is not None
     base = Btf(vmlinux_btf)
     split = Btf(mod, base=base, path=str(module))

@@ -78,6 +78,16 @@ def test_loader_binds_the_ops_table_and_stubs_undefined_functions(arch: str) -> 
     assert img.read(img.externals["BUG_func"], STUB_SIZE) == bytes([HLT]) * STUB_SIZE
 
 
+def test_the_loader_reads_the_symbols_it_needs_as_the_whole_table_has_them(arch: str) -> None:
+    # The loader reads only the symbols a site's relocations name (ElfFile.symbols_at):
+    # each one as the reader's whole-table reading has it, indices past the end skipped.
+    elf = ElfFile.open(FIX / arch / "kernel612.o")
+    whole = ElfFile.open(FIX / arch / "kernel612.o").symbols
+    wanted = [0, len(whole) - 1, *range(1, len(whole), 3), len(whole), len(whole) + 7]
+    assert list(elf.symbols_at(wanted)) == [(i, whole[i]) for i in wanted if i < len(whole)]
+    assert "symbols" not in elf.__dict__  # the whole table was never read
+
+
 def test_one_ops_table_predicate() -> None:
     assert is_ops_table("pv_ops") and is_ops_table("pv_irq_ops")
     assert not is_ops_table("pv_info") and not is_ops_table("xen_ops")

@@ -16,7 +16,6 @@ import bisect
 import struct
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 from pvpatch.errors import OpsError
@@ -361,19 +360,3 @@ class Btf:
         ids = self.find_aggregates(name)
         return self.type(ids[0]) if ids else None
 
-
-def read_elf_btf(path: str | Path) -> bytes | None:
-    """The raw `.BTF` section of an ELF file, or None if it has none."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    try:
-        with open(path, "rb") as fh:
-            elf = ELFFile(fh)
-            sec = elf.get_section_by_name(".BTF")
-            if sec is None:
-                return None
-            data = sec.data()
-    except (OSError, ELFError, ValueError) as exc:
-        raise OpsError(f"cannot read .BTF: {exc}", str(path)) from exc
-    return bytes(data)

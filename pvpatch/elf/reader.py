@@ -14,7 +14,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
@@ -589,6 +589,40 @@ class ElfFile:
             raise self._fail(f"symbol index {index} out of range")
         return syms[index]
 
+    def symbols_at(self, indices: Sequence[int]) -> Iterator[tuple[int, Symbol]]:
+        """(index, symbol) for each of `indices` that `.symtab` has, read without the whole
+        table (a module's few relocations name a few of its symbols); an entry only the
+        whole table's reading can judge (a bad name, SHN_XINDEX) comes from `symbols`."""
+        sec = self.symtab
+        if sec is None or not indices:
+            return
+        fmt = self.cls.sym
+        strsec = self.sections[sec.link] if sec.link < len(self.sections) else None
+        if sec.entsize != fmt.size or sec.size % fmt.size or strsec is None \
+                or strsec.type != SHT_STRTAB:
+            keep = set(indices)
+            yield from ((i, s) for i, s in enumerate(self.symbols) if i in keep)  # or its error
+            return
+        data = self.section_data(sec)
+        strings = self.section_data(strsec)
+        count = len(data) // fmt.size
+        for i in indices:
+            if i >= count:
+                continue
+            name_off, info, other, shndx, value, size = self.cls.unpack_sym(data, i * fmt.size)
+            name = ""
+            if name_off:
+                stop = strings.find(b"\0", name_off)
+                if name_off >= len(strings) or stop < 0:
+                    yield i, self.symbols[i]  # the whole table's reading says what is wrong
+                    continue
+                name = strings[name_off:stop].decode("utf-8", "replace")
+            if shndx == SHN_XINDEX:  # the real index is in .symtab_shndx
+                yield i, self.symbols[i]
+                continue
+            yield i, Symbol(i, name, value, size, info & 0xF, info >> 4, other, shndx, name_off,
+                            shndx)
+
     @cached_property
     def symbols_by_name(self) -> dict[str, Symbol]:
         out: dict[str, Symbol] = {}
@@ -682,7 +716,7 @@ class ElfFile:
             symsec = self.section_at(sec.link)
             if symsec.type not in (SHT_SYMTAB, SHT_DYNSYM):
                 continue
-            syms = self._dynamic_symbols(symsec)
+            syms = self.dynamic_symbols(symsec)
             rela = sec.type == SHT_RELA
             fmt = self.cls.rela if rela else self.cls.rel
             if sec.size % fmt.size:
@@ -700,7 +734,8 @@ class ElfFile:
                 out[rec[0]] = (rtype, syms[sym].name, addend)
         return out
 
-    def _dynamic_symbols(self, sec: Section) -> tuple[Symbol, ...]:
+    def dynamic_symbols(self, sec: Section) -> tuple[Symbol, ...]:
+        """The entries of `sec` (a `.dynsym`, or any symbol table), read once."""
         cache = self.__dict__.setdefault("_dynsym_cache", {})
         if sec.index not in cache:
             cache[sec.index] = self._read_symbols(sec)

@@ -284,6 +284,18 @@ class NewSymbol(NamedTuple):
     st_size: int
 
 
+class SymbolEntry(NamedTuple):
+    """An input Elf_Sym's fields as stored (`st_name` an offset in the string table,
+    `st_shndx` SHN_XINDEX when the real number is in `.symtab_shndx`)."""
+
+    st_name: int
+    st_info: int
+    st_other: int
+    st_shndx: int
+    st_value: int
+    st_size: int
+
+
 class SymbolTable:
     """A `.symtab` being edited: records updated in place, new local symbols inserted
     before the first global (gABI: locals first, `sh_info` is one past the last local),
@@ -312,9 +324,9 @@ class SymbolTable:
     def count(self) -> int:
         return len(self.raw) // self.elf.cls.sym.size
 
-    def entry(self, index: int) -> tuple[int, int, int, int, int, int]:
-        """(st_name, st_info, st_other, st_shndx, st_value, st_size) of input symbol `index`."""
-        return self.elf.cls.unpack_sym(self.raw, index * self.elf.cls.sym.size)
+    def entry(self, index: int) -> SymbolEntry:
+        """The fields of input symbol `index`."""
+        return SymbolEntry._make(self.elf.cls.unpack_sym(self.raw, index * self.elf.cls.sym.size))
 
     def update(self, index: int, st_value: int, st_size: int) -> None:
         """Give input symbol `index` a new value and size."""

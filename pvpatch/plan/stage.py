@@ -42,9 +42,10 @@ class ThunkSpec:
 
 @dataclass(frozen=True)
 class BranchEdit:
-    """The edit a call, jmp or thunk site asks for: `opcode` (e8 call / e9 jmp) with a
-    rel32 to `symbol`, nop-padded to `length` bytes.  `symbol` is the thunk's when the
-    branch goes through one (`thunk`); `target` is the function that finally runs."""
+    """The edit a call, jmp or thunk site asks for, complete: `opcode` (e8 call / e9 jmp)
+    with a rel32 to `symbol`, nop-padded to `length` bytes.  `symbol` is the thunk's when
+    the branch goes through one (`thunk`); `target` is the function that finally runs.
+    Only the rel32 is left to whoever writes it (a relocation, or an address)."""
 
     opcode: Literal["call", "jmp"]
     symbol: str
@@ -55,6 +56,12 @@ class BranchEdit:
     def target(self) -> str:
         return self.thunk.target if self.thunk is not None else self.symbol
 
+    def encode(self, arch: Arch, rel32: bytes) -> bytes:
+        """The site's new bytes with `rel32` (4 bytes) in the branch's displacement field:
+        the one place branch bytes are made (the rewriter's, and diff's expectation)."""
+        return (b"\xe9" if self.opcode == "jmp" else b"\xe8") + rel32 + \
+            arch.nop_fill(self.length - CALL_LEN)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -64,8 +71,10 @@ class Decision:
     action: Action
     reason: str | None = None
     code: bytes | None = None  # full new site bytes for inline / nop / ud2
-    target: str | None = None  # symbol a call or jmp goes to (the thunk's for `thunk`)
-    thunk: ThunkSpec | None = None
+    # call / jmp / thunk: the branch to write (the symbol its rel32 names, the thunk it
+    # goes through, the function that finally runs); else None, and `code`, when the site
+    # is rewritten, is its complete new bytes.
+    branch: BranchEdit | None = None
     rule: OpRule | None = None
     tail: bool = False
     rejected: tuple[str, ...] = ()  # why earlier rungs of the ladder did not fit
@@ -73,16 +82,6 @@ class Decision:
     @property
     def rewrites(self) -> bool:
         return self.action != "keep"
-
-    @property
-    def branch(self) -> BranchEdit | None:
-        """The branch to write at the site (call, jmp, thunk), else None: then `code`, when
-        the site is rewritten, is its complete new bytes."""
-        if self.action not in ("call", "thunk", "jmp"):
-            return None
-        assert self.target is not None
-        return BranchEdit("jmp" if self.action == "jmp" else "call", self.target, self.site.len,
-                      self.thunk)
 
 
 @dataclass(frozen=True)
@@ -273,10 +272,13 @@ class Planner:
         return None
 
     def _branch(self, site: Site, rule: OpRule, kind: Action) -> Decision:
+        assert rule.target is not None
         refused = self._unreachable(site, rule)
         if refused is not None:
             return refused
-        return Decision(site, kind, target=rule.target, rule=rule, tail=kind == "jmp")
+        return Decision(site, kind, branch=BranchEdit("jmp" if kind == "jmp" else "call",
+                                                      rule.target, site.len),
+                        rule=rule, tail=kind == "jmp")
 
     def _call(self, site: Site, rule: OpRule) -> Decision:
         assert rule.target is not None
@@ -287,13 +289,14 @@ class Planner:
         changes = convention_changes(self.arch, rule.convention)
         extra = sorted(set(changes) - allowed, key=self._reg_order)
         if not extra:
-            return Decision(site, "call", target=rule.target, rule=rule)
+            return Decision(site, "call", branch=BranchEdit("call", rule.target, site.len),
+                            rule=rule)
         direct_refused = f"a direct call to {rule.target} clobbers {_regs(extra)}, {_allows(site)}"
         # A thunk saves exactly what the target may change and the site forbids.
         saves = tuple(r for r in changes if r not in allowed)
         thunk = self._thunk(rule.target, saves)
-        return Decision(site, "thunk", target=thunk.symbol, thunk=thunk, rule=rule,
-                        rejected=(direct_refused,))
+        return Decision(site, "thunk", branch=BranchEdit("call", thunk.symbol, site.len, thunk),
+                        rule=rule, rejected=(direct_refused,))
 
     def _thunk(self, target: str, saves: tuple[str, ...]) -> ThunkSpec:
         key = (target, saves)

@@ -517,7 +517,8 @@ class _PairDiff:
         site = d.site
         if d.code is not None:
             return d.code, None
-        if d.action not in ("call", "thunk", "jmp") or d.target is None:
+        b = d.branch
+        if b is None:
             return None, None
         if self.o.is_relocatable:
             # The linker writes the displacement; the rewriter leaves the addend there
@@ -525,16 +526,14 @@ class _PairDiff:
             disp = 0 if self.arch.uses_rela else -4
         else:
             assert site.address is not None
-            where = self.thunk_at.get(d.target) if d.action == "thunk" else None
-            addr = where.address if where is not None else self.targets.get(d.target)
+            where = self.thunk_at.get(b.symbol) if b.thunk is not None else None
+            addr = where.address if where is not None else self.targets.get(b.symbol)
             if addr is None:
-                return None, f"the plan's target {d.target} has no address here"
+                return None, f"the plan's target {b.symbol} has no address here"
             disp = self.arch.signed(addr - (site.address + CALL_LEN))
             if not -(1 << 31) <= disp < 1 << 31:
-                return None, f"the plan's target {d.target} is out of a rel32's reach"
-        opcode = b"\xe9" if d.action == "jmp" else b"\xe8"
-        return (opcode + (disp & 0xFFFFFFFF).to_bytes(4, "little")
-                + self.arch.nop_fill(site.len - CALL_LEN)), None
+                return None, f"the plan's target {b.symbol} is out of a rel32's reach"
+        return b.encode(self.arch, (disp & 0xFFFFFFFF).to_bytes(4, "little")), None
 
     def _plan_problems(self, d: Decision, after: bytes, after_relocs: Sequence[Relocation],
                        relocs_after: Sequence[str], target: str | None,
@@ -544,17 +543,19 @@ class _PairDiff:
             return [f"the plan keeps this site ({d.reason}): nothing explains the change "
                     "(were other --backend/--ops options used to patch it?)"]
         out = []
+        # The symbol the plan's branch names (the thunk's, through one).
+        symbol = d.branch.symbol if d.branch is not None else None
         want, why = self._expected(d)
         if why is not None:
             out.append(why)
         elif want is not None and after != want:
             out.append(f"PATCHED holds {after.hex()}, the plan ({d.action}"
-                       f"{' ' + d.target if d.target else ''}) writes {want.hex()}")
+                       f"{' ' + symbol if symbol else ''}) writes {want.hex()}")
         if self.o.is_relocatable:
             have = sorted((r.offset - site.offset, self.arch.reloc_name(r.type),
                            self.psym.symbol_name(r), r.addend) for r in after_relocs)
             wanted = [] if d.code is not None else [
-                (1, self.arch.reloc_name(self.arch.r_call), d.target or "?", -4)]
+                (1, self.arch.reloc_name(self.arch.r_call), symbol or "?", -4)]
             if have != wanted:
                 out.append(f"relocations in the site are {list(relocs_after) or 'none'}; "
                            f"the plan's {d.action} has "
@@ -563,9 +564,8 @@ class _PairDiff:
             live = [r for r in relocs_after if not r.split()[1].endswith("_NONE")]
             if live:
                 out.append(f"load-time relocations left inside the rewritten site: {live}")
-        if d.action in ("call", "thunk", "jmp") and target is not None and \
-                target != d.target and not out:
-            out.append(f"the site reaches {target}, the plan's {d.action} {d.target}")
+        if symbol is not None and target is not None and target != symbol and not out:
+            out.append(f"the site reaches {target}, the plan's {d.action} {symbol}")
         return out
 
     def _verdict_site(self, index: int, flags: list[str]) -> Verdict | None:

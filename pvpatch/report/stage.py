@@ -39,7 +39,7 @@ def site_insns(sym: Symboliser, site: Site) -> list[Insn]:
 
 def _after_insns(sym: Symboliser, p: SitePatch) -> list[Insn]:
     site, d = p.decision.site, p.decision
-    target = d.target if d.action in ("call", "thunk", "jmp") else None
+    target = d.branch.symbol if d.branch is not None else None
     return sym.insns(p.after, address=site.address, section_index=site.section_index,
                      offset=site.offset, relocs=(), branch_target=target)
 
@@ -354,7 +354,7 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
         key = (d.action, d.site.op or f"type {d.site.type}")
         by_op[key] = by_op.get(key, 0) + 1
         if d.rewrites:
-            form = (p.after, d.target)
+            form = (p.after, d.branch.symbol if d.branch is not None else None)
             head = decoded.get(form)
             if head is None:
                 # A native form is read from pvpatch/report/forms.py (no disassembler to import).

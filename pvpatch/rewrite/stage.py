@@ -336,9 +336,7 @@ class _Rewriter:
         if b is None:
             assert d.code is not None
             return d.code
-        opcode = b"\xe9" if b.opcode == "jmp" else b"\xe8"
-        return opcode + _rel32(disp, self.elf.path, self.arch) + \
-            self.arch.nop_fill(b.length - CALL_LEN)
+        return b.encode(self.arch, _rel32(disp, self.elf.path, self.arch))
 
     def target_symbol(self, name: str) -> Symbol | None:
         """The symbol a spec target binds to (pvpatch.plan.targets: the planner's rule too)."""
@@ -1149,9 +1147,9 @@ class _LinkedRewriter(_Rewriter):
             return  # none, or one pvpatch cannot extend consistently: left as it is
         table = SymbolTable(elf, symtab)
         for k in range(table.count) if moves else ():
-            _name, _info, _other, shndx, value, size = table.entry(k)
-            if shndx in moves:
-                table.update(k, moves[shndx](value), size)
+            sym = table.entry(k)
+            if sym.st_shndx in moves:
+                table.update(k, moves[sym.st_shndx](sym.st_value), sym.st_size)
         for t in thunks:
             assert t.address is not None
             table.locals.append(NewSymbol(t.spec.symbol, STB_LOCAL << 4 | STT_FUNC, 0, sec,

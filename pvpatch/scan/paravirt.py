@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from operator import attrgetter
+from typing import NamedTuple
 
 from ..elf.reader import PT_LOAD, ElfFile, Relocation, Section
 from ..errors import TableError, UsageError
@@ -70,6 +71,19 @@ def scan_paravirt(elf: ElfFile, table: Section, layout: str, ops: OpCatalog | No
     return _Scanner(elf, table, choose_layout(elf, table, layout), ops).run()
 
 
+class _Entry(NamedTuple):
+    """A table entry located in the code: its number and offset in the table, the section
+    and offset its site pointer names, and the entry's type, len and clobber mask."""
+
+    entry: int
+    base: int
+    section: Section
+    offset: int
+    type: int
+    len: int
+    clobbers: int
+
+
 class _Scanner:
     def __init__(
         self, elf: ElfFile, table: Section, layout: TableLayout, ops: OpCatalog | None
@@ -100,14 +114,14 @@ class _Scanner:
         data = elf.section_data(table)
         # The last entry may be short; pad it so field reads stay in bounds.
         data = data + bytes(count * lay.stride - len(data))
-        found: list[tuple[int, int, Section, int, int, int, int]] = []
+        found: list[_Entry] = []
         if elf.is_relocatable:
             entry_relocs = self._entry_relocations()
             for i, (stype, slen, clob) in enumerate(lay.entries(data)):
                 base = i * lay.stride
                 where = self._locate_rel(i, base, entry_relocs)
                 if where is not None:
-                    found.append((i, base, *where, stype, slen, clob))
+                    found.append(_Entry(i, base, *where, stype, slen, clob))
         else:
             self._locate_linked(data, found)
         # Linked files: the slot each call reads is known only once the table base is
@@ -196,7 +210,7 @@ class _Scanner:
         return sec, sym.value
 
     def _locate_linked(
-        self, data: bytes, found: list[tuple[int, int, Section, int, int, int, int]]
+        self, data: bytes, found: list[_Entry]
     ) -> None:
         """Linked file: the site pointer is an address (or a RELATIVE relocation's value).
         Thousands of entries point into one or two sections: the last one found is
@@ -220,7 +234,7 @@ class _Scanner:
                 self._entry_finding(i, base, f"points into {last.name}, which no PT_LOAD "
                                     "segment loads")
                 continue
-            found.append((i, base, last, ptr - last.addr, stype, slen, clob))
+            found.append(_Entry(i, base, last, ptr - last.addr, stype, slen, clob))
 
     def _loaded(self, sec: Section) -> bool:
         """A PT_LOAD segment covers the whole section: it is in memory at run time."""
@@ -370,7 +384,7 @@ class _Scanner:
             f"{f' ({name})' if name else ''}, the entry says type {site.type}"
             f"{f' ({site.op})' if site.op else ''}")
 
-    def _exec_slots(self, found: list[tuple[int, int, Section, int, int, int, int]]
+    def _exec_slots(self, found: list[_Entry]
                     ) -> dict[int, int]:
         """In a linked file, the ops slot each site's call reads: from `pv_ops` when the
         file names it, else from the table base most calls agree on."""

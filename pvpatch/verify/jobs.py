@@ -73,7 +73,7 @@ def site_job(plan: Plan, d: Decision) -> SiteJob:
     s = d.site
     rule = d.rule
     branch = d.branch  # the function that finally runs, through a thunk or not
-    target = branch.target if branch is not None else d.target
+    target = branch.target if branch is not None else None
     found = plan.targets.get(target) if target is not None else None
     return SiteJob(s.index, s.section, _section_nth(plan.scan.elf, s.section_index), s.offset,
                     s.len, s.address, s.op, d.action, d.tail, s.clobber_regs, target,

@@ -22,7 +22,7 @@ import bisect
 import contextlib
 import struct
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..arch import ARCHES, Arch
@@ -32,12 +32,10 @@ from ..elf.reader import (
     SHN_ABS,
     SHN_COMMON,
     SHN_UNDEF,
-    SHN_XINDEX,
     SHT_DYNSYM,
     SHT_NOBITS,
     SHT_REL,
     SHT_RELA,
-    SHT_STRTAB,
     STT_SECTION,
     ElfFile,
     Section,
@@ -304,7 +302,7 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
         # Only the symbols the selected relocations name (a module has hundreds).
         shift = elf.cls.info_shift
         wanted = sorted({rec[1] >> shift for _sec, recs in relocs for rec in recs})
-        sym_addr = {i: bind(sym) for i, sym in _some_symbols(elf, wanted)}
+        sym_addr = {i: bind(sym) for i, sym in elf.symbols_at(wanted)}
     if ext_cursor > EXT_LIMIT:
         raise VerifyError("too many undefined symbols to lay out", elf.path)
     ext_start = EXT_BASE
@@ -318,44 +316,13 @@ def _load_rel(elf: ElfFile, runtime: Runtime, call_targets: Mapping[str, Convent
     return img
 
 
-def _some_symbols(elf: ElfFile, wanted: Sequence[int]) -> Iterator[tuple[int, Symbol]]:
-    """The symbols with these indices (those that exist), read without the whole table."""
-    sec = elf.symtab
-    if sec is None or not wanted:
-        return
-    fmt = elf.cls.sym
-    strsec = elf.sections[sec.link] if sec.link < len(elf.sections) else None
-    if sec.entsize != fmt.size or sec.size % fmt.size or strsec is None \
-            or strsec.type != SHT_STRTAB:
-        keep = set(wanted)
-        yield from ((i, s) for i, s in enumerate(elf.symbols) if i in keep)  # or its error
-        return
-    data = elf.section_data(sec)
-    strings = elf.section_data(strsec)
-    count = len(data) // fmt.size
-    for i in wanted:
-        if i >= count:
-            continue
-        name_off, info, other, shndx, value, size = elf.cls.unpack_sym(data, i * fmt.size)
-        name = ""
-        if name_off:
-            stop = strings.find(b"\0", name_off)
-            if name_off >= len(strings) or stop < 0:
-                yield i, elf.symbols[i]  # the whole table's reading says what is wrong
-                continue
-            name = strings[name_off:stop].decode("utf-8", "replace")
-        if shndx == SHN_XINDEX:  # the real index is in .symtab_shndx: the full reading has it
-            yield i, elf.symbols[i]
-            continue
-        yield i, Symbol(i, name, value, size, info & 0xF, info >> 4, other, shndx, name_off,
-                        shndx)
-
-
 def _rel_records(elf: ElfFile, addrs: Mapping[int, int], keys: Mapping[int, tuple[str, int]],
                  only: Mapping[tuple[str, int], Sequence[tuple[int, int]]] | None,
                  ) -> list[tuple[Section, list[tuple[int, ...]]]]:
     """The relocation records to apply, by the section they patch: all of them, or
-    (`only`) those that may touch a byte inside the given (start, end) offsets."""
+    (`only`) those that may touch a byte inside the given (start, end) offsets.  Raw
+    records, not the reader's `relocations` (which decodes a whole section into records
+    with their addends: a module's take longer than loading both of its images)."""
     cls = elf.cls
     out: list[tuple[Section, list[tuple[int, ...]]]] = []
     for relsec in elf.sections:
@@ -521,7 +488,7 @@ def _apply_symbolic(img: Image) -> None:
     defined: dict[str, int] = {}
     for sec in elf.sections:
         if sec.type == SHT_DYNSYM:
-            for sym in elf._dynamic_symbols(sec):
+            for sym in elf.dynamic_symbols(sec):
                 if sym.defined and sym.name:
                     defined.setdefault(sym.name, sym.value)
     kinds = _DYN_KINDS[elf.arch.name]
