@@ -561,7 +561,7 @@ def test_orc_off_by_one_changes_the_entry_the_callee_returns_into() -> None:
     (thunk,) = rw.thunks
     ret = harness.kstack_places(rw)["return"]
     code = rw.data  # the thunk's bytes, through its section in the output
-    elf = pvpatch.elf.ElfFile(code)
+    elf = pvpatch.elf.reader.ElfFile(code)
     sec = elf.section(thunk.section)
     assert sec is not None
     body = elf.section_data(sec)[thunk.offset : thunk.offset + thunk.size]
@@ -629,7 +629,7 @@ def test_pvq_is_built_against_debians_headers_and_gets_an_orc_covered_thunk(
     assert _site_returns(rw) == {harness.PVQ_SITE: 0xA}  # after `call __fentry__`; call
     (thunk,) = rw.thunks
     assert thunk.spec.target == harness.PVQ_CALLEE
-    elf = pvpatch.elf.ElfFile(rw.data)
+    elf = pvpatch.elf.reader.ElfFile(rw.data)
     callee = [s for s in elf.symbols if s.name == harness.PVQ_CALLEE]
     assert len(callee) == 1 and callee[0].shndx != 0  # defined in pvq, not imported
     assert rw.neutralised_entries + rw.dropped_entries >= 1  # --final: the kernel keeps it
