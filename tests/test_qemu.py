@@ -20,9 +20,12 @@ QEMU and busybox-static are installed when missing, the corpus is fetched when m
 
 from __future__ import annotations
 
+import inspect
+import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import corpus
@@ -39,19 +42,63 @@ pytestmark = pytest.mark.corpus
 Booter = Callable[[str], harness.BootResult]
 
 
+# Boots run this many at a time: each is one QEMU process, mostly one busy host core.
+BOOT_WORKERS = 2
+ASKED = re.compile(r'\bboot\((f?)"([^"]+)"\)')
+
+
+def _asked(items: list[pytest.Item]) -> list[str]:
+    """The scenarios the selected tests of this module boot, in the order they ask for
+    them (read from each test's `boot("...")` calls; an f-string takes the test's
+    parameters)."""
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, pytest.Function) or item.module is not sys.modules[__name__]:
+            continue
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        for m in ASKED.finditer(inspect.getsource(item.function)):
+            name = m.group(2).format(**params) if m.group(1) else m.group(2)
+            if name not in names:
+                names.append(name)
+    return names
+
+
 @pytest.fixture(scope="module")
-def boot(tmp_path_factory: pytest.TempPathFactory) -> Booter:
-    """Boot a scenario once per test module; later calls reuse the result."""
+def boot(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booter]:
+    """Boot a scenario once per test module; later calls reuse the result.
+
+    While a test waits for its boot, the boots the next selected tests ask for already run
+    (BOOT_WORKERS at a time).  Scenarios are built here, one after the other, on the
+    calling thread: they share generated files (a patched vmlinux), written once."""
     busybox = harness.ensure_tools()
     workdir = tmp_path_factory.mktemp("qemu")
-    results: dict[str, harness.BootResult] = {}
+    ahead = _asked(request.session.items)
+    futures: dict[str, Future[harness.BootResult]] = {}
+    pool = ThreadPoolExecutor(max_workers=BOOT_WORKERS)
+
+    def start(name: str) -> None:
+        if name in futures:
+            return
+        try:
+            spec = harness.scenario(name, workdir)
+        except Exception as exc:  # the test that asks for it fails with this
+            futures[name] = Future()
+            futures[name].set_exception(exc)
+            return
+        futures[name] = pool.submit(harness.run_boot, spec, busybox=busybox)
 
     def get(name: str) -> harness.BootResult:
-        if name not in results:
-            results[name] = harness.run_boot(harness.scenario(name, workdir), busybox=busybox)
-        return results[name]
+        start(name)
+        # Keep the pool busy with the next scenarios asked for while this one runs.
+        for nxt in ahead:
+            if sum(not f.done() for f in futures.values()) > BOOT_WORKERS:
+                break
+            start(nxt)
+        return futures[name].result()
 
-    return get
+    yield get
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _passed(result: harness.BootResult) -> None:
