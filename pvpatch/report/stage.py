@@ -5,7 +5,7 @@ Nothing here prints; the CLI writes what these functions return.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VerifyError
@@ -48,20 +48,21 @@ def _code(insns: Iterable[Insn]) -> str:
     return "; ".join(i.text for i in insns)
 
 
-def _kept_code(sym: Symboliser, site: Site) -> str:
+def _kept_code(arch: Arch, site: Site, symbols: Callable[[], Symboliser]) -> str:
     """A kept site's call, as the symboliser names it.  A vmlinux keeps thousands of sites
     that are one `call *pv_ops+slot` each: that form is written from the slot the scan read
-    (what objdump and the symboliser say for it), the rest decoded."""
+    (what objdump and the symboliser say for it), the rest decoded (`symbols()` makes the
+    symboliser on first use)."""
     from ..scan.integrity import site_form
 
     slot = site.slot
-    head = site_form(sym.arch, site.code) if slot is not None else None
+    head = site_form(arch, site.code) if slot is not None else None
     if slot is not None and head is not None and head.kind == "ops-call" \
             and len(site.code) == head.length:
-        rip = "(%rip)" if head.opcode == b"\xff\x15" and sym.arch.name == "x86_64" else ""
-        off = slot * sym.arch.ptr_size
+        rip = "(%rip)" if head.opcode == b"\xff\x15" and arch.name == "x86_64" else ""
+        off = slot * arch.ptr_size
         return f"call *pv_ops{f'+{off:#x}' if off else ''}{rip}"
-    return _code(site_insns(sym, site))
+    return _code(site_insns(symbols(), site))
 
 
 # Said once per file, not per site: what would name the ops.
@@ -345,7 +346,13 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     # What each (action, op) group's sites become, when they all become the same thing
     # (NOP padding aside): `irq.save_fl -> pushf; pop %rax`.
     heads: dict[tuple[str, str], str | None] = {}
-    sym = symboliser(plan.scan)
+    made: list[Symboliser] = []
+
+    def symbols() -> Symboliser:  # only a form forms.py cannot read needs the disassembler
+        if not made:
+            made.append(symboliser(plan.scan))
+        return made[0]
+
     # A vmlinux has thousands of sites and a handful of new forms: each decoded once.
     decoded: dict[tuple[bytes, str | None], str] = {}
     for p in rw.patches:
@@ -363,7 +370,8 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
             if head is None:
                 # Only the new form is shown: the old one (and the names it needs, which
                 # in a stripped image means reading the whole export table) is not decoded.
-                after = _after_insns(sym, p) if p.after != p.before else site_insns(sym, d.site)
+                after = _after_insns(symbols(), p) if p.after != p.before \
+                    else site_insns(symbols(), d.site)
                 head = _code(_unpadded(plan.arch, p.after, after))
             decoded[form] = head
             heads[key] = head if heads.get(key, head) == head else None
@@ -387,7 +395,8 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     for p in rw.patches:
         d = p.decision
         if d.action == "keep":
-            group = (d.site.op or f"type {d.site.type}", d.reason or "", _kept_code(sym, d.site))
+            group = (d.site.op or f"type {d.site.type}", d.reason or "",
+                     _kept_code(plan.arch, d.site, symbols))
             kept.setdefault(group, []).append(d.site)
     for (op, reason, code), sites in sorted(kept.items()):
         lines.append(f"  kept   {len(sites):5}  {op}: {reason} [{code}] at {places(sites)}")

@@ -81,16 +81,6 @@ from .thunk import (
     lay_out_thunks,
     thunk_code,
 )
-from .unwind import (
-    ORC_ENTRY,
-    ORC_IP_SIZE,
-    UnwindError,
-    eh_frame_entries,
-    eh_frame_hdr,
-    orc_entries,
-    orc_layout,
-    rebase_eh_frame,
-)
 
 EH_FRAME = ".eh_frame"
 EH_FRAME_HDR = ".eh_frame_hdr"
@@ -489,6 +479,8 @@ class _RelocatableRewriter(_Rewriter):
         object's `.eh_frame` (the linker merges it into the program's and indexes it in
         `.eh_frame_hdr`), each FDE's address a PC32 relocation against its thunk.  An
         object without `.eh_frame` (a kernel object: ORC describes its frames) gets none."""
+        from .unwind import eh_frame_entries  # only a rewrite that adds thunks needs it
+
         sec = self.elf.section(EH_FRAME)
         if sec is None or sec.type == SHT_NOBITS or not sec.is_alloc or sec.size % 4:
             self._orc_frames(thunks)
@@ -512,6 +504,8 @@ class _RelocatableRewriter(_Rewriter):
         changes and a terminator after it, appended to `.orc_unwind`, their addresses to
         `.orc_unwind_ip` (a PC32 relocation each, against the thunk's symbol: the module
         loader sorts the table)."""
+        from .unwind import ORC_ENTRY, ORC_IP_SIZE, orc_entries, orc_layout
+
         elf = self.elf
         orc, orc_ip = elf.section(ORC_UNWIND), elf.section(ORC_UNWIND_IP)
         if orc is None or orc_ip is None or self.arch.name not in ORC_ARCHES:
@@ -1108,6 +1102,8 @@ class _LinkedRewriter(_Rewriter):
         a new `.eh_frame_hdr` over all of them, laid out from address `at` on; None when
         the file has no `.eh_frame_hdr` that PT_GNU_EH_FRAME names (a kernel image) or
         its call-frame information cannot be moved (`self.unwind` says why)."""
+        from .unwind import UnwindError, eh_frame_entries, eh_frame_hdr, rebase_eh_frame
+
         elf = self.elf
         eh, hdr = elf.section(EH_FRAME), elf.section(EH_FRAME_HDR)
         seg = next((s for s in elf.segments if s.type == PT_GNU_EH_FRAME), None)

@@ -23,12 +23,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..arch import Arch
 from ..elf.reader import SHF_ALLOC, SHT_NOBITS, STT_FUNC, ElfFile, Section
 from ..errors import RewriteError
 from ..plan.stage import Plan, ThunkSpec
-from .unwind import FrameBuilder, ThunkFrame
+
+if TYPE_CHECKING:
+    # The unwind encoders load with the first thunk made: a native-only patch never needs them.
+    from .unwind import ThunkFrame
 
 THUNK_ALIGN = 16
 DEFAULT_SECTION = ".text.pvpatch"
@@ -131,6 +135,8 @@ def stack_pad(arch: Arch, pushes: int) -> int:
 
 
 def thunk_code(arch: Arch, spec: ThunkSpec, conventions: Conventions = PLAIN) -> ThunkCode:
+    from .unwind import FrameBuilder
+
     out = bytearray(arch.endbr if spec.endbr else b"")
     frame = FrameBuilder(arch)
     for reg in spec.saves:
