@@ -231,7 +231,7 @@ def x86_64_headers() -> Path:
     which also installs make, gcc-12 and linux-kbuild-6.1 when missing)."""
     ensure("x86_64")
     pins = _pins()
-    stamp = f"{pins['X86_64_HEADERS_PACKAGES']}={pins['X86_64_HEADERS_VERSION']}"
+    stamp = f"{pins['X86_64_HEADERS_PACKAGES']}={pins['X86_64_VERSION']}"
     root = corpus_root() / "x86_64-headers"
     marker = root / ".complete"
     name = pins["X86_64_HEADERS_PACKAGES"].split()[0].partition(":")[0]

@@ -5,6 +5,7 @@ Nothing here prints; the CLI writes what these functions return.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -346,12 +347,8 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     # What each (action, op) group's sites become, when they all become the same thing
     # (NOP padding aside): `irq.save_fl -> pushf; pop %rax`.
     heads: dict[tuple[str, str], str | None] = {}
-    made: list[Symboliser] = []
-
-    def symbols() -> Symboliser:  # only a form forms.py cannot read needs the disassembler
-        if not made:
-            made.append(symboliser(plan.scan))
-        return made[0]
+    # Made on first use: only a form forms.py cannot read needs the disassembler.
+    symbols = functools.cache(functools.partial(symboliser, plan.scan))
 
     # A vmlinux has thousands of sites and a handful of new forms: each decoded once.
     decoded: dict[tuple[bytes, str | None], str] = {}
