@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
@@ -478,53 +478,68 @@ def _predict(scan: ScanResult, site: Site, cover: Cover, era: str) -> bytes | No
 def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = False,
           drop_patched: bool = False) -> Coverage:
     """Every entry covering each site, the edits for rewritten sites, and the outcome."""
-    decisions = list(decisions)
-    rewritten = {d.site.index for d in decisions if d.rewrites}
-    own_alt = scan.family == "altinstructions"
-    alt = _OwnAlt(scan) if own_alt else _alt_table(scan)
-    era = alt.layout.name if alt is not None else ""
-    order = APPLY_ORDER.get(era, APPLY_ORDER["linux-alt-6.3"])
-    kept = None
-    if scan.family == "paravirt" and not scan.elf.is_relocatable and final:
-        covered = {j for s in scan.sites if s.index in rewritten for j in s.entry_indices}
-        table = scan.table
-        assert table is not None
-        kept = next((i for i in range(table.count) if i not in covered), None)
-    sites: dict[int, SiteCoverage] = {}
-    edits: list[TableEdit] = []
-    problems: list[str] = []
-    seen: set[tuple[str, int]] = set()
-    # Each list names instructions of one form (a direct call, a LOCK prefix...) that a
-    # paravirt site never holds, so only a lying table puts an entry there: looked for
-    # when --final promises pvpatch's bytes (a vmlinux lists some 300,000 places).
-    listed = _site_list_places(scan, (d.site for d in decisions if d.rewrites)) \
-        if final else {}
+    model = _Model(scan, list(decisions), final, drop_patched)
+    return Coverage(model.sites, tuple(model.edits), tuple(model.problems))
 
-    def add(edit: TableEdit | str | None) -> TableEdit | None:
+
+class _Model:
+    """The kernel's patchers at each site.  A rewritten site is modelled at once, since its
+    table edits are the rewriter's input; a kept site, which no edit or problem comes from,
+    only when it is looked up (`_Sites`): a vmlinux keeps some 1,700 sites that a text
+    report never asks about."""
+
+    def __init__(self, scan: ScanResult, decisions: list[Decision], final: bool,
+                 drop_patched: bool) -> None:
+        self.scan = scan
+        self.final = final
+        self.drop = drop_patched
+        rewritten = {d.site.index for d in decisions if d.rewrites}
+        self.own_alt = scan.family == "altinstructions"
+        self.alt = _OwnAlt(scan) if self.own_alt else _alt_table(scan)
+        self.era = self.alt.layout.name if self.alt is not None else ""
+        order = APPLY_ORDER.get(self.era, APPLY_ORDER["linux-alt-6.3"])
+        self.kept = None
+        if scan.family == "paravirt" and not scan.elf.is_relocatable and final:
+            covered = {j for s in scan.sites if s.index in rewritten for j in s.entry_indices}
+            table = scan.table
+            assert table is not None
+            self.kept = next((i for i in range(table.count) if i not in covered), None)
+        self.edits: list[TableEdit] = []
+        self.problems: list[str] = []
+        self.seen: set[tuple[str, int]] = set()
+        # Each list names instructions of one form (a direct call, a LOCK prefix...) that
+        # a paravirt site never holds, so only a lying table puts an entry there: looked
+        # for when --final promises pvpatch's bytes (a vmlinux lists some 300,000 places).
+        self.listed = _site_list_places(scan, (d.site for d in decisions if d.rewrites)) \
+            if final else {}
+        # Loop invariants hoisted: `site` runs once per site, thousands of times a vmlinux.
+        self.own_table = scan.table if scan.family == "paravirt" else None
+        self.alt_first = order.index("altinstructions") < order.index("paravirt")
+        self.silence = self.own_alt or final  # which alternatives a rewrite silences
+        self.effect = {name: k.effect for name, k in ENTRY_KINDS.items()}
+        made = {d.site.index: self.site(d, True) for d in decisions if d.rewrites}
+        self.sites = _Sites(made, {d.site.index: d for d in decisions}, self.site)
+
+    def add(self, edit: TableEdit | str | None) -> TableEdit | None:
         if isinstance(edit, str):
-            if edit not in problems:
-                problems.append(edit)
+            if edit not in self.problems:
+                self.problems.append(edit)
             return None
-        if edit is not None and (edit.section, edit.index) not in seen:
-            seen.add((edit.section, edit.index))
-            edits.append(edit)
+        if edit is not None and (edit.section, edit.index) not in self.seen:
+            self.seen.add((edit.section, edit.index))
+            self.edits.append(edit)
         return edit
 
-    # Loop invariants hoisted: this runs once per site, thousands of times in a vmlinux.
-    own_table = scan.table if scan.family == "paravirt" else None
-    alt_first = order.index("altinstructions") < order.index("paravirt")
-    silence = own_alt or final  # which alternatives at a rewritten site are silenced
-    effect = {name: k.effect for name, k in ENTRY_KINDS.items()}
-    for d in decisions:
-        site = d.site
+    def site(self, d: Decision, is_rw: bool) -> SiteCoverage:
+        """One site's coverage; at a rewritten site, the edits it needs are added."""
+        scan, site, alt = self.scan, d.site, self.alt
         index = site.index
-        is_rw = index in rewritten
         own: tuple[Cover, ...] = ()
-        if own_table is not None:
-            edit = add(_own_edit(scan, site, index, final=final, drop=drop_patched,
-                                 kept=kept)) if is_rw else None
-            own = (Cover(own_table.section.name, index, "paravirt", site.offset, site.len,
-                         edit=edit),)
+        if self.own_table is not None:
+            edit = self.add(_own_edit(scan, site, index, final=self.final, drop=self.drop,
+                                      kept=self.kept)) if is_rw else None
+            own = (Cover(self.own_table.section.name, index, "paravirt", site.offset,
+                         site.len, edit=edit),)
         alts: list[Cover] = []
         if alt is not None:
             for j in alt.overlapping(site):
@@ -532,26 +547,26 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
                 edit = None
                 # The 6.8+ family's own entries are always silenced at a rewritten site
                 # (the kernel BUG()s or undoes it); others only with --final.
-                if is_rw and silence and kind != "skipped":
-                    if start != site.offset and not own_alt:
-                        problems.append(
+                if is_rw and self.silence and kind != "skipped":
+                    if start != site.offset and not self.own_alt:
+                        self.problems.append(
                             f"{alt.section_name} entry {j} spans {site.section}"
                             f"+{start:#x}..{start + length:#x}, beyond the site at "
                             f"+{site.offset:#x}: disabling it would change other code")
                     else:
-                        edit = add(_alt_edit(scan, alt, j, drop_patched))
+                        edit = self.add(_alt_edit(scan, alt, j, self.drop))
                 alts.append(alt.cover(scan, site, j, edit))
-        ordered = (*alts, *own) if alt_first else (*own, *alts)
+        ordered = (*alts, *own) if self.alt_first else (*own, *alts)
+        listed = self.listed.get(index) if is_rw else None
         if listed:
-            others = tuple(Cover(name, j, "site-list", off, 1) for name, j, off in
-                           listed.get(index, ()))
-            if others:
-                problems.append(f"{others[0].section} entry {others[0].index} names "
-                                f"{site.section}+{others[0].start:#x}, inside a rewritten "
-                                "site: the kernel would patch pvpatch's bytes there")
-                ordered += others
+            others = tuple(Cover(name, j, "site-list", off, 1) for name, j, off in listed)
+            self.problems.append(f"{others[0].section} entry {others[0].index} names "
+                                 f"{site.section}+{others[0].start:#x}, inside a rewritten "
+                                 "site: the kernel would patch pvpatch's bytes there")
+            ordered += others
         outcome: Outcome = "pvpatch"
         predicted = d.code if is_rw else site.code
+        effect = self.effect
         for c in ordered:
             applies = c.applies
             if applies is False:
@@ -561,11 +576,40 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
             elif effect[c.kind] == "repatch":
                 outcome, predicted = "kernel", None
             else:
-                outcome, predicted = "native", _predict(scan, site, c, era)
+                outcome, predicted = "native", _predict(scan, site, c, self.era)
         if outcome == "pvpatch" and is_rw and d.code is None:
             predicted = None  # a call or thunk: its bytes are known once the rewrite runs
-        sites[index] = SiteCoverage(index, ordered, outcome, predicted, is_rw)
-    return Coverage(sites, tuple(edits), tuple(problems))  # picklable: plans cross processes
+        return SiteCoverage(index, ordered, outcome, predicted, is_rw)
+
+
+class _Sites(Mapping[int, SiteCoverage]):
+    """Site index -> its coverage, in decision order; a kept site's is made on its first
+    lookup (`_Model`).  Pickled as the plain dict of every site (plans cross processes)."""
+
+    def __init__(self, made: dict[int, SiteCoverage], decisions: dict[int, Decision],
+                 make: Callable[[Decision, bool], SiteCoverage]) -> None:
+        self._made = made
+        self._decisions = decisions  # every site's, in order
+        self._make: Callable[[Decision, bool], SiteCoverage] | None = make
+
+    def __getitem__(self, index: int) -> SiteCoverage:
+        sc = self._made.get(index)
+        if sc is None:
+            d = self._decisions[index]  # KeyError: not a site of this plan
+            assert self._make is not None and not d.rewrites
+            sc = self._made[index] = self._make(d, False)
+            if len(self._made) == len(self._decisions):
+                self._make = None  # every site made: the model can go
+        return sc
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._decisions)
+
+    def __len__(self) -> int:
+        return len(self._decisions)
+
+    def __reduce__(self) -> tuple[type[dict[int, SiteCoverage]], tuple[dict[int, SiteCoverage]]]:
+        return dict, (dict(self.items()),)
 
 
 def of_scan(scan: ScanResult) -> Coverage:
@@ -606,9 +650,11 @@ def runtime_findings(plan: Plan) -> list[Finding]:
     out = []
     seen: set[tuple[int, int]] = set()  # duplicate entries name one site: one finding
     for d in plan.decisions:
+        if not d.rewrites:
+            continue
         sc = cov.sites.get(d.site.index)
         where = (d.site.section_index, d.site.offset)
-        if sc is None or not d.rewrites or sc.outcome == "pvpatch" or where in seen:
+        if sc is None or sc.outcome == "pvpatch" or where in seen:
             continue
         seen.add(where)
         if _same_but_nops(plan, sc, d.code):

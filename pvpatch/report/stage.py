@@ -228,8 +228,10 @@ def runtime_text(plan: Plan, patches: Iterable[SitePatch]) -> list[str]:
     groups: dict[tuple[str, str, str], list[Site]] = {}
     counts: dict[str, int] = {}
     for p in patches:
+        if not p.decision.rewrites:
+            continue  # (a kept site's coverage is made only when asked for)
         sc = cov.sites.get(p.decision.site.index)
-        if sc is None or not p.decision.rewrites:
+        if sc is None:
             continue
         counts[sc.outcome] = counts.get(sc.outcome, 0) + 1
         if sc.outcome == "pvpatch":
