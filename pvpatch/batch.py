@@ -36,6 +36,8 @@ CHUNK_MAX = 16  # files per task: small enough for a lively bar and even load
 
 @dataclass(frozen=True)
 class InputFile:
+    """One file to run a job on: named on the command line, or found below a named directory."""
+
     path: str
     walked: bool = False  # found by walking a directory (not named on the command line)
     rel: str = ""  # path below the walked directory (the output path in a mirrored tree)
@@ -43,6 +45,8 @@ class InputFile:
 
 @dataclass(frozen=True)
 class Inputs:
+    """What `expand` made of the command line's paths: every file to run a job on, in order."""
+
     files: tuple[InputFile, ...]
     problems: tuple[str, ...]  # named paths that cannot be used: one message each
     tree: bool  # some input was a directory
@@ -213,6 +217,8 @@ def check_input(options: CheckOptions, item: InputFile, *,
 
 @dataclass(frozen=True)
 class ScanOptions:
+    """The `scan` options every file of a run is scanned with (as on the command line)."""
+
     layout: str = "auto"
     section: str = DEFAULT_SECTION
     ops: str = "auto"
@@ -222,6 +228,11 @@ class ScanOptions:
 
 @dataclass(frozen=True)
 class ScanOutcome:
+    """What `scan` made of one file (picklable: it comes back from worker processes).
+
+    status "skipped": not an x86 ELF file met while walking a tree; "bad": `error` says why
+    the file could not be read or scanned.  `sites`: how many sites the scan found."""
+
     path: str
     status: Literal["scanned", "skipped", "bad"]
     lines: tuple[str, ...] = ()  # the text listing (without --json)
@@ -269,6 +280,13 @@ class PatchOptions:
 
 @dataclass(frozen=True)
 class PatchOutcome:
+    """What patching one file of a tree came to (picklable: it comes back from worker processes).
+
+    status "failed": verification failed and nothing was written; "skipped" and "bad" as in
+    `ScanOutcome`.  `output`: the path written (None in a dry run); `record`: the JSON record
+    (with --json); `actions`: the plan's sites by action; `size`: bytes in the
+    file (decompressed)."""
+
     path: str
     status: Literal["patched", "failed", "skipped", "bad"]
     output: str | None = None

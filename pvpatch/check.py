@@ -33,6 +33,9 @@ Status = Literal["checked", "skipped", "bad"]
 
 @dataclass(frozen=True)
 class CheckOptions:
+    """The `check` options every file of a run is checked with (as on the command line);
+    `backend`: "native" or a backend spec file (SPEC.toml)."""
+
     backend: str = "native"
     ops: str = "auto"
     layout: str = "auto"

@@ -209,6 +209,9 @@ class Cover:
 
 @dataclass(frozen=True)
 class SiteCoverage:
+    """The table entries that cover one site (`site_index`, its index in the scan) and what the
+    kernel leaves there; `rewritten`: the plan rewrites the site."""
+
     site_index: int
     covers: tuple[Cover, ...]  # in the order the kernel applies them
     outcome: Outcome  # what the site holds once the kernel has run, on the modelled machine
@@ -226,6 +229,9 @@ class SiteCoverage:
 
 @dataclass(frozen=True)
 class Coverage:
+    """What the kernel does at every site of a plan (`sites`, by site index: a kept site's is
+    made on first lookup), and the table edits that keep it off the rewritten ones."""
+
     sites: Mapping[int, SiteCoverage]
     edits: tuple[TableEdit, ...]
     problems: tuple[str, ...]  # edits --final needs but cannot make (the rewriter refuses)
@@ -236,6 +242,10 @@ class Coverage:
 
 @dataclass(frozen=True)
 class _AltTable:
+    """The file's `.altinstructions` when it is not the site table, decoded once: `spans` finds
+    the entries at a site; `repl_relocs` (relocatable files) shows which replacements are
+    relocated, so their bytes are not final."""
+
     section_name: str
     section_index: int
     decoded: altinstr.Decoded

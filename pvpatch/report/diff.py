@@ -149,6 +149,8 @@ class EntryEdit:
 
 @dataclass(frozen=True)
 class SectionInfo:
+    """A section PATCHED adds (`address` None in a relocatable file)."""
+
     name: str
     type: str
     flags: str  # W, A, X as readelf writes them
@@ -158,6 +160,8 @@ class SectionInfo:
 
 @dataclass(frozen=True)
 class SymbolInfo:
+    """A symbol only one of the files has (section symbols aside), named as readelf names them."""
+
     name: str
     bind: str
     type: str
@@ -168,6 +172,9 @@ class SymbolInfo:
 
 @dataclass(frozen=True)
 class RelocChange:
+    """A relocation PATCHED adds or removes outside the changed sites and the site table's own
+    (relocatable files); `symbol` as the relocation names it, `offset` in `section`."""
+
     how: Literal["added", "removed"]
     section: str  # the section the relocation applies to
     offset: int
@@ -178,6 +185,8 @@ class RelocChange:
 
 @dataclass(frozen=True)
 class SegmentInfo:
+    """A program header PATCHED adds after ORIGINAL's."""
+
     type: str
     flags: str  # R W E
     offset: int
@@ -252,6 +261,9 @@ class Unpaired:
 
 @dataclass(frozen=True)
 class DiffReport:
+    """What `diff_files` found: one `FileDiff` for a pair of files, one per paired file for two
+    trees (`tree`), and what could not be paired or compared."""
+
     original: str
     patched: str
     tree: bool
@@ -787,6 +799,8 @@ def diff_pair(original: str | os.PathLike[str], patched: str | os.PathLike[str],
 
 @dataclass(frozen=True)
 class _Options:
+    """The options every pair of a tree is compared with (`diff_pair`'s)."""
+
     backend: str
     ops: str
     layout: str
@@ -796,6 +810,9 @@ class _Options:
 
 @dataclass(frozen=True)
 class _Pair:
+    """Two files at the same relative path (`rel`) of the trees, and the verify report matched
+    to them."""
+
     original: str
     patched: str
     rel: str
@@ -804,6 +821,9 @@ class _Pair:
 
 @dataclass(frozen=True)
 class _Outcome:
+    """What `_diff_job` made of one pair (picklable: it comes back from worker processes):
+    "skipped" when ORIGINAL is not x86 ELF; "bad": `error` says why it could not be compared."""
+
     status: Literal["diffed", "skipped", "bad"]
     diff: FileDiff | None = None
     error: str | None = None

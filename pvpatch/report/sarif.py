@@ -26,6 +26,8 @@ _LEVELS = {"error": "error", "warning": "warning", "note": "note"}
 
 @dataclass(frozen=True)
 class ArtifactFindings:
+    """One file of the run and its findings: a SARIF artifact and its results."""
+
     path: str
     findings: tuple[Finding, ...]
     length: int | None = None  # file size in bytes, when known

@@ -128,6 +128,9 @@ MAX_FILE_PAD = 16 << 20  # most zero padding a linked file may grow by to place 
 
 @dataclass(frozen=True)
 class SitePatch:
+    """One site of the plan as the rewrite left it: its bytes before and after (the same for a
+    kept site)."""
+
     decision: Decision
     before: bytes
     after: bytes
@@ -136,6 +139,9 @@ class SitePatch:
 
 @dataclass(frozen=True)
 class PlacedThunk:
+    """A planned thunk where the output holds it: `size` bytes at `offset` in `section` (and at
+    `address` in a linked file); added by this rewrite, or left by an earlier run and reused."""
+
     spec: ThunkSpec
     section: str
     offset: int

@@ -117,6 +117,9 @@ class Branch:
 
 @dataclass(frozen=True)
 class ThunkCode:
+    """A thunk's bytes with every rel32 field zero, bound where it is placed (by a relocation
+    or from addresses)."""
+
     code: bytes
     call_field: int  # offset of the rel32 of the inner call
     branches: tuple[Branch, ...] = ()  # every rel32: the inner call, a return through a thunk

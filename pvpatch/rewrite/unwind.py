@@ -85,6 +85,9 @@ class FrameRow:
 
 @dataclass(frozen=True)
 class ThunkFrame:
+    """The stack through a thunk of `size` bytes: a `FrameRow` from each offset where it
+    changes (the first at 0)."""
+
     size: int
     rows: tuple[FrameRow, ...]
 
@@ -213,6 +216,9 @@ def read_pointer(data: bytes, pos: int, enc: int, field_addr: int, ptr_size: int
 
 @dataclass(frozen=True)
 class Cie:
+    """A CIE read from `.eh_frame`: the pointer encodings of its FDEs and LSDAs (its
+    augmentation's "R" and "L": absptr and omit without them) and its initial instructions."""
+
     offset: int  # of its length field, in the section
     size: int  # the whole entry, length field included
     augmentation: str
@@ -227,6 +233,10 @@ class Cie:
 
 @dataclass(frozen=True)
 class Fde:
+    """An FDE read from `.eh_frame`: the code [pc_begin, pc_begin + pc_range) it describes and
+    its call-frame instructions; `offset`, `size` as a `Cie`'s; `lsda_field`: where its LSDA
+    pointer is in the section (None: it has none)."""
+
     offset: int
     size: int
     cie: Cie
@@ -239,6 +249,8 @@ class Fde:
 
 @dataclass(frozen=True)
 class EhFrame:
+    """The CIEs and FDEs of an `.eh_frame` section, in section order."""
+
     cies: tuple[Cie, ...]
     fdes: tuple[Fde, ...]
     end: int  # where the entries end: a zero terminator or the section's end
@@ -555,6 +567,8 @@ def fde(arch: Arch, frame: ThunkFrame, cie_distance: int, pc_begin: int) -> byte
 
 @dataclass(frozen=True)
 class EhEntries:
+    """New `.eh_frame` entries for thunks: one CIE, then one FDE per thunk frame, in order."""
+
     data: bytes
     pc_fields: tuple[int, ...]  # offset (in `data`) of each FDE's pc_begin field
 
@@ -686,6 +700,9 @@ def orc_entry(layout: OrcLayout, sp_offset: int, bp_offset: int = 0, sp_reg: int
 
 @dataclass(frozen=True)
 class OrcEntry:
+    """An ORC entry decoded by its layout (`decode_orc`, as verify reads it back): `kind` is the
+    type field, `flag` the bit after it (`end` before 6.4, `signal` since)."""
+
     sp_offset: int
     bp_offset: int
     sp_reg: int

@@ -141,6 +141,10 @@ class ThunkPlace:
 
 @dataclass(frozen=True)
 class Accounting:
+    """What the byte accounting of one file pair found: the sites and thunks to prove, the
+    differences their proofs account for (`claims`), those no rule explains (`problems`),
+    and each changed section with the rule that accounted for it."""
+
     changed_sites: tuple[int, ...]  # site indices whose bytes or relocations differ
     thunks: tuple[ThunkPlace, ...]  # new thunks in PATCHED
     claims: tuple[Claim, ...]
@@ -300,6 +304,9 @@ def _keys(elf: ElfFile) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class Kind:
+    """A kind of section and the one rule a difference in it is accounted for by: `account`
+    checks a section of PATCHED against ORIGINAL's (None when PATCHED added it)."""
+
     name: str
     rule: str  # shown in the report
     resizable: bool  # its size may change

@@ -254,6 +254,9 @@ class FilePair:
 
 @dataclass(frozen=True)
 class _Batch:
+    """Up to TRIAL_SLOTS trial states, the same for every file verified with the same seed
+    (kept in `_BATCHES`): per slot, the trial's seed and the block both machines load."""
+
     key: tuple[str, int, int, int, bool]  # (arch, seed, batch number, trials, flags_arg)
     first: int  # the first trial's number
     seeds: list[int]

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SiteJob:
+    """A changed site for a worker to verify: where it is (the same in both files), what the
+    plan made of it (`action`; `tail`: control does not come back to the site's end;
+    `target`, the function that finally runs, and its `convention`), what its op may clobber."""
+
     index: int
     section: str
     nth: int  # occurrence of the section name among allocated sections
@@ -33,6 +37,8 @@ class SiteJob:
 
 @dataclass(frozen=True)
 class ThunkJob:
+    """A thunk of PATCHED for a worker to verify: the plan's spec, and where PATCHED holds it."""
+
     symbol: str
     target: str
     saves: tuple[str, ...]
@@ -44,6 +50,10 @@ class ThunkJob:
 
 @dataclass(frozen=True)
 class FileJob:
+    """Everything a worker needs to verify one file pair: both files' bytes, the sites and
+    thunks to emulate, the trials to run and their seed; `call_targets`: each function a
+    rewritten site calls, and the convention it is held to."""
+
     orig_data: Buffer
     orig_path: str
     patched_data: Buffer

@@ -48,6 +48,9 @@ TCG_BUFFER = 32 << 20
 
 @dataclass(frozen=True)
 class RunResult:
+    """One trial's run: its out record and the bytes it wrote (restored since); `error`: why it
+    stopped short of its exit (None when it got there)."""
+
     out: tuple[int, ...]  # the out record's words
     writes: Mapping[int, int]  # byte address -> final value, for every byte written
     error: str | None

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RefModel:
+    """An op's reference model (pvpatch/data/reference/ARCH.toml): `code`, the native
+    function's bytes, or `skip`, why no snippet can run it; `cr`: the result depends on
+    control registers (CR0.TS, CR2 and CR3 are compared)."""
+
     op: str
     code: bytes | None
     cr: bool = False

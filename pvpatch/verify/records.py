@@ -15,6 +15,9 @@ Status = Literal["pass", "fail", "skip"]
 
 @dataclass(frozen=True)
 class SiteVerdict:
+    """One changed site's verdict: `status` and its `reason` (a pass's says when only the
+    contract was checked), after `trials` trials (0: none ran)."""
+
     index: int
     section: str
     offset: int
@@ -30,6 +33,9 @@ class SiteVerdict:
 
 @dataclass(frozen=True)
 class ThunkVerdict:
+    """One thunk's verdict, as `SiteVerdict` for a site; `target`: the function it calls ("?"
+    for a thunk the plan does not make)."""
+
     symbol: str
     target: str
     address: int | None
@@ -42,6 +48,9 @@ class ThunkVerdict:
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """What verifying one patched file found: a verdict per changed site and per thunk, and
+    what the byte accounting could not explain."""
+
     sites: tuple[SiteVerdict, ...]
     thunks: tuple[ThunkVerdict, ...]
     allow_skip: bool = False  # a skip (nothing proven) is accepted
