@@ -594,7 +594,8 @@ class _Model:
 
 class _Sites(Mapping[int, SiteCoverage]):
     """Site index -> its coverage, in decision order; a kept site's is made on its first
-    lookup (`_Model`).  Pickled as the plain dict of every site (plans cross processes)."""
+    lookup (`_Model`).  Pickled as the plain dict of every site: a `Coverage` stays plain
+    data."""
 
     def __init__(self, made: dict[int, SiteCoverage], decisions: dict[int, Decision],
                  make: Callable[[Decision, bool], SiteCoverage]) -> None:
