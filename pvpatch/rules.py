@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
+from .record import fast_init
+
 Severity = Literal["error", "warning", "note"]
 
 
@@ -86,6 +88,7 @@ RULES: Mapping[str, Rule] = MappingProxyType(
 )
 
 
+@fast_init
 @dataclass(frozen=True)
 class Finding:
     """One thing a check found, and where."""

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 from ..elf.reader import SHT_NOBITS
+from ..record import fast_init
 from ..scan import altinstr
 from ..scan.sites import RelocIndex
 
@@ -145,6 +146,7 @@ def kernel_nops(arch: str, length: int) -> bytes:
     return bytes(out)
 
 
+@fast_init
 @dataclass(frozen=True)
 class TableEdit:
     """One planned change to one table entry, so the kernel no longer touches a site.
@@ -164,6 +166,7 @@ class TableEdit:
     stride: int = 0
 
 
+@fast_init
 @dataclass(frozen=True)
 class Cover:
     """One table entry whose range overlaps a site."""
@@ -207,6 +210,7 @@ class Cover:
         return f"{what}: {ENTRY_KINDS[self.kind].says}"
 
 
+@fast_init
 @dataclass(frozen=True)
 class SiteCoverage:
     """The table entries that cover one site (`site_index`, its index in the scan) and what the

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ..arch import Arch, convention_changes
 from ..elf.reader import Symbol
+from ..record import fast_init
 from ..rules import Finding
 from ..scan.stage import ScanResult, Site, site_finding
 from .backend import Action, Backend, OpRule, returns_to_site
@@ -63,6 +64,7 @@ class BranchEdit:
             arch.nop_fill(self.length - CALL_LEN)
 
 
+@fast_init
 @dataclass(frozen=True)
 class Decision:
     """What one site becomes (an action), and why when it is kept."""

@@ -71,6 +71,7 @@ from ..errors import RewriteError
 from ..plan.coverage import TableEdit
 from ..plan.stage import CALL_LEN, Decision, Plan, ThunkSpec
 from ..plan.targets import resolve_target
+from ..record import fast_init
 from .thunk import (
     PLAIN,
     THUNK_ALIGN,
@@ -126,6 +127,7 @@ PAGE = 0x1000
 MAX_FILE_PAD = 16 << 20  # most zero padding a linked file may grow by to place thunks
 
 
+@fast_init
 @dataclass(frozen=True)
 class SitePatch:
     """One site of the plan as the rewrite left it: its bytes before and after (the same for a

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from ..arch import Arch
 from ..elf.reader import ElfFile, Relocation, Section
+from ..record import fast_init
 from ..rules import Finding
 from .layouts import TableLayout
 from .ops import OpCatalog
@@ -50,6 +51,7 @@ class Table:
         return self.layout.stride
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Site:
     """One paravirt call site, as its table entry describes it."""

@@ -1,0 +1,69 @@
+"""Faster construction for the frozen dataclasses a run makes by the thousand.
+
+A frozen dataclass's generated `__init__` stores each field through
+`object.__setattr__` (its own `__setattr__` refuses): on Python 3.11 that is about
+2.5 µs for a 16-field record against 0.4 µs for a plain one, and a vmlinux's patch makes
+some 27,000 sites, decisions, covers and edits.  `fast_init` replaces the generated
+`__init__` of such a class with one that fills the instance's `__dict__` directly (a
+`__slots__` class: each slot's descriptor), with the same signature, defaults and
+annotations.  Everything else (frozenness, equality, hashing, repr, `replace`,
+pickling) is the dataclass's own, untouched.
+
+Only plain records qualify: every field positional and in `__init__`, defaults plain
+values, no `__post_init__`.  Anything else is refused when the class is defined, so a
+record that grows one of those fails at import, never later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def fast_init(cls: type[T]) -> type[T]:
+    """Give the frozen dataclass `cls` an `__init__` that stores its fields directly."""
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise TypeError(f"fast_init: {cls.__qualname__} is not a frozen dataclass")
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"fast_init: {cls.__qualname__} has __post_init__")
+    slots = "__slots__" in cls.__dict__
+    names: list[str] = []
+    signature: list[str] = []
+    scope: dict[str, Any] = {}
+    for f in cls.__dataclass_fields__.values():  # type: ignore[attr-defined]
+        if f._field_type is not dataclasses._FIELD:  # type: ignore[attr-defined]
+            if f._field_type is dataclasses._FIELD_CLASSVAR:  # type: ignore[attr-defined]
+                continue
+            raise TypeError(f"fast_init: {cls.__qualname__}.{f.name} is an InitVar")
+        if not f.init or f.kw_only or f.default_factory is not dataclasses.MISSING:
+            raise TypeError(f"fast_init: {cls.__qualname__}.{f.name} is not a plain "
+                            "positional field")
+        if f.name.startswith("_"):
+            raise TypeError(f"fast_init: {cls.__qualname__}.{f.name}: a private name")
+        names.append(f.name)
+        if f.default is dataclasses.MISSING:
+            signature.append(f.name)
+        else:
+            scope[f"_default_{f.name}"] = f.default
+            signature.append(f"{f.name}=_default_{f.name}")
+    if slots:
+        # A slot's member descriptor sets it without the class's refusing __setattr__.
+        for name in names:
+            scope[f"_set_{name}"] = cls.__dict__[name].__set__
+        body = "".join(f"    _set_{n}(self, {n})\n" for n in names) or "    pass\n"
+    else:
+        body = "    _fields = self.__dict__\n" + "".join(f"    _fields[{n!r}] = {n}\n"
+                                                  for n in names)
+    source = f"def __init__(self, {', '.join(signature)}):\n{body}"
+    exec(source, scope)  # generated from field names, as dataclasses itself does
+    init = scope["__init__"]
+    old = cls.__init__
+    init.__qualname__ = old.__qualname__
+    init.__module__ = cls.__module__
+    init.__annotations__ = dict(old.__annotations__)
+    init.__doc__ = old.__doc__
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
