@@ -633,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `pvpatch` program: `main()`, then exit without a window for a late signal.
+    """The `pvpatch` program: `main()`, then exit without a window for a late signal and
+    without the interpreter's teardown.
 
     Once `main()` returns, outputs are either renamed into place or removed, so a SIGINT
     or SIGTERM arriving now has nothing left to clean up; blocked, it cannot turn a
@@ -651,7 +652,15 @@ def run() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, late)
         _err("interrupted")
         code = 130
-    sys.exit(code)
+    # Every output is renamed into place or removed and every file closed by now: skip the
+    # interpreter's teardown (a full garbage collection, then freeing every object one by
+    # one: 4% of patching a vmlinux), as mypy does.
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader left after our last line: not a failure of ours
+        pass
+    os._exit(code)
 
 
 def _main(argv: Sequence[str] | None) -> int:
