@@ -10,8 +10,9 @@ annotations.  Everything else (frozenness, equality, hashing, repr, `replace`,
 pickling) is the dataclass's own, untouched.
 
 Only plain records qualify: every field positional and in `__init__`, defaults plain
-values, no `__post_init__`.  Anything else is refused when the class is defined, so a
-record that grows one of those fails at import, never later.
+values, no `__post_init__`, no ClassVar or InitVar pseudo-fields.  Anything else is
+refused when the class is defined, so a record that grows one fails at import, never
+later.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ def fast_init(cls: type[T]) -> type[T]:
     names: list[str] = []
     signature: list[str] = []
     scope: dict[str, Any] = {}
-    for f in cls.__dataclass_fields__.values():  # type: ignore[attr-defined]
-        if f._field_type is not dataclasses._FIELD:  # type: ignore[attr-defined]
-            if f._field_type is dataclasses._FIELD_CLASSVAR:  # type: ignore[attr-defined]
-                continue
-            raise TypeError(f"fast_init: {cls.__qualname__}.{f.name} is an InitVar")
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    # __dataclass_fields__ also holds ClassVar and InitVar pseudo-fields: none allowed.
+    pseudo = set(cls.__dataclass_fields__) - {f.name for f in fields}  # type: ignore[attr-defined]
+    if pseudo:
+        raise TypeError(f"fast_init: {cls.__qualname__} has ClassVar or InitVar "
+                        f"pseudo-fields ({', '.join(sorted(pseudo))})")
+    for f in fields:
         if not f.init or f.kw_only or f.default_factory is not dataclasses.MISSING:
             raise TypeError(f"fast_init: {cls.__qualname__}.{f.name} is not a plain "
                             "positional field")
-        if f.name.startswith("_"):
+        if f.name.startswith("_"):  # the generated names (_fields, _set_*) are private
             raise TypeError(f"fast_init: {cls.__qualname__}.{f.name}: a private name")
         names.append(f.name)
         if f.default is dataclasses.MISSING:

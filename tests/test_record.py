@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pickle
+from typing import ClassVar
 
 import pytest
 
@@ -101,4 +102,22 @@ def test_refuses_what_it_cannot_build() -> None:
 
     for cls in (Mutable, Factory, Post, KwOnly, NoInit):
         with pytest.raises(TypeError, match="fast_init"):
+            fast_init(cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithClassVar:
+    a: int
+    b: ClassVar[int] = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class WithInitVar:
+    a: int
+    b: dataclasses.InitVar[int] = 0
+
+
+def test_refuses_pseudo_fields() -> None:
+    for cls in (WithClassVar, WithInitVar):
+        with pytest.raises(TypeError, match="pseudo-fields"):
             fast_init(cls)
