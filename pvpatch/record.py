@@ -10,14 +10,15 @@ annotations.  Everything else (frozenness, equality, hashing, repr, `replace`,
 pickling) is the dataclass's own, untouched.
 
 Only plain records qualify: every field positional and in `__init__`, defaults plain
-values, no `__post_init__`, no ClassVar or InitVar pseudo-fields.  Anything else is
-refused when the class is defined, so a record that grows one fails at import, never
-later.
+values, no `__post_init__` or `__init__` of its own, no ClassVar or InitVar
+pseudo-fields.  Anything else is refused when the class is defined, so a record that
+grows one fails at import, never later.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -28,6 +29,10 @@ def fast_init(cls: type[T]) -> type[T]:
     params = getattr(cls, "__dataclass_params__", None)
     if params is None or not params.frozen:
         raise TypeError(f"fast_init: {cls.__qualname__} is not a frozen dataclass")
+    init_fn = cls.__dict__.get("__init__")
+    if not params.init or init_fn is None or init_fn.__code__.co_filename != "<string>":
+        # (dataclasses keeps an __init__ written in the class body; so would this)
+        raise TypeError(f"fast_init: {cls.__qualname__}'s __init__ is not the dataclass's")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"fast_init: {cls.__qualname__} has __post_init__")
     slots = "__slots__" in cls.__dict__
@@ -60,9 +65,14 @@ def fast_init(cls: type[T]) -> type[T]:
     else:
         body = "    _fields = self.__dict__\n" + "".join(f"    _fields[{n!r}] = {n}\n"
                                                   for n in names)
-    source = f"def __init__(self, {', '.join(signature)}):\n{body}"
-    exec(source, scope)  # generated from field names, as dataclasses itself does
-    init = scope["__init__"]
+    # As dataclasses does: the helpers are closure cells and the globals the module's own,
+    # so typing.get_type_hints(cls.__init__) resolves the annotations' names there.
+    inner = "".join(f"  {line}\n" for line in
+                    f"def __init__(self, {', '.join(signature)}):\n{body}".splitlines())
+    source = f"def __create_fn__({', '.join(scope)}):\n{inner}  return __init__\n"
+    made: dict[str, Any] = {}
+    exec(source, sys.modules[cls.__module__].__dict__, made)  # generated from field names
+    init = made["__create_fn__"](**scope)
     old = cls.__init__
     init.__qualname__ = old.__qualname__
     init.__module__ = cls.__module__

@@ -8,8 +8,15 @@ import contextlib
 import gc
 import io
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from paths import FIX, REPO
@@ -41,10 +48,13 @@ def test_threshold_raised_during_a_command_and_restored(monkeypatch: pytest.Monk
     assert seen == [(cli.YOUNG_GC_THRESHOLD, 9, 8)] * 2
 
 
-def _program(*args: str) -> subprocess.Popen[bytes]:
-    """The `pvpatch` program itself (cli.run, as the console script runs it)."""
+def _program(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
+    """The `pvpatch` program itself (cli.run, as the console script runs it), its stdout
+    block-buffered as it is for a user (not PYTHONUNBUFFERED)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
     return subprocess.Popen([sys.executable, "-c", "from pvpatch.cli import run; run()", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+                            cwd=REPO, env=env, **kw)
 
 
 def test_program_exit_skips_teardown_but_loses_no_output() -> None:
@@ -67,3 +77,50 @@ def test_program_reader_gone_is_not_an_error() -> None:
     err = proc.stderr.read()
     assert proc.wait() == 0
     assert err == b""
+
+
+def test_program_with_stdout_closed() -> None:
+    """Started with descriptor 1 closed (`pvpatch catalogs >&-`), Python has no sys.stdout:
+    print() writes nothing and the program still exits 0, silently."""
+    proc = _program("catalogs", stdout=None, stdin=subprocess.DEVNULL,
+                    preexec_fn=lambda: os.close(1))
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert err == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_program_stdout_full_is_one_line_and_exit_2() -> None:
+    """A report that cannot be written (ENOSPC) is an error of one line, exit 2."""
+    with open("/dev/full", "wb") as full:
+        proc = _program("catalogs", stdout=full)
+        _, err = proc.communicate()
+    assert proc.returncode == 2
+    assert err.decode().splitlines() == [
+        "pvpatch: error: cannot write standard output: No space left on device"]
+
+
+def test_program_under_a_profiler_exits_normally() -> None:
+    """Profiled (cProfile writes its file at exit), run() leaves through sys.exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "prof.out"
+        proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), "-m",
+                               "pvpatch", "catalogs"], capture_output=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert out.stat().st_size > 0
+
+
+def test_program_exit_ends_workers_a_pool_left_behind() -> None:
+    """A second Ctrl-C can cut a process pool's shutdown short, so main() returns with its
+    workers alive; run() leaves by os._exit, which would orphan them: they are ended."""
+    ctx = multiprocessing.get_context("fork")
+    worker = ctx.Process(target=time.sleep, args=(60,))
+    worker.start()
+    try:
+        assert cli._flush_outputs(130) == 130
+        worker.join(10)
+        assert not worker.is_alive()
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pickle
+import typing
 from typing import ClassVar
 
 import pytest
@@ -49,6 +50,10 @@ def test_same_fields_as_the_stdlib_init(cls: type) -> None:
     mine, theirs = cls(**kw), ref(**kw)
     assert [getattr(mine, n) for n in names] == [getattr(theirs, n) for n in names]
     assert inspect.signature(cls) == inspect.signature(ref)
+    # The annotations resolve in the record's own module, as the stdlib __init__'s do
+    # (documentation and type-checking tools read them).
+    assert typing.get_type_hints(vars(cls)["__init__"]) == \
+        typing.get_type_hints(vars(ref)["__init__"], vars(inspect.getmodule(cls)))
 
 
 @pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
@@ -100,7 +105,18 @@ def test_refuses_what_it_cannot_build() -> None:
     class NoInit:
         a: int = dataclasses.field(init=False, default=0)
 
-    for cls in (Mutable, Factory, Post, KwOnly, NoInit):
+    @dataclasses.dataclass(frozen=True, init=False)
+    class InitOff:
+        a: int
+
+    @dataclasses.dataclass(frozen=True)
+    class OwnInit:
+        a: int
+
+        def __init__(self, a: str) -> None:  # dataclasses keeps it: so must fast_init
+            object.__setattr__(self, "a", int(a))
+
+    for cls in (Mutable, Factory, Post, KwOnly, NoInit, InitOff, OwnInit):
         with pytest.raises(TypeError, match="fast_init"):
             fast_init(cls)
 
