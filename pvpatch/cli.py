@@ -7,6 +7,7 @@ Exit status: 0 success; 1 the job ran and found something that fails it
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import sys
@@ -701,10 +702,26 @@ def _main(argv: Sequence[str] | None) -> int:
         # The reader went away (`pvpatch scan ... | head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except Exception as exc:  # a bug: still one line, unless debugging
-        if os.environ.get("PVPATCH_DEBUG"):
-            import traceback
-
-            traceback.print_exc()
-        _err(f"internal error: {type(exc).__name__}: {exc} (set PVPATCH_DEBUG=1 for a traceback)")
+    except OSError as exc:
+        # Every file pvpatch writes fails as an OutputError naming it; a full disk or a size
+        # limit reaching here is standard output's (the report), the environment's failure.
+        if exc.errno not in STDOUT_FULL or sys.stdout is None:
+            return _internal_error(exc)
+        _err(f"error: cannot write standard output: {exc.strerror or exc}")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop the rest
         return EXIT_BAD
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+STDOUT_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _internal_error(exc: Exception) -> int:
+    """A bug: still one line, unless debugging."""
+    if os.environ.get("PVPATCH_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+    _err(f"internal error: {type(exc).__name__}: {exc} (set PVPATCH_DEBUG=1 for a traceback)")
+    return EXIT_BAD
