@@ -61,22 +61,18 @@ def fast_init(cls: type[T]) -> type[T]:
         # A slot's member descriptor sets it without the class's refusing __setattr__.
         for name in names:
             scope[f"_set_{name}"] = cls.__dict__[name].__set__
-        body = "".join(f"    _set_{n}(self, {n})\n" for n in names) or "    pass\n"
+        body = [f"_set_{n}(self, {n})" for n in names] or ["pass"]
     else:
-        body = "    _fields = self.__dict__\n" + "".join(f"    _fields[{n!r}] = {n}\n"
-                                                  for n in names)
+        body = ["_fields = self.__dict__", *(f"_fields[{n!r}] = {n}" for n in names)]
     # As dataclasses does: the helpers are closure cells and the globals the module's own,
     # so typing.get_type_hints(cls.__init__) resolves the annotations' names there.
-    inner = "".join(f"  {line}\n" for line in
-                    f"def __init__(self, {', '.join(signature)}):\n{body}".splitlines())
-    source = f"def __create_fn__({', '.join(scope)}):\n{inner}  return __init__\n"
+    source = (f"def __create_fn__({', '.join(scope)}):\n"
+              f"  def __init__(self, {', '.join(signature)}):\n"
+              + "".join(f"    {line}\n" for line in body) + "  return __init__\n")
     made: dict[str, Any] = {}
     exec(source, sys.modules[cls.__module__].__dict__, made)  # generated from field names
     init = made["__create_fn__"](**scope)
-    old = cls.__init__
-    init.__qualname__ = old.__qualname__
-    init.__module__ = cls.__module__
-    init.__annotations__ = dict(old.__annotations__)
-    init.__doc__ = old.__doc__
+    init.__qualname__ = init_fn.__qualname__
+    init.__annotations__ = dict(init_fn.__annotations__)
     cls.__init__ = init  # type: ignore[method-assign]
     return cls
