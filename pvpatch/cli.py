@@ -679,9 +679,21 @@ def _flush_outputs(code: int) -> int:
             pass
         except OSError as exc:  # ENOSPC, EFBIG, EIO: the report is incomplete
             if stream is sys.stdout:
-                _err(f"error: cannot write standard output: {exc.strerror or exc}")
-                code = code or EXIT_BAD
+                lost = _report_lost(exc)
+                code = code or lost
     return code
+
+
+def _report_lost(exc: OSError) -> int:
+    """Standard output refused the report: say so on stderr; the rest of it is dropped."""
+    _err(f"error: cannot write standard output: {exc.strerror or exc}")
+    _drop_stdout()
+    return EXIT_BAD
+
+
+def _drop_stdout() -> None:
+    """Send what stdout still holds, and anything printed later, to /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -700,16 +712,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return 130
     except BrokenPipeError:
         # The reader went away (`pvpatch scan ... | head`): not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         return EXIT_OK
     except OSError as exc:
         # Every file pvpatch writes fails as an OutputError naming it; a full disk or a size
         # limit reaching here is standard output's (the report), the environment's failure.
         if exc.errno not in STDOUT_FULL or sys.stdout is None:
             return _internal_error(exc)
-        _err(f"error: cannot write standard output: {exc.strerror or exc}")
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop the rest
-        return EXIT_BAD
+        return _report_lost(exc)
     except Exception as exc:
         return _internal_error(exc)
 
