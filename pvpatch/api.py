@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .elf.compress import MAX_DECOMPRESSED
 from .elf.reader import ElfFile
 from .errors import InputError, UsageError
+from .record import record
 from .scan.opsource import resolve_ops
 from .scan.stage import DEFAULT_SECTION, ScanResult, scan_elf
 
@@ -122,7 +123,7 @@ def apply_plan(the_plan: Plan, *, symvers: str | os.PathLike[str] | None = None)
     return _apply_plan(the_plan, crcs=crcs)
 
 
-@dataclass(frozen=True)
+@record
 class SigningKey:
     """A key and certificate to sign kernel modules with, as the kernel's sign-file does."""
 
@@ -212,7 +213,7 @@ def write_output(
 # -- one file, start to end ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class PatchOptions:
     """How `patch_file` patches one file: the options of `pvpatch patch`."""
 
@@ -233,7 +234,7 @@ class PatchOptions:
     max_decompressed: int = MAX_DECOMPRESSED
 
 
-@dataclass(frozen=True)
+@record
 class PatchResult:
     """What `patch_file` did: every stage's record, and where the output went."""
 

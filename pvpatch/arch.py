@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
+
+from .record import record
 
 # ELF e_machine values.
 EM_386 = 3
@@ -52,7 +53,7 @@ I386_NOP_FORMS = _hexes(
 )
 
 
-@dataclass(frozen=True)
+@record
 class RelocType:
     """One relocation type: its name, how many bytes it patches, how it is computed."""
 
@@ -68,7 +69,7 @@ class RelocType:
     at_load: bool = False  # the dynamic loader applies it against a symbol it binds
 
 
-@dataclass(frozen=True)
+@record
 class Arch:
     """What pvpatch needs to know of one architecture: registers, calling convention,
     relocation types and NOP forms."""

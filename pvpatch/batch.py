@@ -13,13 +13,14 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .check import FATAL_ERRORS, CheckOptions, FileCheck, check_data
 from .elf.compress import MAGIC_MAX, MAX_DECOMPRESSED, detect, named_like, unpack
 from .elf.reader import elf_kind
 from .errors import InputError, PvpatchError, UsageError
+from .record import record
 from .rules import Finding
 from .scan.stage import DEFAULT_SECTION
 
@@ -34,7 +35,7 @@ IN_PROCESS_MAX = 2  # a pool costs more than it saves for this few files
 CHUNK_MAX = 16  # files per task: small enough for a lively bar and even load
 
 
-@dataclass(frozen=True)
+@record
 class InputFile:
     """One file to run a job on: named on the command line, or found below a named directory."""
 
@@ -43,7 +44,7 @@ class InputFile:
     rel: str = ""  # path below the walked directory (the output path in a mirrored tree)
 
 
-@dataclass(frozen=True)
+@record
 class Inputs:
     """What `expand` made of the command line's paths: every file to run a job on, in order."""
 
@@ -215,7 +216,7 @@ def check_input(options: CheckOptions, item: InputFile, *,
     return check_data(item.path, data, options, walked=item.walked, compression=compression)
 
 
-@dataclass(frozen=True)
+@record
 class ScanOptions:
     """The `scan` options every file of a run is scanned with (as on the command line)."""
 
@@ -226,7 +227,7 @@ class ScanOptions:
     max_decompressed: int = MAX_DECOMPRESSED  # compressed inputs are refused past this
 
 
-@dataclass(frozen=True)
+@record
 class ScanOutcome:
     """What `scan` made of one file (picklable: it comes back from worker processes).
 
@@ -265,7 +266,7 @@ def scan_input(options: ScanOptions, item: InputFile) -> ScanOutcome:
                        findings=result.findings, sites=len(result.sites))
 
 
-@dataclass(frozen=True)
+@record
 class PatchOptions:
     """A tree run: where outputs go, and the options every file is patched with (`backend`
     and `symbols` are named here and loaded once per process)."""
@@ -278,7 +279,7 @@ class PatchOptions:
     json: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class PatchOutcome:
     """What patching one file of a tree came to (picklable: it comes back from worker processes).
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .arch import ARCHES
 from .elf.reader import ElfFile, elf_kind
 from .errors import ArchMismatch, InputError, OpsError, SpecError, TableError, UsageError
+from .record import record
 from .rules import Finding
 from .scan.stage import DEFAULT_SECTION, ScanResult
 
@@ -31,7 +32,7 @@ FATAL_ERRORS: tuple[type[Exception], ...] = (UsageError, SpecError, OpsError)
 Status = Literal["checked", "skipped", "bad"]
 
 
-@dataclass(frozen=True)
+@record
 class CheckOptions:
     """The `check` options every file of a run is checked with (as on the command line);
     `backend`: "native" or a backend spec file (SPEC.toml)."""
@@ -43,7 +44,7 @@ class CheckOptions:
     records: bool = False  # build each file's JSON record (scan's fields plus findings)
 
 
-@dataclass(frozen=True)
+@record
 class FileCheck:
     """What `check` found in one file (picklable: it comes back from worker processes)."""
 

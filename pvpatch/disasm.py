@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from .arch import ARCHES, Arch
+from .record import record
 
 
-@dataclass(frozen=True)
+@record
 class Insn:
     """One decoded instruction: where it starts in the bytes, its size and its text."""
 

@@ -7,16 +7,15 @@ name one of these rules, so JSON, text and SARIF output agree on ids.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from .record import fast_init
+from .record import fast_init, record
 
 Severity = Literal["error", "warning", "note"]
 
 
-@dataclass(frozen=True)
+@record
 class Rule:
     """One check pvpatch reports: its id, name, severity and what it means."""
 
@@ -89,7 +88,7 @@ RULES: Mapping[str, Rule] = MappingProxyType(
 
 
 @fast_init
-@dataclass(frozen=True)
+@record
 class Finding:
     """One thing a check found, and where."""
 

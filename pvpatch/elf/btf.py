@@ -15,10 +15,11 @@ from __future__ import annotations
 import bisect
 import struct
 import sys
-from dataclasses import dataclass
 from typing import NoReturn
 
 from pvpatch.errors import OpsError
+
+from ..record import record
 
 BTF_MAGIC = 0xEB9F
 HEADER_MIN_LEN = 24
@@ -97,7 +98,7 @@ MODIFIER_KINDS = frozenset({KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRI
 _MAX_RESOLVE_DEPTH = 64
 
 
-@dataclass(frozen=True)
+@record
 class BtfMember:
     """One STRUCT/UNION member; `bit_offset` is from the start of the aggregate."""
 
@@ -107,7 +108,7 @@ class BtfMember:
     bitfield_size: int  # 0 unless the member is a bitfield
 
 
-@dataclass(frozen=True)
+@record
 class BtfType:
     """One decoded type record. `size` is set for sized kinds, `ref` for the others."""
 

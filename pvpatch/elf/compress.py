@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from ..errors import InputError
+from ..record import record
 
 # The default ceiling on a decompressed input: far above any real module (the largest
 # of Debian's 6.12 cloud kernel, xfs.ko, is 5.6 MB; its vmlinux 58 MB), far below what
@@ -56,7 +56,7 @@ class StreamError(Exception):
     """A container's stream is broken; the message is one line, without the path."""
 
 
-@dataclass(frozen=True)
+@record
 class Container:
     """One compressed container format."""
 

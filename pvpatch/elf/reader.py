@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 from ..arch import BY_MACHINE, Arch
 from ..errors import ElfFormatError, InputError
+from ..record import record
 from .compress import MAX_DECOMPRESSED, unpack
 
 # What `ElfFile.data` holds: the bytes given, or a read-only map of the opened file.
@@ -46,7 +47,7 @@ PT_LOAD, PT_DYNAMIC, PT_NOTE, PT_PHDR, PT_GNU_PROPERTY = 1, 2, 4, 6, 0x6474E553
 PF_X, PF_W, PF_R = 1, 2, 4
 
 
-@dataclass(frozen=True)
+@record
 class ElfClass:
     """Record formats of one ELF class (32 or 64 bit), little-endian.
 
@@ -129,7 +130,7 @@ ELF32 = ElfClass(
 )
 
 
-@dataclass(frozen=True)
+@record
 class Section:
     """One section header, as the file has it."""
 
@@ -163,7 +164,7 @@ class Section:
         return self.addr <= addr < self.addr + self.size
 
 
-@dataclass(frozen=True)
+@record
 class Segment:
     """One program header, as the file has it."""
 
@@ -209,7 +210,7 @@ class Relocation(NamedTuple):
     addend: int
 
 
-@dataclass(frozen=True)
+@record
 class FileIdentity:
     """Which file on disk, and which version of it: a copy is taken from the path only
     while these still match."""
@@ -224,7 +225,7 @@ class FileIdentity:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-@dataclass(frozen=True)
+@record
 class ModuleSignature:
     """An appended kernel module signature: the trailer starts at `offset`."""
 

@@ -30,10 +30,10 @@ OpenSSL omits. For an RSA key the result is byte-identical to `sign-file`'s.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from ..errors import InputError, UsageError
+from ..record import record
 from .reader import MODULE_SIG_INFO_SIZE, MODULE_SIG_MAGIC
 
 PKEY_ID_PKCS7: Final = 2
@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # cryptography is imported only when signing
 assert SIG_INFO.size == MODULE_SIG_INFO_SIZE
 
 
-@dataclass(frozen=True)
+@record
 class SignatureTrailer:
     """An appended module signature as the kernel's `mod_check_sig()` reads it."""
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import RewriteError
+from ..record import record
 from .reader import (
     SHF_GROUP,
     SHF_INFO_LINK,
@@ -76,7 +77,7 @@ class SectionHeader:
                 self.sh_size, self.sh_link, self.sh_info, self.sh_addralign, self.sh_entsize)
 
 
-@dataclass(frozen=True)
+@record
 class ProgramHeaders:
     """A new program header table: where it goes in the file and its packed rows."""
 

@@ -21,13 +21,13 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
 from ..arch import ARCHES, Arch
 from ..errors import ArchMismatch, SpecError
+from ..record import record
 
 Action = Literal["inline", "call", "thunk", "jmp", "nop", "ud2", "keep"]
 SPEC_ACTIONS: tuple[str, ...] = ("inline", "call", "jmp", "nop", "ud2", "keep")
@@ -42,7 +42,7 @@ _DEFAULT_KEYS = {"action", "reason"}
 _THUNK_KEYS = {"endbr", "section"}
 
 
-@dataclass(frozen=True)
+@record
 class OpRule:
     """What one op becomes.  `code` is set for inline rules."""
 
@@ -58,7 +58,7 @@ class OpRule:
     line: int | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Backend:
     """What each op becomes: the native forms, or a user's spec, as rules by op name or type."""
 

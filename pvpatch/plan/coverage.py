@@ -17,12 +17,11 @@ import bisect
 import functools
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 from ..elf.reader import SHT_NOBITS
-from ..record import fast_init
+from ..record import fast_init, record
 from ..scan import altinstr
 from ..scan.sites import RelocIndex
 
@@ -37,7 +36,7 @@ Outcome = Literal["pvpatch", "kernel", "native", "depends"]
 EditKind = Literal["drop", "neutralise", "copy"]
 
 
-@dataclass(frozen=True)
+@record
 class EntryKind:
     """What one kind of table entry makes the kernel do at its site."""
 
@@ -64,7 +63,7 @@ ENTRY_KINDS: Mapping[str, EntryKind] = MappingProxyType({k.name: k for k in (
 )})
 
 
-@dataclass(frozen=True)
+@record
 class SiteList:
     """A table of places other kernel code patches at boot or load: each entry's first
     field is an s32 self-relative pointer to the place (a PC32 relocation in .o/.ko)."""
@@ -91,7 +90,7 @@ SITE_LISTS: tuple[SiteList, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@record
 class Feature:
     """A CPU feature bit an alternative tests, and whether the modelled machine has it.
 
@@ -147,7 +146,7 @@ def kernel_nops(arch: str, length: int) -> bytes:
 
 
 @fast_init
-@dataclass(frozen=True)
+@record
 class TableEdit:
     """One planned change to one table entry, so the kernel no longer touches a site.
 
@@ -167,7 +166,7 @@ class TableEdit:
 
 
 @fast_init
-@dataclass(frozen=True)
+@record
 class Cover:
     """One table entry whose range overlaps a site."""
 
@@ -211,7 +210,7 @@ class Cover:
 
 
 @fast_init
-@dataclass(frozen=True)
+@record
 class SiteCoverage:
     """The table entries that cover one site (`site_index`, its index in the scan) and what the
     kernel leaves there; `rewritten`: the plan rewrites the site."""
@@ -231,7 +230,7 @@ class SiteCoverage:
         }[self.outcome]
 
 
-@dataclass(frozen=True)
+@record
 class Coverage:
     """What the kernel does at every site of a plan (`sites`, by site index: a kept site's is
     made on first lookup), and the table edits that keep it off the rewritten ones."""
@@ -244,7 +243,7 @@ class Coverage:
 # -- decoding -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class _AltTable:
     """The file's `.altinstructions` when it is not the site table, decoded once: `spans` finds
     the entries at a site; `repl_relocs` (relocatable files) shows which replacements are

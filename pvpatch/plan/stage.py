@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 from ..arch import Arch, convention_changes
 from ..elf.reader import Symbol
-from ..record import fast_init
+from ..record import fast_init, record
 from ..rules import Finding
 from ..scan.stage import ScanResult, Site, site_finding
 from .backend import Action, Backend, OpRule, returns_to_site
@@ -31,7 +31,7 @@ CALL_LEN = 5  # e8/e9 rel32
 UD2 = b"\x0f\x0b"
 
 
-@dataclass(frozen=True)
+@record
 class ThunkSpec:
     """A register-saving wrapper around a C-convention target."""
 
@@ -41,7 +41,7 @@ class ThunkSpec:
     endbr: bool
 
 
-@dataclass(frozen=True)
+@record
 class BranchEdit:
     """The edit a call, jmp or thunk site asks for, complete: `opcode` (e8 call / e9 jmp)
     with a rel32 to `symbol`, nop-padded to `length` bytes.  `symbol` is the thunk's when
@@ -65,7 +65,7 @@ class BranchEdit:
 
 
 @fast_init
-@dataclass(frozen=True)
+@record
 class Decision:
     """What one site becomes (an action), and why when it is kept."""
 
@@ -86,7 +86,7 @@ class Decision:
         return self.action != "keep"
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     """Every site's decision, the thunks they need and what planning found: pure data,
     nothing written."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 from ..elf.reader import STB_GLOBAL, STB_LOCAL, STB_WEAK, STT_FILE, STT_SECTION, ElfFile, Symbol
 from ..errors import InputError, SpecError
+from ..record import record
 
 
 def candidates(elf: ElfFile, name: str) -> list[Symbol]:
@@ -67,7 +67,7 @@ def resolve_target(elf: ElfFile, name: str) -> Symbol | None:
     return found[0] if found else None
 
 
-@dataclass(frozen=True)
+@record
 class TargetAddress:
     """Where a spec target is in a linked file, and what said so."""
 
@@ -95,7 +95,7 @@ def target_address(elf: ElfFile, name: str,
     return None
 
 
-@dataclass(frozen=True)
+@record
 class SymbolMap:
     """Addresses from a System.map or /proc/kallsyms file (`ADDRESS TYPE NAME [MODULE]`)."""
 

@@ -28,7 +28,6 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,6 +49,7 @@ from ..elf.reader import (
     Relocation,
 )
 from ..errors import InputError, PvpatchError, UsageError
+from ..record import record
 from ..scan.stage import DEFAULT_SECTION
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ _SYMBOL_TYPES = {0: "NOTYPE", 1: "OBJECT", 2: "FUNC", 3: "SECTION", 4: "FILE"}
 # -- the data model ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Verdict:
     """A site's or thunk's verdict in a verify report."""
 
@@ -88,7 +88,7 @@ class Verdict:
         return self.status == "fail" or (self.status == "skip" and not self.allowed)
 
 
-@dataclass(frozen=True)
+@record
 class SiteDiff:
     """One site whose bytes or relocations differ."""
 
@@ -120,7 +120,7 @@ class SiteDiff:
         return f"{self.address:#x} {rel}" if self.address is not None else rel
 
 
-@dataclass(frozen=True)
+@record
 class ThunkDiff:
     """A thunk PATCHED holds."""
 
@@ -136,7 +136,7 @@ class ThunkDiff:
     flags: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class EntryEdit:
     """A table entry made one the kernel skips, or dropped."""
 
@@ -147,7 +147,7 @@ class EntryEdit:
     now: str | None  # `NOT(ALWAYS)`; None when dropped
 
 
-@dataclass(frozen=True)
+@record
 class SectionInfo:
     """A section PATCHED adds (`address` None in a relocatable file)."""
 
@@ -158,7 +158,7 @@ class SectionInfo:
     address: int | None
 
 
-@dataclass(frozen=True)
+@record
 class SymbolInfo:
     """A symbol only one of the files has (section symbols aside), named as readelf names them."""
 
@@ -170,7 +170,7 @@ class SymbolInfo:
     size: int
 
 
-@dataclass(frozen=True)
+@record
 class RelocChange:
     """A relocation PATCHED adds or removes outside the changed sites and the site table's own
     (relocatable files); `symbol` as the relocation names it, `offset` in `section`."""
@@ -183,7 +183,7 @@ class RelocChange:
     addend: int
 
 
-@dataclass(frozen=True)
+@record
 class SegmentInfo:
     """A program header PATCHED adds after ORIGINAL's."""
 
@@ -195,7 +195,7 @@ class SegmentInfo:
     memsz: int
 
 
-@dataclass(frozen=True)
+@record
 class FileDiff:
     """Everything that differs between one ORIGINAL and its PATCHED."""
 
@@ -251,7 +251,7 @@ class FileDiff:
         return dict(Counter((s.action, s.op or f"type {s.type}") for s in self.sites))
 
 
-@dataclass(frozen=True)
+@record
 class Unpaired:
     """A file of one tree with no file at the same relative path in the other."""
 
@@ -259,7 +259,7 @@ class Unpaired:
     missing_in: Literal["original", "patched"]
 
 
-@dataclass(frozen=True)
+@record
 class DiffReport:
     """What `diff_files` found: one `FileDiff` for a pair of files, one per paired file for two
     trees (`tree`), and what could not be paired or compared."""
@@ -297,7 +297,7 @@ class DiffReport:
 # -- verify reports ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class VerifyDoc:
     """One file's verify report: verdicts by site index and by thunk symbol."""
 
@@ -797,7 +797,7 @@ def diff_pair(original: str | os.PathLike[str], patched: str | os.PathLike[str],
 # -- trees -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class _Options:
     """The options every pair of a tree is compared with (`diff_pair`'s)."""
 
@@ -808,7 +808,7 @@ class _Options:
     max_decompressed: int
 
 
-@dataclass(frozen=True)
+@record
 class _Pair:
     """Two files at the same relative path (`rel`) of the trees, and the verify report matched
     to them."""
@@ -819,7 +819,7 @@ class _Pair:
     verify: VerifyDoc | None = None
 
 
-@dataclass(frozen=True)
+@record
 class _Outcome:
     """What `_diff_job` made of one pair (picklable: it comes back from worker processes):
     "skipped" when ORIGINAL is not x86 ELF; "bad": `error` says why it could not be compared."""

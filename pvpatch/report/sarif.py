@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from .. import __version__
+from ..record import record
 from ..rules import RULES, Finding
 
 SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -24,7 +24,7 @@ SRCROOT = "%SRCROOT%"
 _LEVELS = {"error": "error", "warning": "warning", "note": "note"}
 
 
-@dataclass(frozen=True)
+@record
 class ArtifactFindings:
     """One file of the run and its findings: a SARIF artifact and its results."""
 

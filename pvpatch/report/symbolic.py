@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import Any
 
@@ -32,6 +31,7 @@ from ..elf.reader import (
     Relocation,
 )
 from ..errors import PvpatchError
+from ..record import record
 from ..scan.sites import RelocIndex
 
 # A name is given to an address at most this far past a symbol whose size is unknown
@@ -49,7 +49,7 @@ _MEM = re.compile(r"^(?P<star>\*?)(?P<seg>%[a-z]{2}:)?(?P<disp>-?(?:0x[0-9a-f]+|
                   r"(?P<rest>\(.*\))?$")
 
 
-@dataclass(frozen=True)
+@record
 class Named:
     """An address range with a name (a symbol, a thunk, an export)."""
 

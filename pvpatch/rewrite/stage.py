@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import cached_property
 from typing import NamedTuple
 
@@ -71,7 +71,7 @@ from ..errors import RewriteError
 from ..plan.coverage import TableEdit
 from ..plan.stage import CALL_LEN, Decision, Plan, ThunkSpec
 from ..plan.targets import resolve_target
-from ..record import fast_init
+from ..record import fast_init, record
 from .thunk import (
     PLAIN,
     THUNK_ALIGN,
@@ -90,7 +90,7 @@ ORC_ARCHES = ("x86_64",)  # the kernel's ORC unwinder exists for x86-64 only
 PT_GNU_EH_FRAME = 0x6474E550
 
 
-@dataclass(frozen=True)
+@record
 class _LinkedUnwind:
     """A linked file's new `.eh_frame` and `.eh_frame_hdr` (section index, address, bytes)."""
 
@@ -128,7 +128,7 @@ MAX_FILE_PAD = 16 << 20  # most zero padding a linked file may grow by to place 
 
 
 @fast_init
-@dataclass(frozen=True)
+@record
 class SitePatch:
     """One site of the plan as the rewrite left it: its bytes before and after (the same for a
     kept site)."""
@@ -139,7 +139,7 @@ class SitePatch:
     already: bool  # the site was in the planned form already: nothing to do
 
 
-@dataclass(frozen=True)
+@record
 class PlacedThunk:
     """A planned thunk where the output holds it: `size` bytes at `offset` in `section` (and at
     `address` in a linked file); added by this rewrite, or left by an earlier run and reused."""
@@ -160,7 +160,7 @@ class SiteRelocation(NamedTuple):
     relocation: Relocation
 
 
-@dataclass(frozen=True)
+@record
 class NewThunk:
     """A thunk this rewrite adds: where it goes, and its code (branches not yet bound)."""
 
@@ -176,7 +176,7 @@ def _thunk_section(thunks: Iterable[NewThunk], bodies: Iterable[bytes]) -> bytea
     return code
 
 
-@dataclass(frozen=True)
+@record
 class Rewrite:
     """The result of applying a plan: the output file, in memory.
 
@@ -282,7 +282,7 @@ def _rel32(disp: int, path: str, arch: Arch) -> bytes:
     return (disp & 0xFFFFFFFF).to_bytes(4, "little")
 
 
-@dataclass(frozen=True)
+@record
 class _TableMover:
     """Where an offset in a table section goes when entries are dropped (`keep`: the
     entries kept, in order): one in a kept entry follows it, one in a dropped entry goes

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..arch import Arch
 from ..elf.reader import SHF_ALLOC, SHT_NOBITS, STT_FUNC, ElfFile, Section
 from ..errors import RewriteError
 from ..plan.stage import Plan, ThunkSpec
+from ..record import record
 
 if TYPE_CHECKING:
     # The unwind encoders load with the first thunk made: a native-only patch never needs them.
@@ -38,7 +38,7 @@ THUNK_ALIGN = 16
 DEFAULT_SECTION = ".text.pvpatch"
 
 
-@dataclass(frozen=True)
+@record
 class SiteTable:
     """A section listing instructions as s32 offsets, each relative to its own entry,
     as objtool writes them (section flags, alignment and entry size included)."""
@@ -50,7 +50,7 @@ class SiteTable:
     entry_size: int = 4
 
 
-@dataclass(frozen=True)
+@record
 class ReturnForm:
     """How an object's code returns: `opcode`, then a rel32 to `symbol` when there is one,
     and where each such return is listed."""
@@ -80,7 +80,7 @@ SLS_EVIDENCE = 64
 SLS_DECODE_BUDGET = 1 << 20
 
 
-@dataclass(frozen=True)
+@record
 class Conventions:
     """What a thunk's return looks like in one file."""
 
@@ -107,7 +107,7 @@ class Conventions:
 PLAIN = Conventions()
 
 
-@dataclass(frozen=True)
+@record
 class Branch:
     """A rel32 field of a thunk and the symbol it reaches."""
 
@@ -115,7 +115,7 @@ class Branch:
     symbol: str
 
 
-@dataclass(frozen=True)
+@record
 class ThunkCode:
     """A thunk's bytes with every rel32 field zero, bound where it is placed (by a relocation
     or from addresses)."""
@@ -170,7 +170,7 @@ def thunk_code(arch: Arch, spec: ThunkSpec, conventions: Conventions = PLAIN) ->
     return ThunkCode(bytes(out), call_field, tuple(branches), listed, frame.frame(len(out)))
 
 
-@dataclass(frozen=True)
+@record
 class ThunkSlot:
     """A thunk's place in the thunk section and its code (branches not yet bound)."""
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 
 from ..arch import Arch
 from ..errors import RewriteError
+from ..record import record
 
 # DWARF register numbers (System V psABIs: x86-64 Figure 3.36, i386 Table 2.14) and
 # the return-address column each CIE names.
@@ -73,7 +73,7 @@ class UnwindError(RewriteError):
 # -- the description ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class FrameRow:
     """The stack from `offset` (into the thunk) on: CFA = sp + `cfa`; each saved
     register's slot at CFA + its offset (the return address's included)."""
@@ -83,7 +83,7 @@ class FrameRow:
     saved: tuple[tuple[str, int], ...]
 
 
-@dataclass(frozen=True)
+@record
 class ThunkFrame:
     """The stack through a thunk of `size` bytes: a `FrameRow` from each offset where it
     changes (the first at 0)."""
@@ -214,7 +214,7 @@ def read_pointer(data: bytes, pos: int, enc: int, field_addr: int, ptr_size: int
 # -- parsing .eh_frame -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Cie:
     """A CIE read from `.eh_frame`: the pointer encodings of its FDEs and LSDAs (its
     augmentation's "R" and "L": absptr and omit without them) and its initial instructions."""
@@ -231,7 +231,7 @@ class Cie:
     instructions: bytes
 
 
-@dataclass(frozen=True)
+@record
 class Fde:
     """An FDE read from `.eh_frame`: the code [pc_begin, pc_begin + pc_range) it describes and
     its call-frame instructions; `offset`, `size` as a `Cie`'s; `lsda_field`: where its LSDA
@@ -247,7 +247,7 @@ class Fde:
     instructions: bytes
 
 
-@dataclass(frozen=True)
+@record
 class EhFrame:
     """The CIEs and FDEs of an `.eh_frame` section, in section order."""
 
@@ -366,7 +366,7 @@ def _parse_fde(data: bytes, start: int, pos: int, end: int, cie: Cie, addr: int,
 # -- reading CFA rules back ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class CfaRow:
     """From `loc` on: CFA = register `reg` + `offset` (reg None: an expression, not
     checked); `saved`: DWARF column -> slot offset from the CFA."""
@@ -565,7 +565,7 @@ def fde(arch: Arch, frame: ThunkFrame, cie_distance: int, pc_begin: int) -> byte
     return _pad(body, arch.ptr_size)
 
 
-@dataclass(frozen=True)
+@record
 class EhEntries:
     """New `.eh_frame` entries for thunks: one CIE, then one FDE per thunk frame, in order."""
 
@@ -661,7 +661,7 @@ ORC_ENTRY = struct.Struct("<hhH")  # sp_offset, bp_offset, then the register/typ
 ORC_IP_SIZE = 4  # .orc_unwind_ip: s32 relative to itself, one PC32 relocation each
 
 
-@dataclass(frozen=True)
+@record
 class OrcLayout:
     """One version of objtool's `struct orc_entry`: after the two s16 offsets a u16 holding
     sp_reg:4, bp_reg:4, then type (`type_bits` wide) and one flag bit (`end` before 6.4,
@@ -698,7 +698,7 @@ def orc_entry(layout: OrcLayout, sp_offset: int, bp_offset: int = 0, sp_reg: int
     return ORC_ENTRY.pack(sp_offset, bp_offset, bits)
 
 
-@dataclass(frozen=True)
+@record
 class OrcEntry:
     """An ORC entry decoded by its layout (`decode_orc`, as verify reads it back): `kind` is the
     type field, `flag` the bit after it (`end` before 6.4, `signal` since)."""

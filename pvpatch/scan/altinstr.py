@@ -17,12 +17,12 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 
 from ..elf.reader import ElfFile, Relocation, Section, Symbol
 from ..errors import TableError, UsageError
+from ..record import record
 from ..rules import Finding
 from .layouts import AUTO_LAYOUTS, LAYOUTS, TableLayout
 from .ops import OpCatalog
@@ -57,7 +57,7 @@ CALL_INSN_LEN = 6
 PLACEHOLDER_LEN = 5  # `call BUG_func`, which the kernel retargets
 
 
-@dataclass(frozen=True)
+@record
 class AltEntry:
     """One decoded entry; `flags` holds ALT_FLAG_* whatever the layout's era."""
 
@@ -69,7 +69,7 @@ class AltEntry:
     repllen: int
 
 
-@dataclass(frozen=True)
+@record
 class AltLayout:
     """One era of `struct alt_instr`: how an entry is laid out, as data."""
 
@@ -152,7 +152,7 @@ NEUTRAL_FLAGS = (X86_FEATURE_ALWAYS, ALT_FLAG_NOT)  # (feature, flags) of a skip
 Loc = tuple[int, int]
 
 
-@dataclass(frozen=True)
+@record
 class Decoded:
     """A table decoded with one layout, as columns: entry i's fields are `feature[i]`,
     `flags[i]` (ALT_FLAG_*), `instrlen[i]`, `repllen[i]`, and its two pointers lead to

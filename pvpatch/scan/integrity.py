@@ -20,18 +20,18 @@ import bisect
 import re
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 
 from ..arch import Arch
 from ..elf.reader import STT_FUNC, ElfFile
+from ..record import record
 from ..rules import Finding
 from .sites import CALL_FORMS, ScanResult, Site, site_finding
 
 MAX_INSN = 15  # longest x86 instruction: enough look-ahead to see one run past a site
 
 
-@dataclass(frozen=True)
+@record
 class Head:
     """An instruction a site may start with: its opcode bytes, whole length, what it is,
     and where its relocated operand starts (None: it has none)."""
@@ -241,7 +241,7 @@ class _Checker:
                     f"the site at {sec.name}+{start:#x} ({s.len} bytes)")))
 
 
-@dataclass(frozen=True)
+@record
 class _Func:
     """A sized function symbol, as section offsets."""
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 
 from ..arch import ARCHES
+from ..record import record
 
 
-@dataclass(frozen=True)
+@record
 class Field:
     """Where one field lies inside a table entry."""
 
@@ -25,7 +25,7 @@ class Field:
     size: int
 
 
-@dataclass(frozen=True)
+@record
 class TableLayout:
     """One era of `struct paravirt_patch_site`: its fields, stride and CLBR bits, as data."""
 

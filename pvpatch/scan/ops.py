@@ -29,7 +29,7 @@ import functools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -37,6 +37,8 @@ from typing import Any
 from pvpatch.arch import ARCHES
 from pvpatch.elf.btf import KIND_PTR, KIND_STRUCT, Btf
 from pvpatch.errors import OpsError
+
+from ..record import record
 
 TEMPLATE_STRUCT = "paravirt_patch_template"
 CALLEE_SAVE_STRUCT = "paravirt_callee_save"
@@ -55,7 +57,7 @@ _ARCH_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class OpCatalog:
     """Op names by `.parainstructions` type index for one kernel layout."""
 
@@ -110,21 +112,21 @@ class OpCatalog:
 # -- the source-independent flattening -------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class _Ptr:
     """A pointer member (an op) in a template's shape."""
 
     size: int | None  # None when the source does not record it (BTF)
 
 
-@dataclass(frozen=True)
+@record
 class _Other:
     """A member that is neither a pointer nor a struct."""
 
     pass
 
 
-@dataclass(frozen=True)
+@record
 class _Field:
     """A named member of a struct, at its byte offset."""
 
@@ -133,7 +135,7 @@ class _Field:
     shape: _Shape
 
 
-@dataclass(frozen=True)
+@record
 class _Struct:
     """A struct's shape: its size and members."""
 

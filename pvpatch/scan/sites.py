@@ -16,7 +16,7 @@ from typing import Protocol
 
 from ..arch import Arch
 from ..elf.reader import ElfFile, Relocation, Section
-from ..record import fast_init
+from ..record import fast_init, record
 from ..rules import Finding
 from .layouts import TableLayout
 from .ops import OpCatalog
@@ -37,7 +37,7 @@ class EntryLayout(Protocol):
     def description(self) -> str: ...
 
 
-@dataclass(frozen=True)
+@record
 class Table:
     """The site table a scan read: its section, entry layout, entry count and family."""
 
@@ -85,7 +85,7 @@ class Site:
         return self.entries or (self.index,)
 
 
-@dataclass(frozen=True)
+@record
 class ScanResult:
     """What the scan stage hands to the planner: the file, its table, sites and findings."""
 

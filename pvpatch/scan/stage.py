@@ -11,11 +11,11 @@ made one the kernel skips (`entry_edit`).  The rest of pvpatch sees only `Site`s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 
 from ..elf.reader import SHT_NOBITS, ElfFile, Section
 from ..errors import TableError, UsageError
+from ..record import record
 from . import altinstr, paravirt
 from .layouts import AUTO_LAYOUTS, LAYOUTS
 from .ops import OpCatalog
@@ -48,7 +48,7 @@ __all__ = [
 DEFAULT_SECTION = "auto"  # each family's own section, the first family that claims the file
 
 
-@dataclass(frozen=True)
+@record
 class TableFamily:
     """One kind of site table, as data plus its reader (objtool's special.c rows)."""
 

@@ -31,7 +31,7 @@ import itertools
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..elf.reader import (
@@ -63,6 +63,7 @@ from ..elf.reader import (
     Symbol,
 )
 from ..elf.writer import DT_REL, DT_RELA, DT_RELACOUNT, DT_RELCOUNT, DT_RELRSZ, dynamic_entries
+from ..record import record
 from ..rewrite.modversions import MODULE_NAME_LEN
 from ..scan.altinstr import SECTION as ALT_SECTION
 
@@ -89,7 +90,7 @@ ORC_UNWIND, ORC_UNWIND_IP, ORC_HEADER = ".orc_unwind", ".orc_unwind_ip", ".orc_h
 ORC_SECTIONS = (ORC_UNWIND, ORC_UNWIND_IP)
 
 
-@dataclass(frozen=True)
+@record
 class Difference:
     """Bytes of PATCHED that no proof and no rule accounts for."""
 
@@ -109,7 +110,7 @@ class Difference:
         return ", ".join(parts) or "the file"
 
 
-@dataclass(frozen=True)
+@record
 class Claim:
     """A difference accounted for once the site (or thunk) it belongs to is proven."""
 
@@ -118,7 +119,7 @@ class Claim:
     thunk: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class SectionNote:
     """A section of PATCHED that differs, and the rule that accounted for it."""
 
@@ -127,7 +128,7 @@ class SectionNote:
     rule: str
 
 
-@dataclass(frozen=True)
+@record
 class ThunkPlace:
     """A thunk found in PATCHED: (section name, occurrence) + offset, its size."""
 
@@ -139,7 +140,7 @@ class ThunkPlace:
     address: int | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Accounting:
     """What the byte accounting of one file pair found: the sites and thunks to prove, the
     differences their proofs account for (`claims`), those no rule explains (`problems`),
@@ -302,7 +303,7 @@ def _keys(elf: ElfFile) -> list[tuple[str, int]]:
 # -- section kinds: how a difference in each is accounted for ---------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Kind:
     """A kind of section and the one rule a difference in it is accounted for by: `account`
     checks a section of PATCHED against ORIGINAL's (None when PATCHED added it)."""

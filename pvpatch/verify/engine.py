@@ -7,11 +7,11 @@ import bisect
 import random
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ..elf.reader import ElfFile
+from ..record import record
 from .jobs import FileJob
 from .loader import Image, load_image
 from .machine import Machine, RunResult
@@ -252,7 +252,7 @@ class FilePair:
         return int(struct.unpack_from(self.wfmt, batch.blocks[k], HOST_OFF + reg * self.word)[0])
 
 
-@dataclass(frozen=True)
+@record
 class _Batch:
     """Up to TRIAL_SLOTS trial states, the same for every file verified with the same seed
     (kept in `_BATCHES`): per slot, the trial's seed and the block both machines load."""

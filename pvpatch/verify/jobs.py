@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import TYPE_CHECKING
 
 from ..elf.reader import Buffer, ElfFile
+from ..record import record
 from .records import SiteVerdict
 
 if TYPE_CHECKING:
     from ..plan.stage import Decision, Plan
 
 
-@dataclass(frozen=True)
+@record
 class SiteJob:
     """A changed site for a worker to verify: where it is (the same in both files), what the
     plan made of it (`action`; `tail`: control does not come back to the site's end;
@@ -35,7 +36,7 @@ class SiteJob:
     target_addr: int | None = None
 
 
-@dataclass(frozen=True)
+@record
 class ThunkJob:
     """A thunk of PATCHED for a worker to verify: the plan's spec, and where PATCHED holds it."""
 
@@ -48,7 +49,7 @@ class ThunkJob:
     address: int | None = None  # link-time address, when known (linked files)
 
 
-@dataclass(frozen=True)
+@record
 class FileJob:
     """Everything a worker needs to verify one file pair: both files' bytes, the sites and
     thunks to emulate, the trials to run and their seed; `call_targets`: each function a

@@ -13,11 +13,11 @@ import itertools
 import random
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from ..errors import VerifyError
+from ..record import record
 from .loader import Image
 from .runtime import (
     ABOVE,
@@ -46,7 +46,7 @@ from .runtime import (
 TCG_BUFFER = 32 << 20
 
 
-@dataclass(frozen=True)
+@record
 class RunResult:
     """One trial's run: its out record and the bytes it wrote (restored since); `error`: why it
     stopped short of its exit (None when it got there)."""
@@ -60,7 +60,7 @@ class RunResult:
         return self.error is None and bool(self.out[-2] & 0xFF)
 
 
-@dataclass(frozen=True)
+@record
 class Step:
     """One instruction about to run (`Machine.trace`)."""
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import VerifyError
+from ..record import record
 
 if TYPE_CHECKING:
     pass
 
 
-@dataclass(frozen=True)
+@record
 class RefModel:
     """An op's reference model (pvpatch/data/reference/ARCH.toml): `code`, the native
     function's bytes, or `skip`, why no snippet can run it; `cr`: the result depends on

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
+
+from ..record import record
 
 if TYPE_CHECKING:
     from .accounting import Difference, SectionNote
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
 Status = Literal["pass", "fail", "skip"]
 
 
-@dataclass(frozen=True)
+@record
 class SiteVerdict:
     """One changed site's verdict: `status` and its `reason` (a pass's says when only the
     contract was checked), after `trials` trials (0: none ran)."""
@@ -31,7 +32,7 @@ class SiteVerdict:
     detail: tuple[str, ...] = ()  # what differed, and both versions disassembled
 
 
-@dataclass(frozen=True)
+@record
 class ThunkVerdict:
     """One thunk's verdict, as `SiteVerdict` for a site; `target`: the function it calls ("?"
     for a thunk the plan does not make)."""
@@ -46,7 +47,7 @@ class ThunkVerdict:
     detail: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class VerifyReport:
     """What verifying one patched file found: a verdict per changed site and per thunk, and
     what the byte accounting could not explain."""

@@ -12,11 +12,12 @@ once: per site only the site-end jump is poked.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
 from ..arch import Arch, convention_changes
 from ..errors import VerifyError
+from ..record import record
 
 PAGE = 0x1000
 HLT = 0xF4
@@ -95,7 +96,7 @@ def out_addr(k: int) -> int:
 # Out-record words: regs[n], flags, cr0, cr2, cr3, done, callee rsp
 
 
-@dataclass(frozen=True)
+@record
 class ArchRuntime:
     """Per-architecture constants of the runtime."""
 
@@ -259,7 +260,7 @@ CR0_TS = 0x8
 ARG_FLAGS = ARITH_FLAGS | IF_FLAG | DF_FLAG | AC_FLAG
 
 
-@dataclass(frozen=True)
+@record
 class Runtime:
     """The runtime region's code and the entry points inside it."""
 
