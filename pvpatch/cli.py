@@ -87,26 +87,15 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
                         "verification (it is still listed as not proven)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pvpatch",
-        description="Static patcher for x86 paravirt call sites (.parainstructions, and "
-        ".altinstructions DIRECT_CALL entries since Linux 6.8) in ELF files, with emulation "
-        "proof.",
-    )
-    parser.add_argument("--version", action="version", version=f"pvpatch {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    p = sub.add_parser("scan", help="list the paravirt sites of ELF files and trees")
+def _scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="ELF files, or directories to walk for ELF files")
     _common_scan_options(p)
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     _tree_options(p)
-    p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("check", help="report every wrong paravirt site (for CI)")
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="ELF files, or directories to walk for ELF files")
     p.add_argument("--backend", default="native", metavar="native|SPEC.toml",
@@ -117,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on", choices=("error", "warning"), default="error",
                    help="exit 1 when a finding is at least this severe (default: error)")
     _tree_options(p)
-    p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("patch", help="rewrite the sites of an ELF file or a tree of them")
+
+def _patch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="an ELF file, or a directory to mirror")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help="the output file, or the output directory for a directory INPUT")
@@ -150,10 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signature digest: sha256 (default), sha384, sha512, sha224")
     _sarif_option(p)
     _tree_options(p)
-    p.set_defaults(func=cmd_patch)
 
-    p = sub.add_parser("verify",
-                       help="prove by emulation that PATCHED keeps ORIGINAL's site contracts")
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("original", metavar="ORIGINAL")
     p.add_argument("patched", metavar="PATCHED")
     p.add_argument("--backend", default="native", metavar="native|SPEC.toml",
@@ -162,10 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     _verify_options(p)
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     _sarif_option(p)
-    p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("diff", help="show what a patch changed, site by site, and flag "
-                       "every other difference")
+
+def _diff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("original", metavar="ORIGINAL", help="the file, or tree, before")
     p.add_argument("patched", metavar="PATCHED",
                    help="the file, or tree (files paired by relative path), after")
@@ -178,14 +165,75 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verdicts from `pvpatch verify --json` (or `pvpatch patch --json`)")
     p.add_argument("-j", "--jobs", type=_positive, default=None, metavar="N",
                    help="worker processes for trees (default: every core)")
-    p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser("layouts", help="list the known table layouts")
-    p.set_defaults(func=cmd_layouts)
 
-    p = sub.add_parser("catalogs", help="list the op catalogs shipped with pvpatch")
-    p.set_defaults(func=cmd_catalogs)
+def _no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own formatter, given the terminal's width as shutil would find it:
+    argparse makes one formatter per argument added and imports shutil to size each."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `command` only that command's arguments (every
+    command is still listed): a run adds the arguments of the one it runs."""
+    parser = argparse.ArgumentParser(
+        prog="pvpatch",
+        description="Static patcher for x86 paravirt call sites (.parainstructions, and "
+        ".altinstructions DIRECT_CALL entries since Linux 6.8) in ELF files, with emulation "
+        "proof.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pvpatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    commands: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]], ...] = (
+        ("scan", "list the paravirt sites of ELF files and trees", _scan_arguments,
+         cmd_scan),
+        ("check", "report every wrong paravirt site (for CI)", _check_arguments, cmd_check),
+        ("patch", "rewrite the sites of an ELF file or a tree of them", _patch_arguments,
+         cmd_patch),
+        ("verify", "prove by emulation that PATCHED keeps ORIGINAL's site contracts",
+         _verify_arguments, cmd_verify),
+        ("diff", "show what a patch changed, site by site, and flag every other difference",
+         _diff_arguments, cmd_diff),
+        ("layouts", "list the known table layouts", _no_arguments, cmd_layouts),
+        ("catalogs", "list the op catalogs shipped with pvpatch", _no_arguments, cmd_catalogs),
+    )
+    for name, help_text, arguments, func in commands:
+        p = sub.add_parser(name, help=help_text, formatter_class=_Formatter)
+        if command is None or command == name:
+            arguments(p)
+        p.set_defaults(func=func)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option (the program's own
+    options, -h and --version, take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _err(message: str) -> None:
@@ -697,7 +745,8 @@ def _drop_stdout() -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_of(words))
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in SARIF
     func: Callable[[argparse.Namespace], int] = args.func

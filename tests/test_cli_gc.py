@@ -4,6 +4,7 @@ program, leaves without the interpreter's teardown yet loses no output."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import io
@@ -29,9 +30,9 @@ def test_threshold_raised_during_a_command_and_restored(monkeypatch: pytest.Monk
     seen: list[tuple[int, int, int]] = []
     real = cli.build_parser
 
-    def spy() -> object:
+    def spy(command: str | None = None) -> object:
         seen.append(gc.get_threshold())
-        return real()
+        return real(command)
 
     monkeypatch.setattr(cli, "build_parser", spy)
     before = gc.get_threshold()
@@ -126,3 +127,30 @@ def test_program_exit_ends_workers_a_pool_left_behind() -> None:
     finally:
         if worker.is_alive():
             worker.kill()
+
+
+def test_a_run_adds_only_its_commands_arguments() -> None:
+    # Every command is listed either way; only the one run gets its arguments (argparse
+    # makes a help formatter per argument added: most of building the whole parser).
+    def arguments(parser: argparse.ArgumentParser) -> dict[str, int]:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {name: len(p._actions) for name, p in sub.choices.items()}
+
+    whole = arguments(cli.build_parser())
+    only = arguments(cli.build_parser("patch"))
+    assert whole.keys() == only.keys() and only["patch"] == whole["patch"] > 20
+    assert all(n == 1 for name, n in only.items() if name != "patch")  # -h alone
+    assert cli._command_of(["patch", "x", "-o", "y"]) == "patch"
+    assert cli._command_of(["--version"]) is None
+    assert cli._command_of(["--", "scan", "x"]) == "scan"
+
+
+def test_help_width_as_shutil_finds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    for columns in ("", "57", "0", "junk", "300"):
+        if columns:
+            monkeypatch.setenv("COLUMNS", columns)
+        else:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        assert cli._columns() == shutil.get_terminal_size().columns

@@ -9,10 +9,10 @@ never opened for writing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import stat
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -64,6 +64,21 @@ def check_output_path(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         raise UsageError(f"output {dst} is the input; give --in-place to replace it")
 
 
+def _create_temporary(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """tempfile.mkstemp(suffix, prefix, folder): a new file only this process can have made
+    (O_EXCL, mode 0600, symlinks not followed), without importing tempfile (and through it
+    shutil, bz2, lzma and random) on every run."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
+        | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(10_000):  # tempfile.TMP_MAX
+        path = os.path.abspath(os.path.join(folder, f"{prefix}{os.urandom(6).hex()}{suffix}"))
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileExistsError:
+            continue  # a name taken by chance: draw another, as mkstemp does
+    raise FileExistsError(errno.EEXIST, "no unused temporary name")
+
+
 def write_atomic(dst: str | os.PathLike[str], data: bytes, mode_from: str | None = None) -> None:
     """Write `data` to `dst` atomically, copying permission bits from `mode_from`."""
     with OutputFile(dst) as out:
@@ -92,8 +107,7 @@ class OutputFile:
         self._signals.enter_context(_signals_raise())
         folder = self.dst.parent if str(self.dst.parent) else Path(".")
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.dst.name}.", suffix=".pvpatch-tmp",
-                                            dir=folder)
+            fd, self.tmp = _create_temporary(folder, f".{self.dst.name}.", ".pvpatch-tmp")
         except OSError as exc:
             self._signals.close()
             raise OutputError(f"cannot write here: {exc.strerror or exc}", str(dst)) from None
