@@ -24,6 +24,7 @@ the class is defined, so a record that grows one fails at import, never later.
 from __future__ import annotations
 
 import _thread
+import abc
 import dataclasses
 import sys
 import types
@@ -71,14 +72,18 @@ def record(cls: type[T]) -> type[T]:
                         f"({', '.join(sorted(pseudo))})")
     if any(f.kw_only for f in fields):
         raise TypeError(f"record: {name} has keyword-only fields")
-    module = sys.modules[cls.__module__].__dict__
+    # The stdlib's globals for generated methods: the module's, or none when it is not
+    # (yet) in sys.modules (a class made by exec, a plugin loaded by hand).
+    found = sys.modules.get(cls.__module__)
+    module = found.__dict__ if found is not None else {}
     _set(cls, "__init__", _init(cls, fields, module))
     _set(cls, "__repr__", _repr([f.name for f in fields if f.repr]))
     compared = _getter([f.name for f in fields if f.compare])
     _set(cls, "__eq__", _eq(compared))
     if not explicit_hash:
-        cls.__hash__ = _hash(_getter([f.name for f in fields  # type: ignore[assignment]
-                                      if (f.compare if f.hash is None else f.hash)]))
+        _set(cls, "__hash__", _hash(_getter([f.name for f in fields
+                                             if (f.compare if f.hash is None else f.hash)])),
+             force=True)
     names = frozenset(f.name for f in fields)
     setattr_, delattr_ = _frozen(cls, names)
     _set(cls, "__setattr__", setattr_, force=True)
@@ -91,14 +96,22 @@ def record(cls: type[T]) -> type[T]:
         except (TypeError, ValueError):
             text = ""
         cls.__doc__ = cls.__name__ + text
+    # Methods an abstract base declared (__repr__, __eq__...) are now defined: as the
+    # stdlib's dataclass does once it has added its own.
+    abc.update_abstractmethods(cls)
     return cls
 
 
 def _set(cls: type, name: str, fn: Callable[..., Any], *, force: bool = False) -> None:
     """Add a method unless the class body defines it (the stdlib keeps the class's)."""
     if force or name not in cls.__dict__:
+        # Named, placed and annotated like the stdlib's generated methods: introspection
+        # shows (self, other), and pickle finds a method by module and qualified name.
         fn.__name__ = name
         fn.__qualname__ = f"{cls.__qualname__}.{name}"
+        fn.__module__ = cls.__module__
+        if name != "__init__":
+            fn.__annotations__ = {}
         setattr(cls, name, fn)
 
 
@@ -201,12 +214,13 @@ def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...],
                 values[key] = value() if factory else value
         return values
 
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+    # (the instance positional-only: a field may be called `self`)
+    def __init__(instance: Any, /, *args: Any, **kwargs: Any) -> None:
         values = bind(args, kwargs)
         for key in order:
-            setter(self, key, values[key])
+            setter(instance, key, values[key])
         if post_init:
-            self.__post_init__()
+            instance.__post_init__()
 
     # Rebound to the record's module, so typing.get_type_hints(cls.__init__) resolves the
     # annotations' names there, as it does for the stdlib's generated __init__.
@@ -214,7 +228,9 @@ def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...],
                               __init__.__closure__)
     init.__annotations__ = {**{f.name: f.type for f in params}, "return": None}
     init.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        # A field called `self` makes the stdlib name the instance __dataclass_self__.
+        [inspect.Parameter("__dataclass_self__" if "self" in positional else "self",
+                           inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                              annotation=f.type,
                              default=(_FACTORY if f.default_factory is not _MISSING

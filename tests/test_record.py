@@ -418,3 +418,65 @@ def test_record_refuses_what_it_cannot_build() -> None:
         @record
         class Mutable:
             a: list[int] = []  # noqa: RUF012
+
+
+def test_record_corners_match_the_stdlib() -> None:
+    """Corners a review found: each compared with the stdlib's frozen dataclass."""
+    def both(body: str, extra: str = "") -> tuple[dict[str, object], dict[str, object]]:
+        made = []
+        for decorator in ("record", "dataclasses.dataclass(frozen=True)"):
+            ns: dict[str, object] = {"record": record, "dataclasses": dataclasses,
+                                     "abc": __import__("abc"), "__name__": "nowhere"}
+            # (a module not in sys.modules; compiled without this file's `from __future__
+            # import annotations`, with which the stdlib itself fails there)
+            code = compile(f"{extra}\n@{decorator}\n{body}", "<corner>", "exec",
+                           dont_inherit=True)
+            exec(code, ns)
+            made.append(ns)
+        return made[0], made[1]
+
+    # A field called `self`; a class made where its module is not in sys.modules.
+    mine, theirs = both("class R:\n    self: int\n    b: int = 0\n")
+    r, t = mine["R"], theirs["R"]
+    assert repr(r(self=1)) == repr(t(self=1)) == "R(self=1, b=0)"  # type: ignore[operator]
+    assert str(inspect.signature(r)) == str(inspect.signature(t))  # type: ignore[arg-type]
+    # An abstract base declaring what the dataclass defines.
+    extra = "class Base(abc.ABC):\n    @abc.abstractmethod\n    def __repr__(self): ...\n"
+    mine, theirs = both("class R(Base):\n    a: int\n", extra)
+    assert repr(mine["R"](1)) == repr(theirs["R"](1)) == "R(a=1)"  # type: ignore[operator]
+    # __eq__ written, __hash__ not: both generate the hash.
+    mine, theirs = both("class R:\n    a: int\n    def __eq__(self, o): return True\n")
+    assert hash(mine["R"](1)) == hash(theirs["R"](1))  # type: ignore[operator]
+    # A __post_init__ inherited from a plain base runs.
+    extra = "class Base:\n    def __post_init__(self):\n        object.__setattr__(self, 'b', 2)\n"
+    mine, theirs = both("class R(Base):\n    a: int\n    b: int = 0\n", extra)
+    assert repr(mine["R"](1)) == repr(theirs["R"](1)) == "R(a=1, b=2)"  # type: ignore[operator]
+
+    # A subclass's instance never equals its base's, as with the stdlib's `is` test.
+    @dataclasses.dataclass(frozen=True)
+    class Sub(_Docless):
+        pass
+
+    twin = _twin(_Docless)
+
+    @dataclasses.dataclass(frozen=True)
+    class TwinSub(twin):  # type: ignore[valid-type, misc]
+        pass
+
+    assert (Sub(1) == _Docless(1), _Docless(1) == Sub(1)) == \
+        (TwinSub(1) == twin(1), twin(1) == TwinSub(1)) == (False, False)
+
+    # Nested records show their qualified name, as the stdlib's repr does.
+    @record
+    class Inner:
+        a: int
+
+    assert repr(Inner(1)) == f"{Inner.__qualname__}(a=1)" and "<locals>" in repr(Inner(1))
+
+    # The methods look like the stdlib's: signature, no hints, picklable by name.
+    for name in ("__eq__", "__repr__", "__hash__", "__setattr__", "__delattr__"):
+        method = getattr(Decision, name)
+        assert method.__module__ == Decision.__module__
+        assert str(inspect.signature(method)) == str(inspect.signature(getattr(twin, name)))
+        assert typing.get_type_hints(method) == {}
+        assert pickle.loads(pickle.dumps(method)) is method
