@@ -26,6 +26,7 @@ from __future__ import annotations
 import _thread
 import abc
 import dataclasses
+import inspect  # (dataclasses imports it: no start-up cost)
 import sys
 import types
 from collections.abc import Callable
@@ -65,18 +66,10 @@ def record(cls: type[T]) -> type[T]:
     dataclasses.dataclass(cls, init=False, repr=False, eq=False)
     params = cls.__dataclass_params__  # type: ignore[attr-defined]
     params.init = params.repr = params.eq = params.frozen = True
-    fields: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(cls)  # type: ignore[arg-type]
-    pseudo = set(cls.__dataclass_fields__) - {f.name for f in fields}  # type: ignore[attr-defined]
-    if pseudo:
-        raise TypeError(f"record: {name} has ClassVar or InitVar pseudo-fields "
-                        f"({', '.join(sorted(pseudo))})")
+    fields = _plain_fields(cls, "record")
     if any(f.kw_only for f in fields):
         raise TypeError(f"record: {name} has keyword-only fields")
-    # The stdlib's globals for generated methods: the module's, or none when it is not
-    # (yet) in sys.modules (a class made by exec, a plugin loaded by hand).
-    found = sys.modules.get(cls.__module__)
-    module = found.__dict__ if found is not None else {}
-    _set(cls, "__init__", _init(cls, fields, module))
+    _set(cls, "__init__", _init(cls, fields))
     _set(cls, "__repr__", _repr([f.name for f in fields if f.repr]))
     compared = _getter([f.name for f in fields if f.compare])
     _set(cls, "__eq__", _eq(compared))
@@ -89,8 +82,6 @@ def record(cls: type[T]) -> type[T]:
     _set(cls, "__setattr__", setattr_, force=True)
     _set(cls, "__delattr__", delattr_, force=True)
     if not documented:
-        import inspect  # already loaded by dataclasses
-
         try:
             text = str(inspect.signature(cls)).replace(" -> None", "")
         except (TypeError, ValueError):
@@ -100,6 +91,24 @@ def record(cls: type[T]) -> type[T]:
     # stdlib's dataclass does once it has added its own.
     abc.update_abstractmethods(cls)
     return cls
+
+
+def _plain_fields(cls: type, who: str) -> tuple[dataclasses.Field[Any], ...]:
+    """The dataclass's fields; ClassVar and InitVar pseudo-fields (which __dataclass_fields__
+    also holds) are refused."""
+    fields: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(cls)
+    pseudo = set(cls.__dataclass_fields__) - {f.name for f in fields}  # type: ignore[attr-defined]
+    if pseudo:
+        raise TypeError(f"{who}: {cls.__qualname__} has ClassVar or InitVar pseudo-fields "
+                        f"({', '.join(sorted(pseudo))})")
+    return fields
+
+
+def _module_globals(cls: type) -> dict[str, Any]:
+    """The globals the stdlib gives generated methods: the class's module's, or none when
+    it is not (yet) in sys.modules (a class made by exec, a plugin loaded by hand)."""
+    found = sys.modules.get(cls.__module__)
+    return found.__dict__ if found is not None else {}
 
 
 def _set(cls: type, name: str, fn: Callable[..., Any], *, force: bool = False) -> None:
@@ -169,12 +178,9 @@ def _frozen(cls: Any, names: frozenset[str]) -> tuple[Callable[..., None], Calla
     return __setattr__, __delattr__
 
 
-def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...],
-          module: dict[str, Any]) -> Callable[..., None]:
+def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> Callable[..., None]:
     """An `__init__` that binds its arguments as the stdlib's generated one would, with
     the same signature, annotations and error messages, and the module's globals."""
-    import inspect  # already loaded by dataclasses
-
     params = [f for f in fields if f.init]
     seen_default = False
     for f in params:
@@ -188,10 +194,12 @@ def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...],
                      if f.default is _MISSING and f.default_factory is _MISSING)
     # What each field gets when its argument is left out: (name, is_factory, value);
     # an init=False field with a plain default is read from the class, as the stdlib does.
-    fill: tuple[tuple[str, bool, Any], ...] = tuple((f.name, f.default_factory is not _MISSING,
-                  f.default_factory if f.default_factory is not _MISSING else f.default)
-                 for f in fields
-                 if f.default_factory is not _MISSING or (f.init and f.default is not _MISSING))
+    fill: list[tuple[str, bool, Any]] = []
+    for f in fields:
+        if f.default_factory is not _MISSING:
+            fill.append((f.name, True, f.default_factory))
+        elif f.init and f.default is not _MISSING:
+            fill.append((f.name, False, f.default))
     order = tuple(f.name for f in fields if f.init or f.default_factory is not _MISSING)
     post_init = getattr(cls, "__post_init__", None) is not None
     setter = object.__setattr__
@@ -224,7 +232,7 @@ def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...],
 
     # Rebound to the record's module, so typing.get_type_hints(cls.__init__) resolves the
     # annotations' names there, as it does for the stdlib's generated __init__.
-    init = types.FunctionType(__init__.__code__, module, "__init__", None,
+    init = types.FunctionType(__init__.__code__, _module_globals(cls), "__init__", None,
                               __init__.__closure__)
     init.__annotations__ = {**{f.name: f.type for f in params}, "return": None}
     init.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -278,13 +286,7 @@ def fast_init(cls: type[T]) -> type[T]:
     names: list[str] = []
     signature: list[str] = []
     scope: dict[str, Any] = {}
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    # __dataclass_fields__ also holds ClassVar and InitVar pseudo-fields: none allowed.
-    pseudo = set(cls.__dataclass_fields__) - {f.name for f in fields}  # type: ignore[attr-defined]
-    if pseudo:
-        raise TypeError(f"fast_init: {cls.__qualname__} has ClassVar or InitVar "
-                        f"pseudo-fields ({', '.join(sorted(pseudo))})")
-    for f in fields:
+    for f in _plain_fields(cls, "fast_init"):
         if not f.init or f.kw_only or f.default_factory is not dataclasses.MISSING:
             raise TypeError(f"fast_init: {cls.__qualname__}.{f.name} is not a plain "
                             "positional field")
@@ -309,7 +311,7 @@ def fast_init(cls: type[T]) -> type[T]:
               f"  def __init__(self, {', '.join(signature)}):\n"
               + "".join(f"    {line}\n" for line in body) + "  return __init__\n")
     made: dict[str, Any] = {}
-    exec(source, sys.modules[cls.__module__].__dict__, made)  # generated from field names
+    exec(source, _module_globals(cls), made)  # generated from field names
     init = made["__create_fn__"](**scope)
     init.__qualname__ = init_fn.__qualname__
     init.__annotations__ = dict(init_fn.__annotations__)

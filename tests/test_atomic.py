@@ -293,3 +293,23 @@ def test_outputs_closed_out_of_order_restore_sigterm(tmp_path: Path) -> None:
     b.discard()
     assert signal.getsignal(signal.SIGTERM) is before
     assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_output_file_is_private_and_new(tmp_path: Path) -> None:
+    # As tempfile.mkstemp makes it: beside the destination, mode 0600 while it is written,
+    # a fresh name each time, gone when left without a commit.
+    from pvpatch.rewrite.output import OutputFile
+
+    dst = tmp_path / "out.o"
+    with OutputFile(dst) as one, OutputFile(dst) as two:
+        for out in (one, two):
+            tmp = Path(out.tmp)
+            assert tmp.parent == tmp_path and tmp.name.startswith(".out.o.")
+            assert tmp.name.endswith(".pvpatch-tmp")
+            assert os.stat(tmp).st_mode & 0o777 == 0o600
+        assert one.tmp != two.tmp
+    assert list(tmp_path.iterdir()) == []
+    # A committed output gets the usual mode, not the temporary file's.
+    with OutputFile(dst) as out:
+        out.commit_image(b"data")
+    assert dst.read_bytes() == b"data" and os.stat(dst).st_mode & 0o777 == 0o644
