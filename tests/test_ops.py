@@ -23,6 +23,7 @@ from elftools.elf.elffile import ELFFile
 from paths import REPO
 
 from pvpatch.elf.btf import KIND_NAMES, KIND_STRUCT, KIND_UNION, Btf
+from pvpatch.elf.reader import ElfFile
 from pvpatch.errors import OpsError
 from pvpatch.scan.ops import (
     OpCatalog,
@@ -221,6 +222,31 @@ def test_btf_struct_lookup_is_lazy_and_matches_bpftool(vmlinux_btf: bytes) -> No
     for name in [*names[:: max(1, len(names) // 300)], "pv_cpu_ops", "pv_mmu_ops", "page"]:
         assert btf.find_aggregates(name) == by_name[name], name
     assert btf.find_aggregates("no_such_struct_anywhere") == []
+    # find_struct stops at the first record of each name's offsets: the lowest id, even
+    # where the image defines the name several times.
+    several = [name for name, ids in by_name.items() if len(ids) > 1]
+    assert several
+    for name in [*several[:50], *names[:: max(1, len(names) // 100)]]:
+        found = Btf(vmlinux_btf).find_struct(name)
+        assert found is not None and found.type_id == by_name[name][0], name
+    assert Btf(vmlinux_btf).find_struct("no_such_struct_anywhere") is None
+
+
+@pytest.mark.corpus
+def test_btf_read_in_place_from_the_mapped_file(vmlinux_btf: bytes) -> None:
+    """`--ops auto` reads a vmlinux's `.BTF` where it lies in the mapped file: the same
+    blob as the section's bytes pyelftools copies out, type for type."""
+    elf = ElfFile.open(str(VMLINUX))
+    sec = elf.section(".BTF")
+    assert sec is not None
+    in_place, copied = Btf(elf.data, start=sec.offset, size=sec.size), Btf(vmlinux_btf)
+    assert in_place.type_count == copied.type_count
+    for type_id in range(0, copied.type_count, 499):
+        assert in_place.type(type_id) == copied.type(type_id)
+    template = in_place.find_struct("paravirt_patch_template")
+    assert template == copied.find_struct("paravirt_patch_template") is not None
+    assert catalog_from_btf(elf.data, 8, start=sec.offset, size=sec.size) == \
+        catalog_from_btf(vmlinux_btf, 8)
 
 
 @pytest.mark.corpus
@@ -471,6 +497,28 @@ def test_synthetic_btf(endian: str) -> None:
     assert c.template_size == 56
     with pytest.raises(OpsError, match="ptr_size"):
         catalog_from_btf(_template_btf(endian).blob(), 4)
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_btf_window_of_a_larger_buffer(endian: str) -> None:
+    """A blob read inside a larger buffer reads as the blob alone, and its errors give
+    positions inside the blob, not the buffer."""
+    blob = _template_btf(endian).blob()
+    padded = b"\xff" * 5 + blob + b"\xee" * 7
+    assert catalog_from_btf(padded, 8, origin="w", start=5, size=len(blob)) == \
+        catalog_from_btf(blob, 8, origin="w")
+    # A type section said to end 8 bytes into its last record (36 bytes: the template
+    # with two members): the error names where that record starts inside the blob.
+    order = "little" if endian == "<" else "big"
+    type_len = int.from_bytes(blob[12:16], order)
+    cut = blob[:12] + (type_len - 28).to_bytes(4, order) + blob[16:]
+    last = 24 + type_len - 36
+    for btf in (Btf(cut), Btf(b"\xff" * 5 + cut + b"\xee" * 7, start=5, size=len(cut))):
+        with pytest.raises(OpsError, match=f"truncated BTF type record at {last:#x}$"):
+            assert btf.type_count
+    assert len(blob) == len(cut)
+    with pytest.raises(OpsError, match="too short"):
+        Btf(padded, start=len(padded) - 10)
 
 
 def test_btf_name_hits_that_are_not_records() -> None:

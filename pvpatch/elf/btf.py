@@ -6,15 +6,19 @@ goes only as far as the ids asked for.  A struct is found by name without a
 walk over everything: its name's string offset is searched for in the type
 section, and each hit is confirmed by walking up to it.  In a 6.1 vmlinux the
 paravirt structs are near id 3,500 of 95,000, so the catalog reads 4% of the
-records.  Split BTF (a module's `.BTF` on top of vmlinux's) is supported by
-passing the base: type ids and string offsets then continue after the base.
+records, and `find_struct` stops at the first record that matches.  The blob may be
+a window of a mapped file (`start`, `size`): a vmlinux's `.BTF` is 5 MB, of which a
+catalog reads a few pages.  Split BTF (a module's `.BTF` on top of vmlinux's) is
+supported by passing the base: type ids and string offsets then continue after the base.
 """
 
 from __future__ import annotations
 
 import bisect
+import mmap
 import struct
 import sys
+from collections.abc import Iterator
 from typing import NoReturn
 
 from pvpatch.errors import OpsError
@@ -133,16 +137,26 @@ class Btf:
     `start_id` belong to the base.
     """
 
-    def __init__(self, data: bytes, *, base: Btf | None = None, path: str | None = None) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview | mmap.mmap, *,
+                 base: Btf | None = None, path: str | None = None, start: int = 0,
+                 size: int | None = None) -> None:
+        """The blob is `data[start:start + size]` (all of `data` by default); bytes and
+        maps are read in place, other buffers copied."""
         self.path = path
         self.base = base
-        self._bytes = bytes(data)
+        self._bytes = data if isinstance(data, bytes | mmap.mmap) else bytes(data)
+        if not 0 <= start <= len(self._bytes):
+            raise ValueError(f"BTF start {start:#x} outside the buffer")
+        self._lo = start
+        # Every position below is absolute in `_bytes`; messages give it from `_lo`.
+        self._size = len(self._bytes) - start if size is None else \
+            min(size, len(self._bytes) - start)
         self._endian = self._parse_endian()
         hdr = self._unpack("HBBIIIII", 0, "header")
         _magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = hdr
         if version != 1:
             self._fail(f"unsupported BTF version {version}")
-        if hdr_len < HEADER_MIN_LEN or hdr_len > len(data):
+        if hdr_len < HEADER_MIN_LEN or hdr_len > self._size:
             self._fail(f"bad BTF header length {hdr_len}")
         self._type_start = self._section(hdr_len, type_off, type_len, "type")
         self._type_end = self._type_start + type_len
@@ -180,30 +194,30 @@ class Btf:
         raise OpsError(message, self.path)
 
     def _parse_endian(self) -> str:
-        if len(self._bytes) < HEADER_MIN_LEN:
-            raise OpsError(f"BTF too short ({len(self._bytes)} bytes)", self.path)
+        if self._size < HEADER_MIN_LEN:
+            raise OpsError(f"BTF too short ({self._size} bytes)", self.path)
+        magic = self._bytes[self._lo : self._lo + 2]
         # The magic is written in the file's byte order: which way it reads says that order.
         for order in ("<", ">"):
-            if int.from_bytes(self._bytes[:2], "little" if order == "<" else "big") == BTF_MAGIC:
+            if int.from_bytes(magic, "little" if order == "<" else "big") == BTF_MAGIC:
                 return order
-        raise OpsError(
-            f"bad BTF magic {self._bytes[0]:02x}{self._bytes[1]:02x} (want {BTF_MAGIC:x})",
-            self.path)
+        raise OpsError(f"bad BTF magic {magic[0]:02x}{magic[1]:02x} (want {BTF_MAGIC:x})",
+                       self.path)
 
     def _unpack(self, fmt: str, offset: int, what: str) -> tuple[int, ...]:
         size = struct.calcsize(self._endian + fmt)
-        if offset < 0 or offset + size > len(self._bytes):
+        if offset < 0 or offset + size > self._size:
             raise OpsError(f"BTF {what} at {offset:#x} runs past the end", self.path)
-        return struct.unpack_from(self._endian + fmt, self._bytes, offset)
+        return struct.unpack_from(self._endian + fmt, self._bytes, self._lo + offset)
 
     def _section(self, hdr_len: int, off: int, length: int, what: str) -> int:
         start = hdr_len + off
-        if start + length > len(self._bytes):
+        if start + length > self._size:
             self._fail(
                 f"BTF {what} section ({off:#x}+{length:#x} after header) runs past the end"
-                f" ({len(self._bytes):#x} bytes)"
+                f" ({self._size:#x} bytes)"
             )
-        return start
+        return self._lo + start
 
     def _walk(self, upto_id: int = sys.maxsize, upto_pos: int = sys.maxsize) -> None:
         """Learn record starts until type id `upto_id` or byte `upto_pos` is reached
@@ -218,7 +232,7 @@ class Btf:
         try:
             while pos < stop and type_id <= upto_id:
                 if pos + 12 > end:
-                    self._fail(f"truncated BTF type record at {pos:#x}")
+                    self._fail(f"truncated BTF type record at {pos - self._lo:#x}")
                 _name_off, info, _ = unpack(data, pos)
                 kind = (info >> 24) & 0x1F
                 sizes = extra.get(kind)
@@ -322,24 +336,25 @@ class Btf:
 
     def find_aggregates(self, name: str, kind: int = KIND_STRUCT) -> list[int]:
         """Ids of STRUCTs (or UNIONs) called `name`, own types first, then the base's."""
-        found = []
-        for name_off in self._string_offsets(name):
-            needle = self._word.pack(name_off)
-            at = self._bytes.find(needle, self._type_start, self._type_end)
-            while at >= 0:
-                # A hit is a record only if it is word-aligned, has the kind wanted, and
-                # the walk from the start of the section lands on it.
-                if (at - self._type_start) % 4 == 0 and at + 12 <= self._type_end:
-                    (info,) = self._word.unpack_from(self._bytes, at + 4)
-                    if (info >> 24) & 0x1F == kind:
-                        type_id = self._id_at(at)
-                        if type_id is not None:
-                            found.append(type_id)
-                at = self._bytes.find(needle, at + 1, self._type_end)
-        found.sort()
+        found = sorted(i for off in self._string_offsets(name) for i in self._named(off, kind))
         if self.base is not None:
             found += self.base.find_aggregates(name, kind)
         return found
+
+    def _named(self, name_off: int, kind: int) -> Iterator[int]:
+        """Ids of this blob's own records of `kind` whose name is at `name_off`, in order."""
+        needle = self._word.pack(name_off)
+        at = self._bytes.find(needle, self._type_start, self._type_end)
+        while at >= 0:
+            # A hit is a record only if it is word-aligned, has the kind wanted, and
+            # the walk from the start of the section lands on it.
+            if (at - self._type_start) % 4 == 0 and at + 12 <= self._type_end:
+                (info,) = self._word.unpack_from(self._bytes, at + 4)
+                if (info >> 24) & 0x1F == kind:
+                    type_id = self._id_at(at)
+                    if type_id is not None:
+                        yield type_id
+            at = self._bytes.find(needle, at + 1, self._type_end)
 
     def _string_offsets(self, name: str) -> list[int]:
         """Every offset (in the combined string section) holding exactly `name`."""
@@ -357,7 +372,12 @@ class Btf:
         return out
 
     def find_struct(self, name: str) -> BtfType | None:
-        """The complete STRUCT called `name` (the first one, if several), or None."""
-        ids = self.find_aggregates(name)
-        return self.type(ids[0]) if ids else None
+        """The complete STRUCT called `name` (the first one, if several), or None.
 
+        Each name offset's search stops at its first record: the section is 3 MB in a
+        vmlinux and the paravirt structs lie near its start."""
+        firsts = [next(self._named(off, KIND_STRUCT), None) for off in self._string_offsets(name)]
+        own = [i for i in firsts if i is not None]
+        if own:
+            return self.type(min(own))
+        return self.base.find_struct(name) if self.base is not None else None

@@ -32,13 +32,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pvpatch.arch import ARCHES
 from pvpatch.elf.btf import KIND_PTR, KIND_STRUCT, Btf
 from pvpatch.errors import OpsError
 
 from ..record import record
+
+if TYPE_CHECKING:
+    import mmap
 
 TEMPLATE_STRUCT = "paravirt_patch_template"
 CALLEE_SAVE_STRUCT = "paravirt_callee_save"
@@ -223,16 +226,18 @@ def _btf_shape(btf: Btf, type_id: int, depth: int) -> _Shape:
 
 
 def catalog_from_btf(
-    data: bytes, ptr_size: int, *, base: bytes | None = None, origin: str = "btf"
+    data: bytes | mmap.mmap, ptr_size: int, *, base: bytes | None = None, origin: str = "btf",
+    start: int = 0, size: int | None = None,
 ) -> OpCatalog:
-    """Build the catalog from a raw `.BTF` blob (split on `base` if given).
+    """Build the catalog from a raw `.BTF` blob (split on `base` if given), which is
+    `data[start:start + size]` (a section read in place from a mapped file).
 
     `origin` names the source in the catalog name ("btf:<origin>" unless it
     already starts with "btf") and in error messages.
     """
     name = origin if origin.startswith("btf") else f"btf:{origin}"
     base_btf = Btf(base, path=f"{origin} (base)") if base is not None else None
-    btf = Btf(data, base=base_btf, path=origin)
+    btf = Btf(data, base=base_btf, path=origin, start=start, size=size)
     template = btf.find_struct(TEMPLATE_STRUCT)
     if template is None:
         raise OpsError(f"no struct {TEMPLATE_STRUCT} in the BTF", origin)

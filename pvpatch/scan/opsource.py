@@ -14,7 +14,7 @@ import re
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from ..elf.reader import ElfFile
+from ..elf.reader import SHT_NOBITS, SHT_NULL, ElfFile, Section
 from ..errors import ArchMismatch, OpsError, UsageError
 
 if TYPE_CHECKING:
@@ -61,7 +61,14 @@ def _btf_file(path: str, ptr: int) -> OpCatalog:
     sec = elf.section(".BTF")
     if sec is None:
         raise OpsError("no .BTF section", path)
-    return catalog_from_btf(elf.section_data(sec), ptr, origin=f"btf:{path}")
+    return _btf_of(elf, sec, ptr, f"btf:{path}")
+
+
+def _btf_of(elf: ElfFile, sec: Section, ptr: int, origin: str) -> OpCatalog:
+    """The catalog from a file's `.BTF`, read where it lies in the file (no copy)."""
+    if sec.type in (SHT_NOBITS, SHT_NULL):
+        return catalog_from_btf(b"", ptr, origin=origin)
+    return catalog_from_btf(elf.data, ptr, origin=origin, start=sec.offset, size=sec.size)
 
 
 @lru_cache(maxsize=8)
@@ -74,7 +81,7 @@ def _auto(elf: ElfFile) -> OpCatalog | None:
     btf = elf.section(".BTF")
     if btf is not None:
         try:
-            return catalog_from_btf(elf.section_data(btf), ptr, origin=f"btf:{elf.path}")
+            return _btf_of(elf, btf, ptr, f"btf:{elf.path}")
         except OpsError:
             pass  # split BTF of a module, or no template in it: try the next source
     if elf.section(".debug_info") is not None:
