@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .elf.compress import MAX_DECOMPRESSED
-from .elf.reader import ElfFile
+from .elf.reader import ElfFile, path_text
 from .errors import InputError, UsageError
 from .record import record
 from .scan.opsource import resolve_ops
@@ -139,7 +138,8 @@ class SigningKey:
         blobs = []
         for path in (key, cert):
             try:
-                blobs.append(Path(path).read_bytes())
+                with open(path_text(path), "rb") as fh:
+                    blobs.append(fh.read())
             except OSError as exc:
                 raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
         pin = os.environ.get("KBUILD_SIGN_PIN")
@@ -310,5 +310,5 @@ def patch_file(
     if options.signing is not None:
         rw = sign_output(rw, options.signing)
     write_output(rw, output, in_place=in_place)
-    where = os.fspath(output.dst if isinstance(output, OutputFile) else output)
+    where = output.path if isinstance(output, OutputFile) else os.fspath(output)
     return PatchResult(result, the_plan, rw, report, where)

@@ -313,3 +313,41 @@ def test_temporary_output_file_is_private_and_new(tmp_path: Path) -> None:
     with OutputFile(dst) as out:
         out.commit_image(b"data")
     assert dst.read_bytes() == b"data" and os.stat(dst).st_mode & 0o777 == 0o644
+
+
+def test_path_text_is_what_pathlib_says() -> None:
+    # Paths are written as str(pathlib.Path(p)) says them, without importing pathlib: every
+    # string of up to seven characters from "/", "." and "a", and a few longer ones.
+    import itertools
+    from pathlib import PurePosixPath
+
+    from pvpatch.elf.reader import path_text
+
+    texts = ["", "a/../b", "./a//b/./", "//a//", "///a", "/..", "a/.b/c.", " /a", "a b/"]
+    for n in range(8):
+        texts += ["".join(p) for p in itertools.product("/.a", repeat=n)]
+    for text in texts:
+        assert path_text(text) == str(PurePosixPath(text)), text
+    assert path_text(PurePosixPath("x//y/")) == "x/y"
+    with pytest.raises(TypeError):
+        PurePosixPath(b"x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not 'bytes'"):
+        path_text(b"x")  # type: ignore[arg-type]
+
+
+def test_output_and_input_names_as_pathlib_says_them(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from pvpatch.elf.reader import ElfFile
+    from pvpatch.rewrite.output import OutputFile
+
+    src = REPO / "fixtures" / "x86_64" / "prog.o"
+    odd = f"{src.parent}//./{src.name}"
+    assert ElfFile.open(odd).path == str(Path(odd)) == str(src)
+    monkeypatch.chdir(tmp_path)
+    for dst in ("out.o", f"{tmp_path}//sub/../out.o", "./out.o"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with OutputFile(dst) as out:
+            assert out.path == str(Path(dst)) and out.dst == Path(dst)
+            assert Path(out.tmp).parent == Path(dst).parent.resolve()
+            out.commit_image(b"x")
+        assert Path(dst).read_bytes() == b"x"

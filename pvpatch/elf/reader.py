@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from ..arch import BY_MACHINE, Arch
@@ -237,6 +236,22 @@ ElfKind = Literal["x86", "foreign", "not-elf"]
 _X86_MACHINES = frozenset(machine for machine, _bits in BY_MACHINE)
 
 
+def path_text(path: str | os.PathLike[str]) -> str:
+    """`str(pathlib.Path(path))`, without importing pathlib on every run (it brings in
+    urllib and ipaddress): repeated and trailing slashes and `.` parts dropped, `..`
+    kept, and a leading `//` kept, as POSIX allows.  Names in messages and reports are
+    written this way."""
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"a path must be a str or an os.PathLike of str, not "
+                        f"{type(text).__name__!r}")
+    root = ""
+    if text.startswith("/"):
+        root = "//" if text.startswith("//") and not text.startswith("///") else "/"
+    parts = [part for part in text.split("/") if part and part != "."]
+    return root + "/".join(parts) if root or parts else "."
+
+
 def elf_kind(data: bytes) -> ElfKind:
     """Sort a file before parsing: ELF for another machine is not ours to judge (firmware
     and host tools share build trees with modules), but an x86 file that fails to parse,
@@ -308,9 +323,9 @@ class ElfFile:
         are touched.  A compressed file (`.ko.xz`, `.ko.zst`, `.ko.gz`, known by its
         magic) is decompressed into memory, refused past `max_decompressed` bytes or
         16 MiB past the end of the ELF file its headers describe (compress.TRAILER_MAX)."""
-        p = Path(path)
+        p = path_text(path)
         try:
-            with p.open("rb") as fh:  # read-only: the input is never opened for writing
+            with open(p, "rb") as fh:  # read-only: the input is never opened for writing
                 st = os.fstat(fh.fileno())
                 if stat.S_ISREG(st.st_mode) and st.st_size > 0:
                     try:
@@ -318,17 +333,17 @@ class ElfFile:
                     except (OSError, ValueError):
                         pass  # a filesystem that cannot map files: read it instead
                     else:
-                        return cls._from_map(mapped, fh.fileno(), str(p), FileIdentity.of(st),
+                        return cls._from_map(mapped, fh.fileno(), p, FileIdentity.of(st),
                                              max_decompressed)
                 data = fh.read()
         except FileNotFoundError:
-            raise InputError("no such file", str(p)) from None
+            raise InputError("no such file", p) from None
         except IsADirectoryError:
-            raise InputError("is a directory", str(p)) from None
+            raise InputError("is a directory", p) from None
         except OSError as exc:
-            raise InputError(f"cannot read: {exc.strerror or exc}", str(p)) from None
-        payload, compression = unpack(data, str(p), max_decompressed)
-        return cls(payload, str(p), compression=compression)
+            raise InputError(f"cannot read: {exc.strerror or exc}", p) from None
+        payload, compression = unpack(data, p, max_decompressed)
+        return cls(payload, p, compression=compression)
 
     @classmethod
     def _from_map(cls, data: mmap.mmap, fd: int, path: str, identity: FileIdentity,

@@ -21,7 +21,6 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -193,7 +192,7 @@ class _SpecReader:
         if not isinstance(section, str) or not section.startswith("."):
             raise self.fail("[thunks] section must be a section name starting with '.'",
                             _line(self.text, "thunks", "section"))
-        name = doc.get("name", Path(self.source).stem)
+        name = doc["name"] if "name" in doc else _stem(self.source)
         if not isinstance(name, str):
             raise self.fail("name must be a string", _line(self.text, None, "name"))
         return Backend(
@@ -361,6 +360,8 @@ def load_backend(spec: str, arch: Arch) -> Backend:
     """`native` or a path to a TOML spec file."""
     if spec == "native":
         return _native(arch.name)
+    from pathlib import Path  # (not imported by a run on the built-in backend)
+
     path = Path(spec)
     try:
         text = path.read_text()
@@ -381,8 +382,16 @@ def returns_to_site(arch: Arch, op: str | None) -> bool:
 def _native(arch_name: str) -> Backend:
     # Shipped data, read once per process (a tree of modules shares it).
     name = f"native-{arch_name}.toml"
-    text = (Path(__file__).parent.parent / "data" / "backends" / name).read_text()
+    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "backends")
+    with open(os.path.join(folder, name), encoding="utf-8") as fh:
+        text = fh.read()
     return _SpecReader(text, f"builtin:native ({name})", True, ARCHES[arch_name]).read()
+
+
+def _stem(source: str) -> str:
+    from pathlib import PurePath
+
+    return PurePath(source).stem
 
 
 def parse_spec_text(text: str, arch: Arch | None = None, source: str = "<spec>") -> Backend:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from types import MappingProxyType
 
 from ..elf.reader import STB_GLOBAL, STB_LOCAL, STB_WEAK, STT_FILE, STT_SECTION, ElfFile, Symbol
@@ -104,6 +103,8 @@ class SymbolMap:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> SymbolMap:
+        from pathlib import Path
+
         try:
             text = Path(path).read_text(errors="replace")
         except OSError as exc:

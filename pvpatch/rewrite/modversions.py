@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..arch import Arch
 from ..elf.reader import ElfFile, Section
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 MODULE_NAME_LEN = 64  # struct modversion_info is MODULE_NAME_LEN bytes in all
 
@@ -41,6 +44,8 @@ def names_in(data: bytes, arch: Arch) -> set[str]:
 
 def read_crcs(path: str | os.PathLike[str]) -> dict[str, int]:
     """CRCs from a `Module.symvers` file or from a kernel image (vmlinux)."""
+    from pathlib import Path
+
     p = Path(path)
     try:
         with p.open("rb") as fh:

@@ -16,12 +16,14 @@ import stat
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..elf.reader import Buffer, FileIdentity
+from ..elf.reader import Buffer, FileIdentity, path_text
 from ..errors import OutputError, UsageError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # SIGTERM raises KeyboardInterrupt while any output is open, so cleanup runs.  Counted,
 # not nested: outputs may close in any order, and the last one restores the handler.
@@ -64,7 +66,7 @@ def check_output_path(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         raise UsageError(f"output {dst} is the input; give --in-place to replace it")
 
 
-def _create_temporary(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+def _create_temporary(folder: str, prefix: str, suffix: str) -> tuple[int, str]:
     """tempfile.mkstemp(suffix, prefix, folder): a new file only this process can have made
     (O_EXCL, mode 0600, symlinks not followed), without importing tempfile (and through it
     shutil, bz2, lzma and random) on every run."""
@@ -102,12 +104,13 @@ class OutputFile:
     """
 
     def __init__(self, dst: str | os.PathLike[str], *, prefetch: str | None = None) -> None:
-        self.dst = Path(dst)
+        self.path = path_text(dst)  # as str(pathlib.Path(dst)) says it
         self._signals = contextlib.ExitStack()
         self._signals.enter_context(_signals_raise())
-        folder = self.dst.parent if str(self.dst.parent) else Path(".")
+        folder, name = os.path.split(self.path)
         try:
-            fd, self.tmp = _create_temporary(folder, f".{self.dst.name}.", ".pvpatch-tmp")
+            fd, self.tmp = _create_temporary(folder or ".", f".{'' if name == '.' else name}.",
+                                             ".pvpatch-tmp")
         except OSError as exc:
             self._signals.close()
             raise OutputError(f"cannot write here: {exc.strerror or exc}", str(dst)) from None
@@ -125,6 +128,13 @@ class OutputFile:
                                             args=(prefetch, os.dup(fd)),
                                             name="pvpatch-prefetch", daemon=True)
             self._thread.start()
+
+    @property
+    def dst(self) -> Path:
+        """The destination, as a `pathlib.Path` (`path` is its text)."""
+        from pathlib import Path
+
+        return Path(self.path)
 
     def __enter__(self) -> OutputFile:
         return self
@@ -167,7 +177,7 @@ class OutputFile:
                 os.pwrite(fd, data, offset)
             self._finish(src)
         except OSError as exc:
-            raise OutputError(f"cannot write: {exc.strerror or exc}", str(self.dst)) from None
+            raise OutputError(f"cannot write: {exc.strerror or exc}", self.path) from None
 
     def commit_image(self, data: bytes, mode_from: str | None = None) -> None:
         """A whole new image."""
@@ -177,7 +187,7 @@ class OutputFile:
             self._fh.write(data)
             self._finish(mode_from)
         except OSError as exc:
-            raise OutputError(f"cannot write: {exc.strerror or exc}", str(self.dst)) from None
+            raise OutputError(f"cannot write: {exc.strerror or exc}", self.path) from None
 
     def commit_compressed(self, src: str, data: bytes, compression: str,
                           identity: FileIdentity | None) -> None:
@@ -200,7 +210,7 @@ class OutputFile:
         self._fh.close()
         os.chmod(self.tmp, mode)
         # The rename is atomic: readers see the old file or the whole new one.
-        os.replace(self.tmp, self.dst)
+        os.replace(self.tmp, self.path)
         self._open = False
         self._signals.close()
 

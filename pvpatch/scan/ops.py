@@ -30,7 +30,6 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import field
-from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,7 @@ from ..record import record
 
 if TYPE_CHECKING:
     import mmap
+    from pathlib import Path
 
 TEMPLATE_STRUCT = "paravirt_patch_template"
 CALLEE_SAVE_STRUCT = "paravirt_callee_save"
@@ -362,6 +362,8 @@ def catalog_from_dwarf(path: str | Path, ptr_size: int) -> OpCatalog:
     ) as exc:
         raise OpsError(f"cannot read DWARF: {exc}", origin) from exc
     assert isinstance(shape, _Struct)
+    from pathlib import Path
+
     return _flatten(shape, ptr_size, f"dwarf:{Path(path).name}")
 
 
@@ -373,6 +375,8 @@ _TOP_KEYS = {"name", "arch", "ptr_size", "kernel", "template_size", "complete", 
 def _data_dir() -> Path:
     # The package's own files (not importlib.resources: it costs imports at start-up,
     # and pvpatch is never run from a zip).
+    from pathlib import Path
+
     return Path(__file__).parent.parent.joinpath(*_DATA_DIR)
 
 
@@ -425,6 +429,8 @@ def catalog_from_file(path: str | Path) -> OpCatalog:
     """Load a catalog written in the built-in catalogs' TOML format from a file."""
     where = str(path)
     try:
+        from pathlib import Path
+
         table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OpsError("no such catalog file", where) from None
