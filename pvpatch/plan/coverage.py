@@ -267,8 +267,10 @@ class _AltTable:
         assert loc is not None
         return _kind(d.feature[j], d.flags[j]), loc[1], d.instrlen[j]
 
-    def cover(self, scan: ScanResult, site: Site, j: int, edit: TableEdit | None) -> Cover:
-        return _alt_cover(scan, self, j, edit)
+    def cover(self, scan: ScanResult, site: Site, j: int, kind: str,
+              edit: TableEdit | None) -> Cover:
+        """Entry j's `Cover` (`kind` as `head` said)."""
+        return _alt_cover(scan, self, j, kind, edit)
 
 
 def _alt_table(scan: ScanResult) -> _AltTable | None:
@@ -292,12 +294,12 @@ def _alt_table(scan: ScanResult) -> _AltTable | None:
     return _AltTable(sec.name, sec.index, found, found.layout, spans, relocs)
 
 
-def _alt_cover(scan: ScanResult, t: _AltTable, j: int, edit: TableEdit | None) -> Cover:
+def _alt_cover(scan: ScanResult, t: _AltTable, j: int, kind: str, edit: TableEdit | None
+               ) -> Cover:
     d = t.decoded
     feature, flags, repllen = d.feature[j], d.flags[j], d.repllen[j]
     loc = d.instr[j]
     assert loc is not None
-    kind = _kind(feature, flags)
     repl = None
     rloc = d.repl[j]
     if kind == "alternative" and rloc is not None:
@@ -334,9 +336,9 @@ class _OwnAlt:
         """Entry j's kind, start and length, before its `Cover` is made."""
         return _kind(self.feature[j], self.flags[j]), site.offset, self.instrlen[j]
 
-    def cover(self, scan: ScanResult, site: Site, j: int, edit: TableEdit | None) -> Cover:
+    def cover(self, scan: ScanResult, site: Site, j: int, kind: str,
+              edit: TableEdit | None) -> Cover:
         feature, flags = self.feature[j], self.flags[j]
-        kind = _kind(feature, flags)
         negate = bool(flags & altinstr.ALT_FLAG_NOT)
         # The scan read the native replacement of the one NOT-paravirt entry (if final).
         repl = site.native if kind == "alternative" and negate and \
@@ -418,13 +420,13 @@ def _site_list_places(scan: ScanResult, rewritten: Iterable[Site]
 # -- edits ----------------------------------------------------------------------------
 
 
-def _alt_edit(scan: ScanResult, t: _AltTable | _OwnAlt, j: int, drop: bool
+def _alt_edit(relocatable: bool, t: _AltTable | _OwnAlt, j: int, drop: bool
               ) -> TableEdit | str:
     """`drop`: remove the entry (relocatable files), else make it test NOT ALWAYS."""
     lay = t.layout
     # An era without a NOT flag (4.1-5.12) cannot skip an entry in place: only dropping it
     # (relocatable files) keeps the kernel off the site.
-    if scan.elf.is_relocatable and (drop or lay.neutral is None):
+    if relocatable and (drop or lay.neutral is None):
         return TableEdit(t.section_name, t.section_index, j, "drop", stride=lay.stride)
     if lay.neutral is None:
         return (f"{t.section_name} entry {j} ({lay.name}) has no NOT flag, so it cannot be "
@@ -529,6 +531,7 @@ class _Model:
         self.own_table = scan.table if scan.family == "paravirt" else None
         self.alt_first = order.index("altinstructions") < order.index("paravirt")
         self.silence = self.own_alt or final  # which alternatives a rewrite silences
+        self.relocatable = scan.elf.is_relocatable
         self.effect = {name: k.effect for name, k in ENTRY_KINDS.items()}
         made = {d.site.index: self.site(d, True) for d in decisions if d.rewrites}
         self.sites = _Sites(made, {d.site.index: d for d in decisions}, self.site)
@@ -567,8 +570,8 @@ class _Model:
                             f"+{start:#x}..{start + length:#x}, beyond the site at "
                             f"+{site.offset:#x}: disabling it would change other code")
                     else:
-                        edit = self.add(_alt_edit(scan, alt, j, self.drop))
-                alts.append(alt.cover(scan, site, j, edit))
+                        edit = self.add(_alt_edit(self.relocatable, alt, j, self.drop))
+                alts.append(alt.cover(scan, site, j, kind, edit))
         ordered = (*alts, *own) if self.alt_first else (*own, *alts)
         listed = self.listed.get(index) if is_rw else None
         if listed:
