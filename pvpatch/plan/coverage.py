@@ -494,7 +494,11 @@ def build(scan: ScanResult, decisions: Iterable[Decision], *, final: bool = Fals
           drop_patched: bool = False) -> Coverage:
     """Every entry covering each site, the edits for rewritten sites, and the outcome."""
     model = _Model(scan, list(decisions), final, drop_patched)
-    return Coverage(model.sites, tuple(model.edits), tuple(model.problems))
+    # The model is not told its `_Sites`, which holds it (for the kept sites made on
+    # lookup): no reference cycle, so a file's whole model is freed by reference counting
+    # once its plan goes (a tree of modules is patched one file after another).
+    sites = _Sites(model.made, {d.site.index: d for d in model.decisions}, model.site)
+    return Coverage(sites, tuple(model.edits), tuple(model.problems))
 
 
 class _Model:
@@ -534,7 +538,8 @@ class _Model:
         self.relocatable = scan.elf.is_relocatable
         self.effect = {name: k.effect for name, k in ENTRY_KINDS.items()}
         made = {d.site.index: self.site(d, True) for d in decisions if d.rewrites}
-        self.sites = _Sites(made, {d.site.index: d for d in decisions}, self.site)
+        self.decisions = decisions
+        self.made = made
 
     def add(self, edit: TableEdit | str | None) -> TableEdit | None:
         if isinstance(edit, str):
