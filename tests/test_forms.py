@@ -100,7 +100,8 @@ from pvpatch.cli import main
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     rc = main(["patch", sys.argv[2], "-o", sys.argv[3], "--no-verify"])
-heavy = sorted(m for m in ("capstone", "unicorn", "lief", "keystone") if m in sys.modules)
+heavy = sorted(m for m in ("capstone", "unicorn", "lief", "keystone", "pathlib", "tempfile",
+                          "shutil") if m in sys.modules)
 print(json.dumps({"rc": rc, "text": out.getvalue().replace(sys.argv[3], "OUT"),
                   "heavy": heavy}))
 """
@@ -133,6 +134,7 @@ def test_summary_same_with_the_table(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["x86_64-6.12", "x86_64"])
 def test_vmlinux_patch_imports_no_disassembler(kind: corpus.Kind, tmp_path: Path) -> None:
     """A vmlinux (no function symbols to decode for the integrity check) is patched and
-    summed up without capstone, Unicorn or LIEF."""
+    summed up without capstone, Unicorn or LIEF, nor the stdlib modules that cost a run
+    milliseconds to import (pathlib, tempfile, shutil)."""
     table = _same_summary(corpus.ensure(kind) / "vmlinux", tmp_path)
     assert table["heavy"] == []

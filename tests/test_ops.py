@@ -550,6 +550,70 @@ def test_btf_name_in_the_tail_of_another_string() -> None:
     assert btf.find_aggregates("bar") == [2] and btf.find_aggregates("foo_bar") == []
 
 
+def test_btf_find_struct_is_the_lowest_id_of_any_name_offset() -> None:
+    """find_struct stops at each name offset's first record and takes the lowest id over
+    the offsets: here the standalone "bar" comes first in the string section, but the
+    struct named through the tail of "foo_bar" has the lower id."""
+    b = _BtfBuilder()
+    b.t("int", 1, 0, 4, struct.pack("<I", 32))  # 1
+    b.s("bar")
+    b.s("foo_bar")
+    alone, tail = b.strings.index(b"\0bar\0") + 1, b.strings.index(b"_bar\0") + 1
+    assert alone < tail
+    for name_off in (tail, alone, tail):  # 2 (through the tail), 3, 4
+        b.types += struct.pack("<III", name_off, 4 << 24 | 1, 4) + b.member("x", 1, 0)
+    btf = Btf(b.blob())
+    assert btf.find_aggregates("bar") == [2, 3, 4]
+    found = btf.find_struct("bar")
+    assert found is not None and found.type_id == 2
+
+
+def test_btf_find_struct_in_a_split_prefers_its_own_types() -> None:
+    """A name the split BTF defines and its base defines too is the split's own struct,
+    as find_aggregates lists it first; a name only the base defines is the base's."""
+    base = _BtfBuilder()
+    base.t("int", 1, 0, 4, struct.pack("<I", 32))  # 1
+    base.t("both", 4, 1, 4, base.member("x", 1, 0))  # 2
+    base.t("only_base", 4, 1, 4, base.member("y", 1, 0))  # 3
+    base_btf = Btf(base.blob())
+    split = _BtfBuilder()
+    split.strings = b""  # a split's strings continue the base's: no leading empty string
+    name = len(base.strings) + split.s("both")
+    split.types += struct.pack("<III", name, 4 << 24 | 1, 4) + struct.pack(
+        "<III", len(base.strings) + split.s("z"), 1, 0)  # 4: struct both {int z;}
+    btf = Btf(split.blob(), base=base_btf)
+    assert btf.find_aggregates("both") == [4, 2]
+    own = btf.find_struct("both")
+    assert own is not None and own.type_id == 4
+    theirs = btf.find_struct("only_base")
+    assert theirs is not None and theirs.type_id == 3
+
+
+def test_btf_window_bounds_are_the_window() -> None:
+    """A header that says its string section (the last one) runs 4 bytes past the blob is
+    refused in a window of a larger buffer too, though those bytes exist there; the same
+    bytes read to the buffer's end are accepted.  A window holding only the header has no
+    room for the types, and one shorter than the header's length is refused."""
+    blob = _template_btf().blob()
+    longer = bytearray(blob)
+    struct.pack_into("<I", longer, 20, struct.unpack_from("<I", blob, 20)[0] + 4)
+    padded = b"\x11" * 3 + bytes(longer) + b"\0" * 4
+    for btf in (lambda: Btf(padded, start=3, size=len(blob)), lambda: Btf(bytes(longer))):
+        with pytest.raises(OpsError, match=r"BTF string section .* runs past the end"):
+            btf()
+    assert Btf(padded, start=3).type_count == Btf(blob).type_count
+    with pytest.raises(OpsError, match=r"BTF type section .* runs past the end"):
+        Btf(padded, start=3, size=24)  # the header alone
+    long_header = bytearray(padded)
+    struct.pack_into("<I", long_header, 3 + 4, 28)  # hdr_len 28, in a 26-byte window
+    with pytest.raises(OpsError, match="bad BTF header length 28"):
+        Btf(bytes(long_header), start=3, size=26)
+    with pytest.raises(OpsError, match="outside"):
+        Btf(padded, start=len(padded) + 1)
+    with pytest.raises(OpsError, match="negative"):
+        Btf(padded, start=3, size=-1)
+
+
 def test_malformed_btf() -> None:
     good = _template_btf().blob()
     cases = {

@@ -146,7 +146,10 @@ class Btf:
         self.base = base
         self._bytes = data if isinstance(data, bytes | mmap.mmap) else bytes(data)
         if not 0 <= start <= len(self._bytes):
-            raise ValueError(f"BTF start {start:#x} outside the buffer")
+            raise OpsError(f"BTF start {start:#x} outside the buffer "
+                           f"({len(self._bytes):#x} bytes)", path)
+        if size is not None and size < 0:
+            raise OpsError(f"BTF size {size} is negative", path)
         self._lo = start
         # Every position below is absolute in `_bytes`; messages give it from `_lo`.
         self._size = len(self._bytes) - start if size is None else \
@@ -375,7 +378,9 @@ class Btf:
         """The complete STRUCT called `name` (the first one, if several), or None.
 
         Each name offset's search stops at its first record: the section is 3 MB in a
-        vmlinux and the paravirt structs lie near its start."""
+        vmlinux and the paravirt structs lie near its start.  Records past that are not
+        read, so a corrupt one there goes unseen (as does one past the ids a catalog
+        needs)."""
         firsts = [next(self._named(off, KIND_STRUCT), None) for off in self._string_offsets(name)]
         own = [i for i in firsts if i is not None]
         if own:

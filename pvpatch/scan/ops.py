@@ -26,6 +26,7 @@ Built-in TOML format (loaded with tomllib)::
 from __future__ import annotations
 
 import functools
+import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -372,17 +373,15 @@ def catalog_from_dwarf(path: str | Path, ptr_size: int) -> OpCatalog:
 _TOP_KEYS = {"name", "arch", "ptr_size", "kernel", "template_size", "complete", "slots"}
 
 
-def _data_dir() -> Path:
-    # The package's own files (not importlib.resources: it costs imports at start-up,
-    # and pvpatch is never run from a zip).
-    from pathlib import Path
-
-    return Path(__file__).parent.parent.joinpath(*_DATA_DIR)
+def _data_dir() -> str:
+    # The package's own files (not importlib.resources, nor pathlib: they cost imports at
+    # start-up, and pvpatch is never run from a zip).
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), *_DATA_DIR)
 
 
 def builtin_catalog_names() -> list[str]:
     """Names of the bundled catalogs (file stems under pvpatch/data/ops)."""
-    return sorted(p.name[:-5] for p in _data_dir().iterdir() if p.name.endswith(".toml"))
+    return sorted(name[:-5] for name in os.listdir(_data_dir()) if name.endswith(".toml"))
 
 
 def _builtin_table(name: str) -> dict[str, Any]:
@@ -390,10 +389,10 @@ def _builtin_table(name: str) -> dict[str, Any]:
         raise OpsError(
             f"no built-in op catalog {name!r} (have: {', '.join(builtin_catalog_names())})"
         )
-    resource = _data_dir().joinpath(f"{name}.toml")
     where = f"pvpatch/data/ops/{name}.toml"
     try:
-        return tomllib.loads(resource.read_text(encoding="utf-8"))
+        with open(os.path.join(_data_dir(), f"{name}.toml"), encoding="utf-8") as fh:
+            return tomllib.loads(fh.read())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise OpsError(f"bad catalog file: {exc}", where) from exc
 
