@@ -222,12 +222,15 @@ class SiteCoverage:
     rewritten: bool
 
     def says(self) -> str:
-        return {
-            "pvpatch": "pvpatch's bytes run",
-            "kernel": "the kernel re-patches it to its own choice",
-            "native": "the kernel overwrites it with its native replacement",
-            "depends": "depends on CPU features the model does not fix",
-        }[self.outcome]
+        return OUTCOME_SAYS[self.outcome]
+
+
+OUTCOME_SAYS: Mapping[str, str] = MappingProxyType({
+    "pvpatch": "pvpatch's bytes run",
+    "kernel": "the kernel re-patches it to its own choice",
+    "native": "the kernel overwrites it with its native replacement",
+    "depends": "depends on CPU features the model does not fix",
+})
 
 
 @record

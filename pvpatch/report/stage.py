@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import VerifyError
 from ..rules import Finding
+from ..scan.integrity import site_form
 from ..scan.stage import ScanResult, Site
 from .forms import shown
 
@@ -54,8 +55,6 @@ def _kept_code(arch: Arch, site: Site, symbols: Callable[[], Symboliser]) -> str
     that are one `call *pv_ops+slot` each: that form is written from the slot the scan read
     (what objdump and the symboliser say for it), the rest decoded (`symbols()` makes the
     symboliser on first use)."""
-    from ..scan.integrity import site_form
-
     slot = site.slot
     head = site_form(arch, site.code) if slot is not None else None
     if slot is not None and head is not None and head.kind == "ops-call" \
@@ -227,6 +226,9 @@ def runtime_text(plan: Plan, patches: Iterable[SitePatch]) -> list[str]:
     cov = plan.coverage
     groups: dict[tuple[str, str, str], list[Site]] = {}
     counts: dict[str, int] = {}
+    # Thousands of sites, a handful of ways their entries act: each way described once.
+    # (What `describe(indexed=False)` and `applies` read of a cover.)
+    described: dict[tuple[tuple[str, str, int | None, bool, str | None], ...], str] = {}
     for p in patches:
         if not p.decision.rewrites:
             continue  # (a kept site's coverage is made only when asked for)
@@ -237,8 +239,12 @@ def runtime_text(plan: Plan, patches: Iterable[SitePatch]) -> list[str]:
         if sc.outcome == "pvpatch":
             continue
         site = p.decision.site
-        tables = "; ".join(c.describe(indexed=False) for c in sc.covers
-                           if c.applies is not False)
+        shape = tuple((c.section, c.kind, c.feature, c.negate,
+                       c.edit.kind if c.edit is not None else None) for c in sc.covers)
+        tables = described.get(shape)
+        if tables is None:
+            tables = described[shape] = "; ".join(
+                c.describe(indexed=False) for c in sc.covers if c.applies is not False)
         bytes_ = f" ({sc.predicted.hex(' ')})" if sc.predicted is not None else ""
         key = (site.op or f"type {site.type}", f"{sc.says()}{bytes_}", tables)
         groups.setdefault(key, []).append(site)
@@ -354,24 +360,32 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
 
     # A vmlinux has thousands of sites and a handful of new forms: each decoded once.
     decoded: dict[tuple[bytes, str | None], str] = {}
+    arch = plan.arch
+    # Kept sites, one line per (op, reason, call): a vmlinux keeps a thousand or more.
+    kept: dict[tuple[str, str, str], list[Site]] = {}
     for p in rw.patches:
         d = p.decision
-        counts[d.action] = counts.get(d.action, 0) + 1
-        key = (d.action, d.site.op or f"type {d.site.type}")
+        action, site = d.action, d.site
+        counts[action] = counts.get(action, 0) + 1
+        op = site.op or f"type {site.type}"
+        key = (action, op)
         by_op[key] = by_op.get(key, 0) + 1
-        if d.rewrites:
+        if action == "keep":
+            kept.setdefault((op, d.reason or "", _kept_code(arch, site, symbols)),
+                            []).append(site)
+        else:
             form = (p.after, d.branch.symbol if d.branch is not None else None)
             head = decoded.get(form)
             if head is None:
                 # A native form is read from pvpatch/report/forms.py (no disassembler to import).
-                head = shown(plan.arch, p.after) \
-                    if d.action == "inline" and p.after != p.before else None
+                head = shown(arch, p.after) \
+                    if action == "inline" and p.after != p.before else None
             if head is None:
                 # Only the new form is shown: the old one (and the names it needs, which
                 # in a stripped image means reading the whole export table) is not decoded.
                 after = _after_insns(symbols(), p) if p.after != p.before \
                     else site_insns(symbols(), d.site)
-                head = _code(_unpadded(plan.arch, p.after, after))
+                head = _code(_unpadded(arch, p.after, after))
             decoded[form] = head
             heads[key] = head if heads.get(key, head) == head else None
     parts = [f"{len(rw.patches)} sites", *(f"{counts[a]} {a}" for a in ACTIONS if counts.get(a))]
@@ -380,23 +394,15 @@ def patch_text(rw: Rewrite, output: str | None) -> list[str]:
     lines = [f"{plan.scan.path} -> {output or '(not written)'}: {', '.join(parts)}"]
     if plan.scan.ops is None and rw.patches:
         lines.append(UNNAMED)
-    for (action, op), n in sorted(by_op.items()):
-        becomes = heads.get((action, op))
-        lines.append(f"  {action:6} {n:5}  {op}" + (f" -> {becomes}" if becomes else ""))
+    for (name, op), n in sorted(by_op.items()):
+        becomes = heads.get((name, op))
+        lines.append(f"  {name:6} {n:5}  {op}" + (f" -> {becomes}" if becomes else ""))
     for tgt in plan.targets.values():
         lines.append(f"  target {tgt.name} at {tgt.address:#x} (from {tgt.source})")
     for t in rw.thunks:
         where = f"{t.address:#x}" if t.address is not None else f"{t.section}+{t.offset:#x}"
         lines.append(f"  thunk  {t.spec.symbol} at {where}: saves {', '.join(t.spec.saves)}, "
                      f"calls {t.spec.target}")
-    # Kept sites, one line per (op, reason, call): a vmlinux keeps a thousand or more.
-    kept: dict[tuple[str, str, str], list[Site]] = {}
-    for p in rw.patches:
-        d = p.decision
-        if d.action == "keep":
-            group = (d.site.op or f"type {d.site.type}", d.reason or "",
-                     _kept_code(plan.arch, d.site, symbols))
-            kept.setdefault(group, []).append(d.site)
     for (op, reason, code), sites in sorted(kept.items()):
         lines.append(f"  kept   {len(sites):5}  {op}: {reason} [{code}] at {places(sites)}")
     if rw.dropped_entries:
