@@ -64,10 +64,12 @@ def _heads_by_first_byte(arch_name: str) -> dict[int, tuple[Head, ...]]:
 def site_form(arch: Arch, code: bytes) -> Head | None:
     """The head a site's bytes are made of (then NOPs only), or None.  All-NOP sites are a
     zero-length head."""
-    # Only heads starting with the site's first byte can match (thousands of sites).
+    # Only heads starting with the site's first byte can match (thousands of sites), and
+    # most sites are exactly their head, with no padding to read.
+    size = len(code)
     for h in _heads_by_first_byte(arch.name).get(code[0], ()) if code else ():
-        if code.startswith(h.opcode) and len(code) >= h.length \
-                and arch.is_nop_fill(code[h.length :]):
+        if code.startswith(h.opcode) and (size == h.length or (
+                size > h.length and arch.is_nop_fill(code[h.length :]))):
             return h
     if arch.is_nop_fill(code):
         return Head(b"", 0, "nops", None)
