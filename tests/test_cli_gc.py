@@ -1,6 +1,7 @@
 """cli.main collects young objects less often while a command runs, and puts the
 process's garbage-collector thresholds back however the command ends; cli.run, the
-program, leaves without the interpreter's teardown yet loses no output."""
+program, keeps them raised to its exit and leaves without the interpreter's teardown,
+yet loses no output.  A file's data holds no reference cycle."""
 
 from __future__ import annotations
 
@@ -195,3 +196,31 @@ def test_a_file_is_freed_by_reference_counting(name: str, ops: str, tmp_path: Pa
     finally:
         if enabled:
             gc.enable()
+
+
+def test_program_ends_without_a_young_collection(tmp_path: Path) -> None:
+    """Between main()'s return and the process's exit, the program starts no garbage
+    collection (one would traverse every object the command made, for nothing)."""
+    probe = r"""
+import gc, os, sys
+import pvpatch.cli as cli
+seen = []
+gc.callbacks.append(lambda phase, info: phase == "start" and seen.append(info["generation"]))
+real_main, real_exit = cli.main, os._exit
+def main(*args):
+    code = real_main(*args)
+    seen.append("returned")
+    return code
+def exit_(code):
+    after = seen[seen.index("returned") + 1:]
+    sys.stderr.write(f"\nafter main: {after}\n")
+    sys.stderr.flush()
+    real_exit(code)
+cli.main, os._exit = main, exit_
+cli.run()
+"""
+    proc = subprocess.run([sys.executable, "-c", probe, "patch", str(FIX / "x86_64" / "prog"),
+                           "-o", str(tmp_path / "out"), "--no-verify"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.rstrip().endswith("after main: []"), proc.stderr[-500:]
