@@ -200,7 +200,8 @@ def test_a_file_is_freed_by_reference_counting(name: str, ops: str, tmp_path: Pa
 
 def test_program_ends_without_a_young_collection(tmp_path: Path) -> None:
     """Between main()'s return and the process's exit, the program starts no garbage
-    collection (one would traverse every object the command made, for nothing)."""
+    collection (one would traverse every object the command made, for nothing), and it
+    still holds the file's result then (os._exit ends it without freeing it)."""
     probe = r"""
 import gc, os, sys
 import pvpatch.cli as cli
@@ -213,7 +214,8 @@ def main(*args):
     return code
 def exit_(code):
     after = seen[seen.index("returned") + 1:]
-    sys.stderr.write(f"\nafter main: {after}\n")
+    held = [type(r).__name__ for r in cli._PROGRAM[1:]]
+    sys.stderr.write(f"\nheld: {held}\nafter main: {after}\n")
     sys.stderr.flush()
     real_exit(code)
 cli.main, os._exit = main, exit_
@@ -223,4 +225,13 @@ cli.run()
                            "-o", str(tmp_path / "out"), "--no-verify"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.rstrip().endswith("after main: []"), proc.stderr[-500:]
+    assert proc.stderr.rstrip().endswith("held: ['PatchResult']\nafter main: []"), \
+        proc.stderr[-500:]
+
+
+def test_main_holds_nothing(tmp_path: Path) -> None:
+    """main() called as a library (not the program) keeps no result after it returns."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["patch", str(FIX / "x86_64" / "prog"), "-o",
+                         str(tmp_path / "out"), "--no-verify"]) == 0
+    assert cli._PROGRAM == []
