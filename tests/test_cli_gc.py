@@ -166,10 +166,10 @@ def test_a_file_is_freed_by_reference_counting(name: str, ops: str, tmp_path: Pa
     """A file's scan, plan, coverage, rewrite and reports hold no reference cycle: once
     they go, reference counting frees them and the cyclic collector finds nothing (it
     only traverses them while they live).  A tree of modules is patched one file after
-    another in one process; a cycle per file kept each until a collection, and made a
-    vmlinux's young collections cost 3x more.  (Verification is left out: Unicorn's
-    ctypes buffers make array types, which are cycles of ctypes' own, left to the
-    collector the CLI keeps running.)"""
+    another in one process; a cycle per file kept each until a collection, which then
+    had to find and free it (11 ms for a vmlinux's plan).  (Verification is left out:
+    Unicorn's ctypes buffers make array types, which are cycles of ctypes' own, left to
+    the collector the CLI keeps running.)"""
     import pvpatch
     from pvpatch.report.stage import patch_json, patch_text, scan_json
 
