@@ -663,16 +663,16 @@ def _failure_sarif(args: argparse.Namespace, problem: str) -> None:
         _err(f"error: cannot write {path}: {exc}")
 
 
-# Set by run(): the process ends by os._exit once the command returns.
-_PROGRAM: list[object] = []
+# What the `pvpatch` program keeps to its os._exit; None while main() runs any other way.
+_held: list[object] | None = None
 
 
 def _hold_until_exit(result: object) -> None:
     """The `pvpatch` program keeps a file's result to its end, which os._exit makes
     without freeing it object by object (3.5 ms for a vmlinux's plan and rewrite); main()
     called any other way holds nothing."""
-    if _PROGRAM:
-        _PROGRAM.append(result)
+    if _held is not None:
+        _held.append(result)
 
 
 # Young-generation collections every 700 new objects cost ~6% of patching a vmlinux (tens
@@ -709,7 +709,8 @@ def run() -> None:
     # the one it found, and with Python's 700 the first allocation after that would start
     # a collection of every object the command made (3 ms for a vmlinux), just before exit.
     gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
-    _PROGRAM.append(run)
+    global _held
+    _held = []
     try:
         try:
             code = main()

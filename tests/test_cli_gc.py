@@ -214,7 +214,7 @@ def main(*args):
     return code
 def exit_(code):
     after = seen[seen.index("returned") + 1:]
-    held = [type(r).__name__ for r in cli._PROGRAM[1:]]
+    held = [type(r).__name__ for r in cli._held or ()]
     sys.stderr.write(f"\nheld: {held}\nafter main: {after}\n")
     sys.stderr.flush()
     real_exit(code)
@@ -234,4 +234,4 @@ def test_main_holds_nothing(tmp_path: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert cli.main(["patch", str(FIX / "x86_64" / "prog"), "-o",
                          str(tmp_path / "out"), "--no-verify"]) == 0
-    assert cli._PROGRAM == []
+    assert cli._held is None

@@ -14,7 +14,7 @@ import re
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from ..elf.reader import SHT_NOBITS, SHT_NULL, ElfFile, Section
+from ..elf.reader import ElfFile, Section
 from ..errors import ArchMismatch, OpsError, UsageError
 
 if TYPE_CHECKING:
@@ -66,9 +66,9 @@ def _btf_file(path: str, ptr: int) -> OpCatalog:
 
 def _btf_of(elf: ElfFile, sec: Section, ptr: int, origin: str) -> OpCatalog:
     """The catalog from a file's `.BTF`, read where it lies in the file (no copy)."""
-    if sec.type in (SHT_NOBITS, SHT_NULL):
-        return catalog_from_btf(b"", ptr, origin=origin)
-    return catalog_from_btf(elf.data, ptr, origin=origin, start=sec.offset, size=sec.size)
+    size = sec.file_size  # (0 for a section with no bytes in the file)
+    return catalog_from_btf(elf.data, ptr, origin=origin, start=sec.offset if size else 0,
+                            size=size)
 
 
 @lru_cache(maxsize=8)
